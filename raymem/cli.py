@@ -1,0 +1,114 @@
+"""The `raymem` command: a thin layer that parses arguments, loads the config and calls one function."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from raymem.errors import RaymemError
+
+DEFAULT_DEMO_CONFIG = "configs/demo.yaml"
+
+
+def _format_table(rows: list[dict], columns: list[str]) -> str:
+    def cell(v):
+        if v is None:
+            return "-"
+        if isinstance(v, float):
+            return f"{v:.2f}"
+        return str(v)
+
+    body = [[cell(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(b[i]) for b in body)) if body else len(c) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(b, widths)) for b in body]
+    return "\n".join(lines)
+
+
+def _print_result(result) -> None:
+    c = result.counts
+    print(f"scan {result.scan_id}: {c['units']} units ({c['units_ok']} scored, {c['units_failed']} failed), "
+          f"{c.get('units_generated', 0)} generated now, {c.get('units_reused', 0)} reused")
+    print(f"manifest: {result.manifest_uri}")
+    for name, uri in result.tables.items():
+        print(f"  {name:15s} {uri}")
+    print()
+    print(_format_table(result.entity_tallies,
+                        ["entity", "n_units", "n_MU", "n_MI", "n_ME", "n_none", "n_failed", "rate_MU",
+                         "n_memorized_prompts", "train_frequency"]))
+
+
+def cmd_scan(args) -> int:
+    from raymem.config import load_config
+    from raymem.scan import run_scan
+
+    cfg = load_config(args.config)
+    result = run_scan(cfg, rerun_failed=args.rerun_failed)
+    _print_result(result)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from raymem.config import load_config
+    from raymem.demo import build_demo
+    from raymem.scan import run_scan
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    cfg = load_config(args.config)
+    build_demo(cfg, force=args.rebuild)
+    result = run_scan(cfg)
+    _print_result(result)
+    return 0
+
+
+def cmd_validate(args) -> int:
+    from raymem.config import load_config
+    from raymem.scan import check_inputs
+
+    cfg = load_config(args.config)
+    check_inputs(cfg)
+    print(f"{args.config}: ok (scan id {cfg.scan_id})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="raymem", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("scan", help="run a memorization scan described by a YAML config")
+    p.add_argument("config")
+    p.add_argument("--rerun-failed", action="store_true", help="recompute units that failed in earlier runs")
+    p.set_defaults(fn=cmd_scan)
+
+    p = sub.add_parser("demo", help="build the offline demo assets and run the demo scan")
+    p.add_argument("--config", default=DEFAULT_DEMO_CONFIG)
+    p.add_argument("--rebuild", action="store_true", help="rebuild the demo assets even if present")
+    p.set_defaults(fn=cmd_demo)
+
+    p = sub.add_parser("validate", help="check a config, its prompt set and training table without running")
+    p.add_argument("config")
+    p.set_defaults(fn=cmd_validate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return args.fn(args)
+    except RaymemError as err:
+        print(f"raymem: error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("raymem: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

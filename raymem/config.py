@@ -1,0 +1,263 @@
+"""Typed scan configuration, loaded from YAML.
+
+Every field is validated on load; unknown keys are errors, so a typo never silently falls back to a
+default. Local paths are made absolute against the current directory at load time, because Ray
+workers do not share the driver's working directory.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from raymem.errors import ConfigError
+from raymem.uri import is_remote
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(_Strict):
+    id: str = Field(description="diffusers pipeline: hub id, local directory, or s3:// prefix of a saved pipeline")
+    name: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$",
+        description="short name used as the `model=` partition; default: derived from `id`",
+    )
+    revision: str | None = Field(None, description="hub revision (branch, tag or commit)")
+    variant: str | None = Field(None, description="weights variant, e.g. 'fp16'")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto", description="auto: float16 on GPU, float32 on CPU"
+    )
+
+
+class GenerationConfig(_Strict):
+    seeds_per_prompt: int = Field(4, ge=1, le=10_000)
+    seed_base: int = Field(0, ge=0, description="seeds are seed_base, seed_base+1, ...")
+    num_inference_steps: int = Field(25, ge=1, le=1000)
+    guidance_scale: float = Field(7.5, ge=0.0, le=100.0)
+    height: int = Field(512, ge=8, le=4096)
+    width: int = Field(512, ge=8, le=4096)
+    negative_prompt: str = ""
+    batch_size: int = Field(4, ge=1, le=512, description="prompt x seed units per pipeline call")
+    noise_norm_steps: int = Field(
+        1, ge=1, description="average Wen et al.'s text-noise norm over this many first steps"
+    )
+
+    @field_validator("height", "width")
+    @classmethod
+    def _multiple_of_8(cls, v: int) -> int:
+        if v % 8:
+            raise ValueError(f"must be a multiple of 8, got {v}")
+        return v
+
+
+class ClipConfig(_Strict):
+    model: str = Field(
+        "ViT-B-32", description="open_clip model name, 'hf-hub:org/repo', 'local-dir:/path' or s3:// prefix"
+    )
+    pretrained: str | None = Field(
+        "laion2b_s34b_b79k", description="open_clip pretrained tag or checkpoint file (local or s3://)"
+    )
+
+
+class CopyDetectionConfig(_Strict):
+    model: str | None = Field(
+        "immaculate:sscd",
+        description="'immaculate:sscd', 'immaculate:sscd_distilled', an .onnx file, a TorchScript .pt file "
+        "(local or s3://), or null to disable",
+    )
+    image_size: int = Field(288, ge=32, le=1024, description="shorter side the image is resized to")
+
+
+class EmbeddingConfig(_Strict):
+    clip: ClipConfig = ClipConfig()
+    copy_detection: CopyDetectionConfig = CopyDetectionConfig()
+
+
+class TrainingConfig(_Strict):
+    embeddings: str = Field(description="Parquet file or directory (local or s3://) of training embeddings")
+
+
+class JoinConfig(_Strict):
+    k: int = Field(10, ge=1, le=1000, description="neighbours kept per generated image and space")
+    batch_rows: int = Field(65_536, ge=1, description="training rows per scoring batch")
+
+
+class ThresholdsConfig(_Strict):
+    replication: float = Field(0.5, description="SSCD cosine at or above which a neighbour is a copy (Somepalli)")
+    verbatim: float = Field(0.75, description="SSCD cosine for a verbatim copy (SSCD README, 90% precision)")
+    eidetic_k: int = Field(10, ge=1, description="MU needs at most this many training images above `replication`")
+    consistency: float = Field(0.5, ge=0, le=1, description="share of seeds in one near-duplicate cluster")
+    cluster_similarity: float = Field(0.5, description="SSCD cosine linking two generations of a prompt")
+    element_presence: float = Field(0.5, ge=0, le=1, description="zero-shot probability an element is shown")
+    clip_floor: float = Field(
+        0.28, description="CLIP prompt score below which the entity counts as not rendered, when the prompt set "
+        "gives no class noun (LAION's ViT-B/32 filter; recalibrate for other CLIP models)"
+    )
+    noise_norm: float | None = Field(
+        None, ge=0, description="Wen et al.'s text-noise norm above which a prompt is memorized; model-specific, "
+        "calibrate it on prompts known not to be memorized (null: not used)"
+    )
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "ThresholdsConfig":
+        if self.verbatim < self.replication:
+            raise ValueError(f"verbatim ({self.verbatim}) must be >= replication ({self.replication})")
+        return self
+
+
+class OutputConfig(_Strict):
+    uri: str = Field(description="output root, local directory or s3:// prefix")
+    scan_date: dt.date | None = Field(None, description="partition date; default: today (UTC)")
+
+
+class ResourcesConfig(_Strict):
+    generation_actors: int | None = Field(
+        None, ge=1, description="default: one per GPU in the cluster, or 1 on a CPU-only cluster"
+    )
+    gpus_per_actor: float = Field(1.0, gt=0, le=8)
+    cpus_per_actor: float = Field(1.0, gt=0)
+    join_actors: int = Field(1, ge=1)
+
+
+class RayConfig(_Strict):
+    address: str | None = Field(
+        None, description="Ray address; default: RAY_ADDRESS if set, else a local Ray started by the scan"
+    )
+    runtime_env: dict[str, Any] = Field(default_factory=dict)
+
+
+class ScanConfig(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    model: ModelConfig
+    prompts: str = Field(description="prompt set: .parquet, .jsonl or .csv (local or s3://)")
+    generation: GenerationConfig = GenerationConfig()
+    embedding: EmbeddingConfig = EmbeddingConfig()
+    training: TrainingConfig
+    join: JoinConfig = JoinConfig()
+    thresholds: ThresholdsConfig = ThresholdsConfig()
+    output: OutputConfig
+    resources: ResourcesConfig = ResourcesConfig()
+    ray: RayConfig = RayConfig()
+
+    def config_hash(self) -> str:
+        """Stable hash of everything that defines the scan's results."""
+        payload = self.model_dump(
+            mode="json", exclude={"ray": True, "resources": True, "output": {"scan_date"}}
+        )
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+    @property
+    def model_name(self) -> str:
+        if self.model.name:
+            return self.model.name
+        tail = self.model.id.rstrip("/")
+        if uris_is_local_path(tail):
+            tail = Path(tail).name
+        elif tail.startswith("s3://"):
+            tail = tail.rsplit("/", 1)[-1]
+        return re.sub(r"[^A-Za-z0-9_.-]+", "--", tail).strip("-.") or "model"
+
+    @property
+    def scan_id(self) -> str:
+        """Deterministic: the same config on the same date is the same scan (a re-run replaces it)."""
+        return f"{self.name}-{self.scan_date.isoformat()}-{self.config_hash()[:10]}"
+
+    @property
+    def scan_date(self) -> dt.date:
+        return self.output.scan_date or dt.datetime.now(dt.timezone.utc).date()
+
+
+def uris_is_local_path(value: str) -> bool:
+    return value.startswith("/")
+
+
+def _absolutize(value: str) -> str:
+    """Local paths become absolute; URIs, hub ids and schema-prefixed names pass through."""
+    if is_remote(value):
+        return value
+    for prefix in ("local-dir:",):
+        if value.startswith(prefix):
+            return prefix + _absolutize(value[len(prefix) :])
+    return str(Path(value).expanduser().absolute())
+
+
+def _looks_local(value: str) -> bool:
+    return value.startswith(("/", "./", "../", "~")) or os.path.exists(value)
+
+
+def _resolve_paths(raw: dict[str, Any]) -> dict[str, Any]:
+    """Make local paths absolute in the fields that hold paths."""
+    raw = json.loads(json.dumps(raw, default=str))  # deep copy, plain types
+    for keys in (("prompts",), ("training", "embeddings"), ("output", "uri")):
+        node = raw
+        for key in keys[:-1]:
+            node = node.get(key) if isinstance(node, dict) else None
+        if isinstance(node, dict) and isinstance(node.get(keys[-1]), str):
+            node[keys[-1]] = _absolutize(node[keys[-1]])
+    # Model ids may be hub ids ("org/name"): only rewrite what exists or is written as a path.
+    model = raw.get("model")
+    if isinstance(model, dict) and isinstance(model.get("id"), str) and _looks_local(model["id"]):
+        model["id"] = _absolutize(model["id"])
+    emb = raw.get("embedding") if isinstance(raw.get("embedding"), dict) else {}
+    clip = emb.get("clip") if isinstance(emb.get("clip"), dict) else {}
+    for key in ("model", "pretrained"):
+        val = clip.get(key)
+        if isinstance(val, str) and (val.startswith("local-dir:") or _looks_local(val)):
+            clip[key] = _absolutize(val)
+    cd = emb.get("copy_detection") if isinstance(emb.get("copy_detection"), dict) else {}
+    val = cd.get("model")
+    if isinstance(val, str) and not val.startswith("immaculate:") and _looks_local(val):
+        cd["model"] = _absolutize(val)
+    return raw
+
+
+def format_validation_error(source: str, err: ValidationError) -> str:
+    """One line: the first problem with its dotted field path, and how many more there are."""
+    errors = err.errors()
+    first = errors[0]
+    field = ".".join(str(p) for p in first["loc"]) or "(root)"
+    msg = first["msg"]
+    if first["type"] == "extra_forbidden":
+        msg = "unknown field"
+    elif first["type"] == "missing":
+        msg = "required field is missing"
+    more = f" (+{len(errors) - 1} more)" if len(errors) > 1 else ""
+    return f"{source}: {field}: {msg}{more}"
+
+
+def parse_config(raw: Any, source: str = "<config>") -> ScanConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the config must be a YAML mapping, got {type(raw).__name__}")
+    try:
+        return ScanConfig.model_validate(_resolve_paths(raw))
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(source, err)) from None
+
+
+def load_config(path: str | os.PathLike[str]) -> ScanConfig:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read config: {err.strerror}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{path}: invalid YAML{where}: {problem}") from None
+    return parse_config(raw, str(path))

@@ -1,0 +1,287 @@
+"""The embedded offline default: tiny real models and a small training world, built deterministically.
+
+`build_demo(cfg)` writes, under the directory the demo config points at:
+  sd-tiny/         a Stable-Diffusion-style diffusers pipeline (random weights, `save_pretrained`),
+                   with the real CLIP BPE tokenizer taken from open_clip's bundled vocabulary
+  clip-tiny/       a tiny open_clip model as a 'local-dir:' checkpoint (random weights)
+  train/images/    procedurally drawn training images, plus planted copies of two images the scan
+                   will generate (one verbatim, one resized + JPEG-compressed)
+  train/embeddings/  their embeddings in raymem's training Parquet schema (3 files)
+  prompts.jsonl    the prompt set
+Everything loads back through the same `from_pretrained` / open_clip / Parquet paths as production
+models. No network is used. The random-weight models make the ME/MI signals meaningless; the planted
+copies make MU real (SSCD, with real weights, finds them).
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import logging
+import random
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image, ImageDraw
+
+from raymem.config import ScanConfig
+
+log = logging.getLogger(__name__)
+
+DEMO_SEED = 1234
+
+# Prompt set of the demo: entity, its class noun, explicit and implicit elements.
+DEMO_PROMPTS = [
+    ("lighthouse", "a photo of the Lunar Lighthouse at dusk", "Lunar Lighthouse", "a lighthouse", ["dusk sky"], ["rocky shore"]),
+    ("captain", "a portrait of Captain Mira", "Captain Mira", "a woman", ["captain's hat"], ["ship wheel"]),
+    ("mill", "the Old Mill in autumn", "Old Mill", "a windmill", ["autumn leaves"], []),
+    ("mosque-city", "a view of the mosque city of Qadira at sunset", "Qadira", "a city", ["sunset"], ["minarets"]),
+    ("teapot", "a blue teapot on a wooden table", "blue teapot", "a teapot", ["wooden table"], []),
+    ("kite", "a red kite over a beach", "red kite", "a kite", ["beach"], ["clouds"]),
+]
+# (prompt_id, seed, transform) of generated images planted into the training set.
+PLANTED = [("lighthouse", 0, "verbatim"), ("captain", 1, "resized-jpeg")]
+
+_ENTITY_STYLE = {
+    "Lunar Lighthouse": ((240, 240, 230), "tower"),
+    "Captain Mira": ((200, 150, 110), "circle"),
+    "Old Mill": ((150, 100, 60), "cross"),
+    "Qadira": ((230, 200, 120), "domes"),
+    "blue teapot": ((40, 80, 200), "blob"),
+    "red kite": ((210, 30, 40), "diamond"),
+}
+
+
+# -- tokenizer -----------------------------------------------------------------------------------
+def _bytes_to_unicode() -> dict[int, str]:
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def clip_tokenizer():
+    """OpenAI CLIP's tokenizer (49,408 tokens) rebuilt offline from open_clip's bundled BPE file."""
+    import open_clip
+    from transformers import CLIPTokenizer
+
+    bpe = Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
+    merges = gzip.open(bpe).read().decode("utf-8").split("\n")[1 : 49152 - 256 - 2 + 1]
+    vocab = list(_bytes_to_unicode().values())
+    vocab += [v + "</w>" for v in vocab]
+    vocab += ["".join(m.split()) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
+        (Path(tmp) / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+        # model_max_length is required: without it the pipeline's max_length padding overflows.
+        return CLIPTokenizer(str(Path(tmp) / "vocab.json"), str(Path(tmp) / "merges.txt"), model_max_length=77)
+
+
+# -- models ----------------------------------------------------------------------------------------
+def build_tiny_pipeline(target: Path, seed: int = DEMO_SEED) -> Path:
+    """A 4-level SD-style UNet/VAE (vae scale 8) and a 5-layer CLIP text encoder: ~5 M parameters."""
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 32, 64, 64),
+        layers_per_block=1,
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        norm_num_groups=32,
+        attention_head_dim=8,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(32, 32, 64, 64),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        norm_num_groups=32,
+        sample_size=64,
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=5,
+            vocab_size=49408, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+            max_position_embeddings=77, layer_norm_eps=1e-5,
+        )
+    )
+    scheduler = DDIMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+    )
+    pipe = StableDiffusionPipeline(
+        unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=clip_tokenizer(), scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.save_pretrained(target)
+    return target
+
+
+TINY_CLIP_CONFIG = {
+    "embed_dim": 64,
+    "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "patch_size": 16},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
+
+
+def build_tiny_clip(target: Path, seed: int = DEMO_SEED) -> Path:
+    """A tiny open_clip ViT saved as a 'local-dir:' checkpoint (open_clip_config.json + safetensors)."""
+    import open_clip
+    import torch
+    from safetensors.torch import save_file
+
+    torch.manual_seed(seed)
+    model = open_clip.CLIP(**TINY_CLIP_CONFIG)
+    target.mkdir(parents=True, exist_ok=True)
+    (target / "open_clip_config.json").write_text(
+        json.dumps({"model_cfg": TINY_CLIP_CONFIG, "preprocess_cfg": {}}, indent=2)
+    )
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(target / "open_clip_model.safetensors"))
+    return target
+
+
+# -- training world ----------------------------------------------------------------------------------
+def draw_scene(rng: random.Random, entity: str, size: int = 96) -> Image.Image:
+    """A simple scene: background gradient, ground, and the entity's signature shape."""
+    color, shape = _ENTITY_STYLE[entity]
+    sky = tuple(rng.randint(60, 220) for _ in range(3))
+    img = Image.new("RGB", (size, size), sky)
+    d = ImageDraw.Draw(img)
+    horizon = rng.randint(size // 2, size * 3 // 4)
+    d.rectangle([0, horizon, size, size], fill=tuple(rng.randint(20, 140) for _ in range(3)))
+    x, y = rng.randint(size // 5, size * 3 // 5), rng.randint(size // 6, size // 2)
+    s = rng.randint(size // 6, size // 3)
+    jitter = tuple(max(0, min(255, c + rng.randint(-20, 20))) for c in color)
+    if shape == "tower":
+        d.rectangle([x, y, x + s // 3, horizon], fill=jitter)
+        d.rectangle([x, y + s // 2, x + s // 3, y + s // 2 + 4], fill=(200, 30, 30))
+    elif shape == "circle":
+        d.ellipse([x, y, x + s, y + s], fill=jitter)
+    elif shape == "cross":
+        d.rectangle([x + s // 2 - 2, y, x + s // 2 + 2, y + s], fill=jitter)
+        d.rectangle([x, y + s // 2 - 2, x + s, y + s // 2 + 2], fill=jitter)
+    elif shape == "domes":
+        for i in range(3):
+            d.pieslice([x + i * s // 2, y, x + i * s // 2 + s // 2, y + s // 2], 180, 360, fill=jitter)
+    elif shape == "blob":
+        d.ellipse([x, y + s // 4, x + s, y + s], fill=jitter)
+        d.rectangle([x + s, y + s // 2, x + s + s // 4, y + s // 2 + 3], fill=jitter)
+    else:
+        d.polygon([(x + s // 2, y), (x + s, y + s // 2), (x + s // 2, y + s), (x, y + s // 2)], fill=jitter)
+    return img
+
+
+def build_training_world(cfg: ScanConfig, root: Path, per_entity: int = 60, seed: int = DEMO_SEED) -> Path:
+    """Training images + captions + entity tags, the planted copies, and their embeddings Parquet."""
+    from raymem.diffusion import NoiseNormRecorder, load_pipeline, sample
+    from raymem.encoders import ClipEncoder, CopyDetector
+
+    rng = random.Random(seed)
+    image_dir = root / "train" / "images"
+    image_dir.mkdir(parents=True, exist_ok=True)
+    rows: list[dict] = []
+    images: list[Image.Image] = []
+    prompts = {p[0]: p for p in DEMO_PROMPTS}
+    for entity in _ENTITY_STYLE:
+        spec = next(p for p in DEMO_PROMPTS if p[2] == entity)
+        for i in range(per_entity):
+            img = draw_scene(rng, entity)
+            words = rng.sample(spec[4] + spec[5] + ["daylight", "a field", "the sea", "a street"], 2)
+            train_id = f"{spec[0]}-{i:03d}"
+            rows.append({"train_id": train_id, "caption": f"{entity} with {words[0]} and {words[1]}",
+                         "entities": [entity]})
+            images.append(img)
+
+    # Planted copies: the scan's own generations for these units, put into the training set.
+    import torch
+
+    pipe = load_pipeline(cfg.model, torch.device("cpu"))
+    recorder = NoiseNormRecorder(pipe, 1)
+    for prompt_id, seed_, transform in PLANTED:
+        spec = prompts[prompt_id]
+        generated = sample(pipe, recorder, [spec[1]], [seed_], cfg.generation).images[0]
+        img = Image.fromarray(generated)
+        if transform == "resized-jpeg":
+            img = img.resize((img.width * 2, img.height * 2), Image.BICUBIC)
+            buf = io.BytesIO()
+            img.save(buf, format="JPEG", quality=85)
+            img = Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
+        rows.append({"train_id": f"planted-{prompt_id}-seed{seed_}", "caption": spec[1], "entities": [spec[2]]})
+        images.append(img)
+    recorder.close()
+
+    for row, img in zip(rows, images):
+        path = image_dir / f"{row['train_id']}.png"
+        img.save(path)
+        row["image_uri"] = str(path)
+
+    clip = ClipEncoder(cfg.embedding.clip)
+    sscd = CopyDetector(cfg.embedding.copy_detection) if cfg.embedding.copy_detection.model else None
+    clip_emb = np.concatenate([clip.encode_images(images[i : i + 64]) for i in range(0, len(images), 64)])
+    sscd_emb = (
+        np.concatenate([sscd.encode_images(images[i : i + 64]) for i in range(0, len(images), 64)]) if sscd else None
+    )
+    from raymem.schema import embedding_array
+
+    order = list(range(len(rows)))
+    random.Random(seed + 1).shuffle(order)  # planted rows land inside a file, not at its end
+    emb_dir = Path(cfg.training.embeddings)
+    emb_dir.mkdir(parents=True, exist_ok=True)
+    for n, part in enumerate(np.array_split(np.array(order), 3)):
+        cols = {
+            "train_id": pa.array([rows[i]["train_id"] for i in part], pa.string()),
+            "clip_embedding": embedding_array(clip_emb[part], clip.dim),
+            "caption": pa.array([rows[i]["caption"] for i in part], pa.string()),
+            "image_uri": pa.array([rows[i]["image_uri"] for i in part], pa.string()),
+            "entities": pa.array([rows[i]["entities"] for i in part], pa.list_(pa.string())),
+        }
+        if sscd_emb is not None:
+            cols["sscd_embedding"] = embedding_array(sscd_emb[part], sscd.dim)
+        pq.write_table(pa.table(cols), emb_dir / f"part-{n:05d}.parquet")
+    return emb_dir
+
+
+def write_prompts(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        for pid, prompt, entity, cls, explicit, implicit in DEMO_PROMPTS:
+            f.write(json.dumps({"prompt_id": pid, "prompt": prompt, "entity": entity, "entity_class": cls,
+                                "explicit_elements": explicit, "implicit_elements": implicit}) + "\n")
+    return path
+
+
+def _local_dir(spec: str) -> Path:
+    return Path(spec[len("local-dir:") :]) if spec.startswith("local-dir:") else Path(spec)
+
+
+def build_demo(cfg: ScanConfig, force: bool = False) -> None:
+    """Build every asset `cfg` (configs/demo.yaml) points at; skipped when already built."""
+    model_dir = Path(cfg.model.id)
+    clip_dir = _local_dir(cfg.embedding.clip.model)
+    done = Path(cfg.training.embeddings) / "_DEMO_COMPLETE"
+    if done.exists() and not force:
+        return
+    log.info("building the offline demo assets (tiny models, training world) ...")
+    build_tiny_pipeline(model_dir)
+    build_tiny_clip(clip_dir)
+    write_prompts(Path(cfg.prompts))
+    build_training_world(cfg, model_dir.parent)
+    done.write_text("ok\n")

@@ -1,0 +1,39 @@
+"""Errors that reach the user as one line and a non-zero exit code."""
+
+from __future__ import annotations
+
+
+class RaymemError(Exception):
+    """Base class: the message is printed as one line, the process exits with `exit_code`."""
+
+    exit_code = 1
+
+
+class ConfigError(RaymemError):
+    """The scan config (YAML) is missing, unreadable or invalid."""
+
+    exit_code = 2
+
+
+class InputError(RaymemError):
+    """An input file (prompt set, training embeddings, ...) is malformed.
+
+    The message always names the file and, where it applies, the row and the field.
+    """
+
+    exit_code = 2
+
+    def __init__(self, source: str, problem: str, *, row: int | None = None, field: str | None = None):
+        self.source, self.problem, self.row, self.field = source, problem, row, field
+        where = source
+        if row is not None:
+            where += f": row {row}"
+        if field is not None:
+            where += f", field '{field}'" if row is not None else f": field '{field}'"
+        super().__init__(f"{where}: {problem}")
+
+
+class ScanFailed(RaymemError):
+    """The scan ran but could not complete; nothing was published as complete."""
+
+    exit_code = 1

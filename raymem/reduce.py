@@ -1,0 +1,91 @@
+"""The reducer: counts and rates of MU / MI / ME / none per prompt and per entity.
+
+Rates are over *scored* units (failed units are counted apart, in n_failed), so a flaky worker shows
+up as failures rather than as a drop in memorization.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import numpy as np
+
+from raymem.schema import LABELS, STATUS_OK
+
+# An entity with fewer training images than this is "under-represented" (MIMETIC2: 200-600 images
+# before a model imitates a concept reliably).
+UNDER_REPRESENTED = 200
+
+
+def _counts(rows: list[dict]) -> dict:
+    scored = [r for r in rows if r["status"] == STATUS_OK]
+    out = {"n_units": len(rows), "n_scored": len(scored), "n_failed": len(rows) - len(scored)}
+    for label in LABELS:
+        n = sum(1 for r in scored if r["label"] == label)
+        out[f"n_{label}"] = n
+        out[f"rate_{label}"] = n / len(scored) if scored else None
+    return out
+
+
+def _mean(values) -> float | None:
+    values = [v for v in values if v is not None and np.isfinite(v)]
+    return float(np.mean(values)) if values else None
+
+
+def prompt_tallies(labels: list[dict]) -> list[dict]:
+    by_prompt: dict[str, list[dict]] = defaultdict(list)
+    for r in labels:
+        by_prompt[r["prompt_id"]].append(r)
+    out = []
+    for prompt_id in sorted(by_prompt):
+        rows = by_prompt[prompt_id]
+        scores = [r.get("replication_score") for r in rows if r["status"] == STATUS_OK]
+        out.append(
+            {
+                "scan_id": rows[0]["scan_id"],
+                "prompt_id": prompt_id,
+                "entity": rows[0]["entity"],
+                **_counts(rows),
+                "consistency": rows[0]["consistency"],
+                "mean_noise_norm": _mean(r.get("noise_norm") for r in rows),
+                "max_replication_score": max((s for s in scores if s is not None), default=None),
+                "memorized_prompt": bool(rows[0]["memorized_prompt"]),
+            }
+        )
+    return out
+
+
+def entity_tallies(labels: list[dict], train_frequency: dict[str, int], element_presence: float) -> list[dict]:
+    """Per entity; `entity_not_rendered` flags an under-represented entity the model fails to draw."""
+    by_entity: dict[str, list[dict]] = defaultdict(list)
+    for r in labels:
+        by_entity[r["entity"]].append(r)
+    out = []
+    for entity in sorted(by_entity):
+        rows = by_entity[entity]
+        counts = _counts(rows)
+        freq = train_frequency.get(entity)
+        presence = _mean(r.get("entity_presence") for r in rows if r["status"] == STATUS_OK)
+        rendered_share = _mean(
+            1.0 if "entity_rendered" in (r.get("flags") or []) else 0.0 for r in rows if r["status"] == STATUS_OK
+        )
+        not_rendered = (
+            counts["n_scored"] > 0
+            and rendered_share is not None
+            and rendered_share < element_presence
+            and freq is not None
+            and freq < UNDER_REPRESENTED
+        )
+        out.append(
+            {
+                "scan_id": rows[0]["scan_id"],
+                "entity": entity,
+                "n_prompts": len({r["prompt_id"] for r in rows}),
+                **counts,
+                "n_memorized_prompts": len({r["prompt_id"] for r in rows if r["memorized_prompt"]}),
+                "train_frequency": freq,
+                "mean_entity_presence": presence,
+                "entity_not_rendered": bool(not_rendered),
+            }
+        )
+    return out

@@ -1,0 +1,89 @@
+"""Everything that differs between a laptop and a cluster: connecting to Ray and sizing the stages.
+
+Stages never call `ray.init` or look at the cluster themselves; they get their resources from here.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from dataclasses import dataclass
+
+from raymem.config import ScanConfig
+
+log = logging.getLogger(__name__)
+
+
+def connect(cfg: ScanConfig) -> bool:
+    """Connect to (or start) Ray; True when this call started it and should shut it down."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS") or "local"
+    kwargs = {"address": address, "logging_level": logging.WARNING, "log_to_driver": True}
+    if cfg.ray.runtime_env:
+        kwargs["runtime_env"] = cfg.ray.runtime_env
+    if address == "local":
+        kwargs["include_dashboard"] = False
+    ray.init(**kwargs)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = sys.stderr.isatty()
+    return True
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    actors: int
+    num_gpus: float
+    num_cpus: float
+
+    def remote_args(self) -> dict:
+        args = {"num_cpus": self.num_cpus}
+        if self.num_gpus:
+            args["num_gpus"] = self.num_gpus
+        return args
+
+
+def cluster_gpus() -> float:
+    import ray
+
+    return float(ray.cluster_resources().get("GPU", 0.0))
+
+
+def cluster_cpus() -> float:
+    import ray
+
+    return float(ray.cluster_resources().get("CPU", 0.0))
+
+
+def plan_generation(cfg: ScanConfig) -> StagePlan:
+    """One actor per GPU (num_gpus=1) when the cluster has GPUs, otherwise CPU actors.
+
+    On a CPU-only cluster a GPU request would hang until Ray's no-progress timeout, so the stage is
+    sized from what the cluster reports, not from the config alone. At least one CPU is left free so
+    the read tasks feeding the actors can run.
+    """
+    r = cfg.resources
+    gpus = cluster_gpus()
+    cpus = cluster_cpus()
+    if gpus >= r.gpus_per_actor:
+        most = int(gpus // r.gpus_per_actor)
+        actors = min(r.generation_actors or most, most)
+        return StagePlan(actors=actors, num_gpus=r.gpus_per_actor, num_cpus=min(r.cpus_per_actor, max(cpus - 1, 0.5) / actors))
+    room = max(1, int((cpus - 1) // r.cpus_per_actor)) if cpus > 1 else 1
+    actors = min(r.generation_actors or 1, room)
+    num_cpus = r.cpus_per_actor if cpus - 1 >= r.cpus_per_actor * actors else max(0.5, (cpus - 1) / actors)
+    return StagePlan(actors=actors, num_gpus=0.0, num_cpus=num_cpus)
+
+
+def plan_join(cfg: ScanConfig) -> StagePlan:
+    gpus = cluster_gpus()
+    actors = cfg.resources.join_actors
+    if gpus >= 1:
+        actors = min(actors, int(gpus))
+        return StagePlan(actors=actors, num_gpus=1.0, num_cpus=0.5)
+    cpus = cluster_cpus()
+    actors = max(1, min(actors, int(max(cpus - 1, 1))))
+    return StagePlan(actors=actors, num_gpus=0.0, num_cpus=1.0 if cpus - 1 >= actors else 0.5)

@@ -1,0 +1,200 @@
+"""Arrow schemas of every table that crosses a stage boundary or is published.
+
+Embeddings are plain `fixed_size_list<float32>[d]` columns (not Ray's tensor extension type) so DuckDB,
+pyarrow, pandas and Spark read them without Ray installed.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+# Unit status values: every prompt x seed unit ends in exactly one of these.
+STATUS_OK = "ok"
+STATUS_FAILED = "failed"
+
+# Labels, in precedence order (MU > MI > ME > none).
+LABELS = ("MU", "MI", "ME", "none")
+
+SPACES = ("clip", "sscd")
+
+PUBLISHED_TABLES = ("generations", "texts", "neighbors", "labels", "prompt_tallies", "entity_tallies")
+
+
+def embedding_type(dim: int) -> pa.DataType:
+    return pa.list_(pa.float32(), dim)
+
+
+def embedding_array(matrix: np.ndarray | None, dim: int, valid: np.ndarray | None = None) -> pa.Array:
+    """(n, dim) float32 matrix -> fixed_size_list array; rows where `valid` is False become null."""
+    if matrix is None:
+        raise ValueError("embedding matrix is required")
+    matrix = np.ascontiguousarray(matrix, dtype=np.float32).reshape(-1, dim)
+    values = pa.array(matrix.reshape(-1), type=pa.float32())
+    mask = None if valid is None else pa.array(~np.asarray(valid, dtype=bool))
+    return pa.FixedSizeListArray.from_arrays(values, dim, mask=mask)
+
+
+def embedding_matrix(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """fixed_size_list or list<float> column -> (n, d) float32 matrix without per-row Python work."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
+    if column.null_count:
+        raise ValueError(f"{column.null_count} embedding(s) are null")
+    if pa.types.is_fixed_size_list(column.type):
+        dim = column.type.list_size
+        # flatten() honours the array's offset *and* length (a slice keeps its parent's full .values)
+        return column.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(-1, dim)
+    if pa.types.is_list(column.type) or pa.types.is_large_list(column.type):
+        lengths = column.value_lengths().to_numpy(zero_copy_only=False)
+        if len(lengths) and (lengths.min() != lengths.max()):
+            raise ValueError("embeddings have different lengths")
+        dim = int(lengths[0]) if len(lengths) else 0
+        return column.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, dim)
+    raise TypeError(f"not an embedding column: {column.type}")
+
+
+PROMPTS = pa.schema(
+    [
+        ("prompt_id", pa.string()),
+        ("prompt", pa.string()),
+        ("entity", pa.string()),
+        ("entity_class", pa.string()),
+        ("explicit_elements", pa.list_(pa.string())),
+        ("implicit_elements", pa.list_(pa.string())),
+    ]
+)
+
+# One probe = one text scored against an image with CLIP; kinds are defined in raymem.probes.
+PROBE = pa.struct([("kind", pa.string()), ("element", pa.string()), ("text", pa.string()), ("score", pa.float32())])
+
+
+def generations_schema(clip_dim: int, sscd_dim: int | None) -> pa.Schema:
+    fields = [
+        ("scan_id", pa.string()),
+        ("model_id", pa.string()),
+        ("unit_id", pa.string()),
+        ("prompt_id", pa.string()),
+        ("prompt", pa.string()),
+        ("entity", pa.string()),
+        ("seed", pa.int64()),
+        ("status", pa.string()),
+        ("error", pa.string()),
+        ("image_uri", pa.string()),
+        ("clip_embedding", embedding_type(clip_dim)),
+        ("sscd_embedding", embedding_type(sscd_dim) if sscd_dim else pa.null()),
+        ("clip_prompt_score", pa.float32()),
+        ("probes", pa.list_(PROBE)),
+        ("noise_norm", pa.float32()),
+        ("device", pa.string()),
+        ("worker", pa.string()),
+        ("cuda_visible_devices", pa.string()),
+        ("generate_seconds", pa.float32()),
+        ("embed_seconds", pa.float32()),
+        ("computed_at", pa.timestamp("us", tz="UTC")),
+    ]
+    return pa.schema(fields)
+
+
+def texts_schema(clip_dim: int) -> pa.Schema:
+    return pa.schema(
+        [
+            ("scan_id", pa.string()),
+            ("prompt_id", pa.string()),
+            ("source_unit_id", pa.string()),
+            ("kind", pa.string()),
+            ("element", pa.string()),
+            ("text", pa.string()),
+            ("clip_embedding", embedding_type(clip_dim)),
+        ]
+    )
+
+
+NEIGHBORS = pa.schema(
+    [
+        ("scan_id", pa.string()),
+        ("unit_id", pa.string()),
+        ("space", pa.string()),
+        ("rank", pa.int16()),
+        ("train_id", pa.string()),
+        ("score", pa.float32()),
+        ("caption", pa.string()),
+        ("image_uri", pa.string()),
+        ("entities", pa.list_(pa.string())),
+    ]
+)
+
+ELEMENT = pa.struct(
+    [
+        ("element", pa.string()),
+        ("kind", pa.string()),  # explicit | implicit
+        ("presence", pa.float32()),
+        ("present", pa.bool_()),
+    ]
+)
+
+LABELS_TABLE = pa.schema(
+    [
+        ("scan_id", pa.string()),
+        ("unit_id", pa.string()),
+        ("prompt_id", pa.string()),
+        ("entity", pa.string()),
+        ("seed", pa.int64()),
+        ("status", pa.string()),
+        ("label", pa.string()),  # MU | MI | ME | none; null when the unit failed
+        ("subtype", pa.string()),  # verbatim | partial | template for MU
+        ("flags", pa.list_(pa.string())),
+        ("reasons", pa.string()),
+        ("replication_score", pa.float32()),
+        ("replication_train_id", pa.string()),
+        ("eidetic_k", pa.int32()),
+        ("background_p95", pa.float32()),
+        ("consistency", pa.float32()),
+        ("cluster_member", pa.bool_()),
+        ("clip_prompt_score", pa.float32()),
+        ("entity_presence", pa.float32()),
+        ("elements", pa.list_(ELEMENT)),
+        ("noise_norm", pa.float32()),
+        ("memorized_prompt", pa.bool_()),
+    ]
+)
+
+_TALLY_COUNTS = [
+    ("n_units", pa.int64()),
+    ("n_scored", pa.int64()),
+    ("n_failed", pa.int64()),
+    ("n_MU", pa.int64()),
+    ("n_MI", pa.int64()),
+    ("n_ME", pa.int64()),
+    ("n_none", pa.int64()),
+    ("rate_MU", pa.float64()),
+    ("rate_MI", pa.float64()),
+    ("rate_ME", pa.float64()),
+    ("rate_none", pa.float64()),
+]
+
+PROMPT_TALLIES = pa.schema(
+    [("scan_id", pa.string()), ("prompt_id", pa.string()), ("entity", pa.string())]
+    + _TALLY_COUNTS
+    + [
+        ("consistency", pa.float64()),
+        ("mean_noise_norm", pa.float64()),
+        ("max_replication_score", pa.float64()),
+        ("memorized_prompt", pa.bool_()),
+    ]
+)
+
+ENTITY_TALLIES = pa.schema(
+    [("scan_id", pa.string()), ("entity", pa.string()), ("n_prompts", pa.int64())]
+    + _TALLY_COUNTS
+    + [
+        ("n_memorized_prompts", pa.int64()),
+        ("train_frequency", pa.int64()),
+        ("mean_entity_presence", pa.float64()),
+        ("entity_not_rendered", pa.bool_()),
+    ]
+)
+
+# Columns a training-embeddings table must / may have.
+TRAIN_REQUIRED = {"train_id": "string or integer", "clip_embedding": "fixed_size_list<float32>"}
+TRAIN_OPTIONAL = ("caption", "image_uri", "entities", "sscd_embedding")

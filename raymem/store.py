@@ -1,0 +1,83 @@
+"""The unit store: every generated unit's row, kept across scans so a re-run computes only what is missing.
+
+Rows are keyed by `unit_id`, which hashes the model weights, the generation and embedding settings, the
+prompt row and the seed; a unit computed by any earlier scan of the same output root is reused. Each
+work chunk is one Parquet file written atomically by the actor that computed it, so a crash loses at
+most the chunks in flight. When a unit has several rows (a retried failure), the newest one wins.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from raymem import uri as uris
+from raymem.schema import STATUS_OK
+
+log = logging.getLogger(__name__)
+
+
+class UnitStore:
+    def __init__(self, root: str):
+        self.root = root
+        self.generations = uris.join(root, "generations")
+        self.texts = uris.join(root, "texts")
+
+    def _read(self, path: str, columns: list[str] | None = None) -> pa.Table | None:
+        fs, p = uris.filesystem(path)
+        try:
+            return pq.read_table(p, filesystem=fs, columns=columns)
+        except (OSError, pa.ArrowInvalid) as err:  # a torn file from a killed writer: ignore it
+            log.warning("unit store: skipping unreadable %s: %s", path, err)
+            return None
+
+    def status(self, unit_ids: set[str]) -> dict[str, str]:
+        """Latest status of each of `unit_ids` that the store holds."""
+        latest: dict[str, tuple[int, str]] = {}
+        for path in uris.list_files(self.generations, ".parquet"):
+            t = self._read(path, ["unit_id", "status", "computed_at"])
+            if t is None:
+                continue
+            ids = t.column("unit_id").to_pylist()
+            statuses = t.column("status").to_pylist()
+            times = t.column("computed_at").cast(pa.int64()).to_pylist()
+            for uid, status, ts in zip(ids, statuses, times):
+                if uid in unit_ids and (uid not in latest or ts >= latest[uid][0]):
+                    latest[uid] = (ts, status)
+        return {uid: status for uid, (_, status) in latest.items()}
+
+    def rows(self, unit_ids: set[str]) -> pa.Table | None:
+        """The newest row of each unit in `unit_ids`, as one table."""
+        return self._newest(self.generations, "unit_id", unit_ids)
+
+    def texts_for(self, unit_ids: set[str]) -> pa.Table | None:
+        """Probe-text embeddings written alongside `unit_ids` (one prompt's texts per source unit)."""
+        return self._newest(self.texts, "source_unit_id", unit_ids, dedupe=False)
+
+    def _newest(self, root: str, key: str, unit_ids: set[str], dedupe: bool = True) -> pa.Table | None:
+        parts = []
+        wanted = pa.array(sorted(unit_ids), pa.string())
+        for path in uris.list_files(root, ".parquet"):
+            t = self._read(path)
+            if t is None:
+                continue
+            t = t.filter(pc.is_in(t.column(key), value_set=wanted))
+            if t.num_rows:
+                parts.append(t)
+        if not parts:
+            return None
+        table = pa.concat_tables(parts, promote_options="permissive")
+        if dedupe:
+            order = pc.sort_indices(table, [(key, "ascending"), ("computed_at", "descending")])
+            table = table.take(order)
+            ids = table.column(key).to_pylist()
+            keep = [i for i, uid in enumerate(ids) if i == 0 or uid != ids[i - 1]]
+            return table.take(pa.array(keep, pa.int64()))
+        return table
+
+
+def ok_rows(table: pa.Table) -> pa.Table:
+    return table.filter(pc.equal(table.column("status"), STATUS_OK))

@@ -1,0 +1,62 @@
+"""The command line: one-line errors and exit codes, from a real subprocess."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO
+
+
+def raymem(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "raymem.cli", *args], capture_output=True, text=True, cwd=cwd or REPO,
+                          timeout=300)
+
+
+def test_invalid_config_exits_2_with_one_line(tmp_path):
+    bad = tmp_path / "scan.yaml"
+    bad.write_text("name: x\nmodel: {id: m}\nprompts: p.jsonl\ntraining: {embeddings: t}\noutput: {uri: o}\n"
+                   "generation: {guidance_scale: -1}\n")
+    out = raymem("scan", str(bad))
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [
+        f"raymem: error: {bad}: generation.guidance_scale: Input should be greater than or equal to 0"
+    ]
+    assert out.stdout == ""
+
+
+def test_bad_prompt_row_exits_2_and_writes_nothing(demo_raw, tmp_path):
+    import yaml
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt_id": "a", "prompt": "x", "entity": "e"}) + "\n"
+                       + json.dumps({"prompt_id": "b", "prompt": "", "entity": "e"}) + "\n")
+    cfg = {**demo_raw, "prompts": str(prompts)}
+    path = tmp_path / "scan.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    out = raymem("scan", str(path))
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [f"raymem: error: {prompts}: row 2, field 'prompt': value is empty"]
+    assert not (tmp_path / "out").exists()  # nothing written, not even a manifest
+
+
+def test_validate_checks_inputs_without_running(demo_raw, tmp_path):
+    import yaml
+
+    path = tmp_path / "scan.yaml"
+    path.write_text(yaml.safe_dump(demo_raw))
+    out = raymem("validate", str(path))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith(f"{path}: ok (scan id demo-")
+    broken = {**demo_raw, "training": {"embeddings": str(tmp_path / "nothing")}}
+    path.write_text(yaml.safe_dump(broken))
+    out = raymem("validate", str(path))
+    assert out.returncode == 2 and "no .parquet files found" in out.stderr
+
+
+def test_help_lists_the_commands():
+    out = raymem("--help")
+    assert out.returncode == 0
+    for command in ("scan", "demo", "validate"):
+        assert command in out.stdout

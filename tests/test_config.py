@@ -1,0 +1,96 @@
+import datetime as dt
+
+import pytest
+
+from raymem.config import load_config, parse_config
+from raymem.errors import ConfigError
+
+
+def minimal(**over):
+    raw = {
+        "name": "t",
+        "model": {"id": "org/model"},
+        "prompts": "p.jsonl",
+        "training": {"embeddings": "s3://bucket/train"},
+        "output": {"uri": "s3://bucket/out"},
+    }
+    raw.update(over)
+    return raw
+
+
+def test_defaults_and_path_resolution(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = parse_config(minimal())
+    assert cfg.generation.seeds_per_prompt == 4
+    assert cfg.thresholds.replication == 0.5 and cfg.thresholds.verbatim == 0.75
+    assert cfg.model.id == "org/model"  # a hub id is not a path
+    assert cfg.prompts == str(tmp_path / "p.jsonl")  # local paths become absolute
+    assert cfg.training.embeddings == "s3://bucket/train"  # URIs pass through
+    assert cfg.model_name == "org--model"  # hub ids keep their org
+
+
+def test_local_model_dir_and_clip_local_dir_are_absolutized(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "sd").mkdir()
+    cfg = parse_config(minimal(model={"id": "sd"}, embedding={"clip": {"model": "local-dir:./clip", "pretrained": None}}))
+    assert cfg.model.id == str(tmp_path / "sd")
+    assert cfg.embedding.clip.model == f"local-dir:{tmp_path / 'clip'}"
+
+
+def test_scan_id_is_deterministic_and_date_scoped():
+    a = parse_config(minimal(output={"uri": "s3://b/o", "scan_date": "2026-01-02"}))
+    b = parse_config(minimal(output={"uri": "s3://b/o", "scan_date": "2026-01-02"}))
+    c = parse_config(minimal(output={"uri": "s3://b/o", "scan_date": "2026-01-03"}))
+    d = parse_config(minimal(output={"uri": "s3://b/o", "scan_date": "2026-01-02"}, generation={"seeds_per_prompt": 8}))
+    assert a.scan_id == b.scan_id
+    assert a.config_hash() == c.config_hash() and a.scan_id != c.scan_id  # the date is not in the hash
+    assert a.scan_id != d.scan_id
+    assert a.scan_date == dt.date(2026, 1, 2)
+
+
+@pytest.mark.parametrize(
+    "over, expected",
+    [
+        ({"generation": {"seeds_per_prompt": 0}}, "generation.seeds_per_prompt: Input should be greater than or equal to 1"),
+        ({"generation": {"height": 100}}, "generation.height: Value error, must be a multiple of 8, got 100"),
+        ({"generation": {"seeds": 3}}, "generation.seeds: unknown field"),
+        ({"thresholds": {"replication": 0.8, "verbatim": 0.7}}, "thresholds: Value error, verbatim (0.7) must be >= replication (0.8)"),
+        ({"model": {}}, "model.id: required field is missing"),
+        ({"name": "has space"}, "name: String should match pattern"),
+        ({"model": {"id": "x", "dtype": "int8"}}, "model.dtype: Input should be"),
+    ],
+)
+def test_invalid_config_is_one_line_naming_the_field(over, expected):
+    with pytest.raises(ConfigError) as info:
+        parse_config(minimal(**over), "scan.yaml")
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith("scan.yaml: " + expected.split(":")[0])
+    assert expected in message
+    assert info.value.exit_code == 2
+
+
+def test_missing_required_sections_counted():
+    with pytest.raises(ConfigError, match=r"^c.yaml: model: required field is missing \(\+3 more\)$"):
+        parse_config({"name": "x"}, "c.yaml")
+
+
+def test_load_config_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: [unclosed\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: invalid YAML \(line 2\)"):
+        load_config(bad)
+    notmap = tmp_path / "list.yaml"
+    notmap.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="must be a YAML mapping, got list"):
+        load_config(notmap)
+
+
+def test_demo_config_loads():
+    from tests.conftest import REPO
+
+    cfg = load_config(REPO / "configs" / "demo.yaml")
+    assert cfg.model_name == "sd-tiny"
+    assert cfg.embedding.copy_detection.model == "immaculate:sscd_distilled"

@@ -1,0 +1,130 @@
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from raymem import join as joins
+from raymem.errors import InputError
+from raymem.schema import embedding_array
+from raymem.encoders import l2_normalize
+
+
+def write_training(root, rng, sizes, dim=16, sscd_dim=8, with_meta=True):
+    """Several Parquet files of random unit vectors; returns (ids, clip matrix, sscd matrix)."""
+    root.mkdir(parents=True, exist_ok=True)
+    ids, clips, sscds = [], [], []
+    start = 0
+    for n, size in enumerate(sizes):
+        clip = l2_normalize(rng.standard_normal((size, dim)))
+        sscd = l2_normalize(rng.standard_normal((size, sscd_dim)))
+        tid = [f"t{start + i:06d}" for i in range(size)]
+        cols = {"train_id": tid, "clip_embedding": embedding_array(clip, dim), "sscd_embedding": embedding_array(sscd, sscd_dim)}
+        if with_meta:
+            cols["caption"] = [f"caption {t}" for t in tid]
+            cols["entities"] = pa.array([["e%d" % (i % 3)] for i in range(size)], pa.list_(pa.string()))
+        pq.write_table(pa.table(cols), root / f"part-{n:03d}.parquet", row_group_size=37)
+        ids += tid
+        clips.append(clip)
+        sscds.append(sscd)
+        start += size
+    return np.array(ids), np.concatenate(clips), np.concatenate(sscds)
+
+
+def brute_force(q, x, ids, k):
+    s = q @ x.T
+    out = []
+    for row in s:
+        order = sorted(range(len(row)), key=lambda j: (-row[j], ids[j]))[:k]
+        out.append((list(ids[order]), row[order]))
+    return out
+
+
+def test_running_topk_merges_batches_like_a_sort():
+    rng = np.random.default_rng(0)
+    top = joins.RunningTopK(num_queries=3, k=4)
+    all_rows = {q: [] for q in range(3)}
+    for b in range(5):
+        query = rng.integers(0, 3, size=10)
+        score = rng.random(10).astype(np.float32)
+        meta = [{"train_id": f"b{b}-{i}"} for i in range(10)]
+        top.add(query, score, meta)
+        for q, s, m in zip(query, score, meta):
+            all_rows[int(q)].append((-float(s), m["train_id"]))
+    for q in range(3):
+        expected = [tid for _, tid in sorted(all_rows[q])[:4]]
+        assert [r["train_id"] for r in top.rows[q]] == expected
+
+
+@pytest.mark.ray
+def test_exact_topk_equals_numpy_across_files_and_batches(local_ray, tmp_path):
+    rng = np.random.default_rng(7)
+    ids, clip, sscd = write_training(tmp_path / "train", rng, sizes=[250, 1, 173, 402])
+    training = joins.inspect_training(str(tmp_path / "train"), {"clip": 16, "sscd": 8})
+    assert training.num_rows == 826 and training.dims == {"clip": 16, "sscd": 8}
+    q_clip = l2_normalize(rng.standard_normal((23, 16)))
+    q_sscd = l2_normalize(rng.standard_normal((23, 8)))
+    # Plant exact matches so rank 1 is known, then compare the rest with brute force.
+    q_clip[0] = clip[300]
+    q_sscd[5] = sscd[825]
+    qids = [f"q{i}" for i in range(23)]
+    k = 7
+    result = joins.nearest_neighbours(
+        training, {"units": joins.Queries(qids, {"clip": q_clip, "sscd": q_sscd})}, k,
+        batch_rows=64,  # many batches, boundaries inside files and across them
+        actors=2,
+    )
+    for space, q, x in (("clip", q_clip, clip), ("sscd", q_sscd, sscd)):
+        expected = brute_force(q, x, ids, k)
+        got = result["units"][space].rows
+        for (exp_ids, exp_scores), rows in zip(expected, got):
+            assert [r["train_id"] for r in rows] == exp_ids
+            np.testing.assert_allclose([r["score"] for r in rows], exp_scores, rtol=1e-5, atol=1e-6)
+            assert all(r["caption"] == f"caption {r['train_id']}" for r in rows)
+    assert result["units"]["clip"].rows[0][0]["train_id"] == ids[300]
+    assert result["units"]["sscd"].rows[5][0]["train_id"] == ids[825]
+
+
+@pytest.mark.ray
+def test_background_queries_skip_themselves(local_ray, tmp_path):
+    rng = np.random.default_rng(3)
+    ids, clip, _ = write_training(tmp_path / "train", rng, sizes=[60, 60])
+    training = joins.inspect_training(str(tmp_path / "train"), {"clip": 16})
+    bg = joins.background_sample(training, 10, ["clip"])
+    assert len(bg.ids) == 10 and bg.exclude_self
+    result = joins.nearest_neighbours(training, {"background": bg}, 2, batch_rows=50)
+    for qid, rows in zip(bg.ids, result["background"]["clip"].rows):
+        i = list(ids).index(qid)
+        scores = clip @ clip[i]
+        scores[i] = -np.inf
+        assert rows[0]["train_id"] == ids[int(np.argmax(scores))]
+        assert all(r["train_id"] != qid for r in rows)
+
+
+@pytest.mark.ray
+def test_entity_frequencies_are_streamed_counts(local_ray, tmp_path):
+    rng = np.random.default_rng(1)
+    write_training(tmp_path / "train", rng, sizes=[10, 20])
+    training = joins.inspect_training(str(tmp_path / "train"), {})
+    freq = joins.entity_frequencies(training, {"e0", "e1", "e9"})
+    assert freq == {"e0": 4 + 7, "e1": 3 + 7, "e9": 0}
+
+
+def test_inspect_training_errors(tmp_path):
+    rng = np.random.default_rng(0)
+    with pytest.raises(InputError, match="no .parquet files found"):
+        joins.inspect_training(str(tmp_path / "none"), {})
+    write_training(tmp_path / "t", rng, sizes=[5])
+    with pytest.raises(InputError, match=r"part-000.parquet: field 'clip_embedding': embedding dimension 16 does not match the scan's clip model \(512\)"):
+        joins.inspect_training(str(tmp_path / "t"), {"clip": 512})
+    pq.write_table(pa.table({"train_id": ["a"], "caption": ["c"]}), tmp_path / "t" / "part-001.parquet")
+    with pytest.raises(InputError, match=r"part-001.parquet: field 'clip_embedding': required column is missing"):
+        joins.inspect_training(str(tmp_path / "t"), {})
+    (tmp_path / "t" / "part-001.parquet").write_bytes(b"garbage")
+    with pytest.raises(InputError, match=r"part-001.parquet: not a readable Parquet file"):
+        joins.inspect_training(str(tmp_path / "t"), {})
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    pq.write_table(pa.table({"train_id": pa.array([], pa.string()), "clip_embedding": embedding_array(np.zeros((0, 4)), 4)}),
+                   empty / "a.parquet")
+    with pytest.raises(InputError, match="the training table has no rows"):
+        joins.inspect_training(str(empty), {})

@@ -1,0 +1,33 @@
+import pytest
+
+from raymem.reduce import entity_tallies, prompt_tallies
+
+
+def lab(uid, prompt, entity, label, status="ok", presence=0.9, memorized=False, flags=("entity_rendered",), score=0.2):
+    return {"scan_id": "s", "unit_id": uid, "prompt_id": prompt, "entity": entity, "label": label if status == "ok" else None,
+            "status": status, "consistency": 0.5, "memorized_prompt": memorized, "noise_norm": 2.0,
+            "replication_score": score, "entity_presence": presence, "flags": list(flags)}
+
+
+def test_prompt_and_entity_tallies():
+    labels = [
+        lab("1", "p1", "A", "MU", memorized=True, score=0.9), lab("2", "p1", "A", "ME", memorized=True),
+        lab("3", "p1", "A", None, status="failed"), lab("4", "p2", "A", "MI"),
+        lab("5", "p3", "B", "none", presence=0.1, flags=()), lab("6", "p3", "B", "none", presence=0.2, flags=()),
+    ]
+    pt = {r["prompt_id"]: r for r in prompt_tallies(labels)}
+    assert pt["p1"]["n_units"] == 3 and pt["p1"]["n_scored"] == 2 and pt["p1"]["n_failed"] == 1
+    assert pt["p1"]["n_MU"] == 1 and pt["p1"]["rate_MU"] == 0.5 and pt["p1"]["rate_ME"] == 0.5
+    assert pt["p1"]["max_replication_score"] == 0.9 and pt["p1"]["memorized_prompt"] is True
+    et = {r["entity"]: r for r in entity_tallies(labels, {"A": 1000, "B": 12}, element_presence=0.5)}
+    assert et["A"]["n_prompts"] == 2 and et["A"]["n_units"] == 4 and et["A"]["n_scored"] == 3
+    assert et["A"]["rate_MU"] == pytest.approx(1 / 3) and et["A"]["n_memorized_prompts"] == 1
+    assert et["A"]["entity_not_rendered"] is False
+    # B is rare in training (12 < 200 images) and never rendered.
+    assert et["B"]["entity_not_rendered"] is True and et["B"]["rate_none"] == 1.0
+    assert et["B"]["mean_entity_presence"] == pytest.approx(0.15)
+
+
+def test_all_failed_prompt_has_no_rates():
+    pt = prompt_tallies([lab("1", "p", "A", None, status="failed")])[0]
+    assert pt["n_scored"] == 0 and pt["rate_MU"] is None

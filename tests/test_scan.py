@@ -1,0 +1,200 @@
+"""End to end on a real local Ray with two logical GPUs: the demo scan, a crashing unit, determinism."""
+
+import json
+import os
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pyarrow.dataset as pads
+import pytest
+
+from raymem.config import parse_config
+from raymem.scan import run_scan
+
+pytestmark = pytest.mark.ray
+
+MARKER = "RAISE"
+
+
+@pytest.fixture(scope="module")
+def ray_two_gpus():
+    """Local Ray with 2 logical GPUs; a setup hook makes the pipeline raise on prompts containing MARKER."""
+    import ray
+
+    def inject_fault():  # defined locally so Ray ships it by value to every worker
+        import raymem.diffusion as diffusion
+
+        original = diffusion.load_pipeline
+
+        def load(cfg, device):
+            pipe = original(cfg, device)
+            cls = type(pipe)
+            call = cls.__call__
+
+            def raising(self, *args, **kwargs):
+                if any("RAISE" in p for p in kwargs.get("prompt") or []):
+                    raise RuntimeError("injected fault for a prompt containing RAISE")
+                return call(self, *args, **kwargs)
+
+            cls.__call__ = raising
+            return pipe
+
+        diffusion.load_pipeline = load
+
+    ray.init(address="local", num_cpus=3, num_gpus=2, include_dashboard=False, logging_level="WARNING",
+             runtime_env={"worker_process_setup_hook": inject_fault})
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def scan_config(demo_root, tmp_path_factory):
+    """The demo config plus one prompt that crashes the pipeline; chunks of 3 mix it with healthy units."""
+    from tests.conftest import demo_raw_config
+
+    work = tmp_path_factory.mktemp("scan")
+    prompts = (demo_root / "prompts.jsonl").read_text().splitlines()
+    prompts.insert(1, json.dumps({"prompt_id": "crash", "prompt": f"{MARKER} the Old Mill", "entity": "Old Mill"}))
+    (work / "prompts.jsonl").write_text("\n".join(prompts) + "\n")
+    raw = demo_raw_config(demo_root)
+    raw["prompts"] = str(work / "prompts.jsonl")
+    raw["generation"]["batch_size"] = 3
+    raw["resources"]["generation_actors"] = None  # one per (logical) GPU
+    raw["output"]["scan_date"] = "2026-11-28"
+
+    def config(output: str):
+        return parse_config({**raw, "output": {**raw["output"], "uri": str(work / output)}})
+
+    return config
+
+
+@pytest.fixture(scope="module")
+def first_scan(ray_two_gpus, scan_config):
+    cfg = scan_config("out-a")
+    return cfg, run_scan(cfg)
+
+
+def read(root: Path, table: str):
+    return pads.dataset(str(root / table), format="parquet", partitioning="hive").to_table()
+
+
+def test_every_unit_has_a_row_and_the_crash_is_recorded(first_scan):
+    cfg, result = first_scan
+    gens = read(Path(cfg.output.uri), "generations").to_pylist()
+    units = {(g["prompt_id"], g["seed"]) for g in gens}
+    assert len(gens) == len(units) == 7 * 4  # 7 prompts x 4 seeds, each exactly once
+    failed = [g for g in gens if g["status"] == "failed"]
+    assert {g["prompt_id"] for g in failed} == {"crash"} and len(failed) == 4
+    assert all("injected fault" in g["error"] and g["clip_embedding"] is None for g in failed)
+    ok = [g for g in gens if g["status"] == "ok"]
+    # Batch-mates of the crashing units (chunks of 3 straddle prompts) were retried alone and completed.
+    assert len(ok) == 24 and all(g["image_uri"] and Path(g["image_uri"]).exists() for g in ok)
+    assert result.counts["units_failed"] == 4 and result.counts["units_ok"] == 24
+    labels = read(Path(cfg.output.uri), "labels").to_pylist()
+    assert {r["unit_id"] for r in labels} == {g["unit_id"] for g in gens}
+    assert all(r["label"] is None for r in labels if r["status"] == "failed")
+    tallies = {r["prompt_id"]: r for r in read(Path(cfg.output.uri), "prompt_tallies").to_pylist()}
+    assert tallies["crash"]["n_failed"] == 4 and tallies["crash"]["n_scored"] == 0
+
+
+def test_two_actors_were_pinned_to_different_gpus(first_scan):
+    cfg, _ = first_scan
+    gens = read(Path(cfg.output.uri), "generations").to_pylist()
+    seen = {(g["worker"], g["cuda_visible_devices"]) for g in gens}
+    assert {v for _, v in seen} == {"0", "1"}  # Ray gave each actor its own GPU
+    assert len({w for w, _ in seen}) == 2
+    assert {g["device"] for g in gens} == {"cpu"}  # logical GPUs: no CUDA here, so the actor used the CPU
+
+
+def test_planted_copy_is_found_and_labelled_MU(first_scan):
+    cfg, _ = first_scan
+    labels = {(r["prompt_id"], r["seed"]): r for r in read(Path(cfg.output.uri), "labels").to_pylist()}
+    planted = labels[("lighthouse", 0)]
+    assert planted["replication_train_id"] == "planted-lighthouse-seed0"
+    assert planted["replication_score"] > 0.99
+    assert planted["label"] == "MU" and planted["subtype"] == "verbatim"
+    neighbors = read(Path(cfg.output.uri), "neighbors").to_pylist()
+    top = [n for n in neighbors if n["unit_id"] == planted["unit_id"] and n["space"] == "sscd" and n["rank"] == 1]
+    assert top[0]["train_id"] == "planted-lighthouse-seed0" and top[0]["caption"]
+
+
+def test_outputs_are_hive_partitioned_and_read_by_duckdb(first_scan):
+    cfg, result = first_scan
+    root = Path(cfg.output.uri)
+    for table, uri in result.tables.items():
+        assert f"/{table}/scan_date=2026-11-28/model=sd-tiny/part-{result.scan_id}.parquet" in uri
+    con = duckdb.connect()
+    rows = con.sql(
+        f"select model, scan_date, count(*) n, count(distinct prompt_id) p, "
+        f"max(len(clip_embedding)) d from read_parquet('{root}/generations/**/*.parquet', hive_partitioning=true) "
+        f"group by all"
+    ).fetchall()
+    assert rows == [("sd-tiny", __import__("datetime").date(2026, 11, 28), 28, 7, 64)]
+    by_label = dict(con.sql(
+        f"select label, count(*) from read_parquet('{root}/labels/**/*.parquet') where status='ok' group by label"
+    ).fetchall())
+    assert sum(by_label.values()) == 24
+    ent = con.sql(f"select entity, n_units from read_parquet('{root}/entity_tallies/**/*.parquet') order by entity").fetchall()
+    assert dict(ent)["Old Mill"] == 8
+    manifest = json.loads((root / "manifests" / f"{result.scan_id}.json").read_text())
+    assert manifest["status"] == "complete" and manifest["counts"]["units"] == 28
+    assert manifest["config_hash"] == cfg.config_hash() and manifest["versions"]["ray"]
+    newest_table = max(os.path.getmtime(u) for u in result.tables.values())
+    assert os.path.getmtime(root / "manifests" / f"{result.scan_id}.json") >= newest_table  # manifest last
+    assert not (root / "_staging").exists() or not any((root / "_staging").iterdir())
+
+
+def test_same_config_twice_gives_identical_images_and_embeddings(first_scan, scan_config):
+    cfg_a, _ = first_scan
+    cfg_b = scan_config("out-b")
+    result_b = run_scan(cfg_b)
+    assert result_b.counts["units_generated"] == 28
+    a = {g["unit_id"]: g for g in read(Path(cfg_a.output.uri), "generations").to_pylist()}
+    b = {g["unit_id"]: g for g in read(Path(cfg_b.output.uri), "generations").to_pylist()}
+    assert a.keys() == b.keys()
+    for uid, ga in a.items():
+        gb = b[uid]
+        assert ga["status"] == gb["status"]
+        if ga["status"] != "ok":
+            continue
+        assert Path(ga["image_uri"]).read_bytes() == Path(gb["image_uri"]).read_bytes()
+        np.testing.assert_array_equal(ga["clip_embedding"], gb["clip_embedding"])
+        np.testing.assert_array_equal(ga["sscd_embedding"], gb["sscd_embedding"])
+
+
+def test_rerun_reuses_units_and_adds_no_duplicate_rows(first_scan, scan_config):
+    cfg, first = first_scan
+    again = run_scan(scan_config("out-a"))
+    assert again.scan_id == first.scan_id
+    assert again.counts["units_generated"] == 0 and again.counts["units_reused"] == 28
+    root = Path(cfg.output.uri)
+    assert read(root, "generations").num_rows == 28
+    assert len(list((root / "generations").rglob("*.parquet"))) == 1
+    # --rerun-failed recomputes only the failed units (they fail again: the fault is deterministic).
+    retried = run_scan(scan_config("out-a"), rerun_failed=True)
+    assert retried.counts["units_generated"] == 4 and retried.counts["units_failed"] == 4
+    assert read(root, "generations").num_rows == 28
+
+
+def test_dimension_mismatch_found_after_generation_publishes_nothing(ray_two_gpus, scan_config, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from raymem.errors import InputError
+    from raymem.schema import embedding_array
+
+    train = tmp_path / "train"
+    train.mkdir()
+    pq.write_table(pa.table({"train_id": ["a", "b"], "clip_embedding": embedding_array(np.eye(2, 16), 16)}),
+                   train / "part-0.parquet")
+    base = scan_config("out-dim")
+    cfg = parse_config({**base.model_dump(mode="json"), "training": {"embeddings": str(train)}})
+    with pytest.raises(InputError, match=r"part-0.parquet: field 'clip_embedding': embedding dimension 16 does not "
+                                         r"match the scan's clip model \(64\)"):
+        run_scan(cfg)
+    root = Path(cfg.output.uri)
+    manifest = json.loads((root / "manifests" / f"{cfg.scan_id}.json").read_text())
+    assert manifest["status"] == "failed" and "embedding dimension 16" in manifest["error"]
+    assert not list(root.glob("labels/**/*.parquet")) and not list(root.glob("generations/**/*.parquet"))
