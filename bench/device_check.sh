@@ -38,7 +38,7 @@ print("OK: every unit was generated on cuda")
 PY
 
 step "bench: SD-1.5-shaped pipeline, 512x512"
-timeout 270 python3 bench/generate_throughput.py --size sd15 --resolution 512 --steps 20 --images 64 --batch-size 8 \
+timeout 270 python3 bench/generate_throughput.py --size sd15 --resolution 512 --steps 20 --images 64 --batch-size 8 --cpus-per-actor 4 \
   --work build/bench-sd15 --json "$OUT/bench-sd15.json" > "$OUT/bench-sd15.txt" 2>&1; echo "exit $?" >> "$OUT/bench-sd15.txt"
 tail -4 "$OUT/bench-sd15.txt"
 

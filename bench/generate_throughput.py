@@ -123,7 +123,7 @@ def raymem_stage(model_dir: Path, work: Path, n_prompts: int, args) -> dict:
         "embedding": {"clip": {"model": f"local-dir:{clip_dir}", "pretrained": None},
                       "copy_detection": {"model": args.copy_detection}},
         "training": {"embeddings": str(train)}, "output": {"uri": str(out)},
-        "resources": {"generation_actors": 1},
+        "resources": {"generation_actors": 1, "cpus_per_actor": args.cpus_per_actor},
     })
     result = run_scan(cfg)
     gens = pq.read_table(result.tables["generations"]).to_pylist()
@@ -147,6 +147,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--resolution", type=int, default=64)
     parser.add_argument("--copy-detection", default=None, help="e.g. immaculate:sscd_distilled (default: off)")
+    parser.add_argument("--cpus-per-actor", type=float, default=1.0, help="CPUs reserved per generation actor")
     parser.add_argument("--work", default="build/bench-generate")
     parser.add_argument("--json", help="write the results here too")
     args = parser.parse_args()
@@ -165,7 +166,8 @@ def main() -> int:
     ours = raymem_stage(model_dir, work, n_prompts, args)
     result = {
         "size": args.size, "images": len(prompts), "batch_size": args.batch_size, "steps": args.steps,
-        "resolution": args.resolution, "copy_detection": args.copy_detection, "bare": bare, "raymem": ours,
+        "resolution": args.resolution, "copy_detection": args.copy_detection,
+        "cpus_per_actor": args.cpus_per_actor, "bare": bare, "raymem": ours,
         "ratio_steady": ours["images_per_s_steady"] / bare["images_per_s"],
         "ratio_stage": ours["images_per_s_stage"] / bare["images_per_s"],
     }
