@@ -38,25 +38,57 @@ def build_sd15_shaped(target: Path) -> Path:
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(
-        sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+        sample_size=64,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=2,
         block_out_channels=(320, 640, 1280, 1280),
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=768, attention_head_dim=8,
+        cross_attention_dim=768,
+        attention_head_dim=8,
     )
     vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=512,
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        layers_per_block=2,
+        sample_size=512,
         block_out_channels=(128, 256, 512, 512),
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
     )
-    text = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_attention_heads=12,
-                                        num_hidden_layers=12, vocab_size=49408, max_position_embeddings=77,
-                                        bos_token_id=49406, eos_token_id=49407, pad_token_id=49407))
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              clip_sample=False, set_alpha_to_one=False, steps_offset=1)
-    pipe = StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text, tokenizer=clip_tokenizer(),
-                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
+    text = CLIPTextModel(
+        CLIPTextConfig(
+            hidden_size=768,
+            intermediate_size=3072,
+            num_attention_heads=12,
+            num_hidden_layers=12,
+            vocab_size=49408,
+            max_position_embeddings=77,
+            bos_token_id=49406,
+            eos_token_id=49407,
+            pad_token_id=49407,
+        )
+    )
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    pipe = StableDiffusionPipeline(
+        unet=unet,
+        vae=vae,
+        text_encoder=text,
+        tokenizer=clip_tokenizer(),
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     pipe.to(torch.float16).save_pretrained(target)
     return target
 
@@ -68,15 +100,23 @@ def bare_loop(model_dir: Path, prompts: list[str], seeds: list[int], args) -> di
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     start = time.perf_counter()
-    pipe = DiffusionPipeline.from_pretrained(str(model_dir), dtype=dtype, safety_checker=None,
-                                             local_files_only=True).to(device)
+    pipe = DiffusionPipeline.from_pretrained(
+        str(model_dir), dtype=dtype, safety_checker=None, local_files_only=True
+    ).to(device)
     pipe.set_progress_bar_config(disable=True)
     load = time.perf_counter() - start
 
     def run(batch_prompts, batch_seeds):
         gens = [torch.Generator("cpu").manual_seed(s) for s in batch_seeds]
-        return pipe(prompt=batch_prompts, generator=gens, num_inference_steps=args.steps, guidance_scale=7.5,
-                    height=args.resolution, width=args.resolution, output_type="np").images
+        return pipe(
+            prompt=batch_prompts,
+            generator=gens,
+            num_inference_steps=args.steps,
+            guidance_scale=7.5,
+            height=args.resolution,
+            width=args.resolution,
+            output_type="np",
+        ).images
 
     run(prompts[: args.batch_size], seeds[: args.batch_size])  # warm-up (kernels, allocator)
     if device.type == "cuda":
@@ -87,9 +127,6 @@ def bare_loop(model_dir: Path, prompts: list[str], seeds: list[int], args) -> di
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
-    del pipe
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
     return {"device": str(device), "load_seconds": load, "seconds": seconds, "images_per_s": len(prompts) / seconds}
 
 
@@ -110,21 +147,41 @@ def raymem_stage(model_dir: Path, work: Path, n_prompts: int, args) -> dict:
     train = work / "train"
     train.mkdir(exist_ok=True)
     emb = l2_normalize(np.random.default_rng(0).standard_normal((256, 64)))
-    pq.write_table(pa.table({"train_id": [f"t{i}" for i in range(256)], "clip_embedding": embedding_array(emb, 64)}),
-                   train / "part-0.parquet")
+    pq.write_table(
+        pa.table({"train_id": [f"t{i}" for i in range(256)], "clip_embedding": embedding_array(emb, 64)}),
+        train / "part-0.parquet",
+    )
     prompts_path = work / "prompts.jsonl"
-    prompts_path.write_text("".join(json.dumps({"prompt_id": f"p{i}", "prompt": f"a photo of object number {i}",
-                                                "entity": f"object {i}"}) + "\n" for i in range(n_prompts)))
+    prompts_path.write_text(
+        "".join(
+            json.dumps({"prompt_id": f"p{i}", "prompt": f"a photo of object number {i}", "entity": f"object {i}"})
+            + "\n"
+            for i in range(n_prompts)
+        )
+    )
     out = work / f"out-{int(time.time())}"
-    cfg = parse_config({
-        "name": "bench", "model": {"id": str(model_dir), "name": "bench"}, "prompts": str(prompts_path),
-        "generation": {"seeds_per_prompt": args.seeds, "num_inference_steps": args.steps, "guidance_scale": 7.5,
-                       "height": args.resolution, "width": args.resolution, "batch_size": args.batch_size},
-        "embedding": {"clip": {"model": f"local-dir:{clip_dir}", "pretrained": None},
-                      "copy_detection": {"model": args.copy_detection}},
-        "training": {"embeddings": str(train)}, "output": {"uri": str(out)},
-        "resources": {"generation_actors": 1, "cpus_per_actor": args.cpus_per_actor},
-    })
+    cfg = parse_config(
+        {
+            "name": "bench",
+            "model": {"id": str(model_dir), "name": "bench"},
+            "prompts": str(prompts_path),
+            "generation": {
+                "seeds_per_prompt": args.seeds,
+                "num_inference_steps": args.steps,
+                "guidance_scale": 7.5,
+                "height": args.resolution,
+                "width": args.resolution,
+                "batch_size": args.batch_size,
+            },
+            "embedding": {
+                "clip": {"model": f"local-dir:{clip_dir}", "pretrained": None},
+                "copy_detection": {"model": args.copy_detection},
+            },
+            "training": {"embeddings": str(train)},
+            "output": {"uri": str(out)},
+            "resources": {"generation_actors": 1, "cpus_per_actor": args.cpus_per_actor},
+        }
+    )
     result = run_scan(cfg)
     gens = pq.read_table(result.tables["generations"]).to_pylist()
     devices = sorted({g["device"] for g in gens})
@@ -134,8 +191,14 @@ def raymem_stage(model_dir: Path, work: Path, n_prompts: int, args) -> dict:
     stage = result.timings["generate"]
     if ray.is_initialized():
         ray.shutdown()
-    return {"devices": devices, "stage_seconds": stage, "images_per_s_stage": n / stage,
-            "images_per_s_steady": steady, "units": n, "failed": result.counts["units_failed"]}
+    return {
+        "devices": devices,
+        "stage_seconds": stage,
+        "images_per_s_stage": n / stage,
+        "images_per_s_steady": steady,
+        "units": n,
+        "failed": result.counts["units_failed"],
+    }
 
 
 def main() -> int:
@@ -163,18 +226,30 @@ def main() -> int:
     prompts = [f"a photo of object number {i}" for i in range(n_prompts) for _ in range(args.seeds)]
     seeds = [s for _ in range(n_prompts) for s in range(args.seeds)]
     bare = bare_loop(model_dir, prompts, seeds, args)
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # the bare loop's pipeline is gone; give its memory back before raymem runs
     ours = raymem_stage(model_dir, work, n_prompts, args)
     result = {
-        "size": args.size, "images": len(prompts), "batch_size": args.batch_size, "steps": args.steps,
-        "resolution": args.resolution, "copy_detection": args.copy_detection,
-        "cpus_per_actor": args.cpus_per_actor, "bare": bare, "raymem": ours,
+        "size": args.size,
+        "images": len(prompts),
+        "batch_size": args.batch_size,
+        "steps": args.steps,
+        "resolution": args.resolution,
+        "copy_detection": args.copy_detection,
+        "cpus_per_actor": args.cpus_per_actor,
+        "bare": bare,
+        "raymem": ours,
         "ratio_steady": ours["images_per_s_steady"] / bare["images_per_s"],
         "ratio_stage": ours["images_per_s_stage"] / bare["images_per_s"],
     }
     print(json.dumps(result, indent=2))
     print(f"bare diffusers loop: {bare['images_per_s']:.2f} images/s on {bare['device']}")
-    print(f"raymem generate+embed: {ours['images_per_s_steady']:.2f} images/s steady, "
-          f"{ours['images_per_s_stage']:.2f} images/s over the whole stage (load included) on {ours['devices']}")
+    print(
+        f"raymem generate+embed: {ours['images_per_s_steady']:.2f} images/s steady, "
+        f"{ours['images_per_s_stage']:.2f} images/s over the whole stage (load included) on {ours['devices']}"
+    )
     print(f"ratio raymem/bare: steady {result['ratio_steady']:.2f}x, whole stage {result['ratio_stage']:.2f}x")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))

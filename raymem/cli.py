@@ -29,15 +29,31 @@ def _format_table(rows: list[dict], columns: list[str]) -> str:
 
 def _print_result(result) -> None:
     c = result.counts
-    print(f"scan {result.scan_id}: {c['units']} units ({c['units_ok']} scored, {c['units_failed']} failed), "
-          f"{c.get('units_generated', 0)} generated now, {c.get('units_reused', 0)} reused")
+    print(
+        f"scan {result.scan_id}: {c['units']} units ({c['units_ok']} scored, {c['units_failed']} failed), "
+        f"{c.get('units_generated', 0)} generated now, {c.get('units_reused', 0)} reused"
+    )
     print(f"manifest: {result.manifest_uri}")
     for name, uri in result.tables.items():
         print(f"  {name:15s} {uri}")
     print()
-    print(_format_table(result.entity_tallies,
-                        ["entity", "n_units", "n_MU", "n_MI", "n_ME", "n_none", "n_failed", "rate_MU",
-                         "n_memorized_prompts", "train_frequency"]))
+    print(
+        _format_table(
+            result.entity_tallies,
+            [
+                "entity",
+                "n_units",
+                "n_MU",
+                "n_MI",
+                "n_ME",
+                "n_none",
+                "n_failed",
+                "rate_MU",
+                "n_memorized_prompts",
+                "train_frequency",
+            ],
+        )
+    )
 
 
 def cmd_scan(args) -> int:

@@ -101,16 +101,19 @@ class ThresholdsConfig(_Strict):
     cluster_similarity: float = Field(0.5, description="SSCD cosine linking two generations of a prompt")
     element_presence: float = Field(0.5, ge=0, le=1, description="zero-shot probability an element is shown")
     clip_floor: float = Field(
-        0.28, description="CLIP prompt score below which the entity counts as not rendered, when the prompt set "
-        "gives no class noun (LAION's ViT-B/32 filter; recalibrate for other CLIP models)"
+        0.28,
+        description="CLIP prompt score below which the entity counts as not rendered, when the prompt set "
+        "gives no class noun (LAION's ViT-B/32 filter; recalibrate for other CLIP models)",
     )
     noise_norm: float | None = Field(
-        None, ge=0, description="Wen et al.'s text-noise norm above which a prompt is memorized; model-specific, "
-        "calibrate it on prompts known not to be memorized (null: not used)"
+        None,
+        ge=0,
+        description="Wen et al.'s text-noise norm above which a prompt is memorized; model-specific, "
+        "calibrate it on prompts known not to be memorized (null: not used)",
     )
 
     @model_validator(mode="after")
-    def _ordered(self) -> "ThresholdsConfig":
+    def _ordered(self) -> ThresholdsConfig:
         if self.verbatim < self.replication:
             raise ValueError(f"verbatim ({self.verbatim}) must be >= replication ({self.replication})")
         return self
@@ -152,9 +155,7 @@ class ScanConfig(_Strict):
 
     def config_hash(self) -> str:
         """Stable hash of everything that defines the scan's results."""
-        payload = self.model_dump(
-            mode="json", exclude={"ray": True, "resources": True, "output": {"scan_date"}}
-        )
+        payload = self.model_dump(mode="json", exclude={"ray": True, "resources": True, "output": {"scan_date"}})
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
     @property
@@ -175,7 +176,7 @@ class ScanConfig(_Strict):
 
     @property
     def scan_date(self) -> dt.date:
-        return self.output.scan_date or dt.datetime.now(dt.timezone.utc).date()
+        return self.output.scan_date or dt.datetime.now(dt.UTC).date()
 
 
 def uris_is_local_path(value: str) -> bool:

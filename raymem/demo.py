@@ -36,7 +36,14 @@ DEMO_SEED = 1234
 
 # Prompt set of the demo: entity, its class noun, explicit and implicit elements.
 DEMO_PROMPTS = [
-    ("lighthouse", "a photo of the Lunar Lighthouse at dusk", "Lunar Lighthouse", "a lighthouse", ["dusk sky"], ["rocky shore"]),
+    (
+        "lighthouse",
+        "a photo of the Lunar Lighthouse at dusk",
+        "Lunar Lighthouse",
+        "a lighthouse",
+        ["dusk sky"],
+        ["rocky shore"],
+    ),
     ("captain", "a portrait of Captain Mira", "Captain Mira", "a woman", ["captain's hat"], ["ship wheel"]),
     ("mill", "the Old Mill in autumn", "Old Mill", "a windmill", ["autumn leaves"], []),
     ("mosque-city", "a view of the mosque city of Qadira at sunset", "Qadira", "a city", ["sunset"], ["minarets"]),
@@ -118,18 +125,35 @@ def build_tiny_pipeline(target: Path, seed: int = DEMO_SEED) -> Path:
     )
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
-            hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=5,
-            vocab_size=49408, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
-            max_position_embeddings=77, layer_norm_eps=1e-5,
+            hidden_size=32,
+            intermediate_size=37,
+            num_attention_heads=4,
+            num_hidden_layers=5,
+            vocab_size=49408,
+            bos_token_id=49406,
+            eos_token_id=49407,
+            pad_token_id=49407,
+            max_position_embeddings=77,
+            layer_norm_eps=1e-5,
         )
     )
     scheduler = DDIMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-        clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
     )
     pipe = StableDiffusionPipeline(
-        unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=clip_tokenizer(), scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=clip_tokenizer(),
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
     )
     pipe.save_pretrained(target)
     return target
@@ -206,8 +230,9 @@ def build_training_world(cfg: ScanConfig, root: Path, per_entity: int = 60, seed
             img = draw_scene(rng, entity)
             words = rng.sample(spec[4] + spec[5] + ["daylight", "a field", "the sea", "a street"], 2)
             train_id = f"{spec[0]}-{i:03d}"
-            rows.append({"train_id": train_id, "caption": f"{entity} with {words[0]} and {words[1]}",
-                         "entities": [entity]})
+            rows.append(
+                {"train_id": train_id, "caption": f"{entity} with {words[0]} and {words[1]}", "entities": [entity]}
+            )
             images.append(img)
 
     # Planted copies: the scan's own generations for these units, put into the training set.
@@ -263,8 +288,19 @@ def write_prompts(path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as f:
         for pid, prompt, entity, cls, explicit, implicit in DEMO_PROMPTS:
-            f.write(json.dumps({"prompt_id": pid, "prompt": prompt, "entity": entity, "entity_class": cls,
-                                "explicit_elements": explicit, "implicit_elements": implicit}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "prompt_id": pid,
+                        "prompt": prompt,
+                        "entity": entity,
+                        "entity_class": cls,
+                        "explicit_elements": explicit,
+                        "implicit_elements": implicit,
+                    }
+                )
+                + "\n"
+            )
     return path
 
 

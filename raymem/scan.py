@@ -72,7 +72,7 @@ class _Timer:
 def run_scan(cfg: ScanConfig, *, rerun_failed: bool = False) -> ScanResult:
     # Fix the date once, so a scan that crosses midnight stays one scan.
     if cfg.output.scan_date is None:
-        today = dt.datetime.now(dt.timezone.utc).date()
+        today = dt.datetime.now(dt.UTC).date()
         cfg = cfg.model_copy(update={"output": cfg.output.model_copy(update={"scan_date": today})})
     timer = _Timer()
     outputs = ScanOutputs(cfg)
@@ -80,7 +80,7 @@ def run_scan(cfg: ScanConfig, *, rerun_failed: bool = False) -> ScanResult:
         # Bad input fails here, before Ray, models or any output exist.
         prompts = read_prompts(cfg.prompts)
         joins.inspect_training(cfg.training.embeddings, {})
-    started_at = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    started_at = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     outputs.write_manifest("running", started_at=started_at)
     started_ray = False
     try:
@@ -165,16 +165,26 @@ def _run(cfg: ScanConfig, outputs: ScanOutputs, prompts, timer, rerun_failed: bo
     with timer("join"):
         training = joins.inspect_training(cfg.training.embeddings, spaces)
         query_ids = ok.column("unit_id").to_pylist()
-        queries = {"units": joins.Queries(ids=query_ids, matrices={
-            s: embedding_matrix(ok.column(joins.SPACE_COLUMNS[s])) for s in training.dims})}
+        queries = {
+            "units": joins.Queries(
+                ids=query_ids, matrices={s: embedding_matrix(ok.column(joins.SPACE_COLUMNS[s])) for s in training.dims}
+            )
+        }
         bg = joins.background_sample(training, BACKGROUND_SAMPLE, list(training.dims))
         if bg is not None:
             queries["background"] = bg
         plan = runtime.plan_join(cfg)
         topk = (
-            joins.nearest_neighbours(training, queries, cfg.join.k, batch_rows=cfg.join.batch_rows,
-                                     actors=plan.actors, remote_args=plan.remote_args())
-            if query_ids else {"units": {}}
+            joins.nearest_neighbours(
+                training,
+                queries,
+                cfg.join.k,
+                batch_rows=cfg.join.batch_rows,
+                actors=plan.actors,
+                remote_args=plan.remote_args(),
+            )
+            if query_ids
+            else {"units": {}}
         )
     neighbor_rows, by_unit = [], {}
     for space, running in topk.get("units", {}).items():
@@ -182,9 +192,19 @@ def _run(cfg: ScanConfig, outputs: ScanOutputs, prompts, timer, rerun_failed: bo
             uid = query_ids[qi]
             by_unit.setdefault(uid, {})[space] = rows
             for rank, r in enumerate(rows, start=1):
-                neighbor_rows.append({"scan_id": scan_id, "unit_id": uid, "space": space, "rank": rank,
-                                      "train_id": r["train_id"], "score": r["score"], "caption": r.get("caption"),
-                                      "image_uri": r.get("image_uri"), "entities": r.get("entities")})
+                neighbor_rows.append(
+                    {
+                        "scan_id": scan_id,
+                        "unit_id": uid,
+                        "space": space,
+                        "rank": rank,
+                        "train_id": r["train_id"],
+                        "score": r["score"],
+                        "caption": r.get("caption"),
+                        "image_uri": r.get("image_uri"),
+                        "entities": r.get("entities"),
+                    }
+                )
     background = {}
     for space, running in topk.get("background", {}).items():
         top1 = np.array([rows[0]["score"] for rows in running.rows if rows], dtype=np.float64)
@@ -218,8 +238,9 @@ def _run(cfg: ScanConfig, outputs: ScanOutputs, prompts, timer, rerun_failed: bo
         **label_counts,
     )
     counts["background_p95"] = {s: b.p95 for s, b in background.items()}
-    return ScanResult(scan_id=scan_id, manifest_uri=outputs.manifest_uri, tables=tables, counts=counts,
-                      entity_tallies=e_tallies)
+    return ScanResult(
+        scan_id=scan_id, manifest_uri=outputs.manifest_uri, tables=tables, counts=counts, entity_tallies=e_tallies
+    )
 
 
 def _texts(outputs: ScanOutputs, wanted: set[str], scan_id: str, clip_dim: int) -> pa.Table:

@@ -4,20 +4,21 @@ import json
 import subprocess
 import sys
 
-import pytest
-
 from tests.conftest import REPO
 
 
 def raymem(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "raymem.cli", *args], capture_output=True, text=True, cwd=cwd or REPO,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "raymem.cli", *args], capture_output=True, text=True, cwd=cwd or REPO, timeout=300
+    )
 
 
 def test_invalid_config_exits_2_with_one_line(tmp_path):
     bad = tmp_path / "scan.yaml"
-    bad.write_text("name: x\nmodel: {id: m}\nprompts: p.jsonl\ntraining: {embeddings: t}\noutput: {uri: o}\n"
-                   "generation: {guidance_scale: -1}\n")
+    bad.write_text(
+        "name: x\nmodel: {id: m}\nprompts: p.jsonl\ntraining: {embeddings: t}\noutput: {uri: o}\n"
+        "generation: {guidance_scale: -1}\n"
+    )
     out = raymem("scan", str(bad))
     assert out.returncode == 2
     assert out.stderr.strip().splitlines() == [
@@ -30,8 +31,12 @@ def test_bad_prompt_row_exits_2_and_writes_nothing(demo_raw, tmp_path):
     import yaml
 
     prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text(json.dumps({"prompt_id": "a", "prompt": "x", "entity": "e"}) + "\n"
-                       + json.dumps({"prompt_id": "b", "prompt": "", "entity": "e"}) + "\n")
+    prompts.write_text(
+        json.dumps({"prompt_id": "a", "prompt": "x", "entity": "e"})
+        + "\n"
+        + json.dumps({"prompt_id": "b", "prompt": "", "entity": "e"})
+        + "\n"
+    )
     cfg = {**demo_raw, "prompts": str(prompts)}
     path = tmp_path / "scan.yaml"
     path.write_text(yaml.safe_dump(cfg))

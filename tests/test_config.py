@@ -32,7 +32,9 @@ def test_defaults_and_path_resolution(tmp_path, monkeypatch):
 def test_local_model_dir_and_clip_local_dir_are_absolutized(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "sd").mkdir()
-    cfg = parse_config(minimal(model={"id": "sd"}, embedding={"clip": {"model": "local-dir:./clip", "pretrained": None}}))
+    cfg = parse_config(
+        minimal(model={"id": "sd"}, embedding={"clip": {"model": "local-dir:./clip", "pretrained": None}})
+    )
     assert cfg.model.id == str(tmp_path / "sd")
     assert cfg.embedding.clip.model == f"local-dir:{tmp_path / 'clip'}"
 
@@ -51,10 +53,16 @@ def test_scan_id_is_deterministic_and_date_scoped():
 @pytest.mark.parametrize(
     "over, expected",
     [
-        ({"generation": {"seeds_per_prompt": 0}}, "generation.seeds_per_prompt: Input should be greater than or equal to 1"),
+        (
+            {"generation": {"seeds_per_prompt": 0}},
+            "generation.seeds_per_prompt: Input should be greater than or equal to 1",
+        ),
         ({"generation": {"height": 100}}, "generation.height: Value error, must be a multiple of 8, got 100"),
         ({"generation": {"seeds": 3}}, "generation.seeds: unknown field"),
-        ({"thresholds": {"replication": 0.8, "verbatim": 0.7}}, "thresholds: Value error, verbatim (0.7) must be >= replication (0.8)"),
+        (
+            {"thresholds": {"replication": 0.8, "verbatim": 0.7}},
+            "thresholds: Value error, verbatim (0.7) must be >= replication (0.8)",
+        ),
         ({"model": {}}, "model.id: required field is missing"),
         ({"name": "has space"}, "name: String should match pattern"),
         ({"model": {"id": "x", "dtype": "int8"}}, "model.dtype: Input should be"),

@@ -36,12 +36,21 @@ def test_noise_norm_is_recorded_without_extra_unet_calls(pipe):
     calls = []
     handle = pipe.unet.register_forward_hook(lambda m, a, o: calls.append(a[0].shape[0]))
     try:
-        plain = pipe(prompt=["a cat", "a dog"], num_inference_steps=4, guidance_scale=7.5, height=64, width=64,
-                     generator=[torch.Generator().manual_seed(s) for s in (1, 2)], output_type="np")
+        plain = pipe(
+            prompt=["a cat", "a dog"],
+            num_inference_steps=4,
+            guidance_scale=7.5,
+            height=64,
+            width=64,
+            generator=[torch.Generator().manual_seed(s) for s in (1, 2)],
+            output_type="np",
+        )
         n_plain = len(calls)
         rec = NoiseNormRecorder(pipe, steps=2)
         calls.clear()
-        out = sample(pipe, rec, ["a cat", "a dog"], [1, 2], GenerationConfig(**{**GEN.model_dump(), "noise_norm_steps": 2}))
+        out = sample(
+            pipe, rec, ["a cat", "a dog"], [1, 2], GenerationConfig(**{**GEN.model_dump(), "noise_norm_steps": 2})
+        )
         assert len(calls) == n_plain == 4  # one (batched uncond + text) UNet call per step, with or without the hook
         assert calls == [4, 4, 4, 4]
         assert rec.calls == 4 and len(rec.norms) == 2
@@ -54,7 +63,9 @@ def test_noise_norm_is_recorded_without_extra_unet_calls(pipe):
 
 def test_no_guidance_means_no_noise_norm(pipe):
     rec = NoiseNormRecorder(pipe, steps=1)
-    out = sample(pipe, rec, ["a cat"], [0], GenerationConfig(num_inference_steps=2, guidance_scale=1.0, height=64, width=64))
+    out = sample(
+        pipe, rec, ["a cat"], [0], GenerationConfig(num_inference_steps=2, guidance_scale=1.0, height=64, width=64)
+    )
     assert np.isnan(out.noise_norms).all()
     rec.close()
 
@@ -69,4 +80,6 @@ def test_model_fingerprint_follows_the_weights(demo_root, tmp_path):
     cfg = copy / "scheduler" / "scheduler_config.json"
     cfg.write_text(cfg.read_text().replace('"steps_offset": 1', '"steps_offset": 0'))
     assert model_fingerprint(ModelConfig(id=str(copy))) != a
-    assert model_fingerprint(ModelConfig(id="org/model", revision="abc")) != model_fingerprint(ModelConfig(id="org/model"))
+    assert model_fingerprint(ModelConfig(id="org/model", revision="abc")) != model_fingerprint(
+        ModelConfig(id="org/model")
+    )

@@ -32,7 +32,9 @@ def test_clip_checkpoint_file_path(demo_root):
     arch = demo_root / "tiny-arch.json"
     arch.write_text(json.dumps(json.loads(cfg_path.read_text())["model_cfg"]))
     open_clip.add_model_config(str(arch))
-    enc = ClipEncoder(ClipConfig(model="tiny-arch", pretrained=str(demo_root / "clip-tiny" / "open_clip_model.safetensors")))
+    enc = ClipEncoder(
+        ClipConfig(model="tiny-arch", pretrained=str(demo_root / "clip-tiny" / "open_clip_model.safetensors"))
+    )
     ref = ClipEncoder(ClipConfig(model=f"local-dir:{demo_root / 'clip-tiny'}", pretrained=None))
     np.testing.assert_allclose(enc.encode_texts(["x"]), ref.encode_texts(["x"]), atol=1e-6)
 

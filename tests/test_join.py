@@ -4,9 +4,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from raymem import join as joins
+from raymem.encoders import l2_normalize
 from raymem.errors import InputError
 from raymem.schema import embedding_array
-from raymem.encoders import l2_normalize
 
 
 def write_training(root, rng, sizes, dim=16, sscd_dim=8, with_meta=True):
@@ -18,10 +18,14 @@ def write_training(root, rng, sizes, dim=16, sscd_dim=8, with_meta=True):
         clip = l2_normalize(rng.standard_normal((size, dim)))
         sscd = l2_normalize(rng.standard_normal((size, sscd_dim)))
         tid = [f"t{start + i:06d}" for i in range(size)]
-        cols = {"train_id": tid, "clip_embedding": embedding_array(clip, dim), "sscd_embedding": embedding_array(sscd, sscd_dim)}
+        cols = {
+            "train_id": tid,
+            "clip_embedding": embedding_array(clip, dim),
+            "sscd_embedding": embedding_array(sscd, sscd_dim),
+        }
         if with_meta:
             cols["caption"] = [f"caption {t}" for t in tid]
-            cols["entities"] = pa.array([["e%d" % (i % 3)] for i in range(size)], pa.list_(pa.string()))
+            cols["entities"] = pa.array([[f"e{i % 3}"] for i in range(size)], pa.list_(pa.string()))
         pq.write_table(pa.table(cols), root / f"part-{n:03d}.parquet", row_group_size=37)
         ids += tid
         clips.append(clip)
@@ -69,7 +73,9 @@ def test_exact_topk_equals_numpy_across_files_and_batches(local_ray, tmp_path):
     qids = [f"q{i}" for i in range(23)]
     k = 7
     result = joins.nearest_neighbours(
-        training, {"units": joins.Queries(qids, {"clip": q_clip, "sscd": q_sscd})}, k,
+        training,
+        {"units": joins.Queries(qids, {"clip": q_clip, "sscd": q_sscd})},
+        k,
         batch_rows=64,  # many batches, boundaries inside files and across them
         actors=2,
     )
@@ -114,7 +120,10 @@ def test_inspect_training_errors(tmp_path):
     with pytest.raises(InputError, match="no .parquet files found"):
         joins.inspect_training(str(tmp_path / "none"), {})
     write_training(tmp_path / "t", rng, sizes=[5])
-    with pytest.raises(InputError, match=r"part-000.parquet: field 'clip_embedding': embedding dimension 16 does not match the scan's clip model \(512\)"):
+    with pytest.raises(
+        InputError,
+        match=r"part-000.parquet: field 'clip_embedding': embedding dimension 16 does not match the scan's clip model \(512\)",
+    ):
         joins.inspect_training(str(tmp_path / "t"), {"clip": 512})
     pq.write_table(pa.table({"train_id": ["a"], "caption": ["c"]}), tmp_path / "t" / "part-001.parquet")
     with pytest.raises(InputError, match=r"part-001.parquet: field 'clip_embedding': required column is missing"):
@@ -124,7 +133,9 @@ def test_inspect_training_errors(tmp_path):
         joins.inspect_training(str(tmp_path / "t"), {})
     empty = tmp_path / "empty"
     empty.mkdir()
-    pq.write_table(pa.table({"train_id": pa.array([], pa.string()), "clip_embedding": embedding_array(np.zeros((0, 4)), 4)}),
-                   empty / "a.parquet")
+    pq.write_table(
+        pa.table({"train_id": pa.array([], pa.string()), "clip_embedding": embedding_array(np.zeros((0, 4)), 4)}),
+        empty / "a.parquet",
+    )
     with pytest.raises(InputError, match="the training table has no rows"):
         joins.inspect_training(str(empty), {})

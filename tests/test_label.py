@@ -18,18 +18,31 @@ def unit_vectors(n, dim=8, seed=0):
 
 def probes(entity="X", entity_score=0.30, null_score=0.20, explicit=(), implicit=()):
     """CLIP probe scores; an element's score is entity_score + delta (delta > 0: shown)."""
-    out = [{"kind": "prompt", "element": "", "text": "p", "score": 0.3},
-           {"kind": "entity", "element": entity, "text": "e", "score": entity_score},
-           {"kind": "entity_null", "element": "a thing", "text": "n", "score": null_score}]
+    out = [
+        {"kind": "prompt", "element": "", "text": "p", "score": 0.3},
+        {"kind": "entity", "element": entity, "text": "e", "score": entity_score},
+        {"kind": "entity_null", "element": "a thing", "text": "n", "score": null_score},
+    ]
     out += [{"kind": "explicit", "element": a, "text": a, "score": entity_score + d} for a, d in explicit]
     out += [{"kind": "implicit", "element": a, "text": a, "score": entity_score + d} for a, d in implicit]
     return out
 
 
 def gen(uid, prompt_id, seed, emb, **kw):
-    row = {"scan_id": "s", "unit_id": uid, "prompt_id": prompt_id, "entity": "X", "seed": seed, "status": "ok",
-           "error": None, "sscd_embedding": emb, "clip_embedding": emb, "clip_prompt_score": 0.3,
-           "noise_norm": 1.0, "probes": probes()}
+    row = {
+        "scan_id": "s",
+        "unit_id": uid,
+        "prompt_id": prompt_id,
+        "entity": "X",
+        "seed": seed,
+        "status": "ok",
+        "error": None,
+        "sscd_embedding": emb,
+        "clip_embedding": emb,
+        "clip_prompt_score": 0.3,
+        "noise_norm": 1.0,
+        "probes": probes(),
+    }
     row.update(kw)
     return row
 
@@ -100,8 +113,10 @@ def test_entity_rendered_without_copying_is_ME():
 
 def test_missing_explicit_element_or_entity_is_none():
     e = unit_vectors(2)
-    rows = [gen("a", "p", 0, e[0], probes=probes(explicit=[("hat", -0.05)])),
-            gen("b", "q", 0, e[1], probes=probes(entity_score=0.2, null_score=0.3))]
+    rows = [
+        gen("a", "p", 0, e[0], probes=probes(explicit=[("hat", -0.05)])),
+        gen("b", "q", 0, e[1], probes=probes(entity_score=0.2, null_score=0.3)),
+    ]
     out = by_unit(label_units(rows, {"a": nbrs(0.1), "b": nbrs(0.1)}, BG, T))
     assert out["a"]["label"] == "none" and "explicit_missing:hat" in out["a"]["flags"]
     assert out["b"]["label"] == "none" and "entity_rendered" not in out["b"]["flags"]
@@ -110,8 +125,9 @@ def test_missing_explicit_element_or_entity_is_none():
 def test_consistent_unrequested_associated_element_is_MI():
     e = unit_vectors(4)
     # 'minarets' shown in 3 of 4 seeds (>= consistency 0.5) -> MI in those three; u3 falls back to ME.
-    rows = [gen(f"u{i}", "p", i, e[i], probes=probes(implicit=[("minarets", 0.05 if i < 3 else -0.05)]))
-            for i in range(4)]
+    rows = [
+        gen(f"u{i}", "p", i, e[i], probes=probes(implicit=[("minarets", 0.05 if i < 3 else -0.05)])) for i in range(4)
+    ]
     out = by_unit(label_units(rows, {f"u{i}": nbrs(0.1) for i in range(4)}, BG, T))
     assert [out[f"u{i}"]["label"] for i in range(4)] == ["MI", "MI", "MI", "ME"]
     assert "'minarets'" in out["u0"]["reasons"] and "75% of seeds" in out["u0"]["reasons"]
@@ -119,8 +135,9 @@ def test_consistent_unrequested_associated_element_is_MI():
 
 def test_rare_implied_element_is_not_MI():
     e = unit_vectors(4)
-    rows = [gen(f"u{i}", "p", i, e[i], probes=probes(implicit=[("minarets", 0.05 if i == 0 else -0.05)]))
-            for i in range(4)]
+    rows = [
+        gen(f"u{i}", "p", i, e[i], probes=probes(implicit=[("minarets", 0.05 if i == 0 else -0.05)])) for i in range(4)
+    ]
     out = by_unit(label_units(rows, {f"u{i}": nbrs(0.1) for i in range(4)}, BG, T))
     assert out["u0"]["label"] == "ME" and "implicit:minarets" in out["u0"]["flags"]
 
@@ -134,7 +151,9 @@ def test_MU_beats_MI():
 
 def test_nothing_is_none():
     e = unit_vectors(1)
-    out = label_units([gen("u", "p", 0, e[0], probes=probes(entity_score=0.1, null_score=0.3))], {"u": nbrs(0.05)}, BG, T)[0]
+    out = label_units(
+        [gen("u", "p", 0, e[0], probes=probes(entity_score=0.1, null_score=0.3))], {"u": nbrs(0.05)}, BG, T
+    )[0]
     assert out["label"] == "none" and out["flags"] == []
 
 
@@ -154,8 +173,10 @@ def test_consistency_and_memorized_prompt():
 
 def test_failed_units_keep_status_and_get_no_label():
     e = unit_vectors(1)
-    rows = [gen("ok", "p", 0, e[0]), gen("bad", "p", 1, None, status="failed", error="RuntimeError: boom",
-                                         probes=None, noise_norm=None)]
+    rows = [
+        gen("ok", "p", 0, e[0]),
+        gen("bad", "p", 1, None, status="failed", error="RuntimeError: boom", probes=None, noise_norm=None),
+    ]
     out = by_unit(label_units(rows, {"ok": nbrs(0.1)}, BG, T))
     assert out["bad"]["label"] is None and out["bad"]["status"] == "failed"
     assert "RuntimeError: boom" in out["bad"]["reasons"]

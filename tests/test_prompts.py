@@ -14,8 +14,14 @@ def write_jsonl(path, rows):
 
 
 GOOD = [
-    {"prompt_id": "a", "prompt": "a photo of X", "entity": "X", "entity_class": "a man",
-     "explicit_elements": ["hat"], "implicit_elements": ["beard", "hat"]},
+    {
+        "prompt_id": "a",
+        "prompt": "a photo of X",
+        "entity": "X",
+        "entity_class": "a man",
+        "explicit_elements": ["hat"],
+        "implicit_elements": ["beard", "hat"],
+    },
     {"prompt_id": 2, "prompt": "Y at night", "entity": "Y"},
 ]
 
@@ -54,8 +60,14 @@ def test_csv_semicolon_lists(tmp_path):
         ([{**GOOD[0], "prompt": None}], "row 1, field 'prompt': value is missing"),
         ([GOOD[0], {**GOOD[1], "prompt": 42}], "row 2, field 'prompt': expected a string, got int"),
         ([{**GOOD[0], "entity": ["X"]}], "row 1, field 'entity': expected a string, got list"),
-        ([{**GOOD[0], "explicit_elements": "hat"}], "row 1, field 'explicit_elements': expected a list of strings, got str"),
-        ([{**GOOD[0], "implicit_elements": ["ok", 3]}], "row 1, field 'implicit_elements': expected a list of strings, found int"),
+        (
+            [{**GOOD[0], "explicit_elements": "hat"}],
+            "row 1, field 'explicit_elements': expected a list of strings, got str",
+        ),
+        (
+            [{**GOOD[0], "implicit_elements": ["ok", 3]}],
+            "row 1, field 'implicit_elements': expected a list of strings, found int",
+        ),
         ([{**GOOD[0], "prompt_id": 1.5}], "row 1, field 'prompt_id': expected a string, got float"),
         ([{"prompt_id": "a", "prompt": "p"}], "field 'entity': required column is missing"),
     ],
@@ -83,7 +95,7 @@ def test_csv_problems(tmp_path):
     path.write_text("prompt_id,prompt,entity\na,p,e,extra\n")
     with pytest.raises(InputError, match=r"p.csv: row 1: more values than header columns"):
         read_prompts(str(path))
-    path.write_text("prompt_id,prompt,entity,explicit_elements\na,p,e,[\"x\"\n")
+    path.write_text('prompt_id,prompt,entity,explicit_elements\na,p,e,["x"\n')
     with pytest.raises(InputError, match=r"row 1, field 'explicit_elements': invalid JSON list"):
         read_prompts(str(path))
 

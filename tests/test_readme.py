@@ -19,15 +19,23 @@ def config_fields(model, prefix=""):
 
 
 def test_every_config_field_is_documented():
-    missing = [f for f in config_fields(ScanConfig) if f"`{f}`" not in README and not re.search(
-        rf"`{re.escape(f.rsplit('.', 1)[0])}\.\w+`, `{re.escape(f)}`", README)]
+    missing = [
+        f
+        for f in config_fields(ScanConfig)
+        if f"`{f}`" not in README
+        and not re.search(rf"`{re.escape(f.rsplit('.', 1)[0])}\.\w+`, `{re.escape(f)}`", README)
+    ]
     assert missing == []
 
 
 def test_every_output_column_is_documented():
     tables = {
-        "generations": generations_schema(4, 4), "texts": texts_schema(4), "neighbors": NEIGHBORS,
-        "labels": LABELS_TABLE, "prompt_tallies": PROMPT_TALLIES, "entity_tallies": ENTITY_TALLIES,
+        "generations": generations_schema(4, 4),
+        "texts": texts_schema(4),
+        "neighbors": NEIGHBORS,
+        "labels": LABELS_TABLE,
+        "prompt_tallies": PROMPT_TALLIES,
+        "entity_tallies": ENTITY_TALLIES,
     }
     for name, schema in tables.items():
         row = next(line for line in README.splitlines() if line.startswith(f"| `{name}` |"))

@@ -4,16 +4,30 @@ from raymem.reduce import entity_tallies, prompt_tallies
 
 
 def lab(uid, prompt, entity, label, status="ok", presence=0.9, memorized=False, flags=("entity_rendered",), score=0.2):
-    return {"scan_id": "s", "unit_id": uid, "prompt_id": prompt, "entity": entity, "label": label if status == "ok" else None,
-            "status": status, "consistency": 0.5, "memorized_prompt": memorized, "noise_norm": 2.0,
-            "replication_score": score, "entity_presence": presence, "flags": list(flags)}
+    return {
+        "scan_id": "s",
+        "unit_id": uid,
+        "prompt_id": prompt,
+        "entity": entity,
+        "label": label if status == "ok" else None,
+        "status": status,
+        "consistency": 0.5,
+        "memorized_prompt": memorized,
+        "noise_norm": 2.0,
+        "replication_score": score,
+        "entity_presence": presence,
+        "flags": list(flags),
+    }
 
 
 def test_prompt_and_entity_tallies():
     labels = [
-        lab("1", "p1", "A", "MU", memorized=True, score=0.9), lab("2", "p1", "A", "ME", memorized=True),
-        lab("3", "p1", "A", None, status="failed"), lab("4", "p2", "A", "MI"),
-        lab("5", "p3", "B", "none", presence=0.1, flags=()), lab("6", "p3", "B", "none", presence=0.2, flags=()),
+        lab("1", "p1", "A", "MU", memorized=True, score=0.9),
+        lab("2", "p1", "A", "ME", memorized=True),
+        lab("3", "p1", "A", None, status="failed"),
+        lab("4", "p2", "A", "MI"),
+        lab("5", "p3", "B", "none", presence=0.1, flags=()),
+        lab("6", "p3", "B", "none", presence=0.2, flags=()),
     ]
     pt = {r["prompt_id"]: r for r in prompt_tallies(labels)}
     assert pt["p1"]["n_units"] == 3 and pt["p1"]["n_scored"] == 2 and pt["p1"]["n_failed"] == 1

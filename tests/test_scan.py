@@ -42,8 +42,14 @@ def ray_two_gpus():
 
         diffusion.load_pipeline = load
 
-    ray.init(address="local", num_cpus=3, num_gpus=2, include_dashboard=False, logging_level="WARNING",
-             runtime_env={"worker_process_setup_hook": inject_fault})
+    ray.init(
+        address="local",
+        num_cpus=3,
+        num_gpus=2,
+        include_dashboard=False,
+        logging_level="WARNING",
+        runtime_env={"worker_process_setup_hook": inject_fault},
+    )
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()
@@ -132,11 +138,15 @@ def test_outputs_are_hive_partitioned_and_read_by_duckdb(first_scan):
         f"group by all"
     ).fetchall()
     assert rows == [("sd-tiny", __import__("datetime").date(2026, 11, 28), 28, 7, 64)]
-    by_label = dict(con.sql(
-        f"select label, count(*) from read_parquet('{root}/labels/**/*.parquet') where status='ok' group by label"
-    ).fetchall())
+    by_label = dict(
+        con.sql(
+            f"select label, count(*) from read_parquet('{root}/labels/**/*.parquet') where status='ok' group by label"
+        ).fetchall()
+    )
     assert sum(by_label.values()) == 24
-    ent = con.sql(f"select entity, n_units from read_parquet('{root}/entity_tallies/**/*.parquet') order by entity").fetchall()
+    ent = con.sql(
+        f"select entity, n_units from read_parquet('{root}/entity_tallies/**/*.parquet') order by entity"
+    ).fetchall()
     assert dict(ent)["Old Mill"] == 8
     manifest = json.loads((root / "manifests" / f"{result.scan_id}.json").read_text())
     assert manifest["status"] == "complete" and manifest["counts"]["units"] == 28
@@ -187,12 +197,17 @@ def test_dimension_mismatch_found_after_generation_publishes_nothing(ray_two_gpu
 
     train = tmp_path / "train"
     train.mkdir()
-    pq.write_table(pa.table({"train_id": ["a", "b"], "clip_embedding": embedding_array(np.eye(2, 16), 16)}),
-                   train / "part-0.parquet")
+    pq.write_table(
+        pa.table({"train_id": ["a", "b"], "clip_embedding": embedding_array(np.eye(2, 16), 16)}),
+        train / "part-0.parquet",
+    )
     base = scan_config("out-dim")
     cfg = parse_config({**base.model_dump(mode="json"), "training": {"embeddings": str(train)}})
-    with pytest.raises(InputError, match=r"part-0.parquet: field 'clip_embedding': embedding dimension 16 does not "
-                                         r"match the scan's clip model \(64\)"):
+    with pytest.raises(
+        InputError,
+        match=r"part-0.parquet: field 'clip_embedding': embedding dimension 16 does not "
+        r"match the scan's clip model \(64\)",
+    ):
         run_scan(cfg)
     root = Path(cfg.output.uri)
     manifest = json.loads((root / "manifests" / f"{cfg.scan_id}.json").read_text())
