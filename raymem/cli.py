@@ -89,6 +89,32 @@ def cmd_validate(args) -> int:
     return 0
 
 
+def cmd_calibrate(args) -> int:
+    from raymem.calibrate import fit, load_evidence, precision_recall, read_pilot, report, thresholds_yaml
+    from raymem.config import load_config
+
+    cfg = load_config(args.config)
+    scan_id = args.scan_id or cfg.scan_id
+    evidence = load_evidence(cfg.output.uri, scan_id)
+    pilot = read_pilot(args.pilot, evidence)
+    before = precision_recall(evidence.label(cfg.thresholds), pilot)
+    fitted, met = fit(evidence, pilot, cfg.thresholds, args.target_precision)
+    after = precision_recall(evidence.label(fitted), pilot)
+    print(f"scan {scan_id}: {len(pilot)} pilot images, target precision {args.target_precision}")
+    print(report(before, after))
+    for category, ok in met.items():
+        if not ok:
+            print(f"warning: target precision not reached for {category}; kept the most precise value")
+    text = thresholds_yaml(fitted)
+    print("\nfitted thresholds:\n" + text)
+    if args.write:
+        from pathlib import Path
+
+        Path(args.write).write_text(text)
+        print(f"written to {args.write}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="raymem", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -103,6 +129,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=DEFAULT_DEMO_CONFIG)
     p.add_argument("--rebuild", action="store_true", help="rebuild the demo assets even if present")
     p.set_defaults(fn=cmd_demo)
+
+    p = sub.add_parser("calibrate", help="fit the labeler's thresholds on a human-labelled pilot set")
+    p.add_argument("config", help="the config of the scan the pilot images come from")
+    p.add_argument("--pilot", required=True, help="Parquet/CSV/JSONL with unit_id (or image_uri) and label")
+    p.add_argument("--target-precision", type=float, default=0.9)
+    p.add_argument("--scan-id", help="default: the config's scan id (today's date unless output.scan_date)")
+    p.add_argument("--write", help="write the fitted `thresholds:` block to this YAML file")
+    p.set_defaults(fn=cmd_calibrate)
 
     p = sub.add_parser("validate", help="check a config, its prompt set and training table without running")
     p.add_argument("config")

@@ -105,6 +105,23 @@ class ThresholdsConfig(_Strict):
         description="CLIP prompt score below which the entity counts as not rendered, when the prompt set "
         "gives no class noun (LAION's ViT-B/32 filter; recalibrate for other CLIP models)",
     )
+    null_z: float = Field(
+        1.645,
+        description="z-score over the null prompt's images above which the entity is rendered / an "
+        "unprompted element is shown beyond what the class noun alone gives (one-sided 95 %)",
+    )
+    pixel_l2: float = Field(0.15, gt=0, description="Carlini's tiled l2 (max over tiles) for a pixel-level copy")
+    template_tiles: float = Field(
+        0.5, gt=0, le=1, description="share of tiles within pixel_l2 for a template copy (Webster's TV)"
+    )
+    min_lift: float = Field(2.0, ge=1, description="lift P(a|e)/P(a) in training captions for an implied element")
+    min_support: int = Field(50, ge=1, description="training images of e mentioning a, for an implied element")
+    instance_support: int = Field(
+        10,
+        ge=2,
+        description="an unprompted element seen with fewer images of e (and never without e) is "
+        "instance-specific: shown, it is MU",
+    )
     noise_norm: float | None = Field(
         None,
         ge=0,
@@ -117,6 +134,20 @@ class ThresholdsConfig(_Strict):
         if self.verbatim < self.replication:
             raise ValueError(f"verbatim ({self.verbatim}) must be >= replication ({self.replication})")
         return self
+
+
+class SignalsConfig(_Strict):
+    null_seeds: int = Field(
+        4,
+        ge=0,
+        le=1000,
+        description="images per prompt of its null (entity replaced by entity_class), the "
+        "distribution entity and element presence are calibrated against; 0 disables the calibration",
+    )
+    mine_elements: bool = Field(True, description="mine implied/instance elements from training captions")
+    mined_per_entity: int = Field(5, ge=0, le=50, description="mined elements kept per entity and kind")
+    pixel_size: int = Field(256, ge=16, le=2048, description="side images are resized to for tiled l2")
+    pixel_tiles: int = Field(4, ge=1, le=32, description="tiles per side for tiled l2")
 
 
 class OutputConfig(_Strict):
@@ -149,6 +180,7 @@ class ScanConfig(_Strict):
     training: TrainingConfig
     join: JoinConfig = JoinConfig()
     thresholds: ThresholdsConfig = ThresholdsConfig()
+    signals: SignalsConfig = SignalsConfig()
     output: OutputConfig
     resources: ResourcesConfig = ResourcesConfig()
     ray: RayConfig = RayConfig()

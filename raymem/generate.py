@@ -1,10 +1,11 @@
 """Generate + embed: the GPU stage.
 
-The driver expands prompts x seeds into `Unit`s with deterministic ids and groups them into work chunks.
-`GenerateEmbed` is a Ray Data callable class (one actor per GPU, or CPU actors on a CPU-only cluster)
-that, per chunk, samples the images, writes them as PNG, embeds them with open_clip and SSCD, scores the
-prompt's probe texts, and writes one Parquet file per chunk into the unit store. A unit that raises is
-retried alone and, if it still fails, recorded with status 'failed' and its error -- never dropped.
+The driver expands prompts x seeds (and each prompt's null, see raymem.probes) into `Unit`s with
+deterministic ids and groups them into work chunks. `GenerateEmbed` is a Ray Data callable class (one
+actor per GPU, or CPU actors on a CPU-only cluster) that, per chunk, samples the images, writes them as
+PNG, embeds them with open_clip and SSCD, encodes the chunk's probe texts with the same CLIP model, and
+writes one Parquet file per chunk into the unit store. A unit that raises is retried alone and, if it
+still fails, recorded with status 'failed' and its error -- never dropped.
 """
 
 from __future__ import annotations
@@ -25,23 +26,28 @@ import pyarrow as pa
 from raymem import uri as uris
 from raymem.config import ScanConfig
 from raymem.outputs import parquet_bytes
-from raymem.probes import probes_for
+from raymem.probes import null_prompt
 from raymem.prompts import Prompt
-from raymem.schema import STATUS_FAILED, STATUS_OK, embedding_array, generations_schema, texts_schema
+from raymem.schema import STATUS_FAILED, STATUS_OK, TEXT_CACHE, embedding_array, generations_schema
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class Unit:
+    """One image to generate: a prompt (or its null) and a seed."""
+
     unit_id: str
-    prompt_id: str
-    prompt: str
+    prompt_id: str  # "<parent>::null" for null units
+    parent_prompt_id: str
+    role: str  # ROLE_SCAN | ROLE_NULL
+    prompt: str  # the text the pipeline is prompted with
     entity: str
-    entity_class: str
-    explicit_elements: tuple[str, ...]
-    implicit_elements: tuple[str, ...]
     seed: int
+
+
+ROLE_SCAN = "scan"
+ROLE_NULL = "null"  # the prompt with its entity replaced by the class noun: the labeler's null distribution
 
 
 def unit_fingerprint(cfg: ScanConfig, model_fingerprint: str) -> str:
@@ -56,38 +62,46 @@ def unit_fingerprint(cfg: ScanConfig, model_fingerprint: str) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
-def make_unit_id(fingerprint: str, prompt: Prompt, seed: int) -> str:
-    key = json.dumps([fingerprint, asdict(prompt), int(seed)], sort_keys=True)
+def make_unit_id(fingerprint: str, role: str, prompt_id: str, prompt: str, seed: int) -> str:
+    """Deterministic: the same model, settings, prompt and seed always give the same id (and image)."""
+    key = json.dumps([fingerprint, role, prompt_id, prompt, int(seed)])
     return hashlib.sha256(key.encode()).hexdigest()[:24]
 
 
-def expand_units(prompts: list[Prompt], cfg: ScanConfig, fingerprint: str) -> list[Unit]:
+def expand_units(prompts: list[Prompt], cfg: ScanConfig, fingerprint: str, null_seeds: int = 0) -> list[Unit]:
+    """prompt x seed units, plus `null_seeds` units of each prompt's null (when it has a class noun)."""
     g = cfg.generation
     units = []
     for p in prompts:
         for seed in range(g.seed_base, g.seed_base + g.seeds_per_prompt):
-            units.append(
-                Unit(
-                    unit_id=make_unit_id(fingerprint, p, seed),
-                    prompt_id=p.prompt_id,
-                    prompt=p.prompt,
-                    entity=p.entity,
-                    entity_class=p.entity_class,
-                    explicit_elements=p.explicit_elements,
-                    implicit_elements=p.implicit_elements,
-                    seed=seed,
-                )
-            )
+            uid = make_unit_id(fingerprint, ROLE_SCAN, p.prompt_id, p.prompt, seed)
+            units.append(Unit(uid, p.prompt_id, p.prompt_id, ROLE_SCAN, p.prompt, p.entity, seed))
+        if p.entity_class and null_seeds:
+            text = null_prompt(p.prompt, p.entity, p.entity_class)
+            pid = f"{p.prompt_id}::null"
+            for seed in range(g.seed_base, g.seed_base + null_seeds):
+                uid = make_unit_id(fingerprint, ROLE_NULL, pid, text, seed)
+                units.append(Unit(uid, pid, p.prompt_id, ROLE_NULL, text, p.entity, seed))
     return units
 
 
-def work_chunks(units: list[Unit], batch_size: int) -> list[dict[str, str]]:
-    """Fixed chunks of units (the pipeline batch), so a unit's batch-mates never depend on Ray's blocks."""
-    chunks = []
+def work_chunks(units: list[Unit], batch_size: int, texts_by_prompt: dict[str, list[str]]) -> list[dict[str, str]]:
+    """Fixed chunks of units (the pipeline batch), so a unit's batch-mates never depend on Ray's blocks.
+
+    Each chunk also carries the probe texts of its prompts that the text cache lacks; the actor, which
+    has the CLIP model loaded anyway, encodes them. A text goes with the first chunk that needs it.
+    """
+    chunks, sent = [], set()
     for start in range(0, len(units), batch_size):
         part = units[start : start + batch_size]
         key = hashlib.sha256("".join(u.unit_id for u in part).encode()).hexdigest()[:16]
-        chunks.append({"chunk_id": key, "units": json.dumps([asdict(u) for u in part])})
+        texts = []
+        for u in part:
+            for text in texts_by_prompt.get(u.parent_prompt_id, []):
+                if text not in sent:
+                    sent.add(text)
+                    texts.append(text)
+        chunks.append({"chunk_id": key, "units": json.dumps([asdict(u) for u in part]), "texts": json.dumps(texts)})
     return chunks
 
 
@@ -114,13 +128,13 @@ def pick_device():
 class GenerateEmbed:
     """Ray Data callable class: work chunks in, one summary row per unit out."""
 
-    def __init__(self, cfg: ScanConfig, scan_id: str, store_uri: str):
+    def __init__(self, cfg: ScanConfig, scan_id: str, store_uri: str, text_cache_uri: str):
         import torch
 
         from raymem.diffusion import NoiseNormRecorder, load_pipeline
         from raymem.encoders import ClipEncoder, CopyDetector
 
-        self.cfg, self.scan_id, self.store_uri = cfg, scan_id, store_uri
+        self.cfg, self.scan_id, self.store_uri, self.text_cache_uri = cfg, scan_id, store_uri, text_cache_uri
         self.device = pick_device()
         if self.device.type == "cpu":
             torch.set_num_threads(max(1, int(cfg.resources.cpus_per_actor)))
@@ -134,26 +148,22 @@ class GenerateEmbed:
         self.schema = generations_schema(self.clip.dim, self.sscd.dim if self.sscd else None)
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
         self.visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
-        self._text_cache: dict[str, tuple[list, np.ndarray]] = {}
+        self._prompt_embeddings: dict[str, np.ndarray] = {}
         self._io = concurrent.futures.ThreadPoolExecutor(max_workers=max(2, int(cfg.resources.cpus_per_actor)))
         log.info("GenerateEmbed on %s (CUDA_VISIBLE_DEVICES=%r)", self.device, self.visible)
 
     # -- per chunk -----------------------------------------------------------------------------
     def __call__(self, batch: pa.Table) -> pa.Table:
         summaries = []
-        for chunk_id, units_json in zip(batch.column("chunk_id").to_pylist(), batch.column("units").to_pylist()):
-            units = [
-                Unit(
-                    **{
-                        **u,
-                        "explicit_elements": tuple(u["explicit_elements"]),
-                        "implicit_elements": tuple(u["implicit_elements"]),
-                    }
-                )
-                for u in json.loads(units_json)
-            ]
+        for chunk_id, units_json, texts_json in zip(
+            batch.column("chunk_id").to_pylist(), batch.column("units").to_pylist(), batch.column("texts").to_pylist()
+        ):
+            units = [Unit(**u) for u in json.loads(units_json)]
             rows = self._run_chunk(units)
-            self._write(chunk_id, units, rows)
+            suffix = f"{chunk_id}-{int(time.time() * 1e3)}-{os.getpid()}"
+            self._write_texts(suffix, json.loads(texts_json))
+            gen_uri = uris.join(self.store_uri, "generations", f"part-{suffix}.parquet")
+            uris.write_bytes_atomic(gen_uri, parquet_bytes(self._table(rows)))
             summaries += [{"unit_id": r["unit_id"], "status": r["status"], "error": r["error"]} for r in rows]
         return pa.Table.from_pylist(
             summaries, schema=pa.schema([("unit_id", pa.string()), ("status", pa.string()), ("error", pa.string())])
@@ -188,11 +198,10 @@ class GenerateEmbed:
             rows += self._embed_rows(group, result, gen_seconds)
         return rows
 
-    def _probes(self, u: Unit):
-        if u.prompt_id not in self._text_cache:
-            probes = probes_for(u.prompt, u.entity, u.entity_class, u.explicit_elements, u.implicit_elements)
-            self._text_cache[u.prompt_id] = (probes, self.clip.encode_texts([p.text for p in probes]))
-        return self._text_cache[u.prompt_id]
+    def _prompt_embedding(self, text: str) -> np.ndarray:
+        if text not in self._prompt_embeddings:
+            self._prompt_embeddings[text] = self.clip.encode_texts([text])[0]
+        return self._prompt_embeddings[text]
 
     def _save_image(self, unit: Unit, pixels: np.ndarray) -> str:
         uri = image_uri(self.cfg.output.uri, self.cfg.model_name, unit.unit_id)
@@ -214,8 +223,7 @@ class GenerateEmbed:
             return [self._failed_row(u, err, gen_seconds) for u in units]
         for i, u in enumerate(units):
             try:
-                probes, text_emb = self._probes(u)
-                scores = text_emb @ clip_emb[i]
+                prompt_score = float(self._prompt_embedding(u.prompt) @ clip_emb[i])
                 uri = saves[i].result()
                 rows.append(
                     self._row(
@@ -224,11 +232,7 @@ class GenerateEmbed:
                         image_uri=uri,
                         clip=clip_emb[i],
                         sscd=None if sscd_emb is None else sscd_emb[i],
-                        clip_prompt_score=float(scores[0]),
-                        probes=[
-                            {"kind": p.kind, "element": p.element, "text": p.text, "score": float(s)}
-                            for p, s in zip(probes, scores)
-                        ],
+                        clip_prompt_score=prompt_score,
                         noise_norm=float(samples.noise_norms[i]),
                         generate_seconds=gen_seconds,
                         embed_seconds=embed_seconds,
@@ -248,6 +252,8 @@ class GenerateEmbed:
             "model_id": self.cfg.model.id,
             "unit_id": u.unit_id,
             "prompt_id": u.prompt_id,
+            "parent_prompt_id": u.parent_prompt_id,
+            "role": u.role,
             "prompt": u.prompt,
             "entity": u.entity,
             "seed": u.seed,
@@ -257,7 +263,6 @@ class GenerateEmbed:
             "clip": None,
             "sscd": None,
             "clip_prompt_score": None,
-            "probes": None,
             "noise_norm": None,
             "device": str(self.device),
             "worker": self.worker,
@@ -293,33 +298,38 @@ class GenerateEmbed:
                 columns[name] = pa.array([r[name] for r in rows], type=field.type)
         return pa.table(columns, schema=self.schema)
 
-    def _write(self, chunk_id: str, units: list[Unit], rows: list[dict]) -> None:
-        suffix = f"{chunk_id}-{int(time.time() * 1e3)}-{os.getpid()}"
-        gen_uri = uris.join(self.store_uri, "generations", f"part-{suffix}.parquet")
-        uris.write_bytes_atomic(gen_uri, parquet_bytes(self._table(rows)))
-        texts = []
-        seen = set()
-        for u in units:
-            if u.prompt_id in seen:
-                continue
-            seen.add(u.prompt_id)
-            probes, emb = self._probes(u)
-            for p, e in zip(probes, emb):
-                texts.append((u.prompt_id, u.unit_id, p.kind, p.element, p.text, e))
-        schema = texts_schema(self.clip.dim)
-        table = pa.table(
-            {
-                "scan_id": [self.scan_id] * len(texts),
-                "prompt_id": [t[0] for t in texts],
-                "source_unit_id": [t[1] for t in texts],
-                "kind": [t[2] for t in texts],
-                "element": [t[3] for t in texts],
-                "text": [t[4] for t in texts],
-                "clip_embedding": embedding_array(np.stack([t[5] for t in texts]), self.clip.dim),
-            },
-            schema=schema,
-        )
-        uris.write_bytes_atomic(uris.join(self.store_uri, "texts", f"part-{suffix}.parquet"), parquet_bytes(table))
+    def _write_texts(self, suffix: str, texts: list[str]) -> None:
+        if not texts:
+            return
+        table = text_cache_table(texts, self.clip.encode_texts(texts), self.clip.dim)
+        uris.write_bytes_atomic(uris.join(self.text_cache_uri, f"part-{suffix}.parquet"), parquet_bytes(table))
+
+
+def text_cache_table(texts: list[str], embeddings: np.ndarray, dim: int) -> pa.Table:
+    return pa.table(
+        {
+            "text": pa.array(texts, pa.string()),
+            "clip_embedding": embedding_array(embeddings, dim),
+            "computed_at": pa.array([int(time.time() * 1e6)] * len(texts), pa.timestamp("us", tz="UTC")),
+        },
+        schema=TEXT_CACHE(dim),
+    )
+
+
+def encode_missing_texts(cfg: ScanConfig, texts: list[str], text_cache_uri: str) -> None:
+    """Encode probe texts no generation chunk carried (e.g. every unit was reused but a probe changed)."""
+    import ray
+
+    @ray.remote(num_cpus=1)
+    def encode(cfg: ScanConfig, texts: list[str], target: str) -> None:
+        from raymem.encoders import ClipEncoder
+
+        clip = ClipEncoder(cfg.embedding.clip)
+        table = text_cache_table(texts, clip.encode_texts(texts), clip.dim)
+        uris.write_bytes_atomic(target, parquet_bytes(table))
+
+    target = uris.join(text_cache_uri, f"part-fill-{int(time.time() * 1e3)}-{os.getpid()}.parquet")
+    ray.get(encode.remote(cfg, texts, target))
 
 
 def _png_bytes(pixels: np.ndarray) -> bytes:

@@ -1,28 +1,41 @@
-"""The labeler: every generated image gets MU, MI, ME or none, with the flags and numbers behind it.
+"""The labeler: every generated image gets MU, MI, ME or none, with every flag and the numbers behind it.
 
-Rules (see docs/labeler.md; thresholds live in `thresholds:` of the config), primary label by
-precedence MU > MI > ME > none:
-  MU  replication: top-1 copy-detection (SSCD) similarity R >= replication, R above the train-train
-      background p95, and at most `eidetic_k` training images above `replication` (a near-unique image
-      was copied). Subtype verbatim if R >= verbatim, else partial.
-  MI  an implied element (listed in the prompt set, not named in the prompt) is shown in this image
-      and in at least `consistency` of the prompt's seeds, with no replication.
-  ME  the named entity is rendered (beyond its class noun, or above the CLIP floor when no class
-      noun is given) and every explicit element is shown, with no replication.
-Per prompt, `consistency` is the share of its seeds in the largest near-duplicate cluster (copy
-similarity >= cluster_similarity); `memorized_prompt` when that share reaches `consistency`.
+Primary label by precedence MU > MI > ME > none (docs/labeler.md has the sources of every rule):
+
+  MU  (a) replication: top-1 copy-detection (SSCD) similarity R >= `replication`, R above the
+          train-train background p95, and at most `eidetic_k` training images above `replication`
+          (one image was copied, not a common look). Subtype: `verbatim` when R >= `verbatim` or the
+          tiled pixel l2 to that image is <= `pixel_l2`; `template` when only part of the tiles match
+          (Webster's TV); else `partial`. Webster's MV/RV: the copied image's caption is / is not the
+          prompt.
+      (b) instance element: an unprompted element that the training captions tie to fewer than
+          `instance_support` images of the entity (and to no other image) is shown.
+  MI  an implied element (listed in the prompt set, or mined from captions with lift >= `min_lift`
+      and support >= `min_support`) is shown in this image and in >= `consistency` of the seeds.
+  ME  the entity is rendered and every explicit element is shown, with no replication.
+
+"Shown" is CLIP zero-shot (two-way softmax P >= `element_presence`), and for the entity and for
+unprompted elements also calibrated against the prompt's null images (entity replaced by its class
+noun): the logit must exceed the null's mean by `null_z` standard deviations. Without null images
+the zero-shot test alone is used and the reasons say "uncalibrated".
 """
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 from dataclasses import dataclass
 
 import numpy as np
 
 from raymem.config import ThresholdsConfig
-from raymem.probes import two_way_probability
+from raymem.mining import EntityAssociations
+from raymem.pixels import PixelEvidence
+from raymem.probes import Probe, sigmoid, two_way_logit
 from raymem.schema import STATUS_OK
+
+ROLE_NULL = "null"
+SIGMA_FLOOR = 0.5  # logits; keeps a near-constant null from turning noise into huge z-scores
 
 
 @dataclass(frozen=True)
@@ -32,6 +45,18 @@ class Background:
     space: str
     p95: float
     n: int
+
+
+@dataclass(frozen=True)
+class PromptContext:
+    """What the labeler knows about a prompt besides its images."""
+
+    prompt_id: str
+    prompt: str
+    entity: str
+    entity_class: str
+    probes: tuple[Probe, ...]
+    associations: EntityAssociations | None = None
 
 
 def largest_cluster(embeddings: np.ndarray, threshold: float) -> np.ndarray:
@@ -53,51 +78,63 @@ def largest_cluster(embeddings: np.ndarray, threshold: float) -> np.ndarray:
                     component[nxt] = start
                     stack.append(nxt)
     labels, counts = np.unique(component, return_counts=True)
-    best = labels[np.argmax(counts)]
-    return component == best
+    return component == labels[np.argmax(counts)]
 
 
-def _probe_scores(probes: list[dict] | None) -> dict[tuple[str, str], float]:
-    return {(p["kind"], p["element"]): p["score"] for p in probes or []}
+def _normalize_text(text: str | None) -> str:
+    return re.sub(r"[^a-z0-9]+", " ", (text or "").lower()).strip()
 
 
-def element_presence(probes: list[dict] | None, entity: str, kinds=("explicit", "implicit")) -> list[dict]:
-    """Zero-shot presence of each element: 'e with a' against 'e' at CLIP's logit scale."""
-    scores = _probe_scores(probes)
-    base = scores.get(("entity", entity))
-    out = []
-    for (kind, element), s in scores.items():
-        if kind in kinds and base is not None:
-            out.append({"element": element, "kind": kind, "presence": two_way_probability(s, base)})
-    return out
+def _fmt(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
 
 
-def entity_presence(probes: list[dict] | None, entity: str) -> float | None:
-    """P(entity rather than its class noun); None when the prompt set gives no class noun."""
-    scores = _probe_scores(probes)
-    null = [s for (kind, _), s in scores.items() if kind == "entity_null"]
-    if not null or ("entity", entity) not in scores:
+class _Logits:
+    """Zero-shot logits of the prompt's probes for one image, from CLIP cosines."""
+
+    def __init__(self, ctx: PromptContext, texts: dict[str, np.ndarray], image: np.ndarray):
+        self.score = {(p.kind, p.element): float(texts[p.text] @ image) for p in ctx.probes if p.text in texts}
+        self.entity = ctx.entity
+
+    def entity_logit(self) -> float | None:
+        null = [s for (kind, _), s in self.score.items() if kind == "entity_null"]
+        base = self.score.get(("entity", self.entity))
+        return two_way_logit(base, null[0]) if null and base is not None else None
+
+    def element_logits(self) -> dict[tuple[str, str], float]:
+        base = self.score.get(("entity", self.entity))
+        if base is None:
+            return {}
+        return {
+            (kind, element): two_way_logit(s, base)
+            for (kind, element), s in self.score.items()
+            if kind in ("explicit", "implicit", "mined", "instance")
+        }
+
+
+def _null_stats(values: list[float]) -> tuple[float, float] | None:
+    if len(values) < 2:
         return None
-    return two_way_probability(scores[("entity", entity)], null[0])
-
-
-def _fmt(x: float) -> str:
-    return f"{x:.3f}"
+    return float(np.mean(values)), max(float(np.std(values, ddof=1)), SIGMA_FLOOR)
 
 
 def label_units(
     generations: list[dict],
+    contexts: dict[str, PromptContext],
+    texts: dict[str, np.ndarray],
     neighbors: dict[str, dict[str, list[dict]]],
     background: dict[str, Background],
     thresholds: ThresholdsConfig,
+    pixels: dict[str, PixelEvidence] | None = None,
 ) -> list[dict]:
-    """One label row per generation row (failed units keep their status and get no label)."""
+    """One label row per scan generation row (null rows only calibrate; failed rows get no label)."""
     by_prompt: dict[str, list[dict]] = defaultdict(list)
     for g in generations:
-        by_prompt[g["prompt_id"]].append(g)
+        by_prompt[g.get("parent_prompt_id") or g["prompt_id"]].append(g)
     out = []
-    for rows in by_prompt.values():
-        out += _label_prompt(rows, neighbors, background, thresholds)
+    for prompt_id, rows in by_prompt.items():
+        ctx = contexts[prompt_id]
+        out += _label_prompt(ctx, rows, texts, neighbors, background, thresholds, pixels or {})
     return out
 
 
@@ -105,154 +142,228 @@ def _copy_space(row: dict) -> str:
     return "sscd" if row.get("sscd_embedding") is not None else "clip"
 
 
-def _label_prompt(rows, neighbors, background, t: ThresholdsConfig) -> list[dict]:
-    ok = [r for r in rows if r["status"] == STATUS_OK]
+def _label_prompt(ctx, rows, texts, neighbors, background, t: ThresholdsConfig, pixels) -> list[dict]:
+    scan = [r for r in rows if r.get("role", "scan") != ROLE_NULL]
+    ok = [r for r in scan if r["status"] == STATUS_OK]
+    nulls = [r for r in rows if r.get("role") == ROLE_NULL and r["status"] == STATUS_OK]
     space = _copy_space(ok[0]) if ok else "sscd"
     column = "sscd_embedding" if space == "sscd" else "clip_embedding"
+
     # Consistency across seeds (Carlini's clique, MemBench's fraction) in the copy-detection space.
-    if ok:
-        emb = np.stack([np.asarray(r[column], dtype=np.float32) for r in ok])
-        members = largest_cluster(emb, t.cluster_similarity)
-        if members.sum() < 2:  # a lone image is not a cluster
+    members = np.zeros(len(ok), dtype=bool)
+    if len(ok) > 1:
+        members = largest_cluster(np.stack([np.asarray(r[column], np.float32) for r in ok]), t.cluster_similarity)
+        if members.sum() < 2:
             members[:] = False
-        consistency = float(members.mean())
-    else:
-        members, consistency = np.zeros(0, bool), 0.0
+    consistency = float(members.mean()) if len(ok) else 0.0
     member_of = {r["unit_id"]: bool(m) for r, m in zip(ok, members)}
     norms = [r["noise_norm"] for r in ok if r.get("noise_norm") is not None]
     mean_norm = float(np.mean(norms)) if norms else None
-    memorized_prompt = (len(ok) > 1 and consistency >= t.consistency) or (
-        t.noise_norm is not None and mean_norm is not None and mean_norm >= t.noise_norm
+    memorized_prompt = bool(
+        (len(ok) > 1 and consistency >= t.consistency)
+        or (t.noise_norm is not None and mean_norm is not None and mean_norm >= t.noise_norm)
     )
-    # Share of the prompt's seeds in which each implied element is shown.
-    implicit_share: dict[str, float] = defaultdict(float)
-    presence_of: dict[str, list[dict]] = {}
+
+    # Null calibration: the same logits on images of the prompt with the entity replaced by its class.
+    null_logits = [_Logits(ctx, texts, np.asarray(r["clip_embedding"], np.float32)) for r in nulls]
+    entity_null = _null_stats([v for v in (n.entity_logit() for n in null_logits) if v is not None])
+    element_null = {}
+    for key in {k for n in null_logits for k in n.element_logits()}:
+        element_null[key] = _null_stats([n.element_logits()[key] for n in null_logits if key in n.element_logits()])
+
+    evidence = {}
+    shown_share: dict[tuple[str, str], float] = defaultdict(float)
     for r in ok:
-        elements = element_presence(r.get("probes"), r["entity"])
-        for e in elements:
-            e["present"] = e["presence"] >= t.element_presence
-            if e["kind"] == "implicit" and e["present"]:
-                implicit_share[e["element"]] += 1.0 / len(ok)
-        presence_of[r["unit_id"]] = elements
+        ev = _image_evidence(ctx, texts, r, entity_null, element_null, t)
+        evidence[r["unit_id"]] = ev
+        for e in ev["elements"]:
+            if e["present"]:
+                shown_share[(e["kind"], e["element"])] += 1.0 / len(ok)
+    for ev in evidence.values():
+        for e in ev["elements"]:
+            e["share"] = shown_share.get((e["kind"], e["element"]), 0.0)
+
     bg = background.get(space)
     out = []
-    for r in rows:
+    for r in scan:
         base = {
             "scan_id": r["scan_id"],
             "unit_id": r["unit_id"],
-            "prompt_id": r["prompt_id"],
-            "entity": r["entity"],
+            "prompt_id": ctx.prompt_id,
+            "entity": ctx.entity,
             "seed": r["seed"],
             "status": r["status"],
             "consistency": consistency,
             "memorized_prompt": memorized_prompt,
             "noise_norm": r.get("noise_norm"),
             "clip_prompt_score": r.get("clip_prompt_score"),
+            "null_images": len(nulls),
         }
         if r["status"] != STATUS_OK:
             out.append({**base, "label": None, "flags": [], "reasons": f"not scored: {r.get('error')}", "elements": []})
             continue
-        out.append(
-            {
-                **base,
-                **_decide(
-                    r,
-                    neighbors.get(r["unit_id"], {}).get(space, []),
-                    space,
-                    bg,
-                    presence_of[r["unit_id"]],
-                    implicit_share,
-                    member_of[r["unit_id"]],
-                    t,
-                ),
-            }
+        nbrs = neighbors.get(r["unit_id"], {}).get(space, [])
+        decision = _decide(
+            ctx, r, nbrs, space, bg, evidence[r["unit_id"]], member_of[r["unit_id"]], pixels.get(r["unit_id"]), t
         )
+        out.append({**base, **decision})
     return out
 
 
-def _decide(r, nbrs, space, bg: Background | None, elements, implicit_share, cluster_member, t) -> dict:
+def _image_evidence(ctx, texts, row, entity_null, element_null, t: ThresholdsConfig) -> dict:
+    logits = _Logits(ctx, texts, np.asarray(row["clip_embedding"], np.float32))
+    ent_logit = logits.entity_logit()
+    ent_z = None
+    if ent_logit is not None and entity_null is not None:
+        ent_z = (ent_logit - entity_null[0]) / entity_null[1]
+    elements = []
+    for (kind, element), logit in sorted(logits.element_logits().items()):
+        p = sigmoid(logit)
+        stats = element_null.get((kind, element))
+        z = (logit - stats[0]) / stats[1] if stats is not None else None
+        # Requested elements are in the null prompt too, so only the zero-shot test applies to them;
+        # unprompted ones must also stand out against the null images.
+        present = p >= t.element_presence and (kind == "explicit" or z is None or z >= t.null_z)
+        assoc = ctx.associations.lookup(element) if ctx.associations else None
+        elements.append(
+            {
+                "element": element,
+                "kind": kind,
+                "logit": logit,
+                "presence": p,
+                "z": z,
+                "present": present,
+                "share": 0.0,
+                "lift": assoc.lift if assoc else None,
+                "support": assoc.support if assoc else None,
+            }
+        )
+    return {"entity_logit": ent_logit, "entity_z": ent_z, "elements": elements}
+
+
+def _decide(ctx, r, nbrs, space, bg: Background | None, ev, cluster_member, pixel: PixelEvidence | None, t) -> dict:
     flags: list[str] = []
     reasons: list[str] = []
+
+    # -- replication ------------------------------------------------------------------------------
     top = nbrs[0] if nbrs else None
-    R = float(top["score"]) if top else float("-inf")
+    R = float(top["score"]) if top else None
     k_above = sum(1 for n in nbrs if n["score"] >= t.replication)
     bg_p95 = bg.p95 if bg else None
-    replicated = top is not None and R >= t.replication and (bg_p95 is None or R > bg_p95) and k_above <= t.eidetic_k
-    subtype = None
-    if top is not None and R >= t.replication:
+    replicated = R is not None and R >= t.replication and (bg_p95 is None or R > bg_p95) and k_above <= t.eidetic_k
+    pixel_max = pixel.max_l2 if pixel and top and pixel.train_id == top["train_id"] else None
+    tile_share = pixel.share_within(t.pixel_l2) if pixel_max is not None else None
+    subtype = webster = None
+    if R is not None and R >= t.replication:
         flags.append("copy_neighbor")
     if replicated:
-        subtype = "verbatim" if R >= t.verbatim else "partial"
+        if (pixel_max is not None and pixel_max <= t.pixel_l2) or R >= t.verbatim:
+            subtype = "verbatim"
+        elif tile_share is not None and tile_share >= t.template_tiles:
+            subtype = "template"
+        else:
+            subtype = "partial"
+        matching = _normalize_text(top.get("caption")) == _normalize_text(ctx.prompt)
+        webster = "TV" if subtype == "template" else ("MV" if matching else "RV") if subtype == "verbatim" else None
         flags += ["replication", subtype]
         k_text = f"{k_above}" if k_above < len(nbrs) else f">={k_above}"
         bg_text = f", above the train-train background p95 {_fmt(bg_p95)}" if bg_p95 is not None else ""
+        pix = ""
+        if pixel_max is not None:
+            pix = f"; tiled pixel l2 {_fmt(pixel_max)} ({tile_share:.0%} of tiles <= {t.pixel_l2})"
+        elif pixel is not None and pixel.error:
+            pix = "; pixel check unavailable (training image unreadable)"
         reasons.append(
             f"replication: {space.upper()} top-1 {_fmt(R)} to training image '{top['train_id']}'"
-            f" (>= replication {_fmt(t.replication)}{bg_text}); {k_text} training image(s) above the copy threshold"
-            f" (<= {t.eidetic_k}); {subtype} (verbatim at >= {_fmt(t.verbatim)})"
+            f" (>= replication {_fmt(t.replication)}{bg_text}); {k_text} training image(s) above it"
+            f" (<= {t.eidetic_k}){pix}; {subtype}" + (f" ({webster})" if webster else "")
         )
-    elif top is not None and R >= t.replication:
+    elif R is not None and R >= t.replication:
         why = (
-            f"{k_above} training images above the copy threshold (> {t.eidetic_k}: a generic look, not one image)"
+            f"{k_above} training images above the threshold (> {t.eidetic_k}: a common look, not one image)"
             if k_above > t.eidetic_k
             else f"not above the background p95 {_fmt(bg_p95)}"
         )
         reasons.append(f"no replication: {space.upper()} top-1 {_fmt(R)} but {why}")
-    elif top is not None:
-        reasons.append(f"no replication: {space.upper()} top-1 {_fmt(R)} < replication {_fmt(t.replication)}")
+    elif R is not None:
+        reasons.append(f"no replication: {space.upper()} top-1 {_fmt(R)} < {_fmt(t.replication)}")
 
-    ent_p = entity_presence(r.get("probes"), r["entity"])
-    if ent_p is not None:
-        rendered = ent_p >= t.element_presence
-        reasons.append(f"entity '{r['entity']}' vs its class noun: P={_fmt(ent_p)}")
+    # -- the entity ---------------------------------------------------------------------------------
+    ent_logit, ent_z = ev["entity_logit"], ev["entity_z"]
+    if ent_z is not None:
+        rendered = ent_z >= t.null_z
+        reasons.append(f"entity '{ctx.entity}' vs '{ctx.entity_class}': z={ent_z:.2f} over the null images")
+    elif ent_logit is not None:
+        rendered = sigmoid(ent_logit) >= t.element_presence
+        reasons.append(f"entity '{ctx.entity}' vs '{ctx.entity_class}': P={_fmt(sigmoid(ent_logit))} (uncalibrated)")
     else:
         score = r.get("clip_prompt_score")
         rendered = score is not None and score >= t.clip_floor
-        reasons.append(f"CLIP prompt score {_fmt(score if score is not None else float('nan'))} (floor {t.clip_floor})")
+        reasons.append(f"CLIP prompt score {_fmt(score)} (floor {t.clip_floor}, no class noun)")
     if rendered:
         flags.append("entity_rendered")
 
+    # -- elements -----------------------------------------------------------------------------------
+    elements = ev["elements"]
     explicit = [e for e in elements if e["kind"] == "explicit"]
     explicit_ok = all(e["present"] for e in explicit)
-    for e in explicit:
-        flags.append(f"explicit:{e['element']}" if e["present"] else f"explicit_missing:{e['element']}")
-    implied = []
+    implied, instance = [], []
     for e in elements:
-        if e["kind"] != "implicit" or not e["present"]:
+        if e["kind"] == "explicit":
+            flags.append(f"explicit:{e['element']}" if e["present"] else f"explicit_missing:{e['element']}")
             continue
-        share = implicit_share.get(e["element"], 0.0)
-        flags.append(f"implicit:{e['element']}")
-        if share >= t.consistency:
-            implied.append((e["element"], e["presence"], share))
+        if not e["present"]:
+            continue
+        flags.append(f"{e['kind']}:{e['element']}")
+        if e["kind"] == "instance":
+            instance.append(e)
+        elif e["share"] >= t.consistency and (
+            e["kind"] == "implicit" or ((e["lift"] or 0) >= t.min_lift and (e["support"] or 0) >= t.min_support)
+        ):
+            implied.append(e)
+
+    def describe(e) -> str:
+        z = f", z={e['z']:.2f}" if e["z"] is not None else ", uncalibrated"
+        assoc = f", lift {e['lift']:.1f} over {e['support']} training images" if e["lift"] is not None else ""
+        return f"'{e['element']}' ({e['kind']}) P={_fmt(e['presence'])}{z}, in {e['share']:.0%} of seeds{assoc}"
 
     if replicated:
         label = "MU"
+    elif instance:
+        label, subtype = "MU", "instance_element"
+        flags.append("instance_element")
+        reasons.append("instance-specific unprompted element shown: " + "; ".join(describe(e) for e in instance))
     elif implied:
         label = "MI"
-        reasons.append(
-            "implied element(s) shown consistently: "
-            + ", ".join(f"'{a}' P={_fmt(p)} in {share:.0%} of seeds" for a, p, share in implied)
-        )
+        reasons.append("implied element(s) shown consistently: " + "; ".join(describe(e) for e in implied))
     elif rendered and explicit_ok:
         label = "ME"
         if explicit:
-            reasons.append(
-                "explicit elements shown: " + ", ".join(f"'{e['element']}' P={_fmt(e['presence'])}" for e in explicit)
-            )
+            reasons.append("explicit elements shown: " + ", ".join(describe(e) for e in explicit))
     else:
         label = "none"
+        if explicit and not explicit_ok:
+            reasons.append("missing: " + ", ".join(f"'{e['element']}'" for e in explicit if not e["present"]))
     if cluster_member:
         flags.append("seed_cluster")
     return {
         "label": label,
         "subtype": subtype,
+        "webster": webster,
         "flags": flags,
         "reasons": f"{label}: " + "; ".join(reasons),
-        "replication_score": R if top is not None else None,
+        "replication_score": R,
         "replication_train_id": top["train_id"] if top is not None else None,
         "eidetic_k": k_above,
         "background_p95": bg_p95,
+        "pixel_l2": pixel_max,
+        "pixel_tile_share": tile_share,
+        "pixel_tile_l2": list(pixel.tile_l2) if pixel_max is not None else None,
         "cluster_member": cluster_member,
-        "entity_presence": ent_p,
-        "elements": elements,
+        "entity_presence": sigmoid(ent_logit) if ent_logit is not None else None,
+        "entity_z": ent_z,
+        "elements": [
+            {k: e[k] for k in ("element", "kind", "presence", "z", "present", "share", "lift", "support")}
+            for e in elements
+        ],
     }

@@ -3,7 +3,8 @@
     <output>/<table>/scan_date=YYYY-MM-DD/model=<name>/part-<scan_id>.parquet   (hive partitions)
     <output>/manifests/<scan_id>.json                                          (written last)
     <output>/images/model=<name>/<xx>/<unit_id>.png                            (generated images)
-    <output>/_units/model=<name>/{generations,texts}/part-*.parquet            (unit store, resumable)
+    <output>/_units/model=<name>/generations/part-*.parquet                    (unit store, resumable)
+    <output>/_units/texts/clip=<hash>/part-*.parquet                           (probe-text embedding cache)
     <output>/_staging/<scan_id>-<attempt>/...                                  (tables before publish)
 
 Tables are staged first and moved into their partitions only when every table of the scan is
@@ -15,6 +16,7 @@ same scan (same config and date, hence the same scan id) replaces its files: no 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import platform
 import uuid
@@ -67,6 +69,8 @@ class ScanOutputs:
         self.scan_date = cfg.scan_date
         self.staging = uris.join(self.root, "_staging", f"{self.scan_id}-{uuid.uuid4().hex[:8]}")
         self.unit_store = uris.join(self.root, "_units", f"model={self.model_name}")
+        clip_key = hashlib.sha256(json.dumps(cfg.embedding.clip.model_dump(mode="json"), sort_keys=True).encode())
+        self.text_cache = uris.join(self.root, "_units", "texts", f"clip={clip_key.hexdigest()[:16]}")
         self.manifest_uri = uris.join(self.root, "manifests", f"{self.scan_id}.json")
         self._staged: dict[str, str] = {}
 
@@ -119,4 +123,26 @@ class ScanOutputs:
 
 
 def read_manifest(root: str, scan_id: str) -> dict:
-    return json.loads(uris.read_bytes(uris.join(root, "manifests", f"{scan_id}.json")))
+    """The manifest of `scan_id` under the output root; a clear error when there is none."""
+    from raymem.errors import InputError
+
+    uri = uris.join(root, "manifests", f"{scan_id}.json")
+    try:
+        return json.loads(uris.read_bytes(uri))
+    except FileNotFoundError:
+        raise InputError(uri, f"no scan '{scan_id}' under {root}") from None
+
+
+def read_scan_table(root: str, scan_id: str, table: str) -> pa.Table:
+    """One published table of a complete scan."""
+    from raymem.errors import InputError
+
+    manifest = read_manifest(root, scan_id)
+    if manifest.get("status") != "complete":
+        raise InputError(
+            uris.join(root, "manifests", f"{scan_id}.json"),
+            f"scan '{scan_id}' is {manifest.get('status')}, not complete",
+        )
+    uri = manifest["tables"][table]
+    fs, path = uris.filesystem(uri)
+    return pq.read_table(path, filesystem=fs)

@@ -1,42 +1,77 @@
-"""Texts scored against every generated image with CLIP ("probes"), and what the labeler reads from them.
+"""Texts scored against every generated image with CLIP ("probes"), and the zero-shot maths on them.
 
 For a prompt naming entity e (class noun c) with elements a:
-  prompt         the prompt itself                      -> CLIP prompt score
+  prompt         the prompt itself                        -> CLIP prompt score
   entity         "a photo of e"
-  entity_null    "a photo of c"                          -> is e rendered, beyond a generic c?
-  explicit/implicit  "a photo of e with a"  vs  entity   -> is a shown? (zero-shot, 2-way softmax)
-Zero-shot presence is a softmax at CLIP's logit scale (100) over the pair, as in CLIP's own zero-shot
-classification; a fixed raw-cosine cut-off would not transfer between CLIP models.
+  entity_null    "a photo of c"                            -> is e rendered, beyond a generic c?
+  explicit       "a photo of e with a"  vs  entity         -> is a requested element shown?
+  implicit       same, for elements the prompt set lists as implied
+  mined          same, for elements mined from the training captions of e (lift, support)
+  instance       same, for rare elements seen with only a few training images of e (MU candidates)
+Each comparison is a two-way softmax at CLIP's logit scale (100), as in CLIP's zero-shot
+classification. The labeler then calibrates these logits against the same logits measured on images
+of the null prompt (e replaced by c), so no raw cosine cut-off is needed.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import numpy as np
 
 LOGIT_SCALE = 100.0
+ELEMENT_KINDS = ("explicit", "implicit", "mined", "instance")
 
 
 @dataclass(frozen=True)
 class Probe:
-    kind: str  # prompt | entity | entity_null | explicit | implicit
+    kind: str
     element: str
     text: str
 
 
+def element_text(entity: str, element: str) -> str:
+    return f"a photo of {entity} with {element}"
+
+
 def probes_for(
-    prompt: str, entity: str, entity_class: str, explicit: tuple[str, ...], implicit: tuple[str, ...]
+    prompt: str,
+    entity: str,
+    entity_class: str,
+    explicit: tuple[str, ...] = (),
+    implicit: tuple[str, ...] = (),
+    mined: tuple[str, ...] = (),
+    instance: tuple[str, ...] = (),
 ) -> list[Probe]:
     probes = [Probe("prompt", "", prompt), Probe("entity", entity, f"a photo of {entity}")]
     if entity_class:
         probes.append(Probe("entity_null", entity_class, f"a photo of {entity_class}"))
-    probes += [Probe("explicit", a, f"a photo of {entity} with {a}") for a in explicit]
-    probes += [Probe("implicit", a, f"a photo of {entity} with {a}") for a in implicit if a not in explicit]
+    seen: set[str] = set()
+    for kind, elements in (("explicit", explicit), ("implicit", implicit), ("mined", mined), ("instance", instance)):
+        for a in elements:
+            if a not in seen:
+                seen.add(a)
+                probes.append(Probe(kind, a, element_text(entity, a)))
     return probes
+
+
+def null_prompt(prompt: str, entity: str, entity_class: str) -> str:
+    """The prompt with the entity replaced by its class noun ("a photo of Elon Musk" -> "a photo of a man")."""
+    pattern = re.compile(re.escape(entity), re.IGNORECASE)
+    if pattern.search(prompt):
+        return pattern.sub(entity_class, prompt)
+    return f"a photo of {entity_class}"
+
+
+def two_way_logit(score_yes: float, score_no: float) -> float:
+    return float(LOGIT_SCALE * (np.float64(score_yes) - np.float64(score_no)))
+
+
+def sigmoid(z: float) -> float:
+    return float(1.0 / (1.0 + np.exp(-z)))
 
 
 def two_way_probability(score_yes: float, score_no: float) -> float:
     """P(yes) of a softmax over two CLIP cosines at CLIP's logit scale."""
-    z = LOGIT_SCALE * (np.float64(score_yes) - np.float64(score_no))
-    return float(1.0 / (1.0 + np.exp(-z)))
+    return sigmoid(two_way_logit(score_yes, score_no))

@@ -40,7 +40,7 @@ class Prompt:
     implicit_elements: tuple[str, ...] = field(default_factory=tuple)
 
 
-def _records(source: str, data: bytes) -> tuple[list[str], list[tuple[int, dict[str, Any]]]]:
+def read_records(source: str, data: bytes) -> tuple[list[str], list[tuple[int, dict[str, Any]]]]:
     """(column names, [(row number, record)]) for the file's format."""
     suffix = PurePosixPath(source).suffix.lower()
     if suffix == ".parquet":
@@ -127,7 +127,7 @@ def read_prompts(source: str) -> list[Prompt]:
         raise InputError(source, "prompt set not found") from None
     except OSError as err:
         raise InputError(source, f"cannot read prompt set: {err}") from None
-    columns, records = _records(source, data)
+    columns, records = read_records(source, data)
     for name in REQUIRED:
         if name not in columns:
             raise InputError(source, "required column is missing", field=name)

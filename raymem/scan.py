@@ -19,10 +19,13 @@ from raymem import join as joins
 from raymem import runtime
 from raymem.config import ScanConfig
 from raymem.errors import InputError, RaymemError, ScanFailed
-from raymem.generate import GenerateEmbed, expand_units, unit_fingerprint, work_chunks
-from raymem.label import Background, label_units
+from raymem.generate import ROLE_SCAN, GenerateEmbed, encode_missing_texts, expand_units, unit_fingerprint, work_chunks
+from raymem.label import Background, PromptContext, label_units
+from raymem.mining import caption_terms, excluded_terms, mine_associations
 from raymem.outputs import ScanOutputs
-from raymem.prompts import read_prompts
+from raymem.pixels import confirm_pairs
+from raymem.probes import probes_for
+from raymem.prompts import Prompt, read_prompts
 from raymem.reduce import entity_tallies, prompt_tallies
 from raymem.schema import (
     ENTITY_TALLIES,
@@ -31,11 +34,12 @@ from raymem.schema import (
     PROMPT_TALLIES,
     STATUS_FAILED,
     STATUS_OK,
+    embedding_array,
     embedding_matrix,
     generations_schema,
     texts_schema,
 )
-from raymem.store import UnitStore
+from raymem.store import TextCache, UnitStore
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +109,7 @@ def run_scan(cfg: ScanConfig, *, rerun_failed: bool = False) -> ScanResult:
             ray.shutdown()
 
 
-def _generate(cfg: ScanConfig, outputs: ScanOutputs, units, rerun_failed: bool, timer) -> dict[str, int]:
+def _generate(cfg: ScanConfig, outputs: ScanOutputs, units, texts_by_prompt, rerun_failed: bool, timer) -> dict:
     import ray
 
     store = UnitStore(outputs.unit_store)
@@ -116,11 +120,16 @@ def _generate(cfg: ScanConfig, outputs: ScanOutputs, units, rerun_failed: bool, 
     if not todo:
         return {"units_generated": 0, "units_reused": len(units)}
     plan = runtime.plan_generation(cfg)
-    chunks = work_chunks(todo, cfg.generation.batch_size)
+    chunks = work_chunks(todo, cfg.generation.batch_size, texts_by_prompt)
     ds = ray.data.from_items(chunks, override_num_blocks=min(len(chunks), max(1, plan.actors * 4)))
     results = ds.map_batches(
         GenerateEmbed,
-        fn_constructor_kwargs={"cfg": cfg, "scan_id": outputs.scan_id, "store_uri": outputs.unit_store},
+        fn_constructor_kwargs={
+            "cfg": cfg,
+            "scan_id": outputs.scan_id,
+            "store_uri": outputs.unit_store,
+            "text_cache_uri": outputs.text_cache,
+        },
         batch_size=1,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=plan.actors),
@@ -133,29 +142,68 @@ def _generate(cfg: ScanConfig, outputs: ScanOutputs, units, rerun_failed: bool, 
     return {"units_generated": len(todo), "units_reused": len(units) - len(todo), "units_failed_now": failed}
 
 
+def _contexts(cfg: ScanConfig, prompts: list[Prompt], training, timer) -> dict[str, PromptContext]:
+    """Per prompt: its probes, with implied / instance elements mined from the training captions."""
+    associations: dict = {}
+    if cfg.signals.mine_elements and cfg.signals.mined_per_entity:
+        t = cfg.thresholds
+        with timer("mine_elements"):
+            associations = mine_associations(
+                training,
+                {p.entity: caption_terms(p.entity) for p in prompts},
+                min_lift=t.min_lift,
+                min_support=t.min_support,
+                instance_support=t.instance_support,
+                per_entity=cfg.signals.mined_per_entity,
+            )
+    contexts = {}
+    for p in prompts:
+        assoc = associations.get(p.entity)
+        excluded = excluded_terms(p.prompt, p.entity, p.explicit_elements)
+
+        def allowed(elements, excluded=excluded):
+            return tuple(a.element for a in elements if not set(a.element.split()) & excluded)
+
+        # Mined implied elements stand in only when the prompt set lists none (the user's list wins).
+        mined = allowed(assoc.implied) if assoc and not p.implicit_elements else ()
+        instance = allowed(assoc.instance) if assoc else ()
+        probes = probes_for(
+            p.prompt, p.entity, p.entity_class, p.explicit_elements, p.implicit_elements, mined, instance
+        )
+        contexts[p.prompt_id] = PromptContext(p.prompt_id, p.prompt, p.entity, p.entity_class, tuple(probes), assoc)
+    return contexts
+
+
 def _run(cfg: ScanConfig, outputs: ScanOutputs, prompts, timer, rerun_failed: bool) -> ScanResult:
     from raymem.diffusion import model_fingerprint
 
     scan_id = outputs.scan_id
-    units = expand_units(prompts, cfg, unit_fingerprint(cfg, model_fingerprint(cfg.model)))
-    counts = _generate(cfg, outputs, units, rerun_failed, timer)
+    training = joins.inspect_training(cfg.training.embeddings, {})
+    contexts = _contexts(cfg, prompts, training, timer)
+    text_cache = TextCache(outputs.text_cache)
+    wanted_texts = {p.text for ctx in contexts.values() for p in ctx.probes}
+    with timer("text_cache"):
+        have = text_cache.embeddings(wanted_texts)
+    texts_by_prompt = {pid: [p.text for p in ctx.probes if p.text not in have] for pid, ctx in contexts.items()}
+    units = expand_units(prompts, cfg, unit_fingerprint(cfg, model_fingerprint(cfg.model)), cfg.signals.null_seeds)
+    counts = _generate(cfg, outputs, units, texts_by_prompt, rerun_failed, timer)
+    texts = text_cache.embeddings(wanted_texts)
+    if wanted_texts - texts.keys():  # units were reused but probes changed: encode what is missing
+        with timer("encode_texts"):
+            encode_missing_texts(cfg, sorted(wanted_texts - texts.keys()), outputs.text_cache)
+        texts = text_cache.embeddings(wanted_texts)
 
-    store = UnitStore(outputs.unit_store)
-    wanted = {u.unit_id for u in units}
     with timer("collect"):
-        table = store.rows(wanted)
-    if table is None or table.num_rows != len(wanted):
-        have = set() if table is None else set(table.column("unit_id").to_pylist())
-        lost = sorted(wanted - have)
-        raise ScanFailed(f"{len(lost)} unit(s) have no recorded result (first: {lost[:3]}); see worker logs")
-    order = {u.unit_id: i for i, u in enumerate(units)}
-    ids = table.column("unit_id").to_pylist()
-    table = table.take(pa.array(sorted(range(len(ids)), key=lambda i: order[ids[i]]), pa.int64()))
-    table = table.set_column(table.schema.get_field_index("scan_id"), "scan_id", pa.array([scan_id] * table.num_rows))
-    generations = table
-    ok = generations.filter(pc.equal(generations.column("status"), STATUS_OK))
-    counts.update(units=len(units), units_ok=ok.num_rows, units_failed=generations.num_rows - ok.num_rows)
-
+        generations = _collect(outputs, units, scan_id)
+    is_scan = pc.equal(generations.column("role"), ROLE_SCAN)
+    scan_rows = generations.filter(is_scan)
+    ok = scan_rows.filter(pc.equal(scan_rows.column("status"), STATUS_OK))
+    counts.update(
+        units=scan_rows.num_rows,
+        units_ok=ok.num_rows,
+        units_failed=scan_rows.num_rows - ok.num_rows,
+        null_units=generations.num_rows - scan_rows.num_rows,
+    )
     clip_dim = generations.schema.field("clip_embedding").type.list_size
     sscd_type = generations.schema.field("sscd_embedding").type
     sscd_dim = sscd_type.list_size if pa.types.is_fixed_size_list(sscd_type) else None
@@ -213,17 +261,18 @@ def _run(cfg: ScanConfig, outputs: ScanOutputs, prompts, timer, rerun_failed: bo
     with timer("entity_frequencies"):
         freq = joins.entity_frequencies(training, {p.entity for p in prompts})
 
-    # --- label + reduce -----------------------------------------------------------------------------
+    # --- pixel confirmation of copy candidates, label, reduce -----------------------------------------
+    gen_rows = generations.to_pylist()
+    with timer("pixel_confirmation"):
+        pixels = _confirm_copies(cfg, gen_rows, by_unit)
     with timer("label"):
-        gen_rows = generations.to_pylist()
-        labels = label_units(gen_rows, by_unit, background, cfg.thresholds)
+        labels = label_units(gen_rows, contexts, texts, by_unit, background, cfg.thresholds, pixels)
         p_tallies = prompt_tallies(labels)
         e_tallies = entity_tallies(labels, freq, cfg.thresholds.element_presence)
 
-    texts = _texts(outputs, wanted, scan_id, clip_dim)
     with timer("publish"):
         outputs.stage("generations", generations.cast(generations_schema(clip_dim, sscd_dim)))
-        outputs.stage("texts", texts)
+        outputs.stage("texts", _texts_table(scan_id, contexts, texts, clip_dim))
         outputs.stage("neighbors", pa.Table.from_pylist(neighbor_rows, schema=NEIGHBORS))
         outputs.stage("labels", pa.Table.from_pylist(labels, schema=LABELS_TABLE))
         outputs.stage("prompt_tallies", pa.Table.from_pylist(p_tallies, schema=PROMPT_TALLIES))
@@ -235,27 +284,79 @@ def _run(cfg: ScanConfig, outputs: ScanOutputs, prompts, timer, rerun_failed: bo
         neighbors=len(neighbor_rows),
         prompts=len(prompts),
         background_sample=background[next(iter(background))].n if background else 0,
+        pixel_checks=len(pixels),
         **label_counts,
     )
     counts["background_p95"] = {s: b.p95 for s, b in background.items()}
+    counts["mined_elements"] = {
+        ctx.entity: {
+            "implied": [vars(a) for a in ctx.associations.implied],
+            "instance": [vars(a) for a in ctx.associations.instance],
+        }
+        for ctx in contexts.values()
+        if ctx.associations
+    }
     return ScanResult(
         scan_id=scan_id, manifest_uri=outputs.manifest_uri, tables=tables, counts=counts, entity_tallies=e_tallies
     )
 
 
-def _texts(outputs: ScanOutputs, wanted: set[str], scan_id: str, clip_dim: int) -> pa.Table:
-    schema = texts_schema(clip_dim)
-    table = UnitStore(outputs.unit_store).texts_for(wanted)
-    if table is None:
-        return schema.empty_table()
-    seen, keep = set(), []
-    for i, key in enumerate(zip(*(table.column(c).to_pylist() for c in ("prompt_id", "kind", "element")))):
-        if key not in seen:
-            seen.add(key)
-            keep.append(i)
-    table = table.take(pa.array(keep, pa.int64()))
-    table = table.set_column(table.schema.get_field_index("scan_id"), "scan_id", pa.array([scan_id] * table.num_rows))
-    return table.select(schema.names).cast(schema)
+def _collect(outputs: ScanOutputs, units, scan_id: str) -> pa.Table:
+    """The scan's rows from the unit store, in unit order, with metadata refreshed from this scan's units."""
+    wanted = {u.unit_id for u in units}
+    table = UnitStore(outputs.unit_store).rows(wanted)
+    have = set() if table is None else set(table.column("unit_id").to_pylist())
+    lost = sorted(wanted - have)
+    if lost:
+        raise ScanFailed(f"{len(lost)} unit(s) have no recorded result (first: {lost[:3]}); see worker logs")
+    by_id = {u.unit_id: u for u in units}
+    order = {u.unit_id: i for i, u in enumerate(units)}
+    ids = table.column("unit_id").to_pylist()
+    table = table.take(pa.array(sorted(range(len(ids)), key=lambda i: order[ids[i]]), pa.int64()))
+    ids = table.column("unit_id").to_pylist()
+    for name, values in (
+        ("scan_id", [scan_id] * len(ids)),
+        ("prompt_id", [by_id[i].prompt_id for i in ids]),
+        ("parent_prompt_id", [by_id[i].parent_prompt_id for i in ids]),
+        ("role", [by_id[i].role for i in ids]),
+        ("entity", [by_id[i].entity for i in ids]),
+    ):
+        table = table.set_column(table.schema.get_field_index(name), name, pa.array(values, pa.string()))
+    return table
+
+
+def _confirm_copies(cfg: ScanConfig, gen_rows: list[dict], by_unit: dict) -> dict:
+    """Tiled pixel l2 for each scan image whose nearest copy-detection neighbour passes `replication`."""
+    pairs = {}
+    for g in gen_rows:
+        spaces = by_unit.get(g["unit_id"], {})
+        nbrs = spaces.get("sscd") or spaces.get("clip") or []
+        if nbrs and nbrs[0]["score"] >= cfg.thresholds.replication and g["image_uri"]:
+            pairs[g["unit_id"]] = (g["image_uri"], nbrs[0]["train_id"], nbrs[0].get("image_uri"))
+    return confirm_pairs(pairs, cfg.signals.pixel_size, cfg.signals.pixel_tiles) if pairs else {}
+
+
+def _texts_table(scan_id: str, contexts: dict[str, PromptContext], texts: dict, clip_dim: int) -> pa.Table:
+    rows = [
+        {
+            "scan_id": scan_id,
+            "prompt_id": pid,
+            "kind": p.kind,
+            "element": p.element,
+            "text": p.text,
+            "clip_embedding": texts[p.text],
+        }
+        for pid, ctx in contexts.items()
+        for p in ctx.probes
+        if p.text in texts
+    ]
+    if not rows:
+        return texts_schema(clip_dim).empty_table()
+    table = pa.Table.from_pylist([{k: v for k, v in r.items() if k != "clip_embedding"} for r in rows])
+    table = table.append_column(
+        "clip_embedding", embedding_array(np.stack([r["clip_embedding"] for r in rows]), clip_dim)
+    )
+    return table.select(texts_schema(clip_dim).names).cast(texts_schema(clip_dim))
 
 
 def check_inputs(cfg: ScanConfig) -> None:

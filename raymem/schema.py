@@ -65,9 +65,6 @@ PROMPTS = pa.schema(
     ]
 )
 
-# One probe = one text scored against an image with CLIP; kinds are defined in raymem.probes.
-PROBE = pa.struct([("kind", pa.string()), ("element", pa.string()), ("text", pa.string()), ("score", pa.float32())])
-
 
 def generations_schema(clip_dim: int, sscd_dim: int | None) -> pa.Schema:
     fields = [
@@ -75,6 +72,8 @@ def generations_schema(clip_dim: int, sscd_dim: int | None) -> pa.Schema:
         ("model_id", pa.string()),
         ("unit_id", pa.string()),
         ("prompt_id", pa.string()),
+        ("parent_prompt_id", pa.string()),
+        ("role", pa.string()),  # scan | null
         ("prompt", pa.string()),
         ("entity", pa.string()),
         ("seed", pa.int64()),
@@ -84,7 +83,6 @@ def generations_schema(clip_dim: int, sscd_dim: int | None) -> pa.Schema:
         ("clip_embedding", embedding_type(clip_dim)),
         ("sscd_embedding", embedding_type(sscd_dim) if sscd_dim else pa.null()),
         ("clip_prompt_score", pa.float32()),
-        ("probes", pa.list_(PROBE)),
         ("noise_norm", pa.float32()),
         ("device", pa.string()),
         ("worker", pa.string()),
@@ -101,12 +99,18 @@ def texts_schema(clip_dim: int) -> pa.Schema:
         [
             ("scan_id", pa.string()),
             ("prompt_id", pa.string()),
-            ("source_unit_id", pa.string()),
             ("kind", pa.string()),
             ("element", pa.string()),
             ("text", pa.string()),
             ("clip_embedding", embedding_type(clip_dim)),
         ]
+    )
+
+
+def TEXT_CACHE(dim: int) -> pa.Schema:  # noqa: N802 - reads like the other schema constants
+    """Probe-text embeddings cached per CLIP model, shared by every scan under one output root."""
+    return pa.schema(
+        [("text", pa.string()), ("clip_embedding", embedding_type(dim)), ("computed_at", pa.timestamp("us", tz="UTC"))]
     )
 
 
@@ -127,9 +131,13 @@ NEIGHBORS = pa.schema(
 ELEMENT = pa.struct(
     [
         ("element", pa.string()),
-        ("kind", pa.string()),  # explicit | implicit
-        ("presence", pa.float32()),
+        ("kind", pa.string()),  # explicit | implicit | mined | instance
+        ("presence", pa.float32()),  # zero-shot probability
+        ("z", pa.float32()),  # logit against the null images, when there are any
         ("present", pa.bool_()),
+        ("share", pa.float32()),  # share of the prompt's seeds in which it is present
+        ("lift", pa.float32()),  # association in the training captions, when mined
+        ("support", pa.int64()),
     ]
 )
 
@@ -142,17 +150,23 @@ LABELS_TABLE = pa.schema(
         ("seed", pa.int64()),
         ("status", pa.string()),
         ("label", pa.string()),  # MU | MI | ME | none; null when the unit failed
-        ("subtype", pa.string()),  # verbatim | partial | template for MU
+        ("subtype", pa.string()),  # MU: verbatim | template | partial | instance_element
+        ("webster", pa.string()),  # MV | RV | TV (Webster 2023) for verbatim and template copies
         ("flags", pa.list_(pa.string())),
         ("reasons", pa.string()),
         ("replication_score", pa.float32()),
         ("replication_train_id", pa.string()),
         ("eidetic_k", pa.int32()),
         ("background_p95", pa.float32()),
+        ("pixel_l2", pa.float32()),
+        ("pixel_tile_share", pa.float32()),
+        ("pixel_tile_l2", pa.list_(pa.float32())),  # every tile's distance, so thresholds can be refit
         ("consistency", pa.float32()),
         ("cluster_member", pa.bool_()),
         ("clip_prompt_score", pa.float32()),
         ("entity_presence", pa.float32()),
+        ("entity_z", pa.float32()),
+        ("null_images", pa.int32()),
         ("elements", pa.list_(ELEMENT)),
         ("noise_norm", pa.float32()),
         ("memorized_prompt", pa.bool_()),

@@ -1,4 +1,4 @@
-"""The unit store: every generated unit's row, kept across scans so a re-run computes only what is missing.
+"""The unit store and the text cache: work kept across scans so a re-run computes only what is missing.
 
 Rows are keyed by `unit_id`, which hashes the model weights, the generation and embedding settings, the
 prompt row and the seed; a unit computed by any earlier scan of the same output root is reused. Each
@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from raymem import uri as uris
-from raymem.schema import STATUS_OK
+from raymem.schema import STATUS_OK, embedding_matrix
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +25,6 @@ class UnitStore:
     def __init__(self, root: str):
         self.root = root
         self.generations = uris.join(root, "generations")
-        self.texts = uris.join(root, "texts")
 
     def _read(self, path: str, columns: list[str] | None = None) -> pa.Table | None:
         fs, p = uris.filesystem(path)
@@ -53,11 +53,7 @@ class UnitStore:
         """The newest row of each unit in `unit_ids`, as one table."""
         return self._newest(self.generations, "unit_id", unit_ids)
 
-    def texts_for(self, unit_ids: set[str]) -> pa.Table | None:
-        """Probe-text embeddings written alongside `unit_ids` (one prompt's texts per source unit)."""
-        return self._newest(self.texts, "source_unit_id", unit_ids, dedupe=False)
-
-    def _newest(self, root: str, key: str, unit_ids: set[str], dedupe: bool = True) -> pa.Table | None:
+    def _newest(self, root: str, key: str, unit_ids: set[str]) -> pa.Table | None:
         parts = []
         wanted = pa.array(sorted(unit_ids), pa.string())
         for path in uris.list_files(root, ".parquet"):
@@ -70,13 +66,33 @@ class UnitStore:
         if not parts:
             return None
         table = pa.concat_tables(parts, promote_options="permissive")
-        if dedupe:
-            order = pc.sort_indices(table, [(key, "ascending"), ("computed_at", "descending")])
-            table = table.take(order)
-            ids = table.column(key).to_pylist()
-            keep = [i for i, uid in enumerate(ids) if i == 0 or uid != ids[i - 1]]
-            return table.take(pa.array(keep, pa.int64()))
-        return table
+        order = pc.sort_indices(table, [(key, "ascending"), ("computed_at", "descending")])
+        table = table.take(order)
+        ids = table.column(key).to_pylist()
+        keep = [i for i, uid in enumerate(ids) if i == 0 or uid != ids[i - 1]]
+        return table.take(pa.array(keep, pa.int64()))
+
+
+class TextCache:
+    """CLIP embeddings of probe texts, per CLIP model (`clip=<hash of embedding.clip>`)."""
+
+    def __init__(self, root: str):
+        self.root = root
+
+    def embeddings(self, texts: set[str]) -> dict[str, np.ndarray]:
+        found: dict[str, np.ndarray] = {}
+        for path in uris.list_files(self.root, ".parquet"):
+            fs, p = uris.filesystem(path)
+            try:
+                t = pq.read_table(p, filesystem=fs)
+            except (OSError, pa.ArrowInvalid) as err:
+                log.warning("text cache: skipping unreadable %s: %s", path, err)
+                continue
+            matrix = embedding_matrix(t.column("clip_embedding"))
+            for i, text in enumerate(t.column("text").to_pylist()):
+                if text in texts:
+                    found[text] = matrix[i]
+        return found
 
 
 def ok_rows(table: pa.Table) -> pa.Table:

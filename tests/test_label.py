@@ -1,197 +1,271 @@
-"""Each labeler rule and precedence case on hand-built evidence with known geometry."""
+"""Every labeler rule, precedence case and threshold edge, on embeddings with known geometry.
+
+Probe texts are orthonormal basis vectors, so an image's CLIP cosine with each probe text is exactly the
+weight we give it; SSCD neighbours and pixel evidence are given directly.
+"""
 
 import numpy as np
 import pytest
 
 from raymem.config import ThresholdsConfig
-from raymem.label import Background, element_presence, entity_presence, label_units, largest_cluster
+from raymem.label import Background, PromptContext, label_units, largest_cluster
+from raymem.mining import Association, EntityAssociations
+from raymem.pixels import PixelEvidence
+from raymem.probes import probes_for
 
 T = ThresholdsConfig()
 BG = {"sscd": Background("sscd", p95=0.30, n=500)}
+DIM = 32
 
 
-def unit_vectors(n, dim=8, seed=0):
-    rng = np.random.default_rng(seed)
-    v = rng.standard_normal((n, dim))
-    return v / np.linalg.norm(v, axis=1, keepdims=True)
+def context(explicit=("hat",), implicit=(), mined=(), instance=(), associations=None, entity_class="a man",
+            prompt="a photo of X"):
+    probes = probes_for(prompt, "X", entity_class, tuple(explicit), tuple(implicit), tuple(mined), tuple(instance))
+    return PromptContext("p", prompt, "X", entity_class, tuple(probes), associations)
 
 
-def probes(entity="X", entity_score=0.30, null_score=0.20, explicit=(), implicit=()):
-    """CLIP probe scores; an element's score is entity_score + delta (delta > 0: shown)."""
-    out = [
-        {"kind": "prompt", "element": "", "text": "p", "score": 0.3},
-        {"kind": "entity", "element": entity, "text": "e", "score": entity_score},
-        {"kind": "entity_null", "element": "a thing", "text": "n", "score": null_score},
-    ]
-    out += [{"kind": "explicit", "element": a, "text": a, "score": entity_score + d} for a, d in explicit]
-    out += [{"kind": "implicit", "element": a, "text": a, "score": entity_score + d} for a, d in implicit]
-    return out
+def text_vectors(ctx):
+    eye = np.eye(DIM, dtype=np.float32)
+    return {p.text: eye[i] for i, p in enumerate(ctx.probes)}
 
 
-def gen(uid, prompt_id, seed, emb, **kw):
-    row = {
-        "scan_id": "s",
-        "unit_id": uid,
-        "prompt_id": prompt_id,
-        "entity": "X",
-        "seed": seed,
-        "status": "ok",
-        "error": None,
-        "sscd_embedding": emb,
-        "clip_embedding": emb,
-        "clip_prompt_score": 0.3,
-        "noise_norm": 1.0,
-        "probes": probes(),
-    }
+def image(ctx, entity=0.30, null=0.20, elements=None):
+    """A unit CLIP embedding whose cosine with each probe text is what we say.
+
+    `elements` maps element -> its score minus the entity score (its zero-shot logit / 100).
+    """
+    w = np.zeros(DIM, dtype=np.float32)
+    for i, p in enumerate(ctx.probes):
+        if p.kind == "prompt":
+            w[i] = 0.3
+        elif p.kind == "entity":
+            w[i] = entity
+        elif p.kind == "entity_null":
+            w[i] = null
+        else:
+            w[i] = entity + (elements or {}).get(p.element, -0.05)
+    w[DIM - 1] = np.sqrt(1.0 - float(w @ w))  # unit norm, the rest in an unused direction
+    return w
+
+
+def sscd(seed, dim=16):
+    v = np.random.default_rng(seed).standard_normal(dim)
+    return (v / np.linalg.norm(v)).astype(np.float32)
+
+
+def gen(uid, seed, clip, role="scan", **kw):
+    row = {"scan_id": "s", "unit_id": uid, "prompt_id": "p" if role == "scan" else "p::null", "parent_prompt_id": "p",
+           "role": role, "entity": "X", "seed": seed, "status": "ok", "error": None, "clip_embedding": clip,
+           "sscd_embedding": sscd(hash(uid) % 1000), "clip_prompt_score": 0.3, "noise_norm": 1.0}
     row.update(kw)
     return row
 
 
-def nbrs(*scores):
-    return {"sscd": [{"train_id": f"t{i}", "score": s} for i, s in enumerate(scores)]}
+def nulls(ctx, n=4, entity=0.20, null=0.30, elements=None, spread=0.005):
+    """Null images: the prompt with X replaced by 'a man' -- X itself is not rendered there."""
+    return [gen(f"n{i}", i, image(ctx, entity=entity + spread * (i % 2), null=null, elements=elements), role="null")
+            for i in range(n)]
 
 
-def by_unit(labels):
-    return {r["unit_id"]: r for r in labels}
+def nbrs(*scores, caption="something else"):
+    return {"sscd": [{"train_id": f"t{i}", "score": s, "caption": caption} for i, s in enumerate(scores)]}
 
 
-def test_near_copy_with_unrequested_background_is_MU_verbatim():
-    e = unit_vectors(4)
-    rows = [gen(f"u{i}", "p", i, e[i], probes=probes(explicit=[("hat", 0.05)])) for i in range(4)]
-    # u0 is a near copy of one training image (0.93); the others are far from everything.
-    neighbors = {"u0": nbrs(0.93, 0.2), "u1": nbrs(0.2), "u2": nbrs(0.25), "u3": nbrs(0.1)}
-    out = by_unit(label_units(rows, neighbors, BG, T))
-    assert out["u0"]["label"] == "MU" and out["u0"]["subtype"] == "verbatim"
-    assert "replication" in out["u0"]["flags"]
-    assert "0.930" in out["u0"]["reasons"] and "'t0'" in out["u0"]["reasons"]
-    assert out["u0"]["eidetic_k"] == 1
-    # The requested entity is rendered in u0 too, yet the copy wins (precedence MU > ME).
-    assert "entity_rendered" in out["u0"]["flags"]
-    assert out["u1"]["label"] == "ME"
+def run(ctx, rows, neighbors, pixels=None, t=T, background=BG):
+    out = label_units(rows, {"p": ctx}, text_vectors(ctx), neighbors, background, t, pixels)
+    return {r["unit_id"]: r for r in out}
 
 
-def test_partial_copy_between_thresholds():
-    e = unit_vectors(1)
-    out = label_units([gen("u", "p", 0, e[0])], {"u": nbrs(0.6)}, BG, T)[0]
-    assert out["label"] == "MU" and out["subtype"] == "partial"
+# -- MU: replication ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("score, label", [(0.4999, "ME"), (0.5, "MU"), (0.7499, "MU"), (0.75, "MU")])
-def test_replication_threshold_edges(score, label):
-    e = unit_vectors(1)
-    out = label_units([gen("u", "p", 0, e[0])], {"u": nbrs(score)}, BG, T)[0]
-    assert out["label"] == label
-    if label == "MU":
-        assert out["subtype"] == ("verbatim" if score >= 0.75 else "partial")
+def test_near_copy_with_unrequested_background_is_MU_verbatim_even_though_the_entity_is_rendered():
+    ctx = context()
+    rows = [gen(f"u{i}", i, image(ctx, elements={"hat": 0.05})) for i in range(3)] + nulls(ctx)
+    out = run(ctx, rows, {"u0": nbrs(0.93, 0.2), "u1": nbrs(0.2), "u2": nbrs(0.25)})
+    assert out["u0"]["label"] == "MU" and out["u0"]["subtype"] == "verbatim" and out["u0"]["webster"] == "RV"
+    assert {"replication", "entity_rendered", "explicit:hat"} <= set(out["u0"]["flags"])  # MU beats ME
+    assert "0.930" in out["u0"]["reasons"] and "'t0'" in out["u0"]["reasons"] and out["u0"]["eidetic_k"] == 1
+    assert out["u1"]["label"] == "ME" and out["u2"]["label"] == "ME"
+    assert set(out) == {"u0", "u1", "u2"}  # null images calibrate, they are not labelled
+
+
+@pytest.mark.parametrize("score, label, subtype", [
+    (0.4999, "ME", None), (0.5, "MU", "partial"), (0.7499, "MU", "partial"), (0.75, "MU", "verbatim"),
+])
+def test_replication_threshold_edges(score, label, subtype):
+    ctx = context(explicit=())
+    out = run(ctx, [gen("u", 0, image(ctx))] + nulls(ctx), {"u": nbrs(score)})["u"]
+    assert (out["label"], out["subtype"]) == (label, subtype)
+
+
+def test_caption_equal_to_the_prompt_is_matching_verbatim():
+    ctx = context(explicit=())
+    out = run(ctx, [gen("u", 0, image(ctx))] + nulls(ctx), {"u": nbrs(0.9, caption="A photo of X!")})["u"]
+    assert out["webster"] == "MV"
+
+
+def test_pixel_confirmation_upgrades_and_detects_templates():
+    ctx = context(explicit=())
+    rows = [gen(u, i, image(ctx)) for i, u in enumerate(["a", "b", "c"])] + nulls(ctx)
+    pixels = {
+        "a": PixelEvidence("t0", (0.05,) * 16),  # SSCD says partial (0.6) but the pixels match everywhere
+        "b": PixelEvidence("t0", (0.05,) * 12 + (0.4,) * 4),  # 75 % of tiles match: a template copy
+        "c": PixelEvidence("t0", None, "FileNotFoundError: gone"),
+    }
+    out = run(ctx, rows, {u: nbrs(0.6) for u in "abc"}, pixels)
+    assert (out["a"]["subtype"], out["a"]["pixel_l2"]) == ("verbatim", pytest.approx(0.05))
+    assert (out["b"]["subtype"], out["b"]["webster"], out["b"]["pixel_tile_share"]) == ("template", "TV", 0.75)
+    assert out["c"]["subtype"] == "partial" and "pixel check unavailable" in out["c"]["reasons"]
 
 
 def test_copy_of_a_common_look_is_not_MU():
-    """Many training images above the copy threshold: a generic look (k > eidetic_k), not one image."""
-    e = unit_vectors(1)
-    out = label_units([gen("u", "p", 0, e[0])], {"u": nbrs(*[0.8] * 11)}, BG, T)[0]
-    assert out["label"] != "MU" and out["eidetic_k"] == 11
-    assert "generic look" in out["reasons"]
-    out = label_units([gen("u", "p", 0, e[0])], {"u": nbrs(*[0.8] * 10)}, BG, T)[0]
-    assert out["label"] == "MU"
+    ctx = context(explicit=())
+    rows = [gen("u", 0, image(ctx))] + nulls(ctx)
+    out = run(ctx, rows, {"u": nbrs(*[0.8] * 11)})["u"]
+    assert out["label"] == "ME" and out["eidetic_k"] == 11 and "common look" in out["reasons"]
+    assert run(ctx, rows, {"u": nbrs(*[0.8] * 10)})["u"]["label"] == "MU"
 
 
-def test_copy_score_below_background_is_not_MU():
-    e = unit_vectors(1)
-    bg = {"sscd": Background("sscd", p95=0.85, n=100)}
-    out = label_units([gen("u", "p", 0, e[0])], {"u": nbrs(0.8)}, bg, T)[0]
-    assert out["label"] != "MU"
-    assert "background p95 0.850" in out["reasons"]
+def test_copy_score_below_the_background_is_not_MU():
+    ctx = context(explicit=())
+    out = run(ctx, [gen("u", 0, image(ctx))] + nulls(ctx), {"u": nbrs(0.8)},
+              background={"sscd": Background("sscd", 0.85, 100)})["u"]
+    assert out["label"] == "ME" and "background p95 0.850" in out["reasons"]
+
+
+# -- ME and the null calibration ---------------------------------------------------------------------
 
 
 def test_entity_rendered_without_copying_is_ME():
-    e = unit_vectors(1)
-    out = label_units([gen("u", "p", 0, e[0], probes=probes(explicit=[("hat", 0.05)]))], {"u": nbrs(0.2)}, BG, T)[0]
-    assert out["label"] == "ME"
-    assert out["entity_presence"] > 0.99
+    ctx = context()
+    out = run(ctx, [gen("u", 0, image(ctx, elements={"hat": 0.05}))] + nulls(ctx), {"u": nbrs(0.2)})["u"]
+    assert out["label"] == "ME" and out["entity_z"] > T.null_z and out["null_images"] == 4
     assert out["elements"][0]["element"] == "hat" and out["elements"][0]["present"]
 
 
-def test_missing_explicit_element_or_entity_is_none():
-    e = unit_vectors(2)
-    rows = [
-        gen("a", "p", 0, e[0], probes=probes(explicit=[("hat", -0.05)])),
-        gen("b", "q", 0, e[1], probes=probes(entity_score=0.2, null_score=0.3)),
-    ]
-    out = by_unit(label_units(rows, {"a": nbrs(0.1), "b": nbrs(0.1)}, BG, T))
-    assert out["a"]["label"] == "none" and "explicit_missing:hat" in out["a"]["flags"]
-    assert out["b"]["label"] == "none" and "entity_rendered" not in out["b"]["flags"]
+def test_entity_presence_is_calibrated_against_the_null_not_a_raw_cut_off():
+    """P(X vs 'a man') = 0.88 looks rendered, but the null images score the same: not rendered."""
+    ctx = context(explicit=())
+    rows = [gen("u", 0, image(ctx, entity=0.22, null=0.20))] + nulls(ctx, entity=0.22, null=0.20, spread=0.01)
+    out = run(ctx, rows, {"u": nbrs(0.1)})["u"]
+    assert out["entity_presence"] > 0.85 and abs(out["entity_z"]) < 1
+    assert out["label"] == "none" and "entity_rendered" not in out["flags"]
+    # Without null images the same image passes the (uncalibrated) zero-shot test.
+    out = run(ctx, [gen("u", 0, image(ctx, entity=0.22, null=0.20))], {"u": nbrs(0.1)})["u"]
+    assert out["label"] == "ME" and "uncalibrated" in out["reasons"]
 
 
-def test_consistent_unrequested_associated_element_is_MI():
-    e = unit_vectors(4)
-    # 'minarets' shown in 3 of 4 seeds (>= consistency 0.5) -> MI in those three; u3 falls back to ME.
-    rows = [
-        gen(f"u{i}", "p", i, e[i], probes=probes(implicit=[("minarets", 0.05 if i < 3 else -0.05)])) for i in range(4)
-    ]
-    out = by_unit(label_units(rows, {f"u{i}": nbrs(0.1) for i in range(4)}, BG, T))
+def test_missing_explicit_element_is_none():
+    ctx = context()
+    out = run(ctx, [gen("u", 0, image(ctx, elements={"hat": -0.05}))] + nulls(ctx), {"u": nbrs(0.1)})["u"]
+    assert out["label"] == "none" and "explicit_missing:hat" in out["flags"] and "missing: 'hat'" in out["reasons"]
+
+
+def test_no_class_noun_falls_back_to_the_clip_floor():
+    ctx = context(explicit=(), entity_class="")
+    low = run(ctx, [gen("u", 0, image(ctx), clip_prompt_score=0.2)], {"u": nbrs(0.1)})["u"]
+    high = run(ctx, [gen("u", 0, image(ctx), clip_prompt_score=0.3)], {"u": nbrs(0.1)})["u"]
+    assert low["label"] == "none" and high["label"] == "ME" and "floor 0.28" in high["reasons"]
+
+
+# -- MI ----------------------------------------------------------------------------------------------
+
+
+def test_consistent_unrequested_implied_element_is_MI():
+    ctx = context(explicit=(), implicit=("minarets",))
+    # shown in 3 of 4 seeds (>= consistency 0.5), never in the null images ('a city')
+    rows = [gen(f"u{i}", i, image(ctx, elements={"minarets": 0.05 if i < 3 else -0.05})) for i in range(4)]
+    out = run(ctx, rows + nulls(ctx, elements={"minarets": -0.05}), {f"u{i}": nbrs(0.1) for i in range(4)})
     assert [out[f"u{i}"]["label"] for i in range(4)] == ["MI", "MI", "MI", "ME"]
-    assert "'minarets'" in out["u0"]["reasons"] and "75% of seeds" in out["u0"]["reasons"]
+    assert "'minarets' (implicit)" in out["u0"]["reasons"] and "75% of seeds" in out["u0"]["reasons"]
 
 
-def test_rare_implied_element_is_not_MI():
-    e = unit_vectors(4)
-    rows = [
-        gen(f"u{i}", "p", i, e[i], probes=probes(implicit=[("minarets", 0.05 if i == 0 else -0.05)])) for i in range(4)
-    ]
-    out = by_unit(label_units(rows, {f"u{i}": nbrs(0.1) for i in range(4)}, BG, T))
+def test_element_the_null_shows_as_well_is_not_MI():
+    ctx = context(explicit=(), implicit=("minarets",))
+    rows = [gen(f"u{i}", i, image(ctx, elements={"minarets": 0.05})) for i in range(4)]
+    both = nulls(ctx, elements={"minarets": 0.05})
+    out = run(ctx, rows + both, {f"u{i}": nbrs(0.1) for i in range(4)})
+    assert {r["label"] for r in out.values()} == {"ME"}
+
+
+def test_implied_element_in_too_few_seeds_is_not_MI():
+    ctx = context(explicit=(), implicit=("minarets",))
+    rows = [gen(f"u{i}", i, image(ctx, elements={"minarets": 0.05 if i == 0 else -0.05})) for i in range(4)]
+    out = run(ctx, rows + nulls(ctx), {f"u{i}": nbrs(0.1) for i in range(4)})
     assert out["u0"]["label"] == "ME" and "implicit:minarets" in out["u0"]["flags"]
 
 
+@pytest.mark.parametrize("lift, support, label", [(3.0, 80, "MI"), (1.5, 80, "ME"), (3.0, 20, "ME")])
+def test_mined_element_needs_lift_and_support(lift, support, label):
+    assoc = EntityAssociations("X", 100, 1000, implied=[Association("domes", support, 30, lift)])
+    ctx = context(explicit=(), mined=("domes",), associations=assoc)
+    rows = [gen(f"u{i}", i, image(ctx, elements={"domes": 0.05})) for i in range(2)]
+    out = run(ctx, rows + nulls(ctx), {"u0": nbrs(0.1), "u1": nbrs(0.1)})
+    assert out["u0"]["label"] == label
+    if label == "MI":
+        assert f"lift {lift:.1f} over {support} training images" in out["u0"]["reasons"]
+
+
 def test_MU_beats_MI():
-    e = unit_vectors(2)
-    rows = [gen(f"u{i}", "p", i, e[i], probes=probes(implicit=[("minarets", 0.05)])) for i in range(2)]
-    out = by_unit(label_units(rows, {"u0": nbrs(0.9), "u1": nbrs(0.1)}, BG, T))
+    ctx = context(explicit=(), implicit=("minarets",))
+    rows = [gen(f"u{i}", i, image(ctx, elements={"minarets": 0.05})) for i in range(2)]
+    out = run(ctx, rows + nulls(ctx), {"u0": nbrs(0.9), "u1": nbrs(0.1)})
     assert out["u0"]["label"] == "MU" and out["u1"]["label"] == "MI"
 
 
+# -- MU (b): instance-specific element ---------------------------------------------------------------
+
+
+def test_instance_specific_element_shown_is_MU():
+    assoc = EntityAssociations("X", 100, 1000, instance=[Association("tattoo", 3, 3, 333.0)])
+    ctx = context(explicit=(), instance=("tattoo",), associations=assoc)
+    rows = [gen("u", 0, image(ctx, elements={"tattoo": 0.05})), gen("v", 1, image(ctx))]
+    out = run(ctx, rows + nulls(ctx), {"u": nbrs(0.1), "v": nbrs(0.1)})
+    assert (out["u"]["label"], out["u"]["subtype"]) == ("MU", "instance_element")
+    assert "'tattoo' (instance)" in out["u"]["reasons"] and "over 3 training images" in out["u"]["reasons"]
+    assert out["v"]["label"] == "ME"
+
+
+# -- none, prompts, failures ---------------------------------------------------------------------------
+
+
 def test_nothing_is_none():
-    e = unit_vectors(1)
-    out = label_units(
-        [gen("u", "p", 0, e[0], probes=probes(entity_score=0.1, null_score=0.3))], {"u": nbrs(0.05)}, BG, T
-    )[0]
+    ctx = context(explicit=())
+    out = run(ctx, [gen("u", 0, image(ctx, entity=0.1, null=0.3))] + nulls(ctx), {"u": nbrs(0.05)})["u"]
     assert out["label"] == "none" and out["flags"] == []
 
 
 def test_consistency_and_memorized_prompt():
-    base = unit_vectors(1, seed=1)[0]
-    noise = unit_vectors(4, seed=2)
-    close = [(base + 0.05 * n) / np.linalg.norm(base + 0.05 * n) for n in noise[:3]]
-    far = noise[3]
-    rows = [gen(f"u{i}", "p", i, v) for i, v in enumerate(close + [far])]
-    out = by_unit(label_units(rows, {f"u{i}": nbrs(0.1) for i in range(4)}, BG, T))
-    assert out["u0"]["consistency"] == pytest.approx(0.75)
-    assert out["u0"]["memorized_prompt"] is True
+    ctx = context(explicit=())
+    base = sscd(1)
+    close = [(base + 0.05 * sscd(10 + i)) / np.linalg.norm(base + 0.05 * sscd(10 + i)) for i in range(3)]
+    rows = [gen(f"u{i}", i, image(ctx), sscd_embedding=v) for i, v in enumerate(close + [sscd(99)])]
+    out = run(ctx, rows, {f"u{i}": nbrs(0.1) for i in range(4)})
+    assert out["u0"]["consistency"] == pytest.approx(0.75) and out["u0"]["memorized_prompt"] is True
     assert out["u0"]["cluster_member"] and not out["u3"]["cluster_member"]
-    lone = label_units([gen("v", "q", 0, far)], {"v": nbrs(0.1)}, BG, T)[0]
+    lone = run(ctx, [gen("v", 0, image(ctx))], {"v": nbrs(0.1)})["v"]
     assert lone["consistency"] == 0.0 and lone["memorized_prompt"] is False
 
 
+def test_noise_norm_threshold_flags_the_prompt():
+    ctx = context(explicit=())
+    rows = [gen("u", 0, image(ctx), noise_norm=5.0), gen("v", 1, image(ctx), noise_norm=3.0)]
+    t = ThresholdsConfig(noise_norm=3.9)
+    assert run(ctx, rows, {"u": nbrs(0.1), "v": nbrs(0.1)}, t=t)["u"]["memorized_prompt"] is True
+    t = ThresholdsConfig(noise_norm=4.1)
+    assert run(ctx, rows, {"u": nbrs(0.1), "v": nbrs(0.1)}, t=t)["u"]["memorized_prompt"] is False
+
+
 def test_failed_units_keep_status_and_get_no_label():
-    e = unit_vectors(1)
-    rows = [
-        gen("ok", "p", 0, e[0]),
-        gen("bad", "p", 1, None, status="failed", error="RuntimeError: boom", probes=None, noise_norm=None),
-    ]
-    out = by_unit(label_units(rows, {"ok": nbrs(0.1)}, BG, T))
+    ctx = context(explicit=())
+    rows = [gen("ok", 0, image(ctx)), gen("bad", 1, None, status="failed", error="RuntimeError: boom",
+                                          sscd_embedding=None, noise_norm=None)]
+    out = run(ctx, rows, {"ok": nbrs(0.1)})
     assert out["bad"]["label"] is None and out["bad"]["status"] == "failed"
-    assert "RuntimeError: boom" in out["bad"]["reasons"]
-    assert out["ok"]["label"] == "ME"
+    assert "RuntimeError: boom" in out["bad"]["reasons"] and out["ok"]["label"] == "ME"
 
 
 def test_largest_cluster_is_connected_component():
     v = np.array([[1, 0], [0.99, 0.141], [0, 1], [0.141, 0.99], [0.2, 0.98]], dtype=np.float32)
     assert largest_cluster(v, 0.95).tolist() == [False, False, True, True, True]
-
-
-def test_presence_helpers():
-    p = probes(explicit=[("hat", 0.02)], implicit=[("beard", -0.02)])
-    el = {e["element"]: e["presence"] for e in element_presence(p, "X")}
-    assert el["hat"] == pytest.approx(1 / (1 + np.exp(-2)))
-    assert el["beard"] == pytest.approx(1 / (1 + np.exp(2)))
-    assert entity_presence(p, "X") == pytest.approx(1 / (1 + np.exp(-10)))
-    assert entity_presence([x for x in p if x["kind"] != "entity_null"], "X") is None

@@ -111,7 +111,7 @@ def test_file_level_problems(tmp_path):
     with pytest.raises(InputError, match="prompt set not found"):
         read_prompts(str(tmp_path / "missing.jsonl"))
     (tmp_path / "p.txt").write_text("x")
-    with pytest.raises(InputError, match="unsupported prompt-set format '.txt'"):
+    with pytest.raises(InputError, match="unsupported format '.txt'"):
         read_prompts(str(tmp_path / "p.txt"))
     (tmp_path / "empty.jsonl").write_text("\n")
     with pytest.raises(InputError, match="missing"):

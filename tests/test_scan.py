@@ -88,9 +88,14 @@ def read(root: Path, table: str):
 
 def test_every_unit_has_a_row_and_the_crash_is_recorded(first_scan):
     cfg, result = first_scan
-    gens = read(Path(cfg.output.uri), "generations").to_pylist()
+    everything = read(Path(cfg.output.uri), "generations").to_pylist()
+    gens = [g for g in everything if g["role"] == "scan"]
     units = {(g["prompt_id"], g["seed"]) for g in gens}
     assert len(gens) == len(units) == 7 * 4  # 7 prompts x 4 seeds, each exactly once
+    # plus 4 null images for each of the 6 prompts with a class noun (the crash prompt has none)
+    nulls = [g for g in everything if g["role"] == "null"]
+    assert len(nulls) == 6 * 4 and all(g["prompt_id"] == g["parent_prompt_id"] + "::null" for g in nulls)
+    assert result.counts["null_units"] == 24
     failed = [g for g in gens if g["status"] == "failed"]
     assert {g["prompt_id"] for g in failed} == {"crash"} and len(failed) == 4
     assert all("injected fault" in g["error"] and g["clip_embedding"] is None for g in failed)
@@ -137,7 +142,7 @@ def test_outputs_are_hive_partitioned_and_read_by_duckdb(first_scan):
         f"max(len(clip_embedding)) d from read_parquet('{root}/generations/**/*.parquet', hive_partitioning=true) "
         f"group by all"
     ).fetchall()
-    assert rows == [("sd-tiny", __import__("datetime").date(2026, 11, 28), 28, 7, 64)]
+    assert rows == [("sd-tiny", __import__("datetime").date(2026, 11, 28), 28 + 24, 13, 64)]
     by_label = dict(
         con.sql(
             f"select label, count(*) from read_parquet('{root}/labels/**/*.parquet') where status='ok' group by label"
@@ -160,7 +165,7 @@ def test_same_config_twice_gives_identical_images_and_embeddings(first_scan, sca
     cfg_a, _ = first_scan
     cfg_b = scan_config("out-b")
     result_b = run_scan(cfg_b)
-    assert result_b.counts["units_generated"] == 28
+    assert result_b.counts["units_generated"] == 28 + 24
     a = {g["unit_id"]: g for g in read(Path(cfg_a.output.uri), "generations").to_pylist()}
     b = {g["unit_id"]: g for g in read(Path(cfg_b.output.uri), "generations").to_pylist()}
     assert a.keys() == b.keys()
@@ -178,14 +183,14 @@ def test_rerun_reuses_units_and_adds_no_duplicate_rows(first_scan, scan_config):
     cfg, first = first_scan
     again = run_scan(scan_config("out-a"))
     assert again.scan_id == first.scan_id
-    assert again.counts["units_generated"] == 0 and again.counts["units_reused"] == 28
+    assert again.counts["units_generated"] == 0 and again.counts["units_reused"] == 28 + 24
     root = Path(cfg.output.uri)
-    assert read(root, "generations").num_rows == 28
+    assert read(root, "generations").num_rows == 28 + 24
     assert len(list((root / "generations").rglob("*.parquet"))) == 1
     # --rerun-failed recomputes only the failed units (they fail again: the fault is deterministic).
     retried = run_scan(scan_config("out-a"), rerun_failed=True)
     assert retried.counts["units_generated"] == 4 and retried.counts["units_failed"] == 4
-    assert read(root, "generations").num_rows == 28
+    assert read(root, "generations").num_rows == 28 + 24
 
 
 def test_dimension_mismatch_found_after_generation_publishes_nothing(ray_two_gpus, scan_config, tmp_path):
@@ -213,3 +218,35 @@ def test_dimension_mismatch_found_after_generation_publishes_nothing(ray_two_gpu
     manifest = json.loads((root / "manifests" / f"{cfg.scan_id}.json").read_text())
     assert manifest["status"] == "failed" and "embedding dimension 16" in manifest["error"]
     assert not list(root.glob("labels/**/*.parquet")) and not list(root.glob("generations/**/*.parquet"))
+
+
+def test_calibrate_fits_thresholds_to_a_pilot_set(first_scan, tmp_path, capsys):
+    """Humans say only the two planted copies are MU: calibration must move `replication` to get there."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import yaml
+
+    from raymem.cli import main
+
+    cfg, result = first_scan
+    labels = read(Path(cfg.output.uri), "labels").to_pylist()
+    planted = {("lighthouse", 0), ("captain", 1)}
+    pilot = [{"unit_id": r["unit_id"], "label": "MU" if (r["prompt_id"], r["seed"]) in planted else "none"}
+             for r in labels if r["status"] == "ok"]
+    pq.write_table(pa.Table.from_pylist(pilot), tmp_path / "pilot.parquet")
+    config = tmp_path / "scan.yaml"
+    config.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    fitted = tmp_path / "fitted.yaml"
+    code = main(["calibrate", str(config), "--pilot", str(tmp_path / "pilot.parquet"), "--target-precision", "1.0",
+                 "--write", str(fitted)])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    mu = next(line for line in out.splitlines() if line.startswith("MU "))
+    assert mu.split()[-2:] == ["1.00", "1.00"]  # after fitting: every planted copy, nothing else
+    thresholds = yaml.safe_load(fitted.read_text())["thresholds"]
+    assert thresholds["replication"] > cfg.thresholds.replication
+    # A pilot row that is not an image of this scan is refused with its row and field.
+    pq.write_table(pa.Table.from_pylist(pilot[:1] + [{"unit_id": "nope", "label": "MU"}]), tmp_path / "bad.parquet")
+    assert main(["calibrate", str(config), "--pilot", str(tmp_path / "bad.parquet")]) == 2
+    err = capsys.readouterr().err
+    assert "bad.parquet: row 2, field 'unit_id': 'nope' is not a scored image of this scan" in err
