@@ -78,7 +78,7 @@ def read_records(source: str, data: bytes) -> tuple[list[str], list[tuple[int, d
                 raise InputError(source, "more values than header columns", row=number)
             rows.append((number, {k: (v if v != "" else None) for k, v in record.items()}))
         return columns, rows
-    raise InputError(source, f"unsupported prompt-set format '{suffix}' (use .parquet, .jsonl or .csv)")
+    raise InputError(source, f"unsupported format '{suffix}' (use .parquet, .jsonl or .csv)")
 
 
 def _text(source: str, number: int, name: str, value: Any, *, required: bool, allow_int: bool = False) -> str:
