@@ -67,14 +67,22 @@ def cmd_scan(args) -> int:
 
 
 def cmd_demo(args) -> int:
+    from raymem import runtime
     from raymem.config import load_config
     from raymem.demo import build_demo
     from raymem.scan import run_scan
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     cfg = load_config(args.config)
-    build_demo(cfg, force=args.rebuild)
-    result = run_scan(cfg)
+    started = runtime.connect(cfg)  # one Ray for building (raymem index) and scanning
+    try:
+        build_demo(cfg, force=args.rebuild)
+        result = run_scan(cfg)
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
     _print_result(result)
     return 0
 
@@ -115,6 +123,49 @@ def cmd_calibrate(args) -> int:
     return 0
 
 
+def cmd_index(args) -> int:
+    from raymem.config import load_index_config
+    from raymem.index import run_index
+
+    cfg = load_index_config(args.config)
+    if args.faiss:
+        cfg = cfg.model_copy(update={"faiss": cfg.faiss.model_copy(update={"enabled": True})})
+    manifest = run_index(cfg)
+    print(
+        f"index {cfg.output}: {manifest['rows']} rows in {manifest['shards']} shards "
+        f"({manifest['shards_embedded_now']} embedded now), {manifest['errors']} unreadable images "
+        f"(see {cfg.output}/_errors/)"
+    )
+    for space, bg in (manifest.get("background") or {}).items():
+        print(f"  background {space}: train-train nearest-neighbour p95 {bg['p95']:.3f} (n={bg['n']})")
+    recall = (manifest.get("faiss") or {}).get("recall") or {}
+    for key, value in recall.items():
+        if key.startswith("recall_"):
+            print(
+                f"  faiss {key[7:]}: recall@{recall['k']} {value:.3f} at nprobe {recall['nprobe']} "
+                f"({recall['exact_seconds']:.2f}s exact vs {recall['faiss_seconds']:.2f}s faiss)"
+            )
+    return 0
+
+
+def cmd_import_embeddings(args) -> int:
+    from raymem import runtime
+    from raymem.config import RayConfig
+    from raymem.index import load_entities
+    from raymem.laion import convert
+
+    started = runtime.connect_ray(RayConfig())
+    try:
+        result = convert(args.root, args.output, load_entities(args.entities) or None)
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+    print(f"converted {result['rows']} rows ({result['dim']}-d) into {result['files']} files under {args.output}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="raymem", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -129,6 +180,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=DEFAULT_DEMO_CONFIG)
     p.add_argument("--rebuild", action="store_true", help="rebuild the demo assets even if present")
     p.set_defaults(fn=cmd_demo)
+
+    p = sub.add_parser("index", help="embed a training set (folder, table or WebDataset) into raymem's Parquet")
+    p.add_argument("config", help="index config YAML (see configs/index-demo.yaml)")
+    p.add_argument("--faiss", action="store_true", help="also build per-shard FAISS IVF indexes and measure recall")
+    p.set_defaults(fn=cmd_index)
+
+    p = sub.add_parser(
+        "import-embeddings", help="convert a clip-retrieval / LAION layout (img_emb/*.npy + metadata/*.parquet)"
+    )
+    p.add_argument("root", help="directory holding img_emb/ and metadata/ (local or s3://)")
+    p.add_argument("output", help="directory for raymem training-embeddings Parquet")
+    p.add_argument("--entities", help="file with one entity name per line, to tag captions")
+    p.set_defaults(fn=cmd_import_embeddings)
 
     p = sub.add_parser("calibrate", help="fit the labeler's thresholds on a human-labelled pilot set")
     p.add_argument("config", help="the config of the scan the pilot images come from")

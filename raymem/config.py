@@ -91,6 +91,13 @@ class TrainingConfig(_Strict):
 class JoinConfig(_Strict):
     k: int = Field(10, ge=1, le=1000, description="neighbours kept per generated image and space")
     batch_rows: int = Field(65_536, ge=1, description="training rows per scoring batch")
+    mode: Literal["exact", "faiss"] = Field(
+        "exact", description="exact streaming top-k, or the FAISS IVF indexes built by `raymem index --faiss`"
+    )
+    nprobe: int = Field(16, ge=1, description="IVF lists searched per query in faiss mode")
+    skip_bad_files: bool = Field(
+        False, description="skip unreadable training Parquet files (listed in the manifest) instead of failing"
+    )
 
 
 class ThresholdsConfig(_Strict):
@@ -215,6 +222,69 @@ def uris_is_local_path(value: str) -> bool:
     return value.startswith("/")
 
 
+class IndexInputConfig(_Strict):
+    kind: Literal["folder", "table", "webdataset"] = Field(
+        description="folder: images (+ same-name .txt captions) below `path`; table: Parquet/JSONL/CSV of image "
+        "paths or URIs with captions; webdataset: .tar shards below `path`"
+    )
+    path: str = Field(description="the folder, table file or shard directory (local or s3://)")
+    image_column: str = Field("image", description="table: column with the image path (relative to the table) or URI")
+    caption_column: str = Field("caption", description="table: caption column")
+    id_column: str | None = Field(None, description="table: id column (default: the image path)")
+
+
+class FaissConfig(_Strict):
+    enabled: bool = Field(False, description="build one IVF index per shard and space (`raymem index --faiss`)")
+    nlist: int | None = Field(None, ge=1, description="IVF lists per shard; default about 4*sqrt(rows)")
+    recall_queries: int = Field(200, ge=1, description="training rows used to measure recall@k against exact")
+    recall_k: int = Field(10, ge=1)
+    nprobe: int = Field(16, ge=1, description="nprobe used for the recall measurement")
+
+
+class IndexResourcesConfig(_Strict):
+    actors: int | None = Field(None, ge=1, description="default: one per GPU, or 1 on a CPU-only cluster")
+    gpus_per_actor: float = Field(1.0, gt=0, le=8)
+    cpus_per_actor: float = Field(1.0, gt=0)
+
+
+class IndexConfig(_Strict):
+    """`raymem index`: embed a training set into raymem's training-embeddings Parquet."""
+
+    input: IndexInputConfig
+    output: str = Field(description="directory (local or s3://) for part-NNNNN.parquet shards and _index.json")
+    embedding: EmbeddingConfig = EmbeddingConfig()
+    entities: list[str] | str | None = Field(
+        None, description="entity names to tag in captions: a list, or a file with one name per line"
+    )
+    shard_size: int = Field(10_000, ge=1, description="images per output shard (folder and table inputs)")
+    batch_size: int = Field(64, ge=1, description="images per embedding batch")
+    background_sample: int = Field(1000, ge=0, description="training rows for the train-train background")
+    faiss: FaissConfig = FaissConfig()
+    resources: IndexResourcesConfig = IndexResourcesConfig()
+    ray: RayConfig = RayConfig()
+
+
+def load_index_config(path: str | os.PathLike[str]) -> IndexConfig:
+    raw = _load_yaml(Path(path))
+    source = str(path)
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the config must be a YAML mapping, got {type(raw).__name__}")
+    raw = json.loads(json.dumps(raw, default=str))
+    for keys in (("input", "path"), ("output",)):
+        node = raw
+        for key in keys[:-1]:
+            node = node.get(key) if isinstance(node, dict) else None
+        if isinstance(node, dict) and isinstance(node.get(keys[-1]), str):
+            node[keys[-1]] = _absolutize(node[keys[-1]])
+    if isinstance(raw.get("entities"), str):
+        raw["entities"] = _absolutize(raw["entities"])
+    raw = _resolve_embedding_paths(raw)
+    try:
+        return IndexConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(source, err)) from None
+
+
 def _absolutize(value: str) -> str:
     """Local paths become absolute; URIs, hub ids and schema-prefixed names pass through."""
     if is_remote(value):
@@ -242,6 +312,10 @@ def _resolve_paths(raw: dict[str, Any]) -> dict[str, Any]:
     model = raw.get("model")
     if isinstance(model, dict) and isinstance(model.get("id"), str) and _looks_local(model["id"]):
         model["id"] = _absolutize(model["id"])
+    return _resolve_embedding_paths(raw)
+
+
+def _resolve_embedding_paths(raw: dict[str, Any]) -> dict[str, Any]:
     emb = raw.get("embedding") if isinstance(raw.get("embedding"), dict) else {}
     clip = emb.get("clip") if isinstance(emb.get("clip"), dict) else {}
     for key in ("model", "pretrained"):
@@ -280,6 +354,10 @@ def parse_config(raw: Any, source: str = "<config>") -> ScanConfig:
 
 def load_config(path: str | os.PathLike[str]) -> ScanConfig:
     path = Path(path)
+    return parse_config(_load_yaml(path), str(path))
+
+
+def _load_yaml(path: Path) -> Any:
     try:
         text = path.read_text()
     except FileNotFoundError:
@@ -293,4 +371,4 @@ def load_config(path: str | os.PathLike[str]) -> ScanConfig:
         where = f" (line {mark.line + 1})" if mark is not None else ""
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
         raise ConfigError(f"{path}: invalid YAML{where}: {problem}") from None
-    return parse_config(raw, str(path))
+    return raw

@@ -23,9 +23,6 @@ import random
 import tempfile
 from pathlib import Path
 
-import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
 from raymem.config import ScanConfig
@@ -216,7 +213,6 @@ def draw_scene(rng: random.Random, entity: str, size: int = 96) -> Image.Image:
 def build_training_world(cfg: ScanConfig, root: Path, per_entity: int = 60, seed: int = DEMO_SEED) -> Path:
     """Training images + captions + entity tags, the planted copies, and their embeddings Parquet."""
     from raymem.diffusion import NoiseNormRecorder, load_pipeline, sample
-    from raymem.encoders import ClipEncoder, CopyDetector
 
     rng = random.Random(seed)
     image_dir = root / "train" / "images"
@@ -230,9 +226,7 @@ def build_training_world(cfg: ScanConfig, root: Path, per_entity: int = 60, seed
             img = draw_scene(rng, entity)
             words = rng.sample(spec[4] + spec[5] + ["daylight", "a field", "the sea", "a street"], 2)
             train_id = f"{spec[0]}-{i:03d}"
-            rows.append(
-                {"train_id": train_id, "caption": f"{entity} with {words[0]} and {words[1]}", "entities": [entity]}
-            )
+            rows.append({"train_id": train_id, "caption": f"{entity} with {words[0]} and {words[1]}"})
             images.append(img)
 
     # Planted copies: the scan's own generations for these units, put into the training set.
@@ -249,39 +243,37 @@ def build_training_world(cfg: ScanConfig, root: Path, per_entity: int = 60, seed
             buf = io.BytesIO()
             img.save(buf, format="JPEG", quality=85)
             img = Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
-        rows.append({"train_id": f"planted-{prompt_id}-seed{seed_}", "caption": spec[1], "entities": [spec[2]]})
+        rows.append({"train_id": f"planted-{prompt_id}-seed{seed_}", "caption": spec[1]})
         images.append(img)
     recorder.close()
 
     for row, img in zip(rows, images):
         path = image_dir / f"{row['train_id']}.png"
         img.save(path)
-        row["image_uri"] = str(path)
+        row["image"] = str(path)
+    random.Random(seed + 1).shuffle(rows)  # planted rows land inside a shard, not at its end
+    table = root / "train" / "images.jsonl"
+    table.write_text("".join(json.dumps({k: r[k] for k in ("train_id", "image", "caption")}) + "\n" for r in rows))
+    # Embedded by `raymem index`, the same path a real training set takes.
+    return index_training_table(cfg, table, entities=list(_ENTITY_STYLE))
 
-    clip = ClipEncoder(cfg.embedding.clip)
-    sscd = CopyDetector(cfg.embedding.copy_detection) if cfg.embedding.copy_detection.model else None
-    clip_emb = np.concatenate([clip.encode_images(images[i : i + 64]) for i in range(0, len(images), 64)])
-    sscd_emb = (
-        np.concatenate([sscd.encode_images(images[i : i + 64]) for i in range(0, len(images), 64)]) if sscd else None
-    )
-    from raymem.schema import embedding_array
 
-    order = list(range(len(rows)))
-    random.Random(seed + 1).shuffle(order)  # planted rows land inside a file, not at its end
-    emb_dir = Path(cfg.training.embeddings)
-    emb_dir.mkdir(parents=True, exist_ok=True)
-    for n, part in enumerate(np.array_split(np.array(order), 3)):
-        cols = {
-            "train_id": pa.array([rows[i]["train_id"] for i in part], pa.string()),
-            "clip_embedding": embedding_array(clip_emb[part], clip.dim),
-            "caption": pa.array([rows[i]["caption"] for i in part], pa.string()),
-            "image_uri": pa.array([rows[i]["image_uri"] for i in part], pa.string()),
-            "entities": pa.array([rows[i]["entities"] for i in part], pa.list_(pa.string())),
+def index_training_table(cfg: ScanConfig, table: Path, entities: list[str]) -> Path:
+    from raymem.config import IndexConfig
+    from raymem.index import run_index
+
+    index_cfg = IndexConfig.model_validate(
+        {
+            "input": {"kind": "table", "path": str(table), "image_column": "image", "id_column": "train_id"},
+            "output": cfg.training.embeddings,
+            "embedding": cfg.embedding.model_dump(mode="json"),
+            "entities": entities,
+            "shard_size": 150,
+            "background_sample": 300,
         }
-        if sscd_emb is not None:
-            cols["sscd_embedding"] = embedding_array(sscd_emb[part], sscd.dim)
-        pq.write_table(pa.table(cols), emb_dir / f"part-{n:05d}.parquet")
-    return emb_dir
+    )
+    run_index(index_cfg)
+    return Path(cfg.training.embeddings)
 
 
 def write_prompts(path: Path) -> Path:

@@ -32,6 +32,13 @@ class InputError(RaymemError):
             where += f", field '{field}'" if row is not None else f": field '{field}'"
         super().__init__(f"{where}: {problem}")
 
+    def __reduce__(self):  # raised inside Ray workers: must cross the process boundary intact
+        return _rebuild_input_error, (self.source, self.problem, self.row, self.field)
+
+
+def _rebuild_input_error(source, problem, row, field):
+    return InputError(source, problem, row=row, field=field)
+
 
 class ScanFailed(RaymemError):
     """The scan ran but could not complete; nothing was published as complete."""

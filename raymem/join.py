@@ -1,14 +1,20 @@
-"""The nearest-neighbour join: exact top-k of every generated image against the training embeddings.
+"""The nearest-neighbour join: top-k of every generated image against the training embeddings.
 
-The training table (Parquet, local or s3://) is streamed by Ray Data in batches of `join.batch_rows`
-through an actor pool; each actor holds the query matrices (put once in the object store), scores a
-batch with one matrix product per query tile, and returns only the batch's top-k per query. The
-driver folds those candidates into a running (Q, k) top-k. Peak memory is bounded by the batch size and
-Q * k, never by the number of training rows.
+Exact mode streams the training table (raymem Parquet, or the clip-retrieval / LAION layout
+`img_emb/img_emb_N.npy` + `metadata/metadata_N.parquet` read in place; local or s3://) through a Ray
+Data actor pool in batches of `join.batch_rows`. Each actor holds the query matrices (put once in the
+object store), scores a batch with one matrix product per query tile (on its GPU when Ray gave it
+one), checks the batch's embeddings (dimension, NaN/inf, zero norm), and returns only that batch's
+top-k per query. The driver folds candidates into a running (Q, k) top-k with vectorised sorts.
+Peak memory is bounded by the batch size and Q * k, never by the number of training rows.
+
+FAISS mode searches per shard the IVF indexes `raymem index --faiss` built next to the shards, and
+merges the per-shard top-k the same way: approximate, with recall measured at index time.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
 
@@ -16,6 +22,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from raymem import runtime
 from raymem import uri as uris
 from raymem.errors import InputError
 from raymem.schema import TRAIN_REQUIRED, embedding_matrix
@@ -24,18 +31,25 @@ log = logging.getLogger(__name__)
 
 SPACE_COLUMNS = {"clip": "clip_embedding", "sscd": "sscd_embedding"}
 META_COLUMNS = ("caption", "image_uri", "entities")
+CLIP_RETRIEVAL = "clip-retrieval:"
+INDEX_MANIFEST = "_index.json"
 # Scores per query tile: bounds the (tile, batch) score matrix to ~256 MiB of float32.
 MAX_SCORE_ELEMENTS = 64 * 1024 * 1024
 
 
 @dataclass
 class TrainingTable:
-    """What the driver learned from the Parquet footers before streaming."""
+    """What the driver learned from the files' footers/headers before streaming."""
 
-    files: list[str]
+    uri: str
+    files: list[str]  # Parquet files (clip-retrieval: the metadata files)
     dims: dict[str, int]  # space -> embedding dimension
     columns: list[str]
     num_rows: int
+    layout: str = "parquet"  # parquet | clip-retrieval
+    embedding_files: list[str] = field(default_factory=list)  # clip-retrieval: img_emb_N.npy, aligned
+    skipped: list[str] = field(default_factory=list)  # "path: why", for files skipped as unreadable
+    index: dict | None = None  # _index.json of a `raymem index` output, when present
 
 
 def _embedding_dim(source: str, schema: pa.Schema, column: str) -> int | None:
@@ -47,8 +61,20 @@ def _embedding_dim(source: str, schema: pa.Schema, column: str) -> int | None:
     raise InputError(source, f"expected a list of float32, got {t}", field=column)
 
 
-def inspect_training(uri: str, spaces: dict[str, int]) -> TrainingTable:
-    """Validate the training table's files (footers only) against the scan's embedding spaces."""
+def _read_index_manifest(uri: str) -> dict | None:
+    if uris.is_remote(uri) or uris.is_dir(uri):
+        path = uris.join(uri, INDEX_MANIFEST)
+        if uris.exists(path):
+            return json.loads(uris.read_bytes(path))
+    return None
+
+
+def inspect_training(uri: str, spaces: dict[str, int], *, skip_bad_files: bool = False) -> TrainingTable:
+    """Validate the training table (footers and headers only) against the scan's embedding spaces."""
+    if uri.startswith(CLIP_RETRIEVAL):
+        from raymem.laion import inspect_clip_retrieval
+
+        return inspect_clip_retrieval(uri[len(CLIP_RETRIEVAL) :], spaces)
     try:
         files = uris.list_files(uri, ".parquet")
     except OSError as err:
@@ -58,34 +84,56 @@ def inspect_training(uri: str, spaces: dict[str, int]) -> TrainingTable:
     columns: list[str] | None = None
     dims: dict[str, int] = {}
     num_rows = 0
+    good, skipped = [], []
     for path in files:
         fs, p = uris.filesystem(path)
         try:
             meta = pq.read_metadata(p, filesystem=fs)
         except (OSError, pa.ArrowInvalid) as err:
+            if skip_bad_files:
+                log.warning("skipping unreadable training file %s: %s", path, err)
+                skipped.append(f"{path}: {err}")
+                continue
             raise InputError(path, f"not a readable Parquet file: {err}") from None
         schema = meta.schema.to_arrow_schema()
         for name in TRAIN_REQUIRED:
             if name not in schema.names:
                 raise InputError(path, "required column is missing", field=name)
-        for space, expected in spaces.items():
-            col = SPACE_COLUMNS[space]
+        for space, col in SPACE_COLUMNS.items():
             if col not in schema.names:
                 if space == "clip":
                     raise InputError(path, "required column is missing", field=col)
                 continue
             dim = _embedding_dim(path, schema, col)
-            if dim is not None and dim != expected:
+            expected = spaces.get(space)
+            if dim is not None and expected is not None and dim != expected:
                 raise InputError(
                     path, f"embedding dimension {dim} does not match the scan's {space} model ({expected})", field=col
                 )
-            dims[space] = expected
+            if dims.get(space) not in (None, dim or expected):
+                raise InputError(
+                    path, f"embedding dimension {dim} differs from the other files' ({dims[space]})", field=col
+                )
+            if dim or expected:
+                dims[space] = dim or expected
         names = [n for n in schema.names if n in ("train_id", *SPACE_COLUMNS.values(), *META_COLUMNS)]
         columns = names if columns is None else [c for c in columns if c in names]
         num_rows += meta.num_rows
+        good.append(path)
     if num_rows == 0:
         raise InputError(uri, "the training table has no rows")
-    return TrainingTable(files=files, dims=dims, columns=columns or [], num_rows=num_rows)
+    # An optional column (sscd_embedding) is only usable when every file has it, and only the scan's
+    # spaces are joined (when the scan names them).
+    dims = {s: d for s, d in dims.items() if SPACE_COLUMNS[s] in (columns or []) and (not spaces or s in spaces)}
+    return TrainingTable(
+        uri=uri,
+        files=good,
+        dims=dims,
+        columns=columns or [],
+        num_rows=num_rows,
+        skipped=skipped,
+        index=_read_index_manifest(uri),
+    )
 
 
 @dataclass
@@ -97,8 +145,35 @@ class Queries:
     exclude_self: bool = False  # background queries: skip the query's own training row
 
 
-def _to_text(col: pa.Array) -> pa.Array:
+def _to_text(col) -> pa.Array:
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks()
     return col if pa.types.is_string(col.type) else col.cast(pa.string())
+
+
+def _batch_source(batch: pa.Table) -> str:
+    return batch.column("path")[0].as_py() if "path" in batch.column_names and batch.num_rows else "training table"
+
+
+def checked_matrix(batch: pa.Table, column: str, dim: int) -> np.ndarray:
+    """The batch's embeddings as (n, dim), L2-normalised; bad values are a one-line error naming the file."""
+    source = _batch_source(batch)
+    try:
+        x = embedding_matrix(batch.column(column))
+    except (ValueError, TypeError) as err:
+        raise InputError(source, str(err), field=column) from None
+    if x.shape[1] != dim:
+        raise InputError(source, f"embedding dimension {x.shape[1]} does not match the scan's ({dim})", field=column)
+    sq = np.einsum("ij,ij->i", x, x)
+    bad = np.flatnonzero(~np.isfinite(sq) | (sq <= 0))
+    if len(bad):
+        i = int(bad[0])
+        what = "is zero" if np.isfinite(sq[i]) else "has NaN or inf values"
+        tid = _to_text(batch.column("train_id"))[i].as_py()
+        raise InputError(source, f"the embedding of train_id '{tid}' {what} ({len(bad)} bad row(s))", field=column)
+    if np.abs(sq - 1.0).max() > 1e-3:  # not normalised: make the scores cosines
+        x = x / np.sqrt(sq)[:, None]
+    return np.ascontiguousarray(x, dtype=np.float32)
 
 
 class TopKScorer:
@@ -114,96 +189,135 @@ class TopKScorer:
         self.k = k
         self.query_sets = [
             (
-                qs_name,
+                name,
                 {s: torch.from_numpy(np.array(m, dtype=np.float32)).to(self.device) for s, m in qs.matrices.items()},
                 qs.exclude_self,
             )
-            for qs_name, qs in queries.items()
+            for name, qs in queries.items()
         ]
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         import torch
 
-        train_ids = _to_text(batch.column("train_id").combine_chunks())
         n = batch.num_rows
-        out = []
-        for qs_name, mats, exclude_self in self.query_sets:
+        parts = []
+        for name, mats, exclude_self in self.query_sets:
             for space, q in mats.items():
                 col = SPACE_COLUMNS[space]
-                if col not in batch.column_names:
+                if col not in batch.column_names or n == 0:
                     continue
-                try:
-                    x = embedding_matrix(batch.column(col))
-                except ValueError as err:
-                    path = batch.column("path")[0].as_py() if "path" in batch.column_names else "training table"
-                    raise InputError(path, str(err), field=col) from None
-                if x.shape[1] != q.shape[1]:
-                    path = batch.column("path")[0].as_py() if "path" in batch.column_names else "training table"
-                    raise InputError(
-                        path, f"embedding dimension {x.shape[1]} does not match the scan's ({q.shape[1]})", field=col
-                    )
-                xt = torch.from_numpy(x).to(self.device)
+                xt = torch.from_numpy(checked_matrix(batch, col, q.shape[1])).to(self.device)
                 k = min(self.k + (1 if exclude_self else 0), n)
-                tile = max(1, MAX_SCORE_ELEMENTS // max(1, n))
+                tile = max(1, MAX_SCORE_ELEMENTS // n)
                 for start in range(0, q.shape[0], tile):
-                    scores = q[start : start + tile] @ xt.T
-                    vals, idx = torch.topk(scores, k, dim=1)
+                    vals, idx = torch.topk(q[start : start + tile] @ xt.T, k, dim=1)
                     vals, idx = vals.cpu().numpy(), idx.cpu().numpy()
                     rows = np.repeat(np.arange(start, start + vals.shape[0], dtype=np.int32), k)
-                    out.append((qs_name, space, rows, vals.reshape(-1), idx.reshape(-1)))
-        return _candidates_table(batch, train_ids, out)
+                    parts.append((name, space, rows, vals.reshape(-1), idx.reshape(-1)))
+        return candidates_table(batch, parts)
 
 
-def _candidates_table(batch: pa.Table, train_ids: pa.Array, parts) -> pa.Table:
+def candidates_table(batch: pa.Table, parts) -> pa.Table:
+    """[(query_set, space, query rows, scores, batch row indices)] -> one candidates table."""
     if not parts:
         return pa.table({"query_set": pa.array([], pa.string())})
-    take = np.concatenate([p[4] for p in parts])
+    take = pa.array(np.concatenate([p[4] for p in parts]))
     cols = {
         "query_set": pa.array(np.concatenate([np.full(len(p[2]), p[0], dtype=object) for p in parts]), pa.string()),
         "space": pa.array(np.concatenate([np.full(len(p[2]), p[1], dtype=object) for p in parts]), pa.string()),
         "query": pa.array(np.concatenate([p[2] for p in parts]), pa.int32()),
         "score": pa.array(np.concatenate([p[3] for p in parts]).astype(np.float32)),
-        "train_id": train_ids.take(pa.array(take)),
+        "train_id": _to_text(batch.column("train_id")).take(take),
     }
-    for name in META_COLUMNS:
+    for name in (*META_COLUMNS, "path"):
         if name in batch.column_names:
-            col = batch.column(name).combine_chunks().take(pa.array(take))
-            cols[name] = _to_text(col) if name != "entities" else col
+            col = batch.column(name).combine_chunks().take(take)
+            cols[name] = col if name == "entities" else _to_text(col)
     return pa.table(cols)
 
 
-@dataclass
 class RunningTopK:
-    """Per-query top-k kept on the driver: (Q, k) scores plus the rows' metadata."""
+    """Per-query top-k kept on the driver: (Q, k) scores and ids, plus the kept rows' metadata.
 
-    num_queries: int
-    k: int
-    scores: np.ndarray = field(init=False)
-    rows: list[list[dict]] = field(init=False)
+    Candidates are folded with one lexicographic sort (query, -score, train_id): results never
+    depend on the order batches arrive in, ties included.
+    """
 
-    def __post_init__(self):
-        self.scores = np.full((self.num_queries, self.k), -np.inf, dtype=np.float32)
-        self.rows = [[] for _ in range(self.num_queries)]
+    def __init__(self, num_queries: int, k: int, exclude: list[str] | None = None):
+        self.num_queries, self.k = num_queries, k
+        self.scores = np.full((num_queries, k), -np.inf, dtype=np.float32)
+        self.ids = np.full((num_queries, k), None, dtype=object)
+        self.paths = np.full((num_queries, k), None, dtype=object)
+        self.meta: dict[str, dict] = {}
+        self.exclude = np.asarray(exclude, dtype=object) if exclude is not None else None
 
-    def add(self, query: np.ndarray, score: np.ndarray, meta: list[dict], exclude: list[str] | None = None) -> None:
-        order = np.argsort(query, kind="stable")
-        query, score = query[order], score[order]
-        meta = [meta[i] for i in order]
-        bounds = np.flatnonzero(np.diff(query)) + 1
-        for start, stop in zip(np.r_[0, bounds], np.r_[bounds, len(query)]):
-            q = int(query[start])
-            merged = self.rows[q] + [
-                {**meta[i], "score": float(score[i])}
-                for i in range(start, stop)
-                if exclude is None or meta[i]["train_id"] != exclude[q]
-            ]
-            # Highest score first; ties broken by train_id so results never depend on batch order.
-            merged.sort(key=lambda r: (-r["score"], r["train_id"]))
-            self.rows[q] = merged[: self.k]
-            if self.rows[q]:
-                self.scores[q, : len(self.rows[q])] = [r["score"] for r in self.rows[q]]
+    def add(self, query: np.ndarray, score: np.ndarray, ids: np.ndarray, paths: np.ndarray, meta: list[dict]) -> None:
+        query, score = np.asarray(query, np.int64), np.asarray(score, np.float32)
+        ids, paths = np.asarray(ids, dtype=object), np.asarray(paths, dtype=object)
+        if self.exclude is not None:
+            keep = ids != self.exclude[query]
+            query, score, ids, paths = query[keep], score[keep], ids[keep], paths[keep]
+            meta = [m for m, k in zip(meta, keep) if k]
+        held = np.isfinite(self.scores)
+        q_all = np.concatenate([np.nonzero(held)[0], query])
+        s_all = np.concatenate([self.scores[held], score])
+        id_all = np.concatenate([self.ids[held], ids])
+        path_all = np.concatenate([self.paths[held], paths])
+        uniq, id_rank = np.unique(id_all.astype(str), return_inverse=True)
+        order = np.lexsort((id_rank, -s_all, q_all))
+        q_all, s_all, id_all, path_all, id_rank = (a[order] for a in (q_all, s_all, id_all, path_all, id_rank))
+        same = (q_all[1:] == q_all[:-1]) & (id_rank[1:] == id_rank[:-1])
+        if same.any():
+            i = int(np.flatnonzero(same)[0])
+            where = (path_all[i], path_all[i + 1])
+            if where[0] != where[1]:
+                raise InputError(
+                    str(where[1]), f"duplicate train_id '{id_all[i]}' (also in {where[0]})", field="train_id"
+                )
+            raise InputError(str(where[0]), f"duplicate train_id '{id_all[i]}'", field="train_id")
+        starts = np.searchsorted(q_all, np.arange(self.num_queries))
+        rank = np.arange(len(q_all)) - starts[q_all]
+        keep = rank < self.k
+        self.scores.fill(-np.inf)
+        self.ids.fill(None)
+        self.paths.fill(None)
+        self.scores[q_all[keep], rank[keep]] = s_all[keep]
+        self.ids[q_all[keep], rank[keep]] = id_all[keep]
+        self.paths[q_all[keep], rank[keep]] = path_all[keep]
+        for tid, m in zip(ids, meta):
+            self.meta.setdefault(tid, m)
+        if len(self.meta) > 4 * self.num_queries * self.k:  # forget rows that fell out of every top-k
+            live = set(self.ids[np.isfinite(self.scores)])
+            self.meta = {t: m for t, m in self.meta.items() if t in live}
+
+    @property
+    def rows(self) -> list[list[dict]]:
+        out = []
+        for q in range(self.num_queries):
+            row = []
+            for j in range(self.k):
+                if not np.isfinite(self.scores[q, j]):
+                    break
+                tid = self.ids[q, j]
+                row.append({**self.meta.get(tid, {}), "train_id": tid, "score": float(self.scores[q, j])})
+            out.append(row)
+        return out
 
 
+def training_dataset(training: TrainingTable, spaces: list[str], *, override_num_blocks: int | None = None):
+    """A Ray Dataset of the training rows (ids, embeddings of `spaces`, metadata, source path)."""
+    import ray
+
+    if training.layout == "clip-retrieval":
+        from raymem.laion import clip_retrieval_dataset
+
+        return clip_retrieval_dataset(training, override_num_blocks=override_num_blocks)
+    columns = ["train_id", *[SPACE_COLUMNS[s] for s in spaces], *[c for c in META_COLUMNS if c in training.columns]]
+    ds = ray.data.read_parquet(training.files, include_paths=True, override_num_blocks=override_num_blocks)
+    return ds.select_columns([*columns, "path"])
+
+
+@runtime.reraise_user_errors
 def nearest_neighbours(
     training: TrainingTable,
     queries: dict[str, Queries],
@@ -212,53 +326,60 @@ def nearest_neighbours(
     batch_rows: int,
     actors: int = 1,
     remote_args: dict | None = None,
-    filesystem=None,
+    mode: str = "exact",
+    nprobe: int = 16,
 ) -> dict[str, dict[str, RunningTopK]]:
-    """Exact top-k for every query set and space: {query_set: {space: RunningTopK}}."""
+    """Top-k for every query set and space: {query_set: {space: RunningTopK}}."""
     import ray
 
-    columns = [
-        "train_id",
-        *[SPACE_COLUMNS[s] for s in training.dims],
-        *[c for c in META_COLUMNS if c in training.columns],
-    ]
     queries_ref = ray.put(queries)
-    ds = ray.data.read_parquet(training.files, filesystem=filesystem, include_paths=True).select_columns(
-        [*columns, "path"]
-    )
-    candidates = ds.map_batches(
-        TopKScorer,
-        fn_constructor_kwargs={"queries_ref": queries_ref, "k": k},
-        batch_size=batch_rows,
-        batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=actors),
-        **(remote_args or {"num_cpus": 1}),
-    )
+    if mode == "faiss":
+        from raymem.faiss_index import faiss_candidates
+
+        candidates = faiss_candidates(training, queries_ref, k, nprobe, actors=actors)
+    else:
+        # At least two blocks per actor, so every actor has work even when the table is one file.
+        ds = training_dataset(training, list(training.dims), override_num_blocks=max(2 * actors, len(training.files)))
+        candidates = ds.map_batches(
+            TopKScorer,
+            fn_constructor_kwargs={"queries_ref": queries_ref, "k": k},
+            batch_size=batch_rows,
+            batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(size=actors),
+            **(remote_args or {"num_cpus": 1}),
+        )
     result = {
-        name: {space: RunningTopK(len(qs.ids), k) for space in qs.matrices if space in training.dims}
+        name: {
+            space: RunningTopK(len(qs.ids), k, exclude=qs.ids if qs.exclude_self else None)
+            for space in qs.matrices
+            if space in training.dims
+        }
         for name, qs in queries.items()
     }
     for batch in candidates.iter_batches(batch_format="pyarrow", batch_size=None):
-        if batch.num_rows == 0:
-            continue
-        _fold(batch, queries, result)
+        if batch.num_rows:
+            fold(batch, result)
     return result
 
 
-def _fold(batch: pa.Table, queries: dict[str, Queries], result) -> None:
-    metas = batch.drop_columns([c for c in ("query_set", "space", "query", "score") if c in batch.column_names])
-    meta_rows = metas.to_pylist()
+def fold(batch: pa.Table, result: dict[str, dict[str, RunningTopK]]) -> None:
     query_set = batch.column("query_set").to_numpy(zero_copy_only=False)
     space = batch.column("space").to_numpy(zero_copy_only=False)
     query = batch.column("query").to_numpy()
     score = batch.column("score").to_numpy()
+    ids = batch.column("train_id").to_numpy(zero_copy_only=False)
+    paths = (
+        batch.column("path").to_numpy(zero_copy_only=False)
+        if "path" in batch.column_names
+        else np.full(len(ids), None, dtype=object)
+    )
+    meta_cols = [c for c in META_COLUMNS if c in batch.column_names]
     for name in np.unique(query_set):
         for sp in np.unique(space[query_set == name]):
             sel = np.flatnonzero((query_set == name) & (space == sp))
-            qs = queries[name]
-            result[name][sp].add(
-                query[sel], score[sel], [meta_rows[i] for i in sel], exclude=qs.ids if qs.exclude_self else None
-            )
+            meta_table = batch.select(meta_cols).take(pa.array(sel)) if meta_cols else None
+            meta = meta_table.to_pylist() if meta_table is not None else [{}] * len(sel)
+            result[name][sp].add(query[sel], score[sel], ids[sel], paths[sel], meta)
 
 
 def background_sample(training: TrainingTable, n: int, spaces: list[str]) -> Queries | None:
@@ -269,6 +390,10 @@ def background_sample(training: TrainingTable, n: int, spaces: list[str]) -> Que
     spaces = [s for s in spaces if s in training.dims]
     if not spaces or n <= 0:
         return None
+    if training.layout == "clip-retrieval":
+        from raymem.laion import clip_retrieval_sample
+
+        return clip_retrieval_sample(training, n)
     step = max(1, len(training.files) // n)
     files = training.files[::step][:n]
     per_file = max(1, -(-n // len(files)))
@@ -280,9 +405,10 @@ def background_sample(training: TrainingTable, n: int, spaces: list[str]) -> Que
         batch = next(pf.iter_batches(batch_size=per_file, columns=columns), None)
         if batch is None:
             continue
+        batch = pa.Table.from_batches([batch]).append_column("path", pa.array([path] * batch.num_rows))
         ids += _to_text(batch.column("train_id")).to_pylist()
         for s in spaces:
-            mats[s].append(embedding_matrix(batch.column(SPACE_COLUMNS[s])))
+            mats[s].append(checked_matrix(batch, SPACE_COLUMNS[s], training.dims[s]))
         if len(ids) >= n:
             break
     if not ids:
@@ -290,24 +416,37 @@ def background_sample(training: TrainingTable, n: int, spaces: list[str]) -> Que
     return Queries(ids=ids[:n], matrices={s: np.concatenate(m)[:n] for s, m in mats.items()}, exclude_self=True)
 
 
-def entity_frequencies(training: TrainingTable, entities: set[str], filesystem=None) -> dict[str, int]:
+def background_from(result: dict[str, RunningTopK]) -> dict[str, dict]:
+    """Percentiles of the train-train nearest-neighbour similarity per space."""
+    out = {}
+    for space, running in result.items():
+        top1 = running.scores[:, 0]
+        top1 = top1[np.isfinite(top1)].astype(np.float64)
+        if len(top1):
+            out[space] = {
+                "n": int(len(top1)),
+                **{f"p{q}": float(np.percentile(top1, q)) for q in (50, 75, 90, 95, 99)},
+            }
+    return out
+
+
+@runtime.reraise_user_errors
+def entity_frequencies(training: TrainingTable, entities: set[str]) -> dict[str, int]:
     """How many training rows carry each entity tag (streamed; only the `entities` column is read)."""
     import ray
 
-    if "entities" not in training.columns or not entities:
+    if "entities" not in training.columns or not entities or training.layout != "parquet":
         return {}
     wanted = sorted(entities)
 
     def count(batch: pa.Table) -> pa.Table:
         import pyarrow.compute as pc
 
-        flat = pc.list_flatten(batch.column("entities"))
-        counts = pc.value_counts(flat)
-        values = counts.field("values").to_pylist()
-        totals = dict(zip(values, counts.field("counts").to_pylist()))
+        counts = pc.value_counts(pc.list_flatten(batch.column("entities")))
+        totals = dict(zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist()))
         return pa.table({"entity": wanted, "n": [int(totals.get(e, 0)) for e in wanted]})
 
-    ds = ray.data.read_parquet(training.files, filesystem=filesystem).select_columns(["entities"])
+    ds = ray.data.read_parquet(training.files).select_columns(["entities"])
     totals = {e: 0 for e in wanted}
     for batch in ds.map_batches(count, batch_format="pyarrow", batch_size=65_536).iter_batches(
         batch_format="pyarrow", batch_size=None

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 
+from raymem import runtime
 from raymem.join import TrainingTable
 
 STOPWORDS = frozenset(
@@ -105,6 +106,7 @@ def _stream(training: TrainingTable, columns: list[str], fn, kwargs) -> list[pa.
     return list(out.iter_batches(batch_format="pyarrow", batch_size=None))
 
 
+@runtime.reraise_user_errors
 def mine_associations(
     training: TrainingTable,
     excluded: dict[str, set[str]],

@@ -10,27 +10,39 @@ import os
 import sys
 from dataclasses import dataclass
 
-from raymem.config import ScanConfig
+from raymem.config import RayConfig, ScanConfig
 
 log = logging.getLogger(__name__)
 
 
 def connect(cfg: ScanConfig) -> bool:
     """Connect to (or start) Ray; True when this call started it and should shut it down."""
+    return connect_ray(cfg.ray)
+
+
+def connect_ray(ray_cfg: RayConfig) -> bool:
     import ray
 
     if ray.is_initialized():
         return False
-    address = cfg.ray.address or os.environ.get("RAY_ADDRESS") or "local"
+    address = ray_cfg.address or os.environ.get("RAY_ADDRESS") or "local"
     kwargs = {"address": address, "logging_level": logging.WARNING, "log_to_driver": True}
-    if cfg.ray.runtime_env:
-        kwargs["runtime_env"] = cfg.ray.runtime_env
+    if ray_cfg.runtime_env:
+        kwargs["runtime_env"] = ray_cfg.runtime_env
     if address == "local":
         kwargs["include_dashboard"] = False
     ray.init(**kwargs)
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = sys.stderr.isatty()
+    ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
     return True
+
+
+def data_context():
+    """The driver's Ray Data context, set so a bad-input error raised in a stage reaches us as itself."""
+    import ray
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.raise_original_map_exception = True
+    return ctx
 
 
 @dataclass(frozen=True)
@@ -89,3 +101,46 @@ def plan_join(cfg: ScanConfig) -> StagePlan:
     cpus = cluster_cpus()
     actors = max(1, min(actors, int(max(cpus - 1, 1))))
     return StagePlan(actors=actors, num_gpus=0.0, num_cpus=1.0 if cpus - 1 >= actors else 0.5)
+
+
+def user_error(err: BaseException) -> BaseException | None:
+    """The raymem error (bad input, ...) a Ray task or actor raised, unwrapped from Ray's wrappers."""
+    from raymem.errors import RaymemError
+
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        cause = getattr(err, "cause", None)
+        if isinstance(cause, RaymemError):
+            return cause  # Ray's RayTaskError(InputError) subclasses the error but prints a traceback
+        if isinstance(err, RaymemError) and not type(err).__name__.startswith("RayTaskError"):
+            return err
+        err = cause or err.__cause__ or err.__context__
+    return None
+
+
+def summarize_error(err: BaseException) -> str:
+    """One line for an unexpected failure: Ray's wrappers put the real exception on the last line."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    head = f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
+    if len(lines) > 1 and lines[-1] not in head:
+        head = f"{head} ... {lines[-1]}"
+    return head[:1000]
+
+
+def reraise_user_errors(fn):
+    """Decorator: a RaymemError raised inside Ray reaches the caller as itself (one line), not a traceback."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        data_context()
+        try:
+            return fn(*args, **kwargs)
+        except Exception as err:
+            inner = user_error(err)
+            if inner is not None and inner is not err:
+                raise inner from None
+            raise
+
+    return wrapper

@@ -83,7 +83,8 @@ def run_scan(cfg: ScanConfig, *, rerun_failed: bool = False) -> ScanResult:
     with timer("validate_inputs"):
         # Bad input fails here, before Ray, models or any output exist.
         prompts = read_prompts(cfg.prompts)
-        joins.inspect_training(cfg.training.embeddings, {})
+        joins.inspect_training(cfg.training.embeddings, {}, skip_bad_files=cfg.join.skip_bad_files)
+        check_model_sources(cfg)
     started_at = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     outputs.write_manifest("running", started_at=started_at)
     started_ray = False
@@ -97,11 +98,14 @@ def run_scan(cfg: ScanConfig, *, rerun_failed: bool = False) -> ScanResult:
         return result
     except BaseException as err:
         outputs.discard()
-        message = str(err) if isinstance(err, RaymemError) else f"{type(err).__name__}: {err}"
+        inner = runtime.user_error(err)
+        message = str(inner) if inner is not None else runtime.summarize_error(err)
         outputs.write_manifest("failed", started_at=started_at, error=message, timings=timer.timings)
+        if inner is not None and inner is not err:
+            raise inner from None
         if isinstance(err, RaymemError) or not isinstance(err, Exception):
             raise
-        raise ScanFailed(f"scan {cfg.scan_id} failed: {message}") from err
+        raise ScanFailed(f"scan {cfg.scan_id} failed: {message} (details in the Ray worker logs)") from err
     finally:
         if started_ray:
             import ray
@@ -178,7 +182,8 @@ def _run(cfg: ScanConfig, outputs: ScanOutputs, prompts, timer, rerun_failed: bo
     from raymem.diffusion import model_fingerprint
 
     scan_id = outputs.scan_id
-    training = joins.inspect_training(cfg.training.embeddings, {})
+    runtime.data_context()
+    training = joins.inspect_training(cfg.training.embeddings, {}, skip_bad_files=cfg.join.skip_bad_files)
     contexts = _contexts(cfg, prompts, training, timer)
     text_cache = TextCache(outputs.text_cache)
     wanted_texts = {p.text for ctx in contexts.values() for p in ctx.probes}
@@ -211,14 +216,16 @@ def _run(cfg: ScanConfig, outputs: ScanOutputs, prompts, timer, rerun_failed: bo
 
     # --- join -------------------------------------------------------------------------------------
     with timer("join"):
-        training = joins.inspect_training(cfg.training.embeddings, spaces)
+        training = joins.inspect_training(cfg.training.embeddings, spaces, skip_bad_files=cfg.join.skip_bad_files)
         query_ids = ok.column("unit_id").to_pylist()
         queries = {
             "units": joins.Queries(
                 ids=query_ids, matrices={s: embedding_matrix(ok.column(joins.SPACE_COLUMNS[s])) for s in training.dims}
             )
         }
-        bg = joins.background_sample(training, BACKGROUND_SAMPLE, list(training.dims))
+        # The index's precomputed background when `raymem index` wrote one, else a sample in this pass.
+        stored = (training.index or {}).get("background") or {}
+        bg = None if stored else joins.background_sample(training, BACKGROUND_SAMPLE, list(training.dims))
         if bg is not None:
             queries["background"] = bg
         plan = runtime.plan_join(cfg)
@@ -230,6 +237,8 @@ def _run(cfg: ScanConfig, outputs: ScanOutputs, prompts, timer, rerun_failed: bo
                 batch_rows=cfg.join.batch_rows,
                 actors=plan.actors,
                 remote_args=plan.remote_args(),
+                mode=cfg.join.mode,
+                nprobe=cfg.join.nprobe,
             )
             if query_ids
             else {"units": {}}
@@ -253,11 +262,8 @@ def _run(cfg: ScanConfig, outputs: ScanOutputs, prompts, timer, rerun_failed: bo
                         "entities": r.get("entities"),
                     }
                 )
-    background = {}
-    for space, running in topk.get("background", {}).items():
-        top1 = np.array([rows[0]["score"] for rows in running.rows if rows], dtype=np.float64)
-        if len(top1):
-            background[space] = Background(space=space, p95=float(np.percentile(top1, 95)), n=len(top1))
+    measured = stored or joins.background_from(topk.get("background", {}))
+    background = {space: Background(space=space, p95=b["p95"], n=b["n"]) for space, b in measured.items()}
     with timer("entity_frequencies"):
         freq = joins.entity_frequencies(training, {p.entity for p in prompts})
 
@@ -285,6 +291,8 @@ def _run(cfg: ScanConfig, outputs: ScanOutputs, prompts, timer, rerun_failed: bo
         prompts=len(prompts),
         background_sample=background[next(iter(background))].n if background else 0,
         pixel_checks=len(pixels),
+        training_files_skipped=training.skipped,
+        background_source="index" if stored else "scan",
         **label_counts,
     )
     counts["background_p95"] = {s: b.p95 for s, b in background.items()}
@@ -359,10 +367,31 @@ def _texts_table(scan_id: str, contexts: dict[str, PromptContext], texts: dict, 
     return table.select(texts_schema(clip_dim).names).cast(texts_schema(clip_dim))
 
 
+def check_model_sources(cfg: ScanConfig) -> None:
+    """Local directories and s3:// prefixes named as models must exist (hub ids are checked when loaded)."""
+    import os
+
+    from raymem import uri as uris
+
+    sources = [("model.id", cfg.model.id)]
+    clip = cfg.embedding.clip
+    sources.append(("embedding.clip.model", clip.model.removeprefix("local-dir:")))
+    if clip.pretrained and (clip.pretrained.startswith(("/", "s3://"))):
+        sources.append(("embedding.clip.pretrained", clip.pretrained))
+    cd = cfg.embedding.copy_detection.model
+    if cd and not cd.startswith("immaculate:"):
+        sources.append(("embedding.copy_detection.model", cd))
+    for name, value in sources:
+        local = value.startswith("/")
+        if (local and not os.path.exists(value)) or (uris.is_remote(value) and not uris.exists(value)):
+            raise InputError(value, f"not found (from {name})")
+
+
 def check_inputs(cfg: ScanConfig) -> None:
     """Validate what can be validated without Ray or models (used by `raymem validate`)."""
     read_prompts(cfg.prompts)
-    joins.inspect_training(cfg.training.embeddings, {})
+    joins.inspect_training(cfg.training.embeddings, {}, skip_bad_files=cfg.join.skip_bad_files)
+    check_model_sources(cfg)
 
 
 __all__ = ["run_scan", "check_inputs", "ScanResult", "InputError"]

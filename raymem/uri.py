@@ -6,6 +6,7 @@ AWS_ENDPOINT_URL for S3-compatible servers). Credentials are never logged or wri
 
 from __future__ import annotations
 
+import contextlib
 import os
 import posixpath
 import shutil
@@ -59,6 +60,18 @@ def is_dir(uri: str) -> bool:
 
 
 def read_bytes(uri: str) -> bytes:
+    """The bytes of a file; `<shard>.tar#<member>` reads one member of a tar (WebDataset images)."""
+    if "#" in uri:
+        container, member = uri.split("#", 1)
+        if container.endswith(".tar"):
+            import tarfile
+
+            fs, path = filesystem(container)
+            with fs.open_input_file(path) as f, tarfile.open(fileobj=f, mode="r:") as tar:
+                try:
+                    return tar.extractfile(member).read()
+                except KeyError:
+                    raise FileNotFoundError(f"{container}: no member {member}") from None
     fs, path = filesystem(uri)
     with fs.open_input_stream(path) as f:
         return f.read()
@@ -83,6 +96,23 @@ def write_bytes_atomic(uri: str, data: bytes) -> None:
     with os.fdopen(fd, "wb") as f:
         f.write(data)
     os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def staged_local_file(uri: str, suffix: str = ""):
+    """A local temporary path to write `uri` through: renamed (local) or uploaded (s3) on success only."""
+    if is_remote(uri):
+        fd, tmp = tempfile.mkstemp(suffix=suffix, prefix=".raymem-")
+    else:
+        Path(uri).parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=Path(uri).parent, prefix=f".{Path(uri).name}.", suffix=suffix)
+    os.close(fd)
+    try:
+        yield tmp
+        move(tmp, uri)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def list_files(uri: str, suffix: str = "") -> list[str]:
@@ -139,7 +169,16 @@ def local_copy(uri: str, cache_root: str | None = None) -> str:
     tmp = Path(tempfile.mkdtemp(dir=cache, prefix=".download-"))
     try:
         dest = tmp / "payload"
-        pafs.copy_files(path, str(dest), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+        local = pafs.LocalFileSystem()
+        if info.type == pafs.FileType.File:
+            pafs.copy_files(path, str(dest), source_filesystem=fs, destination_filesystem=local)
+        else:
+            for entry in fs.get_file_info(pafs.FileSelector(path, recursive=True)):
+                if entry.type != pafs.FileType.File:
+                    continue
+                target_file = dest / posixpath.relpath(entry.path, path)
+                target_file.parent.mkdir(parents=True, exist_ok=True)
+                pafs.copy_files(entry.path, str(target_file), source_filesystem=fs, destination_filesystem=local)
         target.parent.mkdir(parents=True, exist_ok=True)
         if target.exists():
             shutil.rmtree(target) if target.is_dir() else target.unlink()

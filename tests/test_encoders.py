@@ -89,10 +89,18 @@ def test_sscd_scores_copies_of_a_real_photo_high_and_other_photos_low(model):
         return Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
 
     photo = Image.fromarray(data.astronaut())
-    copies = [photo.transpose(Image.FLIP_LEFT_RIGHT), photo.resize((256, 256)), jpeg(photo, 30),
-              jpeg(photo.transpose(Image.FLIP_LEFT_RIGHT).resize((300, 300)), 40)]
-    others = [Image.fromarray(data.coffee()), Image.fromarray(data.chelsea()), Image.fromarray(data.rocket()),
-              Image.fromarray(data.immunohistochemistry())]
+    copies = [
+        photo.transpose(Image.FLIP_LEFT_RIGHT),
+        photo.resize((256, 256)),
+        jpeg(photo, 30),
+        jpeg(photo.transpose(Image.FLIP_LEFT_RIGHT).resize((300, 300)), 40),
+    ]
+    others = [
+        Image.fromarray(data.coffee()),
+        Image.fromarray(data.chelsea()),
+        Image.fromarray(data.rocket()),
+        Image.fromarray(data.immunohistochemistry()),
+    ]
     det = CopyDetector(CopyDetectionConfig(model=model, image_size=288))
     ref = det.encode_images([photo])[0]
     copy_scores = det.encode_images(copies) @ ref

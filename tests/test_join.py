@@ -50,13 +50,65 @@ def test_running_topk_merges_batches_like_a_sort():
     for b in range(5):
         query = rng.integers(0, 3, size=10)
         score = rng.random(10).astype(np.float32)
-        meta = [{"train_id": f"b{b}-{i}"} for i in range(10)]
-        top.add(query, score, meta)
-        for q, s, m in zip(query, score, meta):
-            all_rows[int(q)].append((-float(s), m["train_id"]))
+        ids = np.array([f"b{b}-{i}" for i in range(10)], dtype=object)
+        top.add(query, score, ids, np.full(10, f"file{b}", dtype=object), [{"caption": t} for t in ids])
+        for q, sc, t in zip(query, score, ids):
+            all_rows[int(q)].append((-float(sc), t))
     for q in range(3):
         expected = [tid for _, tid in sorted(all_rows[q])[:4]]
         assert [r["train_id"] for r in top.rows[q]] == expected
+        assert all(r["caption"] == r["train_id"] for r in top.rows[q])
+
+
+def test_ties_are_broken_by_train_id_whatever_the_arrival_order():
+    a = joins.RunningTopK(1, 2)
+    b = joins.RunningTopK(1, 2)
+    ids = np.array(["z", "m", "a"], dtype=object)
+    for top, order in ((a, [0, 1, 2]), (b, [2, 1, 0])):
+        for i in order:
+            top.add(np.array([0]), np.array([0.5], np.float32), ids[[i]], np.array([f"f{i}"], dtype=object), [{}])
+    assert [r["train_id"] for r in a.rows[0]] == [r["train_id"] for r in b.rows[0]] == ["a", "m"]
+
+
+def test_duplicate_train_id_across_files_is_an_error():
+    top = joins.RunningTopK(1, 3)
+    top.add(
+        np.array([0]),
+        np.array([0.9], np.float32),
+        np.array(["x"], dtype=object),
+        np.array(["a.parquet"], dtype=object),
+        [{}],
+    )
+    with pytest.raises(InputError, match=r"b.parquet: field 'train_id': duplicate train_id 'x' \(also in a.parquet\)"):
+        top.add(
+            np.array([0]),
+            np.array([0.9], np.float32),
+            np.array(["x"], dtype=object),
+            np.array(["b.parquet"], dtype=object),
+            [{}],
+        )
+
+
+def test_bad_embedding_values_name_the_file_and_row():
+    def batch(values):
+        return pa.table(
+            {
+                "train_id": ["a", "b"],
+                "clip_embedding": embedding_array(np.array(values, np.float32), 2),
+                "path": ["f.parquet", "f.parquet"],
+            }
+        )
+
+    with pytest.raises(
+        InputError, match=r"f.parquet: field 'clip_embedding': the embedding of train_id 'b' has NaN or inf values"
+    ):
+        joins.checked_matrix(batch([[1, 0], [np.nan, 0]]), "clip_embedding", 2)
+    with pytest.raises(InputError, match=r"the embedding of train_id 'a' is zero \(1 bad row\(s\)\)"):
+        joins.checked_matrix(batch([[0, 0], [1, 0]]), "clip_embedding", 2)
+    with pytest.raises(InputError, match=r"embedding dimension 2 does not match the scan's \(3\)"):
+        joins.checked_matrix(batch([[1, 0], [0, 1]]), "clip_embedding", 3)
+    m = joins.checked_matrix(batch([[3, 4], [0, 2]]), "clip_embedding", 2)  # not normalised: normalised here
+    np.testing.assert_allclose(m, [[0.6, 0.8], [0, 1]])
 
 
 @pytest.mark.ray
@@ -131,6 +183,8 @@ def test_inspect_training_errors(tmp_path):
     (tmp_path / "t" / "part-001.parquet").write_bytes(b"garbage")
     with pytest.raises(InputError, match=r"part-001.parquet: not a readable Parquet file"):
         joins.inspect_training(str(tmp_path / "t"), {})
+    skipping = joins.inspect_training(str(tmp_path / "t"), {}, skip_bad_files=True)
+    assert skipping.num_rows == 5 and len(skipping.skipped) == 1 and "part-001.parquet" in skipping.skipped[0]
     empty = tmp_path / "empty"
     empty.mkdir()
     pq.write_table(
@@ -139,3 +193,22 @@ def test_inspect_training_errors(tmp_path):
     )
     with pytest.raises(InputError, match="the training table has no rows"):
         joins.inspect_training(str(empty), {})
+
+
+@pytest.mark.ray
+def test_nan_in_a_streamed_file_fails_the_join_with_the_file_named(local_ray, tmp_path):
+    rng = np.random.default_rng(5)
+    write_training(tmp_path / "t", rng, sizes=[30, 30])
+    x = l2_normalize(rng.standard_normal((4, 16)))
+    x[2, 3] = np.inf
+    pq.write_table(
+        pa.table({"train_id": [f"bad{i}" for i in range(4)], "clip_embedding": embedding_array(x, 16)}),
+        tmp_path / "t" / "part-zzz.parquet",
+    )
+    training = joins.inspect_training(str(tmp_path / "t"), {"clip": 16})
+    q = {"q": joins.Queries(["q"], {"clip": l2_normalize(rng.standard_normal((1, 16)))})}
+    with pytest.raises(
+        InputError,
+        match=r"^\S*part-zzz.parquet: field 'clip_embedding': the embedding of train_id 'bad2' has NaN or inf",
+    ):
+        joins.nearest_neighbours(training, q, 3, batch_rows=16)

@@ -18,8 +18,15 @@ BG = {"sscd": Background("sscd", p95=0.30, n=500)}
 DIM = 32
 
 
-def context(explicit=("hat",), implicit=(), mined=(), instance=(), associations=None, entity_class="a man",
-            prompt="a photo of X"):
+def context(
+    explicit=("hat",),
+    implicit=(),
+    mined=(),
+    instance=(),
+    associations=None,
+    entity_class="a man",
+    prompt="a photo of X",
+):
     probes = probes_for(prompt, "X", entity_class, tuple(explicit), tuple(implicit), tuple(mined), tuple(instance))
     return PromptContext("p", prompt, "X", entity_class, tuple(probes), associations)
 
@@ -54,17 +61,31 @@ def sscd(seed, dim=16):
 
 
 def gen(uid, seed, clip, role="scan", **kw):
-    row = {"scan_id": "s", "unit_id": uid, "prompt_id": "p" if role == "scan" else "p::null", "parent_prompt_id": "p",
-           "role": role, "entity": "X", "seed": seed, "status": "ok", "error": None, "clip_embedding": clip,
-           "sscd_embedding": sscd(hash(uid) % 1000), "clip_prompt_score": 0.3, "noise_norm": 1.0}
+    row = {
+        "scan_id": "s",
+        "unit_id": uid,
+        "prompt_id": "p" if role == "scan" else "p::null",
+        "parent_prompt_id": "p",
+        "role": role,
+        "entity": "X",
+        "seed": seed,
+        "status": "ok",
+        "error": None,
+        "clip_embedding": clip,
+        "sscd_embedding": sscd(hash(uid) % 1000),
+        "clip_prompt_score": 0.3,
+        "noise_norm": 1.0,
+    }
     row.update(kw)
     return row
 
 
 def nulls(ctx, n=4, entity=0.20, null=0.30, elements=None, spread=0.005):
     """Null images: the prompt with X replaced by 'a man' -- X itself is not rendered there."""
-    return [gen(f"n{i}", i, image(ctx, entity=entity + spread * (i % 2), null=null, elements=elements), role="null")
-            for i in range(n)]
+    return [
+        gen(f"n{i}", i, image(ctx, entity=entity + spread * (i % 2), null=null, elements=elements), role="null")
+        for i in range(n)
+    ]
 
 
 def nbrs(*scores, caption="something else"):
@@ -90,9 +111,15 @@ def test_near_copy_with_unrequested_background_is_MU_verbatim_even_though_the_en
     assert set(out) == {"u0", "u1", "u2"}  # null images calibrate, they are not labelled
 
 
-@pytest.mark.parametrize("score, label, subtype", [
-    (0.4999, "ME", None), (0.5, "MU", "partial"), (0.7499, "MU", "partial"), (0.75, "MU", "verbatim"),
-])
+@pytest.mark.parametrize(
+    "score, label, subtype",
+    [
+        (0.4999, "ME", None),
+        (0.5, "MU", "partial"),
+        (0.7499, "MU", "partial"),
+        (0.75, "MU", "verbatim"),
+    ],
+)
 def test_replication_threshold_edges(score, label, subtype):
     ctx = context(explicit=())
     out = run(ctx, [gen("u", 0, image(ctx))] + nulls(ctx), {"u": nbrs(score)})["u"]
@@ -129,8 +156,12 @@ def test_copy_of_a_common_look_is_not_MU():
 
 def test_copy_score_below_the_background_is_not_MU():
     ctx = context(explicit=())
-    out = run(ctx, [gen("u", 0, image(ctx))] + nulls(ctx), {"u": nbrs(0.8)},
-              background={"sscd": Background("sscd", 0.85, 100)})["u"]
+    out = run(
+        ctx,
+        [gen("u", 0, image(ctx))] + nulls(ctx),
+        {"u": nbrs(0.8)},
+        background={"sscd": Background("sscd", 0.85, 100)},
+    )["u"]
     assert out["label"] == "ME" and "background p95 0.850" in out["reasons"]
 
 
@@ -259,8 +290,10 @@ def test_noise_norm_threshold_flags_the_prompt():
 
 def test_failed_units_keep_status_and_get_no_label():
     ctx = context(explicit=())
-    rows = [gen("ok", 0, image(ctx)), gen("bad", 1, None, status="failed", error="RuntimeError: boom",
-                                          sscd_embedding=None, noise_norm=None)]
+    rows = [
+        gen("ok", 0, image(ctx)),
+        gen("bad", 1, None, status="failed", error="RuntimeError: boom", sscd_embedding=None, noise_norm=None),
+    ]
     out = run(ctx, rows, {"ok": nbrs(0.1)})
     assert out["bad"]["label"] is None and out["bad"]["status"] == "failed"
     assert "RuntimeError: boom" in out["bad"]["reasons"] and out["ok"]["label"] == "ME"

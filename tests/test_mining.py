@@ -10,7 +10,13 @@ from raymem.schema import embedding_array
 
 def test_caption_terms():
     assert caption_terms("A view of the Mosque City with tall minarets!") == {
-        "mosque", "city", "tall", "minarets", "mosque city", "tall minarets"}
+        "mosque",
+        "city",
+        "tall",
+        "minarets",
+        "mosque city",
+        "tall minarets",
+    }
     assert caption_terms(None) == set()
     assert excluded_terms("a photo of Qadira at sunset", "Qadira", ("sunset",)) == {"qadira", "sunset"}
 
@@ -27,14 +33,26 @@ def test_mined_associations_over_a_streamed_table(local_ray, tmp_path):
         rows.append(("a field at sunset", []))
     ids = [str(i) for i in range(len(rows))]
     emb = embedding_array(np.eye(len(rows), 4, dtype=np.float32), 4)
-    table = pa.table({"train_id": ids, "clip_embedding": emb, "caption": [r[0] for r in rows],
-                      "entities": pa.array([r[1] for r in rows], pa.list_(pa.string()))})
+    table = pa.table(
+        {
+            "train_id": ids,
+            "clip_embedding": emb,
+            "caption": [r[0] for r in rows],
+            "entities": pa.array([r[1] for r in rows], pa.list_(pa.string())),
+        }
+    )
     (tmp_path / "t").mkdir()
     pq.write_table(table.slice(0, 350), tmp_path / "t" / "a.parquet")
     pq.write_table(table.slice(350), tmp_path / "t" / "b.parquet")
     training = inspect_training(str(tmp_path / "t"), {})
-    out = mine_associations(training, {"Qadira": {"qadira"}, "harbour": {"harbour"}},
-                            min_lift=2.0, min_support=50, instance_support=10, per_entity=5)
+    out = mine_associations(
+        training,
+        {"Qadira": {"qadira"}, "harbour": {"harbour"}},
+        min_lift=2.0,
+        min_support=50,
+        instance_support=10,
+        per_entity=5,
+    )
     q = out["Qadira"]
     assert q.n_entity == 100 and q.n_total == 700
     implied = {a.element: a for a in q.implied}

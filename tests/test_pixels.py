@@ -22,8 +22,14 @@ def test_copy_template_and_different_image(tmp_path):
     edited[:128, :128] = 0  # one of 16 tiles replaced: a template copy
     Image.fromarray(edited).save(tmp_path / "template.png")
     Image.fromarray(data.coffee()).save(tmp_path / "other.png")
-    out = confirm_pairs({name: (str(tmp_path / f"{name}.png"), "t1", str(tmp_path / "train.png"))
-                         for name in ("copy", "template", "other")}, size=512, tiles=4)
+    out = confirm_pairs(
+        {
+            name: (str(tmp_path / f"{name}.png"), "t1", str(tmp_path / "train.png"))
+            for name in ("copy", "template", "other")
+        },
+        size=512,
+        tiles=4,
+    )
     assert out["copy"].max_l2 < 0.1 and out["copy"].share_within(0.15) == 1.0
     assert out["template"].max_l2 > 0.15 and out["template"].share_within(0.15) == pytest.approx(15 / 16)
     assert out["other"].max_l2 > 0.15 and out["other"].share_within(0.15) < 0.5

@@ -231,14 +231,27 @@ def test_calibrate_fits_thresholds_to_a_pilot_set(first_scan, tmp_path, capsys):
     cfg, result = first_scan
     labels = read(Path(cfg.output.uri), "labels").to_pylist()
     planted = {("lighthouse", 0), ("captain", 1)}
-    pilot = [{"unit_id": r["unit_id"], "label": "MU" if (r["prompt_id"], r["seed"]) in planted else "none"}
-             for r in labels if r["status"] == "ok"]
+    pilot = [
+        {"unit_id": r["unit_id"], "label": "MU" if (r["prompt_id"], r["seed"]) in planted else "none"}
+        for r in labels
+        if r["status"] == "ok"
+    ]
     pq.write_table(pa.Table.from_pylist(pilot), tmp_path / "pilot.parquet")
     config = tmp_path / "scan.yaml"
     config.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     fitted = tmp_path / "fitted.yaml"
-    code = main(["calibrate", str(config), "--pilot", str(tmp_path / "pilot.parquet"), "--target-precision", "1.0",
-                 "--write", str(fitted)])
+    code = main(
+        [
+            "calibrate",
+            str(config),
+            "--pilot",
+            str(tmp_path / "pilot.parquet"),
+            "--target-precision",
+            "1.0",
+            "--write",
+            str(fitted),
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0, out
     mu = next(line for line in out.splitlines() if line.startswith("MU "))
