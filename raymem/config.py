@@ -90,7 +90,9 @@ class TrainingConfig(_Strict):
 
 class JoinConfig(_Strict):
     k: int = Field(10, ge=1, le=1000, description="neighbours kept per generated image and space")
-    batch_rows: int = Field(65_536, ge=1, description="training rows per scoring batch")
+    batch_rows: int | None = Field(
+        None, ge=1, description="training rows per scoring batch; null: the blocks as read (no re-batching copy)"
+    )
     mode: Literal["exact", "faiss"] = Field(
         "exact", description="exact streaming top-k, or the FAISS IVF indexes built by `raymem index --faiss`"
     )

@@ -139,9 +139,9 @@ def measure_recall(training, cfg: FaissConfig) -> dict:
         return {}
     queries = {"recall": Queries(sample.ids, sample.matrices)}
     t0 = time.perf_counter()
-    exact = nearest_neighbours(training, queries, cfg.recall_k, batch_rows=65_536)
+    exact = nearest_neighbours(training, queries, cfg.recall_k, batch_rows=None)
     t1 = time.perf_counter()
-    approx = nearest_neighbours(training, queries, cfg.recall_k, batch_rows=65_536, mode="faiss", nprobe=cfg.nprobe)
+    approx = nearest_neighbours(training, queries, cfg.recall_k, batch_rows=None, mode="faiss", nprobe=cfg.nprobe)
     t2 = time.perf_counter()
     out = {
         "k": cfg.recall_k,

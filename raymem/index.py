@@ -353,7 +353,7 @@ def run_index(cfg: IndexConfig) -> dict:
         if cfg.background_sample:
             bg = joins.background_sample(training, cfg.background_sample, list(training.dims))
             if bg is not None:
-                result = joins.nearest_neighbours(training, {"background": bg}, 1, batch_rows=65_536)
+                result = joins.nearest_neighbours(training, {"background": bg}, 1, batch_rows=None)
                 manifest["background"] = joins.background_from(result["background"])
         if cfg.faiss.enabled:
             from raymem.faiss_index import build_indexes, measure_recall

@@ -2,11 +2,13 @@
 
 Exact mode streams the training table (raymem Parquet, or the clip-retrieval / LAION layout
 `img_emb/img_emb_N.npy` + `metadata/metadata_N.parquet` read in place; local or s3://) through a Ray
-Data actor pool in batches of `join.batch_rows`. Each actor holds the query matrices (put once in the
-object store), scores a batch with one matrix product per query tile (on its GPU when Ray gave it
-one), checks the batch's embeddings (dimension, NaN/inf, zero norm), and returns only that batch's
+Data actor pool, sharded by Parquet fragment: work items of consecutive row groups (~`join.batch_rows`
+rows) that each actor reads itself, so embeddings never cross the object store. An actor holds the
+query matrices (put once in the object store), reads the next item in a thread while it scores the
+current one with one matrix product per query tile (numpy sgemm on CPUs, torch on its GPU when Ray
+gave it one), checks the embeddings (dimension, NaN/inf, zero norm), and returns only the item's
 top-k per query. The driver folds candidates into a running (Q, k) top-k with vectorised sorts.
-Peak memory is bounded by the batch size and Q * k, never by the number of training rows.
+Peak memory is bounded by the item size and Q * k, never by the number of training rows.
 
 FAISS mode searches per shard the IVF indexes `raymem index --faiss` built next to the shards, and
 merges the per-shard top-k the same way: approximate, with recall measured at index time.
@@ -50,6 +52,7 @@ class TrainingTable:
     embedding_files: list[str] = field(default_factory=list)  # clip-retrieval: img_emb_N.npy, aligned
     skipped: list[str] = field(default_factory=list)  # "path: why", for files skipped as unreadable
     index: dict | None = None  # _index.json of a `raymem index` output, when present
+    row_groups: list[list[int]] = field(default_factory=list)  # rows per row group (clip-retrieval: per file)
 
 
 def _embedding_dim(source: str, schema: pa.Schema, column: str) -> int | None:
@@ -84,7 +87,7 @@ def inspect_training(uri: str, spaces: dict[str, int], *, skip_bad_files: bool =
     columns: list[str] | None = None
     dims: dict[str, int] = {}
     num_rows = 0
-    good, skipped = [], []
+    good, skipped, row_groups = [], [], []
     for path in files:
         fs, p = uris.filesystem(path)
         try:
@@ -120,6 +123,7 @@ def inspect_training(uri: str, spaces: dict[str, int], *, skip_bad_files: bool =
         columns = names if columns is None else [c for c in columns if c in names]
         num_rows += meta.num_rows
         good.append(path)
+        row_groups.append([meta.row_group(i).num_rows for i in range(meta.num_row_groups)])
     if num_rows == 0:
         raise InputError(uri, "the training table has no rows")
     # An optional column (sscd_embedding) is only usable when every file has it, and only the scan's
@@ -133,6 +137,7 @@ def inspect_training(uri: str, spaces: dict[str, int], *, skip_bad_files: bool =
         num_rows=num_rows,
         skipped=skipped,
         index=_read_index_manifest(uri),
+        row_groups=row_groups,
     )
 
 
@@ -179,25 +184,25 @@ def checked_matrix(batch: pa.Table, column: str, dim: int) -> np.ndarray:
 class TopKScorer:
     """Ray Data callable class: a batch of training rows in, that batch's top-k per query out."""
 
-    def __init__(self, queries_ref, k: int):
+    def __init__(self, queries_ref, k: int, threads: int = 1):
         import ray
         import torch
 
         queries = ray.get(queries_ref) if isinstance(queries_ref, ray.ObjectRef) else queries_ref
         gpu = bool(ray.get_gpu_ids()) and torch.cuda.is_available() if ray.is_initialized() else False
         self.device = torch.device("cuda", 0) if gpu else torch.device("cpu")
+        self.threads = threads
         self.k = k
+
+        def place(m):
+            m = np.ascontiguousarray(m, dtype=np.float32)
+            return torch.from_numpy(m).to(self.device) if gpu else m
+
         self.query_sets = [
-            (
-                name,
-                {s: torch.from_numpy(np.array(m, dtype=np.float32)).to(self.device) for s, m in qs.matrices.items()},
-                qs.exclude_self,
-            )
-            for name, qs in queries.items()
+            (name, {s: place(m) for s, m in qs.matrices.items()}, qs.exclude_self) for name, qs in queries.items()
         ]
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        import torch
 
         n = batch.num_rows
         parts = []
@@ -206,15 +211,29 @@ class TopKScorer:
                 col = SPACE_COLUMNS[space]
                 if col not in batch.column_names or n == 0:
                     continue
-                xt = torch.from_numpy(checked_matrix(batch, col, q.shape[1])).to(self.device)
+                x = checked_matrix(batch, col, q.shape[1])
                 k = min(self.k + (1 if exclude_self else 0), n)
                 tile = max(1, MAX_SCORE_ELEMENTS // n)
                 for start in range(0, q.shape[0], tile):
-                    vals, idx = torch.topk(q[start : start + tile] @ xt.T, k, dim=1)
-                    vals, idx = vals.cpu().numpy(), idx.cpu().numpy()
+                    vals, idx = self._topk(q[start : start + tile], x, k)
                     rows = np.repeat(np.arange(start, start + vals.shape[0], dtype=np.int32), k)
                     parts.append((name, space, rows, vals.reshape(-1), idx.reshape(-1)))
         return candidates_table(batch, parts)
+
+    def _topk(self, q, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        import torch
+
+        if self.device.type == "cuda":
+            vals, idx = torch.topk(q @ torch.from_numpy(x).to(self.device).T, k, dim=1)
+            return vals.cpu().numpy(), idx.cpu().numpy()
+        from threadpoolctl import threadpool_limits
+
+        # On CPUs numpy's sgemm (OpenBLAS) is the fast one; Ray starts actors at one BLAS thread.
+        with threadpool_limits(limits=self.threads, user_api="blas"):
+            scores = q @ x.T
+        torch.set_num_threads(self.threads)
+        vals, idx = torch.topk(torch.from_numpy(scores), k, dim=1)
+        return vals.numpy(), idx.numpy()
 
 
 def candidates_table(batch: pa.Table, parts) -> pa.Table:
@@ -304,17 +323,76 @@ class RunningTopK:
         return out
 
 
-def training_dataset(training: TrainingTable, spaces: list[str], *, override_num_blocks: int | None = None):
-    """A Ray Dataset of the training rows (ids, embeddings of `spaces`, metadata, source path)."""
-    import ray
+DEFAULT_FRAGMENT_ROWS = 65_536
 
-    if training.layout == "clip-retrieval":
-        from raymem.laion import clip_retrieval_dataset
 
-        return clip_retrieval_dataset(training, override_num_blocks=override_num_blocks)
-    columns = ["train_id", *[SPACE_COLUMNS[s] for s in spaces], *[c for c in META_COLUMNS if c in training.columns]]
-    ds = ray.data.read_parquet(training.files, include_paths=True, override_num_blocks=override_num_blocks)
-    return ds.select_columns([*columns, "path"])
+def plan_fragments(training: TrainingTable, target_rows: int) -> list[dict]:
+    """Work items of about `target_rows` training rows: consecutive Parquet row groups of one file
+    (clip-retrieval: a row range of one .npy/.parquet pair). Scoring actors read their own items, so
+    the embeddings never travel through the object store."""
+    items = []
+    for f, path in enumerate(training.files):
+        if training.layout == "clip-retrieval":
+            rows = training.row_groups[f][0]
+            for start in range(0, rows, target_rows):
+                items.append(
+                    {
+                        "path": path,
+                        "npy": training.embedding_files[f],
+                        "row_groups": [],
+                        "start": start,
+                        "stop": min(rows, start + target_rows),
+                    }
+                )
+            continue
+        group, size = [], 0
+        for g, n in enumerate(training.row_groups[f]):
+            if group and size + n > target_rows:
+                items.append({"path": path, "npy": "", "row_groups": group, "start": 0, "stop": 0})
+                group, size = [], 0
+            group.append(g)
+            size += n
+        if group:
+            items.append({"path": path, "npy": "", "row_groups": group, "start": 0, "stop": 0})
+    return items
+
+
+def read_fragment(item: dict, columns: list[str]) -> pa.Table:
+    if item["npy"]:
+        from raymem.laion import read_pair_rows
+
+        return read_pair_rows(item["path"], item["npy"], item["start"], item["stop"])
+    fs, p = uris.filesystem(item["path"])
+    pf = pq.ParquetFile(p, filesystem=fs)
+    present = [c for c in columns if c in pf.schema_arrow.names]
+    # One thread: this runs beside the BLAS threads scoring the previous item.
+    table = pf.read_row_groups(item["row_groups"], columns=present, use_threads=False)
+    return table.append_column("path", pa.array([item["path"]] * table.num_rows, pa.string()))
+
+
+class FragmentScorer(TopKScorer):
+    """Ray Data callable class: fragments in, their top-k per query out; the next fragment is read
+    in a thread while the current one is scored (pyarrow and BLAS both release the GIL)."""
+
+    def __init__(self, queries_ref, k: int, columns: list[str], batch_rows: int | None, threads: int = 1):
+        import concurrent.futures
+
+        super().__init__(queries_ref, k, threads)
+        self.columns, self.batch_rows = columns, batch_rows
+        self.reader = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        items = batch.to_pylist()
+        pending = self.reader.submit(read_fragment, items[0], self.columns) if items else None
+        out = []
+        for i in range(len(items)):
+            table = pending.result()
+            pending = self.reader.submit(read_fragment, items[i + 1], self.columns) if i + 1 < len(items) else None
+            step = self.batch_rows or max(1, table.num_rows)
+            for start in range(0, table.num_rows, step):
+                out.append(super().__call__(table.slice(start, step)))
+        out = [t for t in out if t.num_rows]
+        return pa.concat_tables(out) if out else pa.table({"query_set": pa.array([], pa.string())})
 
 
 @runtime.reraise_user_errors
@@ -323,9 +401,10 @@ def nearest_neighbours(
     queries: dict[str, Queries],
     k: int,
     *,
-    batch_rows: int,
+    batch_rows: int | None = None,
     actors: int = 1,
     remote_args: dict | None = None,
+    threads: int = 1,
     mode: str = "exact",
     nprobe: int = 16,
 ) -> dict[str, dict[str, RunningTopK]]:
@@ -338,12 +417,20 @@ def nearest_neighbours(
 
         candidates = faiss_candidates(training, queries_ref, k, nprobe, actors=actors)
     else:
-        # At least two blocks per actor, so every actor has work even when the table is one file.
-        ds = training_dataset(training, list(training.dims), override_num_blocks=max(2 * actors, len(training.files)))
+        columns = ["train_id", *[SPACE_COLUMNS[s] for s in training.dims], *META_COLUMNS]
+        items = plan_fragments(training, batch_rows or DEFAULT_FRAGMENT_ROWS)
+        per_call = 4  # fragments per actor call: enough to overlap reading with scoring
+        ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), -(-len(items) // per_call))))
         candidates = ds.map_batches(
-            TopKScorer,
-            fn_constructor_kwargs={"queries_ref": queries_ref, "k": k},
-            batch_size=batch_rows,
+            FragmentScorer,
+            fn_constructor_kwargs={
+                "queries_ref": queries_ref,
+                "k": k,
+                "columns": columns,
+                "batch_rows": batch_rows,
+                "threads": threads,
+            },
+            batch_size=per_call,
             batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(size=actors),
             **(remote_args or {"num_cpus": 1}),

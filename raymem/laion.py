@@ -76,6 +76,7 @@ def inspect_clip_retrieval(root: str, spaces: dict[str, int]):
     dim = None
     columns: list[str] | None = None
     total = 0
+    rows_of = {}
     for n in sorted(emb):
         header = read_npy_header(emb[n])
         if len(header.shape) != 2 or header.fortran:
@@ -93,6 +94,7 @@ def inspect_clip_retrieval(root: str, spaces: dict[str, int]):
         if dim is not None and d != dim:
             raise InputError(emb[n], f"embedding dimension {d} differs from the other files' ({dim})")
         dim = d
+        rows_of[n] = rows
         names = md.schema.to_arrow_schema().names
         columns = names if columns is None else [c for c in columns if c in names]
         total += rows
@@ -115,6 +117,7 @@ def inspect_clip_retrieval(root: str, spaces: dict[str, int]):
         num_rows=total,
         layout="clip-retrieval",
         embedding_files=[emb[n] for n in sorted(emb)],
+        row_groups=[[rows_of[n]] for n in sorted(emb)],
     )
 
 
@@ -133,7 +136,7 @@ def _read_rows(npy: str, header: NpyHeader, start: int, stop: int) -> np.ndarray
 
 
 def read_pair(meta_path: str, npy_path: str, chunk_rows: int = CHUNK_ROWS):
-    """Yield raymem-schema tables (train_id, clip_embedding, caption, image_uri, path) of one pair."""
+    """Yield raymem-schema tables (train_id, clip_embedding, caption, image_uri, path) of one pair, in chunks."""
     header = read_npy_header(npy_path)
     fs, p = uris.filesystem(meta_path)
     pf = pq.ParquetFile(p, filesystem=fs)
@@ -141,37 +144,41 @@ def read_pair(meta_path: str, npy_path: str, chunk_rows: int = CHUNK_ROWS):
     id_col = next((c for c in ID_COLUMNS if c in names), None)
     uri_col = next((c for c in URI_COLUMNS if c in names), None)
     wanted = [c for c in (id_col, uri_col, "caption") if c and c in names]
-    shard = re.search(r"(\d+)\.parquet$", meta_path)
-    shard_no = shard.group(1) if shard else "0"
     start = 0
     for batch in pf.iter_batches(batch_size=chunk_rows, columns=wanted or None):
-        n = batch.num_rows
-        emb = _read_rows(npy_path, header, start, start + n)
-        if id_col:
-            ids = batch.column(id_col).cast(pa.string())
-        else:
-            ids = pa.array([f"{shard_no}:{i}" for i in range(start, start + n)], pa.string())
-        cols = {"train_id": ids, "clip_embedding": embedding_array(emb, header.shape[1])}
-        if "caption" in names:
-            cols["caption"] = batch.column("caption").cast(pa.string())
-        if uri_col:
-            cols["image_uri"] = batch.column(uri_col).cast(pa.string())
-        cols["path"] = pa.array([npy_path] * n, pa.string())
-        yield pa.table(cols)
-        start += n
+        meta = pa.Table.from_batches([batch])
+        yield _pair_table(meta_path, npy_path, header, meta, id_col, uri_col, start, batch.num_rows)
+        start += batch.num_rows
 
 
-def _read_pairs(batch: dict):
-    for meta_path, npy_path in zip(batch["meta"], batch["npy"]):
-        yield from read_pair(str(meta_path), str(npy_path))
+def read_pair_rows(meta_path: str, npy_path: str, start: int, stop: int) -> pa.Table:
+    """Rows [start, stop) of a pair, in raymem's schema (with the `path` column)."""
+    header = read_npy_header(npy_path)
+    fs, p = uris.filesystem(meta_path)
+    pf = pq.ParquetFile(p, filesystem=fs)
+    names = pf.schema_arrow.names
+    id_col = next((c for c in ID_COLUMNS if c in names), None)
+    uri_col = next((c for c in URI_COLUMNS if c in names), None)
+    wanted = [c for c in (id_col, uri_col, "caption") if c and c in names]
+    meta = pf.read(columns=wanted).slice(start, stop - start) if wanted else None
+    return _pair_table(meta_path, npy_path, header, meta, id_col, uri_col, start, stop - start)
 
 
-def clip_retrieval_dataset(training, override_num_blocks: int | None = None):
-    import ray
-
-    items = [{"meta": m, "npy": e} for m, e in zip(training.files, training.embedding_files)]
-    ds = ray.data.from_items(items, override_num_blocks=min(len(items), override_num_blocks or len(items)))
-    return ds.map_batches(_read_pairs, batch_size=1, batch_format="pyarrow")
+def _pair_table(meta_path, npy_path, header, meta, id_col, uri_col, start: int, n: int) -> pa.Table:
+    emb = _read_rows(npy_path, header, start, start + n)
+    shard = re.search(r"(\d+)\.parquet$", meta_path)
+    shard_no = shard.group(1) if shard else "0"
+    if id_col:
+        ids = meta.column(id_col).cast(pa.string())
+    else:
+        ids = pa.array([f"{shard_no}:{i}" for i in range(start, start + n)], pa.string())
+    cols = {"train_id": ids, "clip_embedding": embedding_array(emb, header.shape[1])}
+    if meta is not None and "caption" in meta.column_names:
+        cols["caption"] = meta.column("caption").cast(pa.string())
+    if uri_col:
+        cols["image_uri"] = meta.column(uri_col).cast(pa.string())
+    cols["path"] = pa.array([npy_path] * n, pa.string())
+    return pa.table(cols)
 
 
 def clip_retrieval_sample(training, n: int):
@@ -197,6 +204,7 @@ def convert(root: str, output: str, entities: list[str] | None = None) -> dict:
     import ray
 
     from raymem.index import tag_entities
+    from raymem.outputs import parquet_options
 
     training = inspect_clip_retrieval(root, {})
 
@@ -213,7 +221,7 @@ def convert(root: str, output: str, entities: list[str] | None = None) -> dict:
                     captions = table.column("caption").to_pylist() if "caption" in table.column_names else []
                     tags = [tag_entities(c, entities) for c in captions]
                     table = table.append_column("entities", pa.array(tags, pa.list_(pa.string())))
-                writer = writer or pq.ParquetWriter(tmp, table.schema, compression="zstd")
+                writer = writer or pq.ParquetWriter(tmp, table.schema, **parquet_options(table.schema))
                 writer.write_table(table)
                 rows += table.num_rows
             if writer is not None:

@@ -92,15 +92,34 @@ def plan_generation(cfg: ScanConfig) -> StagePlan:
     return StagePlan(actors=actors, num_gpus=0.0, num_cpus=num_cpus)
 
 
-def plan_join(cfg: ScanConfig) -> StagePlan:
+# Parquet reads feeding the join take a quarter CPU each (their I/O and decoding are light next to the
+# scoring); Ray Data's own file-listing task still needs a whole CPU, so the actors leave one free.
+READ_CPUS = 0.25
+
+
+@dataclass(frozen=True)
+class JoinPlan(StagePlan):
+    threads: int = 1  # BLAS threads per scoring actor
+
+
+def plan_join(cfg: ScanConfig) -> JoinPlan:
+    return plan_join_actors(cfg.resources.join_actors)
+
+
+def plan_join_actors(actors: int) -> JoinPlan:
+    """GPU actors when the cluster has GPUs; otherwise CPU actors whose BLAS threads cover the CPUs.
+
+    Logical CPUs: all but one, shared by the actors. Threads: the node's CPUs divided by the actors,
+    so one actor on a small box uses every core (reads interleave with scoring on the spare one).
+    """
     gpus = cluster_gpus()
-    actors = cfg.resources.join_actors
     if gpus >= 1:
-        actors = min(actors, int(gpus))
-        return StagePlan(actors=actors, num_gpus=1.0, num_cpus=0.5)
+        return JoinPlan(actors=min(actors, int(gpus)), num_gpus=1.0, num_cpus=0.5, threads=1)
     cpus = cluster_cpus()
-    actors = max(1, min(actors, int(max(cpus - 1, 1))))
-    return StagePlan(actors=actors, num_gpus=0.0, num_cpus=1.0 if cpus - 1 >= actors else 0.5)
+    actors = max(1, min(actors, int(cpus)))
+    return JoinPlan(
+        actors=actors, num_gpus=0.0, num_cpus=max(0.5, (cpus - 1) / actors), threads=max(1, int(cpus // actors))
+    )
 
 
 def user_error(err: BaseException) -> BaseException | None:

@@ -237,6 +237,7 @@ def _run(cfg: ScanConfig, outputs: ScanOutputs, prompts, timer, rerun_failed: bo
                 batch_rows=cfg.join.batch_rows,
                 actors=plan.actors,
                 remote_args=plan.remote_args(),
+                threads=plan.threads,
                 mode=cfg.join.mode,
                 nprobe=cfg.join.nprobe,
             )

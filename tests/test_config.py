@@ -102,3 +102,22 @@ def test_demo_config_loads():
     cfg = load_config(REPO / "configs" / "demo.yaml")
     assert cfg.model_name == "sd-tiny"
     assert cfg.embedding.copy_detection.model == "immaculate:sscd_distilled"
+
+
+def test_index_config_example_and_errors(tmp_path, monkeypatch):
+    from raymem.config import load_index_config
+    from tests.conftest import REPO
+
+    cfg = load_index_config(REPO / "configs" / "index-example.yaml")
+    assert cfg.input.kind == "table" and cfg.output.startswith("s3://") and cfg.embedding.copy_detection.model
+    monkeypatch.chdir(tmp_path)
+    bad = tmp_path / "index.yaml"
+    bad.write_text("input: {kind: folder, path: imgs}\noutput: out\nshard_size: 0\n")
+    with pytest.raises(ConfigError, match=r"index.yaml: shard_size: Input should be greater than or equal to 1"):
+        load_index_config(bad)
+    bad.write_text("input: {kind: zip, path: imgs}\noutput: out\n")
+    with pytest.raises(ConfigError, match=r"index.yaml: input.kind: Input should be 'folder', 'table' or 'webdataset'"):
+        load_index_config(bad)
+    good = tmp_path / "ok.yaml"
+    good.write_text("input: {kind: folder, path: imgs}\noutput: out\n")
+    assert load_index_config(good).input.path == str(tmp_path / "imgs")

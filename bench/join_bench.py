@@ -1,0 +1,267 @@
+"""Join benchmarks J1-J3 and the IVF mode, measured in one run on one machine.
+
+    python bench/join_bench.py                      # J1, J2, IVF at 1,000,000 rows
+    python bench/join_bench.py --j3                 # also J3: 10,000,000 rows (writes ~20 GB)
+
+J1  raymem's exact join over N x 512 float32 rows in Parquet, 1,024 queries, k = 10, in rows/s,
+    against FAISS IndexFlatIP searching the same rows already in memory with the same thread count.
+J2  the same join against the time numpy's sgemm takes for the same multiply-adds (no I/O, no top-k).
+J3  peak memory of the driver and every Ray process (summed RSS and PSS, sampled every 0.2 s) at
+    10 x N rows against N rows.
+IVF recall@10 of `join.mode: faiss` (per-shard IVF indexes, nprobe 16) against the exact join, and its
+    speed-up.
+Data are unit vectors around 2,000 random centres, written once under --work as `raymem index` writes
+them (100,000 rows per file, 65,536-row row groups); queries are drawn the same way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+ROWS_PER_FILE = 100_000
+
+
+def cluster_centers(dim: int, n: int = 2000) -> np.ndarray:
+    c = np.random.default_rng(1234).standard_normal((n, dim), dtype=np.float32)
+    return c / np.linalg.norm(c, axis=1, keepdims=True)
+
+
+def clustered(rng, centers: np.ndarray, n: int, spread: float = 0.04) -> np.ndarray:
+    """Unit vectors around random centres (cosine ~0.5 to their centre): real embeddings cluster, and
+    IVF recall on structureless noise would say nothing about real data."""
+    x = centers[rng.integers(0, len(centers), n)] + spread * rng.standard_normal(
+        (n, centers.shape[1]), dtype=np.float32
+    )
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def make_table(root: Path, rows: int, dim: int, seed: int = 0) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from raymem.outputs import parquet_options
+    from raymem.schema import embedding_array
+
+    done = root / "_COMPLETE_v2"
+    if done.exists():
+        return root
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    centers = cluster_centers(dim)
+    for f, start in enumerate(range(0, rows, ROWS_PER_FILE)):
+        n = min(ROWS_PER_FILE, rows - start)
+        x = clustered(rng, centers, n)
+        table = pa.table(
+            {"train_id": pa.array([f"r{start + i}" for i in range(n)]), "clip_embedding": embedding_array(x, dim)}
+        )
+        # Written as `raymem index` writes: embedding columns without dictionary encoding.
+        pq.write_table(table, root / f"part-{f:05d}.parquet", row_group_size=65_536, **parquet_options(table.schema))
+    done.write_text("ok\n")
+    return root
+
+
+class MemorySampler:
+    """Peak summed RSS and PSS of this process and all its descendants (Ray's raylet, workers, ...)."""
+
+    def __init__(self, interval: float = 0.2):
+        import psutil
+
+        self.proc, self.interval = psutil.Process(os.getpid()), interval
+        self.peak_rss = self.peak_pss = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        import psutil
+
+        while not self._stop.is_set():
+            rss = pss = 0
+            for p in [self.proc, *self.proc.children(recursive=True)]:
+                try:
+                    info = p.memory_full_info()
+                    rss += info.rss
+                    pss += getattr(info, "pss", info.rss)
+                except (psutil.NoSuchProcess, psutil.AccessDenied):
+                    pass
+            self.peak_rss, self.peak_pss = max(self.peak_rss, rss), max(self.peak_pss, pss)
+            self._stop.wait(self.interval)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def run_join(root: Path, queries: np.ndarray, k: int, mode: str = "exact", nprobe: int = 16):
+    from raymem import runtime
+    from raymem.join import Queries, inspect_training, nearest_neighbours
+
+    training = inspect_training(str(root), {"clip": queries.shape[1]})
+    plan = runtime.plan_join_actors(1)
+    q = {"q": Queries([f"q{i}" for i in range(len(queries))], {"clip": queries})}
+    with MemorySampler() as mem:
+        start = time.perf_counter()
+        result = nearest_neighbours(
+            training,
+            q,
+            k,
+            batch_rows=None,
+            actors=plan.actors,
+            remote_args=plan.remote_args(),
+            threads=plan.threads,
+            mode=mode,
+            nprobe=nprobe,
+        )
+        seconds = time.perf_counter() - start
+    return result["q"]["clip"], seconds, mem, training
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--queries", type=int, default=1024)
+    parser.add_argument("--k", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--j3", action="store_true", help="also run J3 at 10x the rows")
+    parser.add_argument("--no-ivf", action="store_true")
+    parser.add_argument("--work", default="build/bench-join")
+    parser.add_argument("--json", help="write the results here too")
+    args = parser.parse_args()
+
+    import faiss
+    import ray
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    work = Path(args.work).absolute()
+    t0 = time.perf_counter()
+    small = make_table(work / f"rows-{args.rows}", args.rows, args.dim)
+    print(f"data: {args.rows} x {args.dim} ready in {time.perf_counter() - t0:.1f}s", flush=True)
+    rng = np.random.default_rng(1)
+    queries = clustered(rng, cluster_centers(args.dim), args.queries)
+    out = {
+        "rows": args.rows,
+        "dim": args.dim,
+        "queries": args.queries,
+        "k": args.k,
+        "threads": args.threads,
+        "machine": f"{os.cpu_count()} CPUs",
+    }
+
+    ray.init(address="local", num_cpus=args.threads, include_dashboard=False, logging_level="ERROR")
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    exact, t_ray, mem_small, training = run_join(small, queries, args.k)
+    out["raymem_seconds"] = t_ray
+    out["raymem_rows_per_s"] = args.rows / t_ray
+    out["peak_rss_bytes"], out["peak_pss_bytes"] = mem_small.peak_rss, mem_small.peak_pss
+    print(f"raymem exact join: {t_ray:.2f}s = {args.rows / t_ray:,.0f} rows/s", flush=True)
+
+    # J2: numpy sgemm for the same multiply-adds, in the same 65,536-row blocks, data already in memory.
+    block = rng.standard_normal((65_536, args.dim), dtype=np.float32)
+    full, rest = divmod(args.rows, 65_536)
+    start = time.perf_counter()
+    for _ in range(full):
+        queries @ block.T
+    if rest:
+        queries @ block[:rest].T
+    t_np = time.perf_counter() - start
+    out["numpy_sgemm_seconds"], out["J2_ratio"] = t_np, t_np / t_ray
+    print(f"numpy sgemm, same multiply-adds: {t_np:.2f}s -> J2 = {t_np / t_ray:.2f} (target >= 0.7)", flush=True)
+
+    # J1: FAISS IndexFlatIP on the same rows held in memory, same thread count.
+    import pyarrow.parquet as pq
+
+    from raymem.schema import embedding_matrix
+
+    x = np.concatenate(
+        [
+            embedding_matrix(pq.read_table(f, columns=["clip_embedding"]).column("clip_embedding"))
+            for f in training.files
+        ]
+    )
+    ids = np.concatenate(
+        [
+            pq.read_table(f, columns=["train_id"]).column("train_id").to_numpy(zero_copy_only=False)
+            for f in training.files
+        ]
+    )
+    faiss.omp_set_num_threads(args.threads)
+    index = faiss.IndexFlatIP(args.dim)
+    index.add(x)
+    start = time.perf_counter()
+    scores, idx = index.search(queries, args.k)
+    t_faiss = time.perf_counter() - start
+    agree = np.mean([set(ids[idx[i]]) == set(exact.ids[i]) for i in range(args.queries)])
+    out.update(
+        faiss_flat_seconds=t_faiss,
+        faiss_rows_per_s=args.rows / t_faiss,
+        J1_ratio=t_faiss / t_ray,
+        exact_agreement_with_faiss_flat=float(agree),
+    )
+    print(
+        f"FAISS IndexFlatIP in memory: {t_faiss:.2f}s -> J1 = {t_faiss / t_ray:.2f} (target >= 1.0); "
+        f"same top-{args.k} for {agree:.1%} of queries",
+        flush=True,
+    )
+    del x, index
+
+    if not args.no_ivf:
+        from raymem.config import FaissConfig
+        from raymem.faiss_index import build_indexes
+
+        start = time.perf_counter()
+        build_indexes(training, FaissConfig(enabled=True))
+        t_build = time.perf_counter() - start
+        approx, t_ivf, _, _ = run_join(small, queries, args.k, mode="faiss", nprobe=16)
+        recall = np.mean([len(set(approx.ids[i]) & set(exact.ids[i])) / args.k for i in range(args.queries)])
+        out.update(
+            ivf_build_seconds=t_build, ivf_seconds=t_ivf, ivf_speedup=t_ray / t_ivf, ivf_recall_at_k=float(recall)
+        )
+        print(
+            f"IVF (nprobe 16): {t_ivf:.2f}s, speed-up {t_ray / t_ivf:.2f}x, recall@{args.k} {recall:.3f} "
+            f"(index build {t_build:.1f}s, not included)",
+            flush=True,
+        )
+
+    if args.j3:
+        big_rows = 10 * args.rows
+        t0 = time.perf_counter()
+        big = make_table(work / f"rows-{big_rows}", big_rows, args.dim, seed=2)
+        print(f"data: {big_rows} x {args.dim} ready in {time.perf_counter() - t0:.1f}s", flush=True)
+        _, t_big, mem_big, _ = run_join(big, queries, args.k)
+        out.update(
+            j3_rows=big_rows,
+            j3_seconds=t_big,
+            j3_peak_rss_bytes=mem_big.peak_rss,
+            j3_peak_pss_bytes=mem_big.peak_pss,
+            J3_rss_ratio=mem_big.peak_rss / mem_small.peak_rss,
+            J3_pss_ratio=mem_big.peak_pss / mem_small.peak_pss,
+        )
+        print(
+            f"J3: peak RSS {mem_big.peak_rss / 2**30:.2f} GiB at {big_rows:,} rows vs "
+            f"{mem_small.peak_rss / 2**30:.2f} GiB at {args.rows:,} -> {out['J3_rss_ratio']:.2f} (target <= 1.2); "
+            f"PSS {out['J3_pss_ratio']:.2f}; {big_rows / t_big:,.0f} rows/s",
+            flush=True,
+        )
+    ray.shutdown()
+    print(json.dumps(out, indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
