@@ -7,7 +7,7 @@ import logging
 import os
 import sys
 
-from raymem.errors import RaymemError
+from raymem.errors import ConfigError, RaymemError
 
 DEFAULT_DEMO_CONFIG = "configs/demo.yaml"
 
@@ -166,6 +166,106 @@ def cmd_import_embeddings(args) -> int:
     return 0
 
 
+def _submission(args) -> str:
+    """The job id from the argument, or the one `raymem submit` gives the config (today)."""
+    if args.job_id:
+        return args.job_id
+    if not args.config:
+        raise ConfigError("pass a job id or --config")
+    from raymem.config import load_config
+    from raymem.submit import submission_id
+
+    return submission_id(load_config(args.config))
+
+
+def cmd_submit(args) -> int:
+    from raymem.config import load_config
+    from raymem.submit import submit, wait
+
+    cfg = load_config(args.config)
+    sid, new = submit(
+        args.config,
+        cfg,
+        address=args.address,
+        working_dir=args.working_dir,
+        env=args.env,
+        entrypoint_num_cpus=args.entrypoint_num_cpus,
+    )
+    print(f"{sid}: {'submitted' if new else 'already submitted (same config and date); not run twice'}")
+    if args.wait:
+        state = wait(args.address, sid, timeout=args.timeout)
+        print(f"{sid}: {state}")
+        return 0 if state == "SUCCEEDED" else 1
+    return 0
+
+
+def cmd_status(args) -> int:
+    from raymem.submit import status
+
+    sid = _submission(args)
+    state = status(args.address, sid)
+    print(f"{sid}: {state}")
+    return 0
+
+
+def cmd_logs(args) -> int:
+    from raymem.submit import logs
+
+    logs(args.address, _submission(args), follow=args.follow)
+    return 0
+
+
+def cmd_stop(args) -> int:
+    from raymem.submit import stop
+
+    sid = _submission(args)
+    stopped = stop(args.address, sid)
+    print(f"{sid}: {'stop requested' if stopped else 'not running'}")
+    return 0
+
+
+def _output_root(args) -> str:
+    if args.output:
+        return args.output
+    if getattr(args, "config", None):
+        from raymem.config import load_config
+
+        return load_config(args.config).output.uri
+    if os.environ.get("RAYMEM_OUTPUT"):
+        return os.environ["RAYMEM_OUTPUT"]
+    raise ConfigError("pass --output URI (or --config, or set RAYMEM_OUTPUT)")
+
+
+def cmd_query(args) -> int:
+    from raymem.query import run_query
+
+    sys.stdout.write(run_query(_output_root(args), args.sql, args.format))
+    return 0
+
+
+def cmd_diff(args) -> int:
+    import json
+
+    from raymem.query import diff_scans, format_diff
+
+    root = _output_root(args)
+    result = diff_scans(root, args.before, args.after_output or root, args.after, rate_change=args.rate_change)
+    sys.stdout.write(json.dumps(result, indent=2, default=str) + "\n" if args.json else format_diff(result))
+    if args.fail_on_new_mu and (result["new_mu_prompts"] or result["new_mu_entities"]):
+        print(f"raymem: new MU findings in {args.after}", file=sys.stderr)
+        return 3
+    return 0
+
+
+def cmd_report(args) -> int:
+    from raymem.report import write_report
+
+    out = args.out or f"reports/{args.scan_id}"
+    path = write_report(_output_root(args), args.scan_id, out, top=args.top)
+    print(f"report: {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="raymem", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -201,6 +301,55 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scan-id", help="default: the config's scan id (today's date unless output.scan_date)")
     p.add_argument("--write", help="write the fitted `thresholds:` block to this YAML file")
     p.set_defaults(fn=cmd_calibrate)
+
+    p = sub.add_parser("submit", help="submit a scan as a Ray job (deterministic id: one run per config and day)")
+    p.add_argument("config")
+    p.add_argument("--address", help="Ray job server, e.g. http://head:8265 (default: RAY_ADDRESS)")
+    p.add_argument("--working-dir", help="directory uploaded as the job's working_dir (default: this project)")
+    p.add_argument("--env", action="append", default=[], metavar="NAME", help="forward this environment variable")
+    p.add_argument("--entrypoint-num-cpus", type=float, help="CPUs reserved for the driver")
+    p.add_argument("--wait", action="store_true", help="wait for the job and exit non-zero unless it succeeds")
+    p.add_argument("--timeout", type=float, default=24 * 3600, help="seconds to --wait")
+    p.set_defaults(fn=cmd_submit)
+
+    for name, fn, helptext in (
+        ("status", cmd_status, "status of a submitted scan job"),
+        ("logs", cmd_logs, "logs of a submitted scan job"),
+        ("stop", cmd_stop, "stop a submitted scan job"),
+    ):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("job_id", nargs="?", help="submission id (default: the one of --config today)")
+        p.add_argument("--config", help="derive the submission id from this config")
+        p.add_argument("--address", help="Ray job server (default: RAY_ADDRESS)")
+        if name == "logs":
+            p.add_argument("--follow", "-f", action="store_true", help="stream until the job ends")
+        p.set_defaults(fn=fn)
+
+    p = sub.add_parser("query", help="run SQL (DuckDB) over a scan output root; tables are views by name")
+    p.add_argument("sql")
+    p.add_argument("--output", help="output root (local or s3://)")
+    p.add_argument("--config", help="take the output root from this scan config")
+    p.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    p.set_defaults(fn=cmd_query)
+
+    p = sub.add_parser("diff", help="what changed between two scans (new MU prompts and entities, rate changes)")
+    p.add_argument("before", help="scan id (the earlier scan)")
+    p.add_argument("after", help="scan id (the later scan)")
+    p.add_argument("--output", help="output root of both scans (or of BEFORE with --after-output)")
+    p.add_argument("--after-output", help="output root of AFTER when it differs")
+    p.add_argument("--config", help="take the output root from this scan config")
+    p.add_argument("--rate-change", type=float, default=0.1, help="report rate changes at least this large")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--fail-on-new-mu", action="store_true", help="exit 3 when AFTER has new MU prompts or entities")
+    p.set_defaults(fn=cmd_diff)
+
+    p = sub.add_parser("report", help="write a static HTML report of one scan")
+    p.add_argument("scan_id")
+    p.add_argument("--output", help="output root of the scan (local or s3://)")
+    p.add_argument("--config", help="take the output root from this scan config")
+    p.add_argument("--out", help="report directory (default: reports/<scan_id>)")
+    p.add_argument("--top", type=int, default=12, help="findings shown with their images")
+    p.set_defaults(fn=cmd_report)
 
     p = sub.add_parser("validate", help="check a config, its prompt set and training table without running")
     p.add_argument("config")

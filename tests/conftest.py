@@ -57,3 +57,35 @@ def local_ray():
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def two_scans(demo_root, tmp_path_factory):
+    """Two complete demo scans under one output root: A with the first three prompts, B with all six.
+
+    B adds the captain prompt, whose seed 1 is planted in the training set: a new MU prompt.
+    """
+    import ray
+
+    from raymem.config import parse_config
+    from raymem.scan import run_scan
+
+    root = tmp_path_factory.mktemp("scans")
+    prompts = (demo_root / "prompts.jsonl").read_text().splitlines()
+    subset = root / "prompts-a.jsonl"
+    subset.write_text("\n".join(p for p in prompts if '"captain"' not in p and '"kite"' not in p and '"mill"' not in p) + "\n")
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address="local", num_cpus=3, include_dashboard=False, logging_level="WARNING")
+        ray.data.DataContext.get_current().enable_progress_bars = False
+    results = {}
+    for name, prompt_file in (("a", subset), ("b", demo_root / "prompts.jsonl")):
+        raw = demo_raw_config(demo_root)
+        raw.update(name=f"scan-{name}", prompts=str(prompt_file))
+        raw["output"] = {"uri": str(root / "out"), "scan_date": "2026-11-27" if name == "a" else "2026-11-28"}
+        raw["generation"]["seeds_per_prompt"] = 2
+        raw["signals"]["null_seeds"] = 2
+        results[name] = run_scan(parse_config(raw))
+    if started:
+        ray.shutdown()
+    return root / "out", results["a"], results["b"]
