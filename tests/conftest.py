@@ -73,7 +73,9 @@ def two_scans(demo_root, tmp_path_factory):
     root = tmp_path_factory.mktemp("scans")
     prompts = (demo_root / "prompts.jsonl").read_text().splitlines()
     subset = root / "prompts-a.jsonl"
-    subset.write_text("\n".join(p for p in prompts if '"captain"' not in p and '"kite"' not in p and '"mill"' not in p) + "\n")
+    subset.write_text(
+        "\n".join(p for p in prompts if '"captain"' not in p and '"kite"' not in p and '"mill"' not in p) + "\n"
+    )
     started = not ray.is_initialized()
     if started:
         ray.init(address="local", num_cpus=3, include_dashboard=False, logging_level="WARNING")

@@ -13,7 +13,11 @@ from tests.conftest import REPO
 
 K8S = REPO / "k8s"
 SCHEMAS = REPO.parent / "shared" / "schemas" / "kuberay"
-CRDS = {"RayCluster": "ray.io_rayclusters.yaml", "RayJob": "ray.io_rayjobs.yaml", "RayCronJob": "ray.io_raycronjobs.yaml"}
+CRDS = {
+    "RayCluster": "ray.io_rayclusters.yaml",
+    "RayJob": "ray.io_rayjobs.yaml",
+    "RayCronJob": "ray.io_raycronjobs.yaml",
+}
 
 
 def strict(schema):
@@ -63,7 +67,11 @@ def validate(doc):
 ALL = list(documents())
 
 
-@pytest.mark.parametrize("name, doc", ALL, ids=[f"{n}:{d['kind']}:{d['metadata'].get('name') or d['metadata'].get('generateName')}" for n, d in ALL])
+@pytest.mark.parametrize(
+    "name, doc",
+    ALL,
+    ids=[f"{n}:{d['kind']}:{d['metadata'].get('name') or d['metadata'].get('generateName')}" for n, d in ALL],
+)
 def test_manifest_validates(name, doc):
     validate(doc)
     for inner in embedded(doc):

@@ -21,7 +21,9 @@ def test_tables_are_views_by_name(two_scans):
     table = run_query(str(root), "select scan_id, status from manifests order by scan_id", "table")
     assert "complete" in table and "(2 rows)" in table
     # Hive partitions prune like any column; embeddings come back as plain lists.
-    out = run_query(str(root), "select len(clip_embedding) d from generations where scan_date = DATE '2026-11-27' limit 1", "json")
+    out = run_query(
+        str(root), "select len(clip_embedding) d from generations where scan_date = DATE '2026-11-27' limit 1", "json"
+    )
     assert json.loads(out) == {"d": 64}
 
 
@@ -29,7 +31,7 @@ def test_query_errors_are_one_line_and_exit_2(two_scans, tmp_path, capsys):
     root, _, _ = two_scans
     assert main(["query", "selec 1", "--output", str(root)]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("raymem: error: SQL error: Parser Error: syntax error at or near \"selec\"") and "\n" not in err
+    assert err.startswith('raymem: error: SQL error: Parser Error: syntax error at or near "selec"') and "\n" not in err
     assert main(["query", "select * from lables", "--output", str(root)]) == 2
     err = capsys.readouterr().err.strip()
     assert "lables does not exist" in err and "tables under" in err and "\n" not in err

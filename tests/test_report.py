@@ -14,8 +14,16 @@ from raymem.cli import main
 pytestmark = pytest.mark.ray
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 def chromium_or_skip():
@@ -35,13 +43,28 @@ def test_report_renders_with_images(two_scans, tmp_path, capsys):
     assert "Captain Mira" in html and "Top findings" in html and "<svg" in html and "background p95" in html
     assert len(list((tmp_path / "report" / "images").glob("*.png"))) == 8  # 4 findings x (generated, training)
     profile = tmp_path / "profile"
-    dom = subprocess.run([chromium, *FLAGS, f"--user-data-dir={profile}", "--virtual-time-budget=5000",
-                          "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120).stdout
+    dom = subprocess.run(
+        [chromium, *FLAGS, f"--user-data-dir={profile}", "--virtual-time-budget=5000", "--dump-dom", page.as_uri()],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).stdout
     title = re.search(r"<title>(.*?)</title>", dom).group(1)
     assert title == "raymem report: images 8/8", title  # the page's own check: every <img> decoded
     shot = tmp_path / "shot.png"
-    subprocess.run([chromium, *FLAGS, f"--user-data-dir={profile}", "--window-size=1200,1600",
-                    f"--screenshot={shot}", page.as_uri()], capture_output=True, timeout=120, check=True)
+    subprocess.run(
+        [
+            chromium,
+            *FLAGS,
+            f"--user-data-dir={profile}",
+            "--window-size=1200,1600",
+            f"--screenshot={shot}",
+            page.as_uri(),
+        ],
+        capture_output=True,
+        timeout=120,
+        check=True,
+    )
     pixels = np.asarray(Image.open(shot).convert("L"), dtype=float)
     assert pixels.shape == (1600, 1200) and pixels.std() > 10  # not a blank page
 

@@ -1,0 +1,181 @@
+"""`raymem submit | status | logs | stop` against a real Ray head started by the test on 127.0.0.1
+(own ports and temp dir; stopped by PID afterwards, never with `ray stop`)."""
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+
+from raymem.cli import main
+from tests.conftest import REPO, demo_raw_config
+
+pytestmark = pytest.mark.ray
+
+
+def free_ports(n: int) -> list[int]:
+    socks, ports = [], []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+        ports.append(s.getsockname()[1])
+    for s in socks:
+        s.close()
+    return ports
+
+
+def kill_tree_matching(marker: str) -> None:
+    """Stop every process whose command line mentions `marker` (this head's temp dir or port)."""
+    procs = {}
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if marker in " ".join(p.info["cmdline"] or []):
+                # Children too: Ray renames its agents (ray::DashboardAgent) so only their parents match.
+                for q in [p, *p.children(recursive=True)]:
+                    procs[q.pid] = q
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    procs = list(procs.values())
+    for p in procs:
+        try:
+            p.send_signal(signal.SIGTERM)
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=5)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory):
+    temp = Path(f"/tmp/rmh-{os.getpid()}")  # short: Ray's unix sockets live under it
+    gcs, dash, agent, agent_grpc, renv, metrics, node, objm, client, wmin = free_ports(10)
+    env = {
+        **os.environ,
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "RAY_AUTH_MODE": "disabled",
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+    }
+    env.pop("RAY_ADDRESS", None)
+    cmd = [
+        str(Path(sys.executable).parent / "ray"),
+        "start",
+        "--head",
+        "--node-ip-address=127.0.0.1",
+        f"--port={gcs}",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={dash}",
+        "--include-dashboard=true",
+        f"--dashboard-agent-listen-port={agent}",
+        f"--dashboard-agent-grpc-port={agent_grpc}",
+        f"--runtime-env-agent-port={renv}",
+        f"--metrics-export-port={metrics}",
+        f"--node-manager-port={node}",
+        f"--object-manager-port={objm}",
+        f"--ray-client-server-port={client}",
+        f"--min-worker-port={wmin}",
+        f"--max-worker-port={wmin + 200}",
+        "--num-cpus=3",
+        f"--temp-dir={temp}",
+        "--disable-usage-stats",
+    ]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    try:
+        yield f"http://127.0.0.1:{dash}", env
+    finally:
+        kill_tree_matching(str(temp))
+        kill_tree_matching(f"--ray-client-server-port={client}")
+        kill_tree_matching(f"127.0.0.1:{gcs}")
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.fixture
+def project(demo_root, tmp_path):
+    """A working dir as `raymem submit` uploads it: the package, jobs/, and the scan config inside."""
+    work = tmp_path / "project"
+    shutil.copytree(REPO / "raymem", work / "raymem", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(REPO / "jobs", work / "jobs")
+    raw = demo_raw_config(demo_root)
+    raw["output"] = {"uri": str(tmp_path / "out"), "scan_date": "2026-11-28"}
+    raw["generation"]["seeds_per_prompt"] = 2
+    raw["signals"]["null_seeds"] = 0
+    (work / "scan.yaml").write_text(yaml.safe_dump(raw))
+    return work
+
+
+def test_submit_runs_the_scan_as_a_ray_job(ray_head, project, tmp_path, capsys, monkeypatch):
+    address, env = ray_head
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    config = str(project / "scan.yaml")
+    assert (
+        main(["submit", config, "--address", address, "--working-dir", str(project), "--wait", "--timeout", "600"]) == 0
+    ), capsys.readouterr()
+    out = capsys.readouterr().out
+    sid = out.split(":")[0]
+    assert sid.startswith("raymem-") and sid.endswith("-20261128") and f"{sid}: SUCCEEDED" in out
+    manifest = next((tmp_path / "out" / "manifests").glob("*.json"))
+    assert '"status": "complete"' in manifest.read_text()
+    assert len(list((tmp_path / "out" / "labels").rglob("*.parquet"))) == 1
+    # Same config, same day: the nightly re-submit finds the job instead of running it twice.
+    assert main(["submit", config, "--address", address, "--working-dir", str(project)]) == 0
+    assert "already submitted" in capsys.readouterr().out
+    assert main(["status", "--config", config, "--address", address]) == 0
+    assert capsys.readouterr().out.strip() == f"{sid}: SUCCEEDED"
+    assert main(["logs", sid, "--address", address]) == 0
+    assert "units" in capsys.readouterr().out  # the scan's own summary, from the job driver
+    assert main(["stop", sid, "--address", address]) == 0
+    assert "not running" in capsys.readouterr().out
+
+
+def test_failing_scan_marks_the_job_failed(ray_head, project, tmp_path, capsys, monkeypatch):
+    address, _ = ray_head
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    raw = yaml.safe_load((project / "scan.yaml").read_text())
+    raw["name"] = "broken"
+    raw["training"]["embeddings"] = str(tmp_path / "no-training-here")
+    (project / "broken.yaml").write_text(yaml.safe_dump(raw))
+    assert (
+        main(
+            [
+                "submit",
+                str(project / "broken.yaml"),
+                "--address",
+                address,
+                "--working-dir",
+                str(project),
+                "--wait",
+                "--timeout",
+                "300",
+            ]
+        )
+        == 1
+    )
+    assert ": FAILED" in capsys.readouterr().out
+
+
+def test_bad_addresses_and_ids_are_one_line(ray_head, capsys, monkeypatch):
+    address, _ = ray_head
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    assert main(["status", "raymem-nope-20260101", "--address", address]) == 1
+    assert capsys.readouterr().err.strip() == "raymem: error: no job 'raymem-nope-20260101' on this Ray cluster"
+    (port,) = free_ports(1)
+    assert main(["status", "x", "--address", f"http://127.0.0.1:{port}"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert (
+        err.startswith(f"raymem: error: cannot reach the Ray job server at http://127.0.0.1:{port}") and "\n" not in err
+    )
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delenv("RAY_API_SERVER_ADDRESS", raising=False)
+    assert main(["status", "x"]) == 1
+    assert "no Ray address" in capsys.readouterr().err
