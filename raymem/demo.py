@@ -94,7 +94,7 @@ def clip_tokenizer():
 def build_tiny_pipeline(target: Path, seed: int = DEMO_SEED) -> Path:
     """A 4-level SD-style UNet/VAE (vae scale 8) and a 5-layer CLIP text encoder: ~5 M parameters."""
     import torch
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)
@@ -134,6 +134,14 @@ def build_tiny_pipeline(target: Path, seed: int = DEMO_SEED) -> Path:
             layer_norm_eps=1e-5,
         )
     )
+    assemble_pipeline(unet, vae, text_encoder).save_pretrained(target)
+    return target
+
+
+def assemble_pipeline(unet, vae, text_encoder):
+    """A StableDiffusionPipeline around the given models, with SD's DDIM schedule and CLIP's tokenizer."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
     scheduler = DDIMScheduler(
         beta_start=0.00085,
         beta_end=0.012,
@@ -142,7 +150,7 @@ def build_tiny_pipeline(target: Path, seed: int = DEMO_SEED) -> Path:
         set_alpha_to_one=False,
         steps_offset=1,
     )
-    pipe = StableDiffusionPipeline(
+    return StableDiffusionPipeline(
         unet=unet,
         vae=vae,
         text_encoder=text_encoder,
@@ -152,8 +160,6 @@ def build_tiny_pipeline(target: Path, seed: int = DEMO_SEED) -> Path:
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    pipe.save_pretrained(target)
-    return target
 
 
 TINY_CLIP_CONFIG = {

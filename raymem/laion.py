@@ -135,15 +135,20 @@ def _read_rows(npy: str, header: NpyHeader, start: int, stop: int) -> np.ndarray
     return np.frombuffer(data, dtype=header.dtype).reshape(stop - start, dim).astype(np.float32)
 
 
-def read_pair(meta_path: str, npy_path: str, chunk_rows: int = CHUNK_ROWS):
-    """Yield raymem-schema tables (train_id, clip_embedding, caption, image_uri, path) of one pair, in chunks."""
-    header = read_npy_header(npy_path)
+def _open_metadata(meta_path: str):
+    """(ParquetFile, id column, URI column, columns to read) of a metadata file."""
     fs, p = uris.filesystem(meta_path)
     pf = pq.ParquetFile(p, filesystem=fs)
     names = pf.schema_arrow.names
     id_col = next((c for c in ID_COLUMNS if c in names), None)
     uri_col = next((c for c in URI_COLUMNS if c in names), None)
-    wanted = [c for c in (id_col, uri_col, "caption") if c and c in names]
+    return pf, id_col, uri_col, [c for c in (id_col, uri_col, "caption") if c and c in names]
+
+
+def read_pair(meta_path: str, npy_path: str, chunk_rows: int = CHUNK_ROWS):
+    """Yield raymem-schema tables (train_id, clip_embedding, caption, image_uri, path) of one pair, in chunks."""
+    header = read_npy_header(npy_path)
+    pf, id_col, uri_col, wanted = _open_metadata(meta_path)
     start = 0
     for batch in pf.iter_batches(batch_size=chunk_rows, columns=wanted or None):
         meta = pa.Table.from_batches([batch])
@@ -154,12 +159,7 @@ def read_pair(meta_path: str, npy_path: str, chunk_rows: int = CHUNK_ROWS):
 def read_pair_rows(meta_path: str, npy_path: str, start: int, stop: int) -> pa.Table:
     """Rows [start, stop) of a pair, in raymem's schema (with the `path` column)."""
     header = read_npy_header(npy_path)
-    fs, p = uris.filesystem(meta_path)
-    pf = pq.ParquetFile(p, filesystem=fs)
-    names = pf.schema_arrow.names
-    id_col = next((c for c in ID_COLUMNS if c in names), None)
-    uri_col = next((c for c in URI_COLUMNS if c in names), None)
-    wanted = [c for c in (id_col, uri_col, "caption") if c and c in names]
+    pf, id_col, uri_col, wanted = _open_metadata(meta_path)
     meta = pf.read(columns=wanted).slice(start, stop - start) if wanted else None
     return _pair_table(meta_path, npy_path, header, meta, id_col, uri_col, start, stop - start)
 
