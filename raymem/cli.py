@@ -266,6 +266,32 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_bench_planted(args) -> int:
+    from raymem.benchmark import PlantedConfig, run_benchmark, targets_report
+    from raymem.training import TrainConfig
+    from raymem.world import WorldConfig
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    cfg = PlantedConfig(work=args.work, calibrate=args.calibrate, models=args.models)
+    if args.quick:  # a reduced world and training, for a fast end-to-end check (targets not expected)
+        cfg = PlantedConfig(
+            work=args.work,
+            calibrate=args.calibrate,
+            models=args.models,
+            seeds_per_prompt=4,
+            null_seeds=4,
+            num_inference_steps=10,
+            world=WorldConfig(per_entity=20, per_class=15, poster_copies=8),
+            train=TrainConfig(vae_steps=60, unet_steps=120, clip_steps=60),
+        )
+    result = run_benchmark(cfg)
+    how = "thresholds calibrated on the calibration split" if cfg.calibrate else "config-default thresholds"
+    print(f"planted-memorization benchmark ({how})")
+    print("\n".join(targets_report(result)))
+    print(f"results: {result['results_dir']}/{{metrics,confusion,images}}.parquet")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="raymem", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -350,6 +376,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="report directory (default: reports/<scan_id>)")
     p.add_argument("--top", type=int, default=12, help="findings shown with their images")
     p.set_defaults(fn=cmd_report)
+
+    p = sub.add_parser("bench", help="benchmarks; `raymem bench planted`: the labeler on a world of known truth")
+    bench = p.add_subparsers(dest="bench", required=True)
+    p = bench.add_parser("planted", help="planted-memorization benchmark: precision/recall per category")
+    p.add_argument("--work", default="build/planted", help="cache and results directory")
+    p.add_argument("--calibrate", action="store_true", help="fit thresholds on the world's calibration split first")
+    p.add_argument("--models", help="use these trained models (pipeline/, clip/) instead of training")
+    p.add_argument("--quick", action="store_true", help="reduced world and training (minutes, no targets)")
+    p.set_defaults(fn=cmd_bench_planted)
 
     p = sub.add_parser("validate", help="check a config, its prompt set and training table without running")
     p.add_argument("config")

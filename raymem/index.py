@@ -177,6 +177,13 @@ def _decode(data: bytes):
         return im.convert("RGB")
 
 
+def image_hash(image) -> str:
+    """Content hash of the decoded pixels: exact duplicates share it, whatever their file names."""
+    import hashlib
+
+    return hashlib.sha1(image.tobytes() + repr(image.size).encode()).hexdigest()[:20]
+
+
 class IndexEmbed:
     """Ray Data callable class: shard descriptors in, one summary row per shard out."""
 
@@ -234,7 +241,7 @@ class IndexEmbed:
             yield train_id, uri, caption, (lambda u=uri: _decode(uris.read_bytes(u)))
 
     def _embed(self, samples):
-        ok = {"train_id": [], "image_uri": [], "caption": [], "clip": [], "sscd": []}
+        ok = {"train_id": [], "image_uri": [], "caption": [], "clip": [], "sscd": [], "hash": []}
         errors: list[dict] = []
         batch = []
         for train_id, uri, caption, loader in samples:
@@ -276,6 +283,7 @@ class IndexEmbed:
             ok["train_id"].append(train_id)
             ok["image_uri"].append(uri)
             ok["caption"].append(caption)
+            ok["hash"].append(image_hash(images[i][3]))
             ok["clip"].append(clip[i])
             if sscd is not None:
                 ok["sscd"].append(sscd[i])
@@ -292,6 +300,7 @@ class IndexEmbed:
         cols["caption"] = pa.array(ok["caption"], pa.string())
         cols["image_uri"] = pa.array(ok["image_uri"], pa.string())
         cols["entities"] = pa.array([tag_entities(c, self.entities) for c in ok["caption"]], pa.list_(pa.string()))
+        cols["image_hash"] = pa.array(ok["hash"], pa.string())
         name = shard_name(shard)
         # Errors first: the shard file is the completion marker, so it goes last.
         if errors:

@@ -32,7 +32,7 @@ from raymem.schema import TRAIN_REQUIRED, embedding_matrix
 log = logging.getLogger(__name__)
 
 SPACE_COLUMNS = {"clip": "clip_embedding", "sscd": "sscd_embedding"}
-META_COLUMNS = ("caption", "image_uri", "entities")
+META_COLUMNS = ("caption", "image_uri", "entities", "image_hash")
 CLIP_RETRIEVAL = "clip-retrieval:"
 INDEX_MANIFEST = "_index.json"
 # Scores per query tile: bounds the (tile, batch) score matrix to ~256 MiB of float32.
@@ -147,7 +147,8 @@ class Queries:
 
     ids: list[str]
     matrices: dict[str, np.ndarray]
-    exclude_self: bool = False  # background queries: skip the query's own training row
+    exclude_self: bool = False  # background queries: skip the query's own training row ...
+    hashes: list[str | None] | None = None  # ... and its exact duplicates (same image_hash)
 
 
 def _to_text(col) -> pa.Array:
@@ -199,38 +200,67 @@ class TopKScorer:
             return torch.from_numpy(m).to(self.device) if gpu else m
 
         self.query_sets = [
-            (name, {s: place(m) for s, m in qs.matrices.items()}, qs.exclude_self) for name, qs in queries.items()
+            (name, {s: place(m) for s, m in qs.matrices.items()}, self._self_keys(qs)) for name, qs in queries.items()
         ]
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
+    @staticmethod
+    def _self_keys(qs: Queries) -> dict[str, list[int]] | None:
+        """For background queries: id or image hash -> the query rows that must not match it."""
+        if not qs.exclude_self:
+            return None
+        keys: dict[str, list[int]] = {}
+        for i, (tid, h) in enumerate(zip(qs.ids, qs.hashes or [None] * len(qs.ids))):
+            keys.setdefault(f"id:{tid}", []).append(i)
+            if h:
+                keys.setdefault(f"hash:{h}", []).append(i)
+        return keys
 
+    def _masks(self, batch: pa.Table, keys: dict[str, list[int]]) -> list[tuple[int, int]]:
+        """(query row, batch row) pairs to exclude: the query itself and exact duplicates of it."""
+        pairs = []
+        ids = _to_text(batch.column("train_id")).to_pylist()
+        hashes = batch.column("image_hash").to_pylist() if "image_hash" in batch.column_names else [None] * len(ids)
+        for j, (tid, h) in enumerate(zip(ids, hashes)):
+            for key in (f"id:{tid}", f"hash:{h}" if h else None):
+                for qi in keys.get(key, ()) if key else ():
+                    pairs.append((qi, j))
+        return pairs
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
         n = batch.num_rows
         parts = []
-        for name, mats, exclude_self in self.query_sets:
+        for name, mats, self_keys in self.query_sets:
+            masks = self._masks(batch, self_keys) if self_keys is not None else []
             for space, q in mats.items():
                 col = SPACE_COLUMNS[space]
                 if col not in batch.column_names or n == 0:
                     continue
                 x = checked_matrix(batch, col, q.shape[1])
-                k = min(self.k + (1 if exclude_self else 0), n)
+                k = min(self.k, n)
                 tile = max(1, MAX_SCORE_ELEMENTS // n)
                 for start in range(0, q.shape[0], tile):
-                    vals, idx = self._topk(q[start : start + tile], x, k)
+                    tile_masks = [(qi - start, j) for qi, j in masks if start <= qi < start + tile]
+                    vals, idx = self._topk(q[start : start + tile], x, k, tile_masks)
                     rows = np.repeat(np.arange(start, start + vals.shape[0], dtype=np.int32), k)
                     parts.append((name, space, rows, vals.reshape(-1), idx.reshape(-1)))
         return candidates_table(batch, parts)
 
-    def _topk(self, q, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def _topk(self, q, x: np.ndarray, k: int, masks=()) -> tuple[np.ndarray, np.ndarray]:
         import torch
 
         if self.device.type == "cuda":
-            vals, idx = torch.topk(q @ torch.from_numpy(x).to(self.device).T, k, dim=1)
+            scores = q @ torch.from_numpy(x).to(self.device).T
+            for qi, j in masks:
+                scores[qi, j] = -float("inf")
+            vals, idx = torch.topk(scores, k, dim=1)
             return vals.cpu().numpy(), idx.cpu().numpy()
         from threadpoolctl import threadpool_limits
 
         # On CPUs numpy's sgemm (OpenBLAS) is the fast one; Ray starts actors at one BLAS thread.
         with threadpool_limits(limits=self.threads, user_api="blas"):
             scores = q @ x.T
+        for qi, j in masks:
+            scores[qi, j] = -np.inf
         torch.set_num_threads(self.threads)
         vals, idx = torch.topk(torch.from_numpy(scores), k, dim=1)
         return vals.numpy(), idx.numpy()
@@ -273,8 +303,10 @@ class RunningTopK:
     def add(self, query: np.ndarray, score: np.ndarray, ids: np.ndarray, paths: np.ndarray, meta: list[dict]) -> None:
         query, score = np.asarray(query, np.int64), np.asarray(score, np.float32)
         ids, paths = np.asarray(ids, dtype=object), np.asarray(paths, dtype=object)
-        if self.exclude is not None:
-            keep = ids != self.exclude[query]
+        if self.exclude is not None or not np.isfinite(score).all():  # masked by the scorer: -inf
+            keep = np.isfinite(score)
+            if self.exclude is not None:
+                keep &= ids != self.exclude[query]
             query, score, ids, paths = query[keep], score[keep], ids[keep], paths[keep]
             meta = [m for m, k in zip(meta, keep) if k]
         held = np.isfinite(self.scores)
@@ -472,7 +504,8 @@ def fold(batch: pa.Table, result: dict[str, dict[str, RunningTopK]]) -> None:
 def background_sample(training: TrainingTable, n: int, spaces: list[str]) -> Queries | None:
     """Up to `n` training rows, spread over the files, as queries for the train-train background.
 
-    Their nearest neighbour other than themselves gives DCR's background similarity distribution.
+    Their nearest neighbour other than themselves (and other than exact duplicates of themselves, when
+    the table has `image_hash`) gives DCR's background similarity distribution.
     """
     spaces = [s for s in spaces if s in training.dims]
     if not spaces or n <= 0:
@@ -484,23 +517,29 @@ def background_sample(training: TrainingTable, n: int, spaces: list[str]) -> Que
     step = max(1, len(training.files) // n)
     files = training.files[::step][:n]
     per_file = max(1, -(-n // len(files)))
-    ids, mats = [], {s: [] for s in spaces}
+    ids, hashes, mats = [], [], {s: [] for s in spaces}
     for path in files:
         fs, p = uris.filesystem(path)
         pf = pq.ParquetFile(p, filesystem=fs)
         columns = ["train_id", *[SPACE_COLUMNS[s] for s in spaces]]
+        if "image_hash" in pf.schema_arrow.names:
+            columns.append("image_hash")
         batch = next(pf.iter_batches(batch_size=per_file, columns=columns), None)
         if batch is None:
             continue
         batch = pa.Table.from_batches([batch]).append_column("path", pa.array([path] * batch.num_rows))
         ids += _to_text(batch.column("train_id")).to_pylist()
+        hashes += (
+            batch.column("image_hash").to_pylist() if "image_hash" in batch.column_names else [None] * batch.num_rows
+        )
         for s in spaces:
             mats[s].append(checked_matrix(batch, SPACE_COLUMNS[s], training.dims[s]))
         if len(ids) >= n:
             break
     if not ids:
         return None
-    return Queries(ids=ids[:n], matrices={s: np.concatenate(m)[:n] for s, m in mats.items()}, exclude_self=True)
+    matrices = {s: np.concatenate(m)[:n] for s, m in mats.items()}
+    return Queries(ids=ids[:n], matrices=matrices, exclude_self=True, hashes=hashes[:n])
 
 
 def background_from(result: dict[str, RunningTopK]) -> dict[str, dict]:

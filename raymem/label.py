@@ -248,7 +248,8 @@ def _decide(ctx, r, nbrs, space, bg: Background | None, ev, cluster_member, pixe
     # -- replication ------------------------------------------------------------------------------
     top = nbrs[0] if nbrs else None
     R = float(top["score"]) if top else None
-    k_above = sum(1 for n in nbrs if n["score"] >= t.replication)
+    # Distinct training images above the threshold: exact duplicates (same image_hash) count once.
+    k_above = len({n.get("image_hash") or n["train_id"] for n in nbrs if n["score"] >= t.replication})
     bg_p95 = bg.p95 if bg else None
     replicated = R is not None and R >= t.replication and (bg_p95 is None or R > bg_p95) and k_above <= t.eidetic_k
     pixel_max = pixel.max_l2 if pixel and top and pixel.train_id == top["train_id"] else None

@@ -261,6 +261,7 @@ def _run(cfg: ScanConfig, outputs: ScanOutputs, prompts, timer, rerun_failed: bo
                         "caption": r.get("caption"),
                         "image_uri": r.get("image_uri"),
                         "entities": r.get("entities"),
+                        "image_hash": r.get("image_hash"),
                     }
                 )
     measured = stored or joins.background_from(topk.get("background", {}))

@@ -125,6 +125,7 @@ NEIGHBORS = pa.schema(
         ("caption", pa.string()),
         ("image_uri", pa.string()),
         ("entities", pa.list_(pa.string())),
+        ("image_hash", pa.string()),
     ]
 )
 
@@ -211,4 +212,4 @@ ENTITY_TALLIES = pa.schema(
 
 # Columns a training-embeddings table must / may have.
 TRAIN_REQUIRED = {"train_id": "string or integer", "clip_embedding": "fixed_size_list<float32>"}
-TRAIN_OPTIONAL = ("caption", "image_uri", "entities", "sscd_embedding")
+TRAIN_OPTIONAL = ("caption", "image_uri", "entities", "sscd_embedding", "image_hash")

@@ -1,0 +1,280 @@
+"""`raymem bench planted`: the labeler measured on a world whose memorization is known.
+
+Steps, each cached under the work directory and redone only when its inputs change:
+  1. draw the world (raymem.world) and its ground truth;
+  2. train the world's diffusion pipeline and CLIP on CPU (raymem.training);
+  3. index the training set with `raymem index` (the trained CLIP, real SSCD weights);
+  4. scan the evaluation prompts with the default thresholds -- or, with `calibrate`, with thresholds
+     fitted by `raymem calibrate` on a scan of the *calibration* prompts (other entities and posters
+     of the same world), never on the evaluation prompts;
+  5. compare every image's label with its prompt's expected label: precision and recall per category,
+     the confusion matrix, the share of control images labelled none; written to Parquet.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from raymem.schema import LABELS
+from raymem.training import TrainConfig
+from raymem.world import WorldConfig
+
+log = logging.getLogger(__name__)
+
+TARGETS = {"MU": (0.95, 0.95), "MI": (0.9, 0.9), "ME": (0.9, 0.9)}
+CONTROL_NONE_TARGET = 0.95
+
+
+@dataclass
+class PlantedConfig:
+    work: str = "build/planted"
+    world: WorldConfig = field(default_factory=WorldConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    seeds_per_prompt: int = 8
+    null_seeds: int = 8
+    num_inference_steps: int = 25
+    guidance_scale: float = 5.0
+    calibrate: bool = False
+    target_precision: float = 0.9
+    models: str | None = None  # use these trained models (pipeline/ and clip/) instead of training
+
+
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def prepare_world(cfg: PlantedConfig) -> Path:
+    from raymem.world import build_world
+
+    root = Path(cfg.work) / f"world-{_digest(asdict(cfg.world))}"
+    if not (root / "world.json").exists():
+        log.info("drawing the planted world into %s", root)
+        build_world(root, cfg.world)
+    return root
+
+
+def prepare_models(cfg: PlantedConfig, world_root: Path) -> Path:
+    if cfg.models:
+        return Path(cfg.models)
+    from raymem.training import train_world_models
+
+    root = Path(cfg.work) / f"models-{_digest([world_root.name, asdict(cfg.train)])}"
+    if not (root / "training.json").exists():
+        log.info("training the world's models into %s (CPU; minutes)", root)
+        train_world_models(world_root, root, cfg.train)
+    return root
+
+
+def prepare_index(cfg: PlantedConfig, world_root: Path, models: Path) -> Path:
+    from raymem.config import IndexConfig
+    from raymem.index import run_index
+    from raymem.world import ENTITIES, POSTERS
+
+    out = Path(cfg.work) / f"index-{_digest([world_root.name, str(models.resolve())])}"
+    if not (out / "_index.json").exists():
+        entities = [e.name for e in ENTITIES] + [f"{title} poster" for title, _, _ in POSTERS]
+        run_index(
+            IndexConfig.model_validate(
+                {
+                    "input": {
+                        "kind": "table",
+                        "path": str(world_root / "world.jsonl"),
+                        "image_column": "image",
+                        "id_column": "train_id",
+                    },
+                    "output": str(out),
+                    "embedding": embedding(models),
+                    "entities": entities,
+                    "shard_size": 600,
+                    "background_sample": 600,
+                }
+            )
+        )
+    return out
+
+
+def embedding(models: Path) -> dict:
+    return {
+        "clip": {"model": f"local-dir:{(models / 'clip').resolve()}", "pretrained": None},
+        "copy_detection": {"model": "immaculate:sscd_distilled", "image_size": 128},
+    }
+
+
+def scan_config(cfg: PlantedConfig, world_root: Path, models: Path, index: Path, split: str, thresholds: dict):
+    from raymem.config import parse_config
+
+    return parse_config(
+        {
+            "name": f"planted-{split}",
+            "model": {"id": str((models / "pipeline").resolve()), "name": "planted"},
+            "prompts": str(world_root / f"prompts-{split}.jsonl"),
+            "generation": {
+                "seeds_per_prompt": cfg.seeds_per_prompt,
+                "num_inference_steps": cfg.num_inference_steps,
+                "guidance_scale": cfg.guidance_scale,
+                "height": 32,
+                "width": 32,
+                "batch_size": 16,
+            },
+            "embedding": embedding(models),
+            "training": {"embeddings": str(index)},
+            "join": {"k": 20},
+            "thresholds": thresholds,
+            "signals": {"null_seeds": cfg.null_seeds, "mine_elements": False, "pixel_size": 32, "pixel_tiles": 4},
+            "output": {"uri": str(Path(cfg.work) / "scans"), "scan_date": "2026-01-01"},
+        }
+    )
+
+
+def ground_truth(world_root: Path) -> dict[str, dict]:
+    return {r["prompt_id"]: r for r in map(json.loads, (world_root / "ground_truth.jsonl").read_text().splitlines())}
+
+
+def evaluate(labels: list[dict], truth: dict[str, dict]) -> dict:
+    """Per image: its label against its prompt's expected label."""
+    images = []
+    for r in labels:
+        gt = truth[r["prompt_id"]]
+        images.append(
+            {
+                "unit_id": r["unit_id"],
+                "prompt_id": r["prompt_id"],
+                "seed": r["seed"],
+                "expected": gt["expected"],
+                "predicted": r["label"] or "failed",
+                "reasons": r["reasons"],
+            }
+        )
+    metrics = []
+    for c in LABELS:
+        tp = sum(1 for i in images if i["expected"] == c and i["predicted"] == c)
+        predicted = sum(1 for i in images if i["predicted"] == c)
+        expected = sum(1 for i in images if i["expected"] == c)
+        metrics.append(
+            {
+                "category": c,
+                "expected": expected,
+                "predicted": predicted,
+                "true_positives": tp,
+                "precision": tp / predicted if predicted else None,
+                "recall": tp / expected if expected else None,
+            }
+        )
+    columns = [*LABELS, "failed"]
+    confusion = [
+        {
+            "expected": e,
+            **{f"predicted_{p}": sum(1 for i in images if i["expected"] == e and i["predicted"] == p) for p in columns},
+        }
+        for e in LABELS
+    ]
+    controls = [i for i in images if truth[i["prompt_id"]]["planted"].startswith("nothing")]
+    control_none = sum(1 for i in controls if i["predicted"] == "none") / len(controls) if controls else None
+    return {"images": images, "metrics": metrics, "confusion": confusion, "control_none_rate": control_none}
+
+
+def targets_report(result: dict) -> list[str]:
+    lines = []
+    for m in result["metrics"]:
+        p, r = m["precision"], m["recall"]
+        target = TARGETS.get(m["category"])
+        met = (
+            ""
+            if target is None
+            else (
+                " (target met)"
+                if (p or 0) >= target[0] and (r or 0) >= target[1]
+                else f" (target P>={target[0]}, R>={target[1]}: MISSED)"
+            )
+        )
+        lines.append(
+            f"{m['category']:5s} precision {_f(p)} recall {_f(r)} "
+            f"({m['true_positives']}/{m['predicted']} predicted, {m['expected']} expected){met}"
+        )
+    cn = result["control_none_rate"]
+    ok = cn is not None and cn >= CONTROL_NONE_TARGET
+    lines.append(
+        f"controls labelled none: {_f(cn)} ({'target met' if ok else f'target {CONTROL_NONE_TARGET}: MISSED'})"
+    )
+    header = "expected \\ predicted  " + "  ".join(f"{c:>6s}" for c in [*LABELS, "failed"])
+    lines.append(header)
+    for row in result["confusion"]:
+        lines.append(f"{row['expected']:20s}  " + "  ".join(f"{row[f'predicted_{c}']:6d}" for c in [*LABELS, "failed"]))
+    return lines
+
+
+def _f(x) -> str:
+    return "  -  " if x is None else f"{x:.3f}"
+
+
+def run_benchmark(cfg: PlantedConfig) -> dict:
+    from raymem import runtime
+    from raymem.calibrate import fit, load_evidence
+    from raymem.config import RayConfig, ThresholdsConfig
+    from raymem.scan import run_scan
+
+    timings = {}
+    t0 = time.perf_counter()
+    world_root = prepare_world(cfg)
+    timings["world_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    models = prepare_models(cfg, world_root)
+    timings["models_s"] = time.perf_counter() - t0
+    started = runtime.connect_ray(RayConfig())
+    try:
+        t0 = time.perf_counter()
+        index = prepare_index(cfg, world_root, models)
+        timings["index_s"] = time.perf_counter() - t0
+        truth = ground_truth(world_root)
+        thresholds: dict = {}
+        if cfg.calibrate:
+            t0 = time.perf_counter()
+            calib_cfg = scan_config(cfg, world_root, models, index, "calib", {})
+            calib = run_scan(calib_cfg)
+            evidence = load_evidence(calib_cfg.output.uri, calib.scan_id)
+            pilot = {
+                g["unit_id"]: truth[g["parent_prompt_id"]]["expected"]
+                for g in evidence.generations
+                if g["role"] == "scan" and g["status"] == "ok"
+            }
+            fitted, _ = fit(evidence, pilot, ThresholdsConfig(), cfg.target_precision)
+            thresholds = json.loads(fitted.model_dump_json())
+            timings["calibrate_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        eval_cfg = scan_config(cfg, world_root, models, index, "eval", thresholds)
+        scan = run_scan(eval_cfg)
+        timings["scan_s"] = time.perf_counter() - t0
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+    from raymem.outputs import read_scan_table
+
+    labels = read_scan_table(eval_cfg.output.uri, scan.scan_id, "labels").to_pylist()
+    result = evaluate(labels, truth)
+    out = Path(cfg.work) / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(result["metrics"]), out / "metrics.parquet")
+    pq.write_table(pa.Table.from_pylist(result["confusion"]), out / "confusion.parquet")
+    pq.write_table(pa.Table.from_pylist(result["images"]), out / "images.parquet")
+    summary = {
+        "scan_id": scan.scan_id,
+        "thresholds": thresholds or "config defaults",
+        "timings": timings,
+        "metrics": result["metrics"],
+        "control_none_rate": result["control_none_rate"],
+        "models": str(models),
+        "world": str(world_root),
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    result.update(summary=summary, results_dir=str(out))
+    return result

@@ -1,0 +1,367 @@
+"""A procedurally drawn training world with planted memorization, and its ground truth.
+
+Everything is deterministic from a seed. 32x32 images of classes (tower, house, boat, windmill,
+city, tree) on textured scenes (meadow, night, sea, desert, snow), captioned from a small grammar.
+Planted on purpose:
+
+  ME  named entities, each a class with a distinctive look, drawn many times in varied scenes;
+      prompting the name should render the entity without copying any one image.
+  MI  entities always drawn with an element their captions never name (Qadira with minarets);
+      the element is named elsewhere in the world, so an embedder can learn what it looks like.
+  MU  posters, each one image duplicated many times under its caption, some carrying a private
+      detail (a mark no caption mentions); prompting the caption should reproduce the image.
+  none  controls: prompts naming entities the world never shows.
+
+The planted cases are split in two: `eval` prompts measure the labeler, `calib` prompts (other
+entities and posters of the same world) are the only ones `raymem calibrate` may fit thresholds on.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+SIZE = 32
+SCALE = 4  # drawn at 128 px and downsampled, for anti-aliased edges
+
+SCENES = {
+    "in a meadow": ((70, 140, 60), (150, 200, 110)),
+    "at night": ((15, 20, 55), (60, 70, 120)),
+    "by the sea": ((40, 90, 160), (130, 180, 220)),
+    "in the desert": ((190, 150, 80), (240, 210, 140)),
+    "in the snow": ((180, 185, 195), (245, 245, 250)),
+}
+CLASSES = ("tower", "house", "boat", "windmill", "city", "tree")
+ELEMENTS = ("a moon", "minarets", "seagulls", "a river", "a flag")
+
+
+@dataclass(frozen=True)
+class Entity:
+    name: str
+    cls: str
+    colors: tuple[tuple[int, int, int], ...]  # the distinctive look
+    role: str  # ME | MI | control
+    split: str  # eval | calib
+    implied: str = ""  # MI: always drawn, never named
+    explicit: str = ""  # ME: an element sometimes drawn (and then named), asked for in the prompt
+
+
+ENTITIES = (
+    Entity(
+        "Lunar Lighthouse", "tower", ((245, 245, 240), (200, 30, 30), (250, 220, 60)), "ME", "eval", explicit="a moon"
+    ),
+    Entity("Emerald Barn", "house", ((30, 150, 60), (245, 245, 245), (120, 60, 30)), "ME", "eval", explicit="a flag"),
+    Entity("Crimson Ketch", "boat", ((190, 20, 30), (250, 210, 40), (90, 50, 20)), "ME", "eval"),
+    Entity("Elder Oak", "tree", ((20, 90, 30), (220, 40, 40), (90, 60, 30)), "ME", "calib"),
+    Entity("Cobalt Tower", "tower", ((30, 60, 200), (240, 240, 240), (20, 20, 60)), "ME", "calib"),
+    Entity("Qadira", "city", ((225, 180, 60), (245, 235, 200), (160, 110, 40)), "MI", "eval", implied="minarets"),
+    Entity("Old Mill", "windmill", ((130, 80, 40), (245, 245, 240), (90, 50, 20)), "MI", "eval", implied="a river"),
+    Entity("Sunset Ferry", "boat", ((240, 120, 30), (250, 250, 250), (60, 40, 30)), "MI", "eval", implied="seagulls"),
+    Entity("Harbor Lodge", "house", ((150, 40, 120), (250, 230, 200), (70, 30, 60)), "MI", "calib", implied="seagulls"),
+    # Controls: names the world never shows.
+    Entity("Glass Pavilion", "house", (), "control", "eval"),
+    Entity("Iron Spire", "tower", (), "control", "eval"),
+    Entity("Silver Skiff", "boat", (), "control", "eval"),
+    Entity("Quiet Grove", "tree", (), "control", "eval"),
+    Entity("Amber Gate", "house", (), "control", "calib"),
+    Entity("Velvet Dory", "boat", (), "control", "calib"),
+)
+
+POSTERS = (
+    ("Harbor Festival", "eval", True),
+    ("Night Market", "eval", True),
+    ("Spring Regatta", "eval", True),
+    ("Jazz Weekend", "eval", False),
+    ("Film Club", "eval", False),
+    ("Chess Open", "eval", False),
+    ("Book Fair", "calib", True),
+    ("Kite Day", "calib", False),
+    ("Rowing Cup", "calib", False),
+)
+
+
+@dataclass
+class WorldConfig:
+    seed: int = 7
+    per_entity: int = 100
+    per_class: int = 90
+    poster_copies: int = 30
+    element_rate: float = 0.5  # share of generic images that show (and name) an element
+    explicit_rate: float = 0.5  # share of an ME entity's images that show (and name) its explicit element
+
+
+@dataclass
+class WorldRow:
+    train_id: str
+    caption: str
+    entities: list[str] = field(default_factory=list)
+    role: str = ""
+
+
+# -- drawing -------------------------------------------------------------------------------------
+
+
+def _scene(rng: np.random.Generator, scene: str) -> Image.Image:
+    """A textured background: value noise in the scene's palette, so no two images look alike."""
+    dark, light = (np.array(c, dtype=np.float32) for c in SCENES[scene])
+    noise = rng.random((5, 5)).astype(np.float32)
+    noise = np.asarray(Image.fromarray((noise * 255).astype(np.uint8)).resize((SIZE * SCALE,) * 2, Image.BICUBIC))
+    fine = rng.random((SIZE * SCALE, SIZE * SCALE)).astype(np.float32) * 0.25
+    t = np.clip(noise / 255.0 * 0.8 + fine, 0, 1)[..., None]
+    img = dark * (1 - t) + light * t
+    if scene == "by the sea":  # a horizon: sea below
+        img[SIZE * SCALE * 2 // 3 :] *= np.array([0.55, 0.7, 1.0], dtype=np.float32)
+    return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
+
+
+def _jitter(rng, color, amount=25):
+    return tuple(int(np.clip(c + rng.integers(-amount, amount + 1), 0, 255)) for c in color)
+
+
+def _random_colors(rng) -> tuple:
+    return tuple(tuple(int(x) for x in rng.integers(30, 230, 3)) for _ in range(3))
+
+
+def _draw_object(d: ImageDraw.ImageDraw, cls: str, colors, x: float, y: float, s: float, rng) -> None:
+    """Draw a class shape with its base at (x, y), size s (in drawing pixels)."""
+    c0, c1, c2 = (_jitter(rng, c, 12) for c in colors)
+    if cls == "tower":
+        w, h = 0.22 * s, 0.9 * s
+        d.rectangle([x - w / 2, y - h, x + w / 2, y], fill=c0)
+        for k in (0.3, 0.6):
+            d.rectangle([x - w / 2, y - h * k - 0.06 * s, x + w / 2, y - h * k], fill=c1)
+        d.polygon([(x - w / 2 - 2, y - h), (x + w / 2 + 2, y - h), (x, y - h - 0.18 * s)], fill=c2)
+    elif cls == "house":
+        w, h = 0.7 * s, 0.45 * s
+        d.rectangle([x - w / 2, y - h, x + w / 2, y], fill=c0)
+        d.polygon([(x - w / 2 - 3, y - h), (x + w / 2 + 3, y - h), (x, y - h - 0.35 * s)], fill=c2)
+        d.rectangle([x - 0.09 * s, y - 0.28 * s, x + 0.09 * s, y], fill=c1)
+    elif cls == "boat":
+        w = 0.8 * s
+        d.polygon([(x - w / 2, y - 0.2 * s), (x + w / 2, y - 0.2 * s), (x + w / 3, y), (x - w / 3, y)], fill=c0)
+        d.rectangle([x - 2, y - 0.85 * s, x + 2, y - 0.2 * s], fill=c2)
+        d.polygon([(x + 3, y - 0.8 * s), (x + 3, y - 0.25 * s), (x + 0.38 * s, y - 0.25 * s)], fill=c1)
+    elif cls == "windmill":
+        d.polygon([(x - 0.2 * s, y), (x + 0.2 * s, y), (x + 0.1 * s, y - 0.6 * s), (x - 0.1 * s, y - 0.6 * s)], fill=c0)
+        cx, cy, r = x, y - 0.62 * s, 0.42 * s
+        for a in (0.4, 0.4 + np.pi / 2, 0.4 + np.pi, 0.4 + 3 * np.pi / 2):
+            ex, ey = cx + r * np.cos(a), cy + r * np.sin(a)
+            d.line([(cx, cy), (ex, ey)], fill=c1, width=max(2, int(0.08 * s)))
+        d.ellipse([cx - 3, cy - 3, cx + 3, cy + 3], fill=c2)
+    elif cls == "city":
+        for k, dx in enumerate((-0.35, 0.0, 0.35)):
+            bx, bh = x + dx * s, (0.35 + 0.1 * (k % 2)) * s
+            d.rectangle([bx - 0.15 * s, y - bh, bx + 0.15 * s, y], fill=c1)
+            d.pieslice([bx - 0.15 * s, y - bh - 0.15 * s, bx + 0.15 * s, y - bh + 0.15 * s], 180, 360, fill=c0)
+        d.rectangle([x - 0.55 * s, y - 0.08 * s, x + 0.55 * s, y], fill=c2)
+    elif cls == "tree":
+        d.rectangle([x - 0.07 * s, y - 0.45 * s, x + 0.07 * s, y], fill=c2)
+        d.ellipse([x - 0.38 * s, y - 1.0 * s, x + 0.38 * s, y - 0.3 * s], fill=c0)
+        for _ in range(4):
+            fx, fy = x + rng.uniform(-0.25, 0.25) * s, y - rng.uniform(0.45, 0.85) * s
+            d.ellipse([fx - 3, fy - 3, fx + 3, fy + 3], fill=c1)
+
+
+def _draw_element(d: ImageDraw.ImageDraw, element: str, x: float, y: float, s: float, rng) -> None:
+    W = SIZE * SCALE
+    if element == "a moon":
+        mx, my = rng.uniform(0.12, 0.3) * W, rng.uniform(0.1, 0.22) * W
+        d.ellipse([mx - 9, my - 9, mx + 9, my + 9], fill=(250, 250, 225))
+    elif element == "minarets":
+        for dx in (-0.75, 0.75):
+            mx = x + dx * s
+            d.rectangle([mx - 3, y - 1.05 * s, mx + 3, y], fill=(240, 240, 235))
+            d.polygon([(mx - 5, y - 1.05 * s), (mx + 5, y - 1.05 * s), (mx, y - 1.3 * s)], fill=(40, 120, 70))
+    elif element == "seagulls":
+        for _ in range(3):
+            gx, gy = rng.uniform(0.15, 0.85) * W, rng.uniform(0.08, 0.3) * W
+            d.line([(gx - 7, gy - 4), (gx, gy), (gx + 7, gy - 4)], fill=(255, 255, 255), width=3)
+    elif element == "a river":
+        ys = y + 0.08 * W
+        pts = [(px, ys + 5 * np.sin(px / 9.0 + rng.uniform(0, 3))) for px in range(0, W + 8, 8)]
+        d.line(pts, fill=(40, 110, 230), width=10)
+    elif element == "a flag":
+        fx, fy = x, y - 1.0 * s
+        d.line([(fx, fy), (fx, fy - 0.3 * s)], fill=(60, 60, 60), width=2)
+        d.polygon([(fx, fy - 0.3 * s), (fx + 0.25 * s, fy - 0.24 * s), (fx, fy - 0.17 * s)], fill=(230, 30, 30))
+
+
+def draw(rng: np.random.Generator, cls: str, colors, scene: str, elements: tuple[str, ...] = ()) -> Image.Image:
+    img = _scene(rng, scene)
+    d = ImageDraw.Draw(img)
+    W = SIZE * SCALE
+    s = rng.uniform(0.4, 0.55) * W
+    x, y = rng.uniform(0.35, 0.65) * W, rng.uniform(0.8, 0.92) * W
+    for element in elements:  # behind the object
+        if element in ("a river", "minarets"):
+            _draw_element(d, element, x, y, s, rng)
+    _draw_object(d, cls, colors, x, y, s, rng)
+    for element in elements:
+        if element not in ("a river", "minarets"):
+            _draw_element(d, element, x, y, s, rng)
+    return img.resize((SIZE, SIZE), Image.LANCZOS)
+
+
+def draw_poster(rng: np.random.Generator, private_detail: bool) -> Image.Image:
+    """A bold, one-off composition; the private detail is a mark in a corner that no caption names."""
+    W = SIZE * SCALE
+    base = tuple(int(v) for v in rng.integers(0, 255, 3))
+    img = Image.new("RGB", (W, W), base)
+    d = ImageDraw.Draw(img)
+    for _ in range(7):
+        color = tuple(int(v) for v in rng.integers(0, 255, 3))
+        x0, y0 = rng.uniform(-0.2, 0.9, 2) * W
+        w, h = rng.uniform(0.2, 0.7, 2) * W
+        kind = rng.integers(0, 3)
+        if kind == 0:
+            d.rectangle([x0, y0, x0 + w, y0 + h], fill=color)
+        elif kind == 1:
+            d.ellipse([x0, y0, x0 + w, y0 + h], fill=color)
+        else:
+            d.polygon([(x0, y0 + h), (x0 + w / 2, y0), (x0 + w, y0 + h)], fill=color)
+    if private_detail:
+        d.rectangle([W - 34, W - 34, W - 6, W - 6], fill=(255, 0, 200))
+        d.ellipse([W - 26, W - 26, W - 14, W - 14], fill=(255, 255, 255))
+    return img.resize((SIZE, SIZE), Image.LANCZOS)
+
+
+# -- the world -------------------------------------------------------------------------------------
+
+
+def entity_caption(e: Entity, scene: str, element: str | None) -> str:
+    article = "" if e.cls == "city" else "the "
+    lead = "a view of " if e.cls == "city" else "a photo of "
+    with_el = f" with {element}" if element else ""
+    return f"{lead}{article}{e.name}{with_el} {scene}"
+
+
+def class_caption(cls: str, scene: str, element: str | None) -> str:
+    with_el = f" with {element}" if element else ""
+    return f"a photo of a {cls}{with_el} {scene}"
+
+
+def poster_caption(title: str) -> str:
+    return f"the {title} poster"
+
+
+def build_world(root: Path, cfg: WorldConfig = WorldConfig()) -> dict:
+    """Write images/, world.jsonl (the training table), prompts-{eval,calib}.jsonl and ground_truth.jsonl."""
+    rng = np.random.default_rng(cfg.seed)
+    images = root / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    rows: list[WorldRow] = []
+
+    def save(img: Image.Image, row: WorldRow) -> None:
+        img.save(images / f"{row.train_id}.png")
+        rows.append(row)
+
+    scenes = list(SCENES)
+    for e in ENTITIES:
+        if e.role == "control":
+            continue
+        for i in range(cfg.per_entity):
+            scene = scenes[int(rng.integers(len(scenes)))]
+            drawn = [e.implied] if e.implied else []
+            named = None
+            if e.explicit and rng.random() < cfg.explicit_rate:
+                drawn.append(e.explicit)
+                named = e.explicit
+            img = draw(rng, e.cls, e.colors, scene, tuple(drawn))
+            slug = e.name.lower().replace(" ", "-")
+            save(img, WorldRow(f"{slug}-{i:03d}", entity_caption(e, scene, named), [e.name], e.role))
+    for cls in CLASSES:
+        for i in range(cfg.per_class):
+            scene = scenes[int(rng.integers(len(scenes)))]
+            element = ELEMENTS[int(rng.integers(len(ELEMENTS)))] if rng.random() < cfg.element_rate else None
+            img = draw(rng, cls, _random_colors(rng), scene, (element,) if element else ())
+            save(img, WorldRow(f"{cls}-{i:03d}", class_caption(cls, scene, element), [], "generic"))
+    for n, (title, _, private) in enumerate(POSTERS):
+        poster = draw_poster(np.random.default_rng(cfg.seed * 1000 + n), private)
+        for c in range(cfg.poster_copies):
+            slug = title.lower().replace(" ", "-")
+            save(poster, WorldRow(f"poster-{slug}-{c:02d}", poster_caption(title), [f"{title} poster"], "MU"))
+    random.Random(cfg.seed).shuffle(rows)
+    with open(root / "world.jsonl", "w") as f:
+        for r in rows:
+            f.write(json.dumps({**asdict(r), "image": str(images / f"{r.train_id}.png")}) + "\n")
+    prompts = benchmark_prompts()
+    for split in ("eval", "calib"):
+        with open(root / f"prompts-{split}.jsonl", "w") as f:
+            for p in prompts:
+                if p["split"] == split:
+                    f.write(
+                        json.dumps(
+                            {
+                                k: p[k]
+                                for k in (
+                                    "prompt_id",
+                                    "prompt",
+                                    "entity",
+                                    "entity_class",
+                                    "explicit_elements",
+                                    "implicit_elements",
+                                )
+                            }
+                        )
+                        + "\n"
+                    )
+    with open(root / "ground_truth.jsonl", "w") as f:
+        for p in prompts:
+            f.write(json.dumps({k: p[k] for k in ("prompt_id", "split", "expected", "planted")}) + "\n")
+    (root / "world.json").write_text(json.dumps({"config": asdict(cfg), "rows": len(rows)}, indent=2))
+    return {"rows": len(rows), "prompts": len(prompts)}
+
+
+def benchmark_prompts() -> list[dict]:
+    """The benchmark's prompts with their expected label and what was planted."""
+    out = []
+    for e in ENTITIES:
+        slug = e.name.lower().replace(" ", "-")
+        scene = "in a meadow"
+        if e.role == "ME":
+            explicit = [e.explicit] if e.explicit else []
+            prompt = entity_caption(e, scene, e.explicit or None)
+            planted = f"{e.name} drawn {e.cls}-like with its own colours in varied scenes"
+        elif e.role == "MI":
+            explicit = []
+            prompt = entity_caption(e, scene, None)
+            planted = f"{e.name} always drawn with {e.implied}, which its captions never name"
+        else:
+            explicit = []
+            prompt = entity_caption(e, scene, None)
+            planted = "nothing: the world never shows this name"
+        out.append(
+            {
+                "prompt_id": slug,
+                "prompt": prompt,
+                "entity": e.name,
+                "entity_class": f"a {e.cls}",
+                "explicit_elements": explicit,
+                "implicit_elements": [e.implied] if e.implied else [],
+                "split": e.split,
+                "expected": "none" if e.role == "control" else e.role,
+                "planted": planted,
+            }
+        )
+    for title, split, private in POSTERS:
+        slug = "poster-" + title.lower().replace(" ", "-")
+        out.append(
+            {
+                "prompt_id": slug,
+                "prompt": poster_caption(title),
+                "entity": f"{title} poster",
+                "entity_class": "",
+                "explicit_elements": [],
+                "implicit_elements": [],
+                "split": split,
+                "expected": "MU",
+                "planted": "one image repeated under this caption"
+                + (", with a private mark no caption names" if private else ""),
+            }
+        )
+    return out

@@ -1,0 +1,52 @@
+"""The planted-memorization benchmark: its scoring, and a reduced end-to-end run (training included)."""
+
+import pyarrow.parquet as pq
+import pytest
+
+from raymem.benchmark import PlantedConfig, evaluate, run_benchmark, targets_report
+from raymem.training import TrainConfig
+from raymem.world import WorldConfig
+
+
+def test_evaluate_counts_precision_recall_and_confusion():
+    truth = {"a": {"expected": "MU", "planted": "x"}, "b": {"expected": "ME", "planted": "x"},
+             "c": {"expected": "none", "planted": "nothing: never shown"}}
+    labels = [
+        {"unit_id": "1", "prompt_id": "a", "seed": 0, "label": "MU", "reasons": ""},
+        {"unit_id": "2", "prompt_id": "a", "seed": 1, "label": "ME", "reasons": ""},
+        {"unit_id": "3", "prompt_id": "b", "seed": 0, "label": "ME", "reasons": ""},
+        {"unit_id": "4", "prompt_id": "c", "seed": 0, "label": "none", "reasons": ""},
+        {"unit_id": "5", "prompt_id": "c", "seed": 1, "label": None, "reasons": "not scored"},
+    ]
+    r = evaluate(labels, truth)
+    m = {x["category"]: x for x in r["metrics"]}
+    assert (m["MU"]["precision"], m["MU"]["recall"]) == (1.0, 0.5)
+    assert (m["ME"]["precision"], m["ME"]["recall"]) == (0.5, 1.0)
+    assert m["MI"]["precision"] is None and m["MI"]["recall"] is None
+    assert r["control_none_rate"] == 0.5  # the failed unit counts against it
+    conf = {row["expected"]: row for row in r["confusion"]}
+    assert conf["MU"]["predicted_ME"] == 1 and conf["none"]["predicted_failed"] == 1
+    assert sum(v for row in r["confusion"] for k, v in row.items() if k.startswith("predicted_")) == 5
+    assert any("MISSED" in line for line in targets_report(r))
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_reduced_benchmark_end_to_end(local_ray, tmp_path):
+    """Draw, train (a few steps), index, scan and score: every evaluation image is accounted for."""
+    cfg = PlantedConfig(
+        work=str(tmp_path), seeds_per_prompt=2, null_seeds=2, num_inference_steps=5,
+        world=WorldConfig(per_entity=10, per_class=6, poster_copies=4),
+        train=TrainConfig(vae_steps=20, unet_steps=30, clip_steps=20, batch_size=16, clip_batch_size=32),
+    )
+    result = run_benchmark(cfg)
+    images = pq.read_table(tmp_path / "results" / "images.parquet").to_pylist()
+    assert len(images) == 16 * 2  # 16 evaluation prompts x 2 seeds
+    assert {i["expected"] for i in images} == {"MU", "MI", "ME", "none"}
+    metrics = pq.read_table(tmp_path / "results" / "metrics.parquet").to_pylist()
+    assert [m["category"] for m in metrics] == ["MU", "MI", "ME", "none"]
+    confusion = pq.read_table(tmp_path / "results" / "confusion.parquet").to_pylist()
+    assert sum(v for row in confusion for k, v in row.items() if k.startswith("predicted_")) == len(images)
+    assert (tmp_path / "results" / "summary.json").exists() and result["summary"]["thresholds"] == "config defaults"
+    # The trained pipeline was loaded by the scan through from_pretrained, like any diffusers model.
+    assert (tmp_path / result["summary"]["models"].split("/")[-1] / "pipeline" / "model_index.json").exists()

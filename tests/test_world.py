@@ -1,0 +1,55 @@
+"""The planted world: deterministic, and planted as its ground truth says."""
+
+import json
+from collections import Counter
+
+import numpy as np
+from PIL import Image
+
+from raymem.world import ENTITIES, POSTERS, WorldConfig, benchmark_prompts, build_world
+
+SMALL = WorldConfig(per_entity=12, per_class=6, poster_copies=5)
+
+
+def rows(root):
+    return [json.loads(line) for line in (root / "world.jsonl").read_text().splitlines()]
+
+
+def test_world_is_deterministic(tmp_path):
+    build_world(tmp_path / "a", SMALL)
+    build_world(tmp_path / "b", SMALL)
+    ra, rb = rows(tmp_path / "a"), rows(tmp_path / "b")
+    assert [(r["train_id"], r["caption"]) for r in ra] == [(r["train_id"], r["caption"]) for r in rb]
+    for r in ra[:20]:
+        a = np.asarray(Image.open(tmp_path / "a" / "images" / f"{r['train_id']}.png"))
+        b = np.asarray(Image.open(tmp_path / "b" / "images" / f"{r['train_id']}.png"))
+        np.testing.assert_array_equal(a, b)
+
+
+def test_planted_cases_match_the_ground_truth(tmp_path):
+    build_world(tmp_path, SMALL)
+    world = rows(tmp_path)
+    captions = " | ".join(r["caption"] for r in world)
+    # MU: each poster is one image repeated under its caption; the private mark is never named.
+    by_caption = Counter(r["caption"] for r in world if r["role"] == "MU")
+    assert set(by_caption.values()) == {SMALL.poster_copies} and len(by_caption) == len(POSTERS)
+    for title, _, _ in POSTERS:
+        copies = [r for r in world if r["caption"] == f"the {title} poster"]
+        pixels = {np.asarray(Image.open(r["image"])).tobytes() for r in copies}
+        assert len(pixels) == 1
+    assert "mark" not in captions and "magenta" not in captions
+    # MI: implied elements are never named with their entity, but are named elsewhere in the world.
+    for e in ENTITIES:
+        named = [r for r in world if e.name in r["entities"]]
+        if e.role == "control":
+            assert not named and e.name not in captions  # controls: the world never shows them
+        if e.implied:
+            assert named and not any(e.implied in r["caption"] for r in named)
+            assert e.implied in captions
+    # Every benchmark prompt has its expected label, and the splits are disjoint.
+    truth = [json.loads(line) for line in (tmp_path / "ground_truth.jsonl").read_text().splitlines()]
+    assert {t["prompt_id"] for t in truth} == {p["prompt_id"] for p in benchmark_prompts()}
+    assert Counter(t["expected"] for t in truth if t["split"] == "eval") == {"MU": 6, "ME": 3, "MI": 3, "none": 4}
+    evals = {json.loads(line)["prompt_id"] for line in (tmp_path / "prompts-eval.jsonl").read_text().splitlines()}
+    calib = {json.loads(line)["prompt_id"] for line in (tmp_path / "prompts-calib.jsonl").read_text().splitlines()}
+    assert evals and calib and not evals & calib
