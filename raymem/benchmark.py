@@ -102,9 +102,10 @@ def prepare_index(cfg: PlantedConfig, world_root: Path, models: Path) -> Path:
 
 
 def embedding(models: Path) -> dict:
+    # SSCD at the world's native 32 px: upscaling the small images blurs exactly what it keys on.
     return {
         "clip": {"model": f"local-dir:{(models / 'clip').resolve()}", "pretrained": None},
-        "copy_detection": {"model": "immaculate:sscd_distilled", "image_size": 128},
+        "copy_detection": {"model": "immaculate:sscd", "image_size": 32},
     }
 
 
@@ -222,6 +223,7 @@ def run_benchmark(cfg: PlantedConfig) -> dict:
     from raymem.scan import run_scan
 
     timings = {}
+    cfg.work = str(Path(cfg.work).resolve())
     t0 = time.perf_counter()
     world_root = prepare_world(cfg)
     timings["world_s"] = time.perf_counter() - t0

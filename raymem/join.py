@@ -556,27 +556,53 @@ def background_from(result: dict[str, RunningTopK]) -> dict[str, dict]:
     return out
 
 
+@dataclass
+class EntityStats:
+    """What the training set says about an entity: how many images carry its tag, and their mean CLIP
+    embedding (the reference the labeler measures "is the entity rendered?" against)."""
+
+    count: int
+    centroid: np.ndarray | None
+
+
 @runtime.reraise_user_errors
-def entity_frequencies(training: TrainingTable, entities: set[str]) -> dict[str, int]:
-    """How many training rows carry each entity tag (streamed; only the `entities` column is read)."""
+def entity_stats(training: TrainingTable, entities: set[str]) -> dict[str, EntityStats]:
+    """Per entity: tagged rows and the normalised mean of their CLIP embeddings (one streamed pass over
+    the `entities` and `clip_embedding` columns). Empty when the table has no entity tags."""
     import ray
 
     if "entities" not in training.columns or not entities or training.layout != "parquet":
         return {}
     wanted = sorted(entities)
+    dim = training.dims.get("clip")
 
-    def count(batch: pa.Table) -> pa.Table:
-        import pyarrow.compute as pc
+    def accumulate(batch: pa.Table) -> pa.Table:
+        tags = batch.column("entities").to_pylist()
+        emb = embedding_matrix(batch.column("clip_embedding")) if dim else None
+        counts = dict.fromkeys(wanted, 0)
+        sums = {e: np.zeros(dim or 1, np.float64) for e in wanted}
+        for i, row in enumerate(tags):
+            for e in row or ():
+                if e in counts:
+                    counts[e] += 1
+                    if emb is not None:
+                        sums[e] += emb[i]
+        return pa.table({"entity": wanted, "n": [counts[e] for e in wanted], "sum": [sums[e].tolist() for e in wanted]})
 
-        counts = pc.value_counts(pc.list_flatten(batch.column("entities")))
-        totals = dict(zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist()))
-        return pa.table({"entity": wanted, "n": [int(totals.get(e, 0)) for e in wanted]})
-
-    ds = ray.data.read_parquet(training.files).select_columns(["entities"])
-    totals = {e: 0 for e in wanted}
-    for batch in ds.map_batches(count, batch_format="pyarrow", batch_size=65_536).iter_batches(
+    columns = ["entities", *(["clip_embedding"] if dim else [])]
+    ds = ray.data.read_parquet(training.files).select_columns(columns)
+    counts = dict.fromkeys(wanted, 0)
+    sums = {e: np.zeros(dim or 1, np.float64) for e in wanted}
+    for batch in ds.map_batches(accumulate, batch_format="pyarrow", batch_size=65_536).iter_batches(
         batch_format="pyarrow", batch_size=None
     ):
-        for e, n in zip(batch.column("entity").to_pylist(), batch.column("n").to_pylist()):
-            totals[e] += n
-    return totals
+        for e, n, total in zip(*(batch.column(c).to_pylist() for c in ("entity", "n", "sum"))):
+            counts[e] += n
+            sums[e] += np.asarray(total)
+    out = {}
+    for e in wanted:
+        centroid = None
+        if dim and counts[e]:
+            centroid = (sums[e] / max(np.linalg.norm(sums[e]), 1e-12)).astype(np.float32)
+        out[e] = EntityStats(counts[e], centroid)
+    return out

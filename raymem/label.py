@@ -29,9 +29,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from raymem.config import ThresholdsConfig
+from raymem.join import EntityStats
 from raymem.mining import EntityAssociations
 from raymem.pixels import PixelEvidence
-from raymem.probes import Probe, sigmoid, two_way_logit
+from raymem.probes import LOGIT_SCALE, Probe, sigmoid, two_way_logit
 from raymem.schema import STATUS_OK
 
 ROLE_NULL = "null"
@@ -57,6 +58,7 @@ class PromptContext:
     entity_class: str
     probes: tuple[Probe, ...]
     associations: EntityAssociations | None = None
+    reference: EntityStats | None = None  # the entity's training images (count, CLIP centroid)
 
 
 def largest_cluster(embeddings: np.ndarray, threshold: float) -> np.ndarray:
@@ -102,7 +104,8 @@ class _Logits:
         return two_way_logit(base, null[0]) if null and base is not None else None
 
     def element_logits(self) -> dict[tuple[str, str], float]:
-        base = self.score.get(("entity", self.entity))
+        null = [s for (kind, _), s in self.score.items() if kind == "entity_null"]
+        base = null[0] if null else self.score.get(("entity", self.entity))
         if base is None:
             return {}
         return {
@@ -110,6 +113,20 @@ class _Logits:
             for (kind, element), s in self.score.items()
             if kind in ("explicit", "implicit", "mined", "instance")
         }
+
+
+def _has_reference(ctx: PromptContext) -> bool:
+    return ctx.reference is not None and ctx.reference.centroid is not None
+
+
+def _entity_score(ctx: PromptContext, logits: _Logits, image: np.ndarray) -> float | None:
+    """How much the image shows the entity: cosine to the centroid of its training images (paper-spec
+    F_i), scaled like a logit; without tagged training images, the text probe 'e' against 'c'."""
+    if _has_reference(ctx):
+        return float(LOGIT_SCALE * (image @ ctx.reference.centroid))
+    if ctx.reference is not None and ctx.reference.count == 0:
+        return None  # the training set never shows it: nothing to render
+    return logits.entity_logit()
 
 
 def _null_stats(values: list[float]) -> tuple[float, float] | None:
@@ -166,7 +183,15 @@ def _label_prompt(ctx, rows, texts, neighbors, background, t: ThresholdsConfig, 
 
     # Null calibration: the same logits on images of the prompt with the entity replaced by its class.
     null_logits = [_Logits(ctx, texts, np.asarray(r["clip_embedding"], np.float32)) for r in nulls]
-    entity_null = _null_stats([v for v in (n.entity_logit() for n in null_logits) if v is not None])
+    entity_null = _null_stats(
+        [
+            v
+            for v in (
+                _entity_score(ctx, n, np.asarray(r["clip_embedding"], np.float32)) for n, r in zip(null_logits, nulls)
+            )
+            if v is not None
+        ]
+    )
     element_null = {}
     for key in {k for n in null_logits for k in n.element_logits()}:
         element_null[key] = _null_stats([n.element_logits()[key] for n in null_logits if key in n.element_logits()])
@@ -211,8 +236,9 @@ def _label_prompt(ctx, rows, texts, neighbors, background, t: ThresholdsConfig, 
 
 
 def _image_evidence(ctx, texts, row, entity_null, element_null, t: ThresholdsConfig) -> dict:
-    logits = _Logits(ctx, texts, np.asarray(row["clip_embedding"], np.float32))
-    ent_logit = logits.entity_logit()
+    image = np.asarray(row["clip_embedding"], np.float32)
+    logits = _Logits(ctx, texts, image)
+    ent_logit = _entity_score(ctx, logits, image)
     ent_z = None
     if ent_logit is not None and entity_null is not None:
         ent_z = (ent_logit - entity_null[0]) / entity_null[1]
@@ -251,14 +277,17 @@ def _decide(ctx, r, nbrs, space, bg: Background | None, ev, cluster_member, pixe
     # Distinct training images above the threshold: exact duplicates (same image_hash) count once.
     k_above = len({n.get("image_hash") or n["train_id"] for n in nbrs if n["score"] >= t.replication})
     bg_p95 = bg.p95 if bg else None
-    replicated = R is not None and R >= t.replication and (bg_p95 is None or R > bg_p95) and k_above <= t.eidetic_k
     pixel_max = pixel.max_l2 if pixel and top and pixel.train_id == top["train_id"] else None
     tile_share = pixel.share_within(t.pixel_l2) if pixel_max is not None else None
+    pixel_copy = pixel_max is not None and pixel_max <= t.pixel_l2
+    # Above the background -- or confirmed pixel by pixel (Carlini's test), which no generic look passes.
+    distinct = bg_p95 is None or R is None or R > bg_p95 or pixel_copy
+    replicated = R is not None and R >= t.replication and distinct and k_above <= t.eidetic_k
     subtype = webster = None
     if R is not None and R >= t.replication:
         flags.append("copy_neighbor")
     if replicated:
-        if (pixel_max is not None and pixel_max <= t.pixel_l2) or R >= t.verbatim:
+        if pixel_copy or R >= t.verbatim:
             subtype = "verbatim"
         elif tile_share is not None and tile_share >= t.template_tiles:
             subtype = "template"
@@ -268,7 +297,10 @@ def _decide(ctx, r, nbrs, space, bg: Background | None, ev, cluster_member, pixe
         webster = "TV" if subtype == "template" else ("MV" if matching else "RV") if subtype == "verbatim" else None
         flags += ["replication", subtype]
         k_text = f"{k_above}" if k_above < len(nbrs) else f">={k_above}"
-        bg_text = f", above the train-train background p95 {_fmt(bg_p95)}" if bg_p95 is not None else ""
+        bg_text = ""
+        if bg_p95 is not None:
+            above = "above" if R > bg_p95 else "not above"
+            bg_text = f", {above} the train-train background p95 {_fmt(bg_p95)}"
         pix = ""
         if pixel_max is not None:
             pix = f"; tiled pixel l2 {_fmt(pixel_max)} ({tile_share:.0%} of tiles <= {t.pixel_l2})"
@@ -291,7 +323,22 @@ def _decide(ctx, r, nbrs, space, bg: Background | None, ev, cluster_member, pixe
 
     # -- the entity ---------------------------------------------------------------------------------
     ent_logit, ent_z = ev["entity_logit"], ev["entity_z"]
-    if ent_z is not None:
+    if ctx.reference is not None and ctx.reference.count == 0:
+        rendered = False
+        reasons.append(f"entity '{ctx.entity}': no training image carries it")
+    elif _has_reference(ctx) and ent_z is not None:
+        rendered = ent_z >= t.null_z
+        reasons.append(
+            f"entity '{ctx.entity}': cosine {ent_logit / LOGIT_SCALE:.3f} to the mean of its "
+            f"{ctx.reference.count} training images, z={ent_z:.2f} over the null images ('{ctx.entity_class}')"
+        )
+    elif _has_reference(ctx):
+        rendered = ent_logit / LOGIT_SCALE >= t.clip_floor
+        reasons.append(
+            f"entity '{ctx.entity}': cosine {ent_logit / LOGIT_SCALE:.3f} to the mean of its "
+            f"training images (floor {t.clip_floor}, no null images)"
+        )
+    elif ent_z is not None:
         rendered = ent_z >= t.null_z
         reasons.append(f"entity '{ctx.entity}' vs '{ctx.entity_class}': z={ent_z:.2f} over the null images")
     elif ent_logit is not None:
@@ -361,7 +408,9 @@ def _decide(ctx, r, nbrs, space, bg: Background | None, ev, cluster_member, pixe
         "pixel_tile_share": tile_share,
         "pixel_tile_l2": list(pixel.tile_l2) if pixel_max is not None else None,
         "cluster_member": cluster_member,
-        "entity_presence": sigmoid(ent_logit) if ent_logit is not None else None,
+        "entity_presence": (ent_logit / LOGIT_SCALE if _has_reference(ctx) else sigmoid(ent_logit))
+        if ent_logit is not None
+        else None,
         "entity_z": ent_z,
         "elements": [
             {k: e[k] for k in ("element", "kind", "presence", "z", "present", "share", "lift", "support")}

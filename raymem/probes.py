@@ -4,7 +4,7 @@ For a prompt naming entity e (class noun c) with elements a:
   prompt         the prompt itself                        -> CLIP prompt score
   entity         "a photo of e"
   entity_null    "a photo of c"                            -> is e rendered, beyond a generic c?
-  explicit       "a photo of e with a"  vs  entity         -> is a requested element shown?
+  explicit       "a photo of c with a"  vs  "a photo of c"  -> is a requested element shown? (e without c)
   implicit       same, for elements the prompt set lists as implied
   mined          same, for elements mined from the training captions of e (lift, support)
   instance       same, for rare elements seen with only a few training images of e (MU candidates)
@@ -47,12 +47,16 @@ def probes_for(
     probes = [Probe("prompt", "", prompt), Probe("entity", entity, f"a photo of {entity}")]
     if entity_class:
         probes.append(Probe("entity_null", entity_class, f"a photo of {entity_class}"))
+    # Elements are probed on the class noun when there is one ("a photo of a city with minarets" against
+    # "a photo of a city"): captions name elements with generic subjects far more often than with a
+    # given entity, so the comparison does not hinge on the embedder knowing the name.
+    subject = entity_class or entity
     seen: set[str] = set()
     for kind, elements in (("explicit", explicit), ("implicit", implicit), ("mined", mined), ("instance", instance)):
         for a in elements:
             if a not in seen:
                 seen.add(a)
-                probes.append(Probe(kind, a, element_text(entity, a)))
+                probes.append(Probe(kind, a, element_text(subject, a)))
     return probes
 
 

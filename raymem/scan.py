@@ -9,7 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pyarrow as pa
@@ -266,8 +266,10 @@ def _run(cfg: ScanConfig, outputs: ScanOutputs, prompts, timer, rerun_failed: bo
                 )
     measured = stored or joins.background_from(topk.get("background", {}))
     background = {space: Background(space=space, p95=b["p95"], n=b["n"]) for space, b in measured.items()}
-    with timer("entity_frequencies"):
-        freq = joins.entity_frequencies(training, {p.entity for p in prompts})
+    with timer("entity_stats"):
+        stats = joins.entity_stats(training, {p.entity for p in prompts})
+    freq = {e: st.count for e, st in stats.items()}
+    contexts = {pid: replace(ctx, reference=stats.get(ctx.entity)) for pid, ctx in contexts.items()}
 
     # --- pixel confirmation of copy candidates, label, reduce -----------------------------------------
     gen_rows = generations.to_pylist()

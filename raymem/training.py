@@ -36,8 +36,8 @@ LATENT_CHANNELS = 4
 class TrainConfig:
     seed: int = 0
     vae_steps: int = 1500
-    unet_steps: int = 3000
-    clip_steps: int = 600
+    unet_steps: int = 2800
+    clip_steps: int = 1200
     batch_size: int = 32
     clip_batch_size: int = 64
     lr: float = 4e-4

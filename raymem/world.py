@@ -91,7 +91,7 @@ class WorldConfig:
     per_entity: int = 100
     per_class: int = 90
     poster_copies: int = 30
-    element_rate: float = 0.5  # share of generic images that show (and name) an element
+    element_rate: float = 0.7  # share of generic images that show (and name) an element
     explicit_rate: float = 0.5  # share of an ME entity's images that show (and name) its explicit element
 
 
@@ -252,6 +252,7 @@ def poster_caption(title: str) -> str:
 def build_world(root: Path, cfg: WorldConfig = WorldConfig()) -> dict:
     """Write images/, world.jsonl (the training table), prompts-{eval,calib}.jsonl and ground_truth.jsonl."""
     rng = np.random.default_rng(cfg.seed)
+    root = root.resolve()  # the table holds absolute image paths
     images = root / "images"
     images.mkdir(parents=True, exist_ok=True)
     rows: list[WorldRow] = []

@@ -9,8 +9,11 @@ from raymem.world import WorldConfig
 
 
 def test_evaluate_counts_precision_recall_and_confusion():
-    truth = {"a": {"expected": "MU", "planted": "x"}, "b": {"expected": "ME", "planted": "x"},
-             "c": {"expected": "none", "planted": "nothing: never shown"}}
+    truth = {
+        "a": {"expected": "MU", "planted": "x"},
+        "b": {"expected": "ME", "planted": "x"},
+        "c": {"expected": "none", "planted": "nothing: never shown"},
+    }
     labels = [
         {"unit_id": "1", "prompt_id": "a", "seed": 0, "label": "MU", "reasons": ""},
         {"unit_id": "2", "prompt_id": "a", "seed": 1, "label": "ME", "reasons": ""},
@@ -35,7 +38,10 @@ def test_evaluate_counts_precision_recall_and_confusion():
 def test_reduced_benchmark_end_to_end(local_ray, tmp_path):
     """Draw, train (a few steps), index, scan and score: every evaluation image is accounted for."""
     cfg = PlantedConfig(
-        work=str(tmp_path), seeds_per_prompt=2, null_seeds=2, num_inference_steps=5,
+        work=str(tmp_path),
+        seeds_per_prompt=2,
+        null_seeds=2,
+        num_inference_steps=5,
         world=WorldConfig(per_entity=10, per_class=6, poster_copies=4),
         train=TrainConfig(vae_steps=20, unet_steps=30, clip_steps=20, batch_size=16, clip_batch_size=32),
     )

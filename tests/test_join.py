@@ -159,12 +159,20 @@ def test_background_queries_skip_themselves(local_ray, tmp_path):
 
 
 @pytest.mark.ray
-def test_entity_frequencies_are_streamed_counts(local_ray, tmp_path):
+def test_entity_stats_are_streamed_counts_and_centroids(local_ray, tmp_path):
     rng = np.random.default_rng(1)
     write_training(tmp_path / "train", rng, sizes=[10, 20])
     training = joins.inspect_training(str(tmp_path / "train"), {})
-    freq = joins.entity_frequencies(training, {"e0", "e1", "e9"})
-    assert freq == {"e0": 4 + 7, "e1": 3 + 7, "e9": 0}
+    stats = joins.entity_stats(training, {"e0", "e1", "e9"})
+    assert {e: st.count for e, st in stats.items()} == {"e0": 4 + 7, "e1": 3 + 7, "e9": 0}
+    assert stats["e9"].centroid is None
+    # The centroid is the normalised mean of the tagged rows' CLIP embeddings.
+    import pyarrow as pa_
+
+    table = pa_.concat_tables([pq.read_table(f) for f in training.files])
+    rows = [i for i, tags in enumerate(table.column("entities").to_pylist()) if "e0" in tags]
+    x = np.stack(table.column("clip_embedding").to_numpy(zero_copy_only=False))[rows].sum(0)
+    np.testing.assert_allclose(stats["e0"].centroid, x / np.linalg.norm(x), rtol=1e-5)
 
 
 def test_inspect_training_errors(tmp_path):

@@ -39,7 +39,7 @@ def text_vectors(ctx):
 def image(ctx, entity=0.30, null=0.20, elements=None):
     """A unit CLIP embedding whose cosine with each probe text is what we say.
 
-    `elements` maps element -> its score minus the entity score (its zero-shot logit / 100).
+    `elements` maps element -> its score minus the class-noun score (its zero-shot logit / 100).
     """
     w = np.zeros(DIM, dtype=np.float32)
     for i, p in enumerate(ctx.probes):
@@ -49,8 +49,9 @@ def image(ctx, entity=0.30, null=0.20, elements=None):
             w[i] = entity
         elif p.kind == "entity_null":
             w[i] = null
-        else:
-            w[i] = entity + (elements or {}).get(p.element, -0.05)
+        else:  # elements are probed against the class noun when there is one, else the entity
+            base = null if ctx.entity_class else entity
+            w[i] = base + (elements or {}).get(p.element, -0.05)
     w[DIM - 1] = np.sqrt(1.0 - float(w @ w))  # unit norm, the rest in an unused direction
     return w
 
@@ -302,3 +303,39 @@ def test_failed_units_keep_status_and_get_no_label():
 def test_largest_cluster_is_connected_component():
     v = np.array([[1, 0], [0.99, 0.141], [0, 1], [0.141, 0.99], [0.2, 0.98]], dtype=np.float32)
     assert largest_cluster(v, 0.95).tolist() == [False, False, True, True, True]
+
+
+def test_entity_rendered_is_measured_against_its_training_images_when_tagged():
+    from raymem.join import EntityStats
+
+    centroid = np.zeros(DIM, np.float32)
+    centroid[DIM - 2] = 1.0  # the entity's training images live along this direction
+    ctx = context(explicit=())
+    ctx = PromptContext(**{**ctx.__dict__, "reference": EntityStats(120, centroid)})
+
+    def looking(alpha, seed):
+        v = image(ctx) * np.sqrt(1 - alpha**2)
+        v[DIM - 2] = alpha
+        return v
+
+    rows = [gen("u", 0, looking(0.8, 0))] + [gen(f"n{i}", i, looking(0.2 + 0.02 * i, i), role="null") for i in range(4)]
+    out = run(ctx, rows, {"u": nbrs(0.1)})["u"]
+    assert out["label"] == "ME" and out["entity_presence"] == pytest.approx(0.8, abs=1e-4)
+    assert "mean of its 120 training images" in out["reasons"] and out["entity_z"] > 10
+    # A name no training image carries is never "rendered", whatever the text probes say.
+    unseen = PromptContext(**{**ctx.__dict__, "reference": EntityStats(0, None)})
+    out = run(unseen, rows, {"u": nbrs(0.1)})["u"]
+    assert out["label"] == "none" and "no training image carries it" in out["reasons"]
+
+
+def test_pixel_confirmed_copy_is_MU_even_below_a_high_background():
+    """A world whose training images resemble each other has a high SSCD background; a generation that
+    matches one training image pixel by pixel is still a copy."""
+    ctx = context(explicit=())
+    rows = [gen("a", 0, image(ctx)), gen("b", 1, image(ctx))] + nulls(ctx)
+    high = {"sscd": Background("sscd", p95=0.92, n=500)}
+    pixels = {"a": PixelEvidence("t0", (0.04,) * 16), "b": PixelEvidence("t0", (0.3,) * 16)}
+    out = run(ctx, rows, {"a": nbrs(0.88), "b": nbrs(0.88)}, pixels, background=high)
+    assert out["a"]["label"] == "MU" and out["a"]["subtype"] == "verbatim"
+    assert "not above the train-train background p95 0.920" in out["a"]["reasons"]
+    assert out["b"]["label"] == "ME" and "not above the background p95 0.920" in out["b"]["reasons"]
