@@ -19,16 +19,37 @@ from tests.conftest import REPO, demo_raw_config
 pytestmark = pytest.mark.ray
 
 
-def free_ports(n: int) -> list[int]:
+def free_ports(n: int, avoid: range = range(0)) -> list[int]:
+    """`n` distinct free ports on loopback, none inside `avoid`."""
     socks, ports = [], []
-    for _ in range(n):
+    while len(ports) < n:
         s = socket.socket()
         s.bind(("127.0.0.1", 0))
-        socks.append(s)
-        ports.append(s.getsockname()[1])
+        socks.append(s)  # held open until all are picked, so the OS never hands out one twice
+        if s.getsockname()[1] not in avoid:
+            ports.append(s.getsockname()[1])
     for s in socks:
         s.close()
     return ports
+
+
+def worker_port_block(width: int = 200) -> range:
+    """A block of `width` ports with nothing listening, for Ray's worker range."""
+    for _ in range(100):
+        (start,) = free_ports(1)
+        block = range(start, start + width + 1)
+        if block.stop <= 65535 and all(_bindable(p) for p in block):
+            return block
+    raise RuntimeError("no free block of worker ports on 127.0.0.1")
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
 
 
 def kill_tree_matching(marker: str) -> None:
@@ -59,7 +80,9 @@ def kill_tree_matching(marker: str) -> None:
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory):
     temp = Path(f"/tmp/rmh-{os.getpid()}")  # short: Ray's unix sockets live under it
-    gcs, dash, agent, agent_grpc, renv, metrics, node, objm, client, wmin = free_ports(10)
+    # Ray rejects a component port inside the worker range, so pick the range first and the rest outside it.
+    workers = worker_port_block()
+    gcs, dash, agent, agent_grpc, renv, metrics, node, objm, client = free_ports(9, avoid=workers)
     env = {
         **os.environ,
         "RAY_USAGE_STATS_ENABLED": "0",
@@ -83,8 +106,8 @@ def ray_head(tmp_path_factory):
         f"--node-manager-port={node}",
         f"--object-manager-port={objm}",
         f"--ray-client-server-port={client}",
-        f"--min-worker-port={wmin}",
-        f"--max-worker-port={wmin + 200}",
+        f"--min-worker-port={workers.start}",
+        f"--max-worker-port={workers.stop - 1}",
         "--num-cpus=3",
         f"--temp-dir={temp}",
         "--disable-usage-stats",
