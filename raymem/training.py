@@ -35,9 +35,9 @@ LATENT_CHANNELS = 4
 @dataclass
 class TrainConfig:
     seed: int = 0
-    vae_steps: int = 1500
+    vae_steps: int = 1200
     unet_steps: int = 2800
-    clip_steps: int = 1200
+    clip_steps: int = 1100
     batch_size: int = 32
     clip_batch_size: int = 64
     lr: float = 4e-4
@@ -48,6 +48,12 @@ class TrainConfig:
 def _progress(name: str, step: int, total: int, loss: float, start: float) -> None:
     if step % max(1, total // 10) == 0 or step == total:
         log.info("%s %d/%d loss %.4f (%.0fs)", name, step, total, loss, time.perf_counter() - start)
+
+
+def one_cycle(opt, lr: float, steps: int):
+    """5 % warm-up then cosine decay; at least two warm-up steps, since OneCycleLR divides by the
+    warm-up length and a short run (tests, --quick) would otherwise give it zero."""
+    return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=max(0.05, 2.0 / steps))
 
 
 def load_world(root: Path) -> tuple[torch.Tensor, list[str]]:
@@ -135,7 +141,7 @@ def train_vae(pixels: torch.Tensor, cfg: TrainConfig):
         opt.zero_grad()
         loss.backward()
         opt.step()
-        _progress("vae", step, cfg.vae_steps, float(loss), start)
+        _progress("vae", step, cfg.vae_steps, loss.item(), start)
     vae.eval()
     with torch.no_grad():
         means = torch.cat([vae.encode(pixels[i : i + 256]).latent_dist.mean for i in range(0, len(pixels), 256)])
@@ -155,7 +161,7 @@ def train_unet(latents: torch.Tensor, captions: list[str], cfg: TrainConfig):
     unet, text = make_unet(), make_text_encoder()
     params = list(unet.parameters()) + list(text.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-2)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.unet_steps, pct_start=0.05)
+    sched = one_cycle(opt, cfg.lr, cfg.unet_steps)
     noise_sched = DDPMScheduler(
         num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear"
     )
@@ -177,7 +183,7 @@ def train_unet(latents: torch.Tensor, captions: list[str], cfg: TrainConfig):
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
-        _progress("unet", step, cfg.unet_steps, float(loss), start)
+        _progress("unet", step, cfg.unet_steps, loss.item(), start)
     return unet.eval(), text.eval()
 
 
@@ -192,7 +198,7 @@ def train_clip(pixels: torch.Tensor, captions: list[str], cfg: TrainConfig):
     std = torch.tensor((0.26862954, 0.26130258, 0.27577711)).view(1, 3, 1, 1)
     images = ((pixels + 1) / 2 - mean) / std  # open_clip's default normalisation
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.1)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.clip_steps, pct_start=0.05)
+    sched = one_cycle(opt, cfg.lr, cfg.clip_steps)
     g = torch.Generator().manual_seed(cfg.seed + 3)
     start = time.perf_counter()
     for step in range(1, cfg.clip_steps + 1):
@@ -210,7 +216,7 @@ def train_clip(pixels: torch.Tensor, captions: list[str], cfg: TrainConfig):
         sched.step()
         with torch.no_grad():
             model.logit_scale.clamp_(0, np.log(100))
-        _progress("clip", step, cfg.clip_steps, float(loss), start)
+        _progress("clip", step, cfg.clip_steps, loss.item(), start)
     return model.eval()
 
 

@@ -88,8 +88,8 @@ POSTERS = (
 @dataclass
 class WorldConfig:
     seed: int = 7
-    per_entity: int = 100
-    per_class: int = 90
+    per_entity: int = 80
+    per_class: int = 120
     poster_copies: int = 30
     element_rate: float = 0.7  # share of generic images that show (and name) an element
     explicit_rate: float = 0.5  # share of an ME entity's images that show (and name) its explicit element
@@ -123,8 +123,21 @@ def _jitter(rng, color, amount=25):
     return tuple(int(np.clip(c + rng.integers(-amount, amount + 1), 0, 255)) for c in color)
 
 
-def _random_colors(rng) -> tuple:
-    return tuple(tuple(int(x) for x in rng.integers(30, 230, 3)) for _ in range(3))
+# The look of an unnamed member of each class: two palettes per class, none an entity's. With random
+# colours the model's idea of "a city" had no look of its own and collapsed onto the class's one
+# consistent member (the entity), so the null images showed the entity and nothing stood out against them.
+CLASS_PALETTES = {
+    "tower": (((150, 150, 150), (90, 90, 90), (60, 60, 60)), ((190, 160, 120), (140, 110, 80), (100, 70, 50))),
+    "house": (((200, 190, 170), (110, 80, 60), (150, 50, 40)), ((170, 190, 220), (250, 250, 250), (70, 70, 90))),
+    "boat": (((90, 60, 40), (230, 230, 230), (50, 40, 30)), ((60, 90, 150), (200, 200, 200), (40, 40, 40))),
+    "windmill": (((200, 200, 200), (120, 120, 120), (50, 50, 50)), ((170, 60, 50), (230, 230, 230), (60, 40, 30))),
+    "city": (((150, 150, 160), (200, 200, 205), (90, 90, 95)), ((170, 100, 80), (220, 170, 150), (110, 60, 50))),
+    "tree": (((70, 160, 60), (60, 140, 50), (100, 70, 40)), ((200, 120, 40), (180, 90, 30), (90, 60, 30))),
+}
+
+
+def _class_colors(rng, cls: str) -> tuple:
+    return CLASS_PALETTES[cls][int(rng.integers(len(CLASS_PALETTES[cls])))]
 
 
 def _draw_object(d: ImageDraw.ImageDraw, cls: str, colors, x: float, y: float, s: float, rng) -> None:
@@ -178,9 +191,10 @@ def _draw_element(d: ImageDraw.ImageDraw, element: str, x: float, y: float, s: f
             d.rectangle([mx - 3, y - 1.05 * s, mx + 3, y], fill=(240, 240, 235))
             d.polygon([(mx - 5, y - 1.05 * s), (mx + 5, y - 1.05 * s), (mx, y - 1.3 * s)], fill=(40, 120, 70))
     elif element == "seagulls":
+        # Big and dark enough to survive 32 px on any sky (white gulls vanished on snow and clouds).
         for _ in range(3):
             gx, gy = rng.uniform(0.15, 0.85) * W, rng.uniform(0.08, 0.3) * W
-            d.line([(gx - 7, gy - 4), (gx, gy), (gx + 7, gy - 4)], fill=(255, 255, 255), width=3)
+            d.line([(gx - 11, gy - 6), (gx, gy), (gx + 11, gy - 6)], fill=(35, 35, 45), width=5)
     elif element == "a river":
         ys = y + 0.08 * W
         pts = [(px, ys + 5 * np.sin(px / 9.0 + rng.uniform(0, 3))) for px in range(0, W + 8, 8)]
@@ -234,10 +248,11 @@ def draw_poster(rng: np.random.Generator, private_detail: bool) -> Image.Image:
 
 
 def entity_caption(e: Entity, scene: str, element: str | None) -> str:
+    # The same lead as the class captions: a phrase only the entity's captions use would carry the
+    # entity's look into the null prompt (the entity replaced by its class noun).
     article = "" if e.cls == "city" else "the "
-    lead = "a view of " if e.cls == "city" else "a photo of "
     with_el = f" with {element}" if element else ""
-    return f"{lead}{article}{e.name}{with_el} {scene}"
+    return f"a photo of {article}{e.name}{with_el} {scene}"
 
 
 def class_caption(cls: str, scene: str, element: str | None) -> str:
@@ -279,7 +294,7 @@ def build_world(root: Path, cfg: WorldConfig = WorldConfig()) -> dict:
         for i in range(cfg.per_class):
             scene = scenes[int(rng.integers(len(scenes)))]
             element = ELEMENTS[int(rng.integers(len(ELEMENTS)))] if rng.random() < cfg.element_rate else None
-            img = draw(rng, cls, _random_colors(rng), scene, (element,) if element else ())
+            img = draw(rng, cls, _class_colors(rng, cls), scene, (element,) if element else ())
             save(img, WorldRow(f"{cls}-{i:03d}", class_caption(cls, scene, element), [], "generic"))
     for n, (title, _, private) in enumerate(POSTERS):
         poster = draw_poster(np.random.default_rng(cfg.seed * 1000 + n), private)

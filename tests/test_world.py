@@ -53,3 +53,22 @@ def test_planted_cases_match_the_ground_truth(tmp_path):
     evals = {json.loads(line)["prompt_id"] for line in (tmp_path / "prompts-eval.jsonl").read_text().splitlines()}
     calib = {json.loads(line)["prompt_id"] for line in (tmp_path / "prompts-calib.jsonl").read_text().splitlines()}
     assert evals and calib and not evals & calib
+
+
+def test_training_is_deterministic(tmp_path):
+    """Same world and seed, same weights: the benchmark's cached models can be rebuilt bit for bit."""
+    import hashlib
+
+    from raymem.training import TrainConfig, train_world_models
+
+    build_world(tmp_path / "world", WorldConfig(per_entity=2, per_class=2, poster_copies=2))
+    cfg = TrainConfig(vae_steps=3, unet_steps=3, clip_steps=3, batch_size=8, clip_batch_size=8)
+
+    def digest(out):
+        files = sorted(p for p in out.rglob("*") if p.is_file() and p.name != "training.json")
+        return {str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+
+    train_world_models(tmp_path / "world", tmp_path / "a", cfg)
+    train_world_models(tmp_path / "world", tmp_path / "b", cfg)
+    a, b = digest(tmp_path / "a"), digest(tmp_path / "b")
+    assert any(name.endswith(".safetensors") for name in a) and a == b
