@@ -235,6 +235,19 @@ def _label_prompt(ctx, rows, texts, neighbors, background, t: ThresholdsConfig, 
     return out
 
 
+def _why_not(e: dict, t: ThresholdsConfig) -> str:
+    """Why an implied element did not make the image MI: not shown here, or not in enough seeds."""
+    z = f", z={e['z']:.2f}" if e["z"] is not None else ""
+    shown = f"P={_fmt(e['presence'])}{z}"
+    if not e["present"]:
+        why = f"not shown in this image (needs P >= {t.element_presence}" + (
+            f" and z >= {t.null_z})" if e["z"] is not None else ")"
+        )
+    else:
+        why = f"shown in only {e['share']:.0%} of seeds (< consistency {t.consistency})"
+    return f"'{e['element']}' {shown}: {why}"
+
+
 def _image_evidence(ctx, texts, row, entity_null, element_null, t: ThresholdsConfig) -> dict:
     image = np.asarray(row["clip_embedding"], np.float32)
     logits = _Logits(ctx, texts, image)
@@ -392,6 +405,11 @@ def _decide(ctx, r, nbrs, space, bg: Background | None, ev, cluster_member, pixe
         label = "none"
         if explicit and not explicit_ok:
             reasons.append("missing: " + ", ".join(f"'{e['element']}'" for e in explicit if not e["present"]))
+    if label not in ("MI", "MU"):
+        # The implied elements that were looked for and why they did not count, for the reviewer.
+        unshown = [e for e in elements if e["kind"] == "implicit" and e not in implied]
+        if unshown:
+            reasons.append("implied element(s) not counted: " + "; ".join(_why_not(e, t) for e in unshown))
     if cluster_member:
         flags.append("seed_cluster")
     return {

@@ -211,6 +211,9 @@ def test_consistent_unrequested_implied_element_is_MI():
     out = run(ctx, rows + nulls(ctx, elements={"minarets": -0.05}), {f"u{i}": nbrs(0.1) for i in range(4)})
     assert [out[f"u{i}"]["label"] for i in range(4)] == ["MI", "MI", "MI", "ME"]
     assert "'minarets' (implicit)" in out["u0"]["reasons"] and "75% of seeds" in out["u0"]["reasons"]
+    # The seed that did not show it says why, for the reviewer.
+    assert "implied element(s) not counted: 'minarets'" in out["u3"]["reasons"]
+    assert "not shown in this image" in out["u3"]["reasons"]
 
 
 def test_element_the_null_shows_as_well_is_not_MI():
@@ -226,6 +229,7 @@ def test_implied_element_in_too_few_seeds_is_not_MI():
     rows = [gen(f"u{i}", i, image(ctx, elements={"minarets": 0.05 if i == 0 else -0.05})) for i in range(4)]
     out = run(ctx, rows + nulls(ctx), {f"u{i}": nbrs(0.1) for i in range(4)})
     assert out["u0"]["label"] == "ME" and "implicit:minarets" in out["u0"]["flags"]
+    assert "shown in only 25% of seeds (< consistency 0.5)" in out["u0"]["reasons"]
 
 
 @pytest.mark.parametrize("lift, support, label", [(3.0, 80, "MI"), (1.5, 80, "ME"), (3.0, 20, "ME")])
