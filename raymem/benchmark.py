@@ -130,7 +130,8 @@ def scan_config(cfg: PlantedConfig, world_root: Path, models: Path, index: Path,
             "join": {"k": 20},
             "thresholds": thresholds,
             "signals": {"null_seeds": cfg.null_seeds, "mine_elements": False, "pixel_size": 32, "pixel_tiles": 4},
-            "output": {"uri": str(Path(cfg.work) / "scans"), "scan_date": "2026-01-01"},
+            # One output tree per trained model, so a retrained model never shares tables with an old one.
+            "output": {"uri": str(Path(cfg.work) / "scans" / models.resolve().name), "scan_date": "2026-01-01"},
         }
     )
 
