@@ -196,14 +196,26 @@ def _label_prompt(ctx, rows, texts, neighbors, background, t: ThresholdsConfig, 
     for key in {k for n in null_logits for k in n.element_logits()}:
         element_null[key] = _null_stats([n.element_logits()[key] for n in null_logits if key in n.element_logits()])
 
-    evidence = {}
-    shown_share: dict[tuple[str, str], float] = defaultdict(float)
-    for r in ok:
-        ev = _image_evidence(ctx, texts, r, entity_null, element_null, t)
-        evidence[r["unit_id"]] = ev
+    evidence = {r["unit_id"]: _image_evidence(ctx, texts, r, entity_null, element_null, t) for r in ok}
+    # Implied elements are a property of the prompt ("consistent emergence"): whether one goes beyond
+    # what the class noun alone gives is decided on the mean z over the prompt's seeds, and each image
+    # then shows it or not by the zero-shot test. Per-image z against a handful of null images is
+    # too noisy to make that call image by image.
+    per_element_z: dict[tuple[str, str], list[float]] = defaultdict(list)
+    for ev in evidence.values():
         for e in ev["elements"]:
+            if e["kind"] in IMPLIED_KINDS and e["z"] is not None:
+                per_element_z[(e["kind"], e["element"])].append(e["z"])
+    prompt_z = {key: float(np.mean(zs)) for key, zs in per_element_z.items()}
+    shown_share: dict[tuple[str, str], float] = defaultdict(float)
+    for ev in evidence.values():
+        for e in ev["elements"]:
+            key = (e["kind"], e["element"])
+            if key in prompt_z:
+                e["prompt_z"] = prompt_z[key]
+                e["present"] = e["presence"] >= t.element_presence and prompt_z[key] >= t.null_z
             if e["present"]:
-                shown_share[(e["kind"], e["element"])] += 1.0 / len(ok)
+                shown_share[key] += 1.0 / len(ok)
     for ev in evidence.values():
         for e in ev["elements"]:
             e["share"] = shown_share.get((e["kind"], e["element"]), 0.0)
@@ -235,14 +247,19 @@ def _label_prompt(ctx, rows, texts, neighbors, background, t: ThresholdsConfig, 
     return out
 
 
+# Elements the prompt does not ask for but the entity implies (listed or mined from captions).
+IMPLIED_KINDS = ("implicit", "mined")
+
+
 def _why_not(e: dict, t: ThresholdsConfig) -> str:
-    """Why an implied element did not make the image MI: not shown here, or not in enough seeds."""
-    z = f", z={e['z']:.2f}" if e["z"] is not None else ""
-    shown = f"P={_fmt(e['presence'])}{z}"
-    if not e["present"]:
-        why = f"not shown in this image (needs P >= {t.element_presence}" + (
-            f" and z >= {t.null_z})" if e["z"] is not None else ")"
-        )
+    """Why an implied element did not make the image MI: not beyond the null, not shown here, or
+    not in enough seeds."""
+    shown = f"P={_fmt(e['presence'])}" + (f", z={e['z']:.2f}" if e["z"] is not None else "")
+    pz = e.get("prompt_z")
+    if pz is not None and pz < t.null_z:
+        why = f"not beyond the null images (mean z over seeds {pz:.2f} < null_z {t.null_z})"
+    elif not e["present"]:
+        why = f"not shown in this image (P < element_presence {t.element_presence})"
     else:
         why = f"shown in only {e['share']:.0%} of seeds (< consistency {t.consistency})"
     return f"'{e['element']}' {shown}: {why}"
@@ -272,6 +289,7 @@ def _image_evidence(ctx, texts, row, entity_null, element_null, t: ThresholdsCon
                 "presence": p,
                 "z": z,
                 "present": present,
+                "prompt_z": None,  # implied elements: mean z over the prompt's seeds
                 "share": 0.0,
                 "lift": assoc.lift if assoc else None,
                 "support": assoc.support if assoc else None,
@@ -385,6 +403,8 @@ def _decide(ctx, r, nbrs, space, bg: Background | None, ev, cluster_member, pixe
 
     def describe(e) -> str:
         z = f", z={e['z']:.2f}" if e["z"] is not None else ", uncalibrated"
+        if e.get("prompt_z") is not None:
+            z += f" (mean over seeds {e['prompt_z']:.2f})"
         assoc = f", lift {e['lift']:.1f} over {e['support']} training images" if e["lift"] is not None else ""
         return f"'{e['element']}' ({e['kind']}) P={_fmt(e['presence'])}{z}, in {e['share']:.0%} of seeds{assoc}"
 

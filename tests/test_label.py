@@ -216,6 +216,27 @@ def test_consistent_unrequested_implied_element_is_MI():
     assert "not shown in this image" in out["u3"]["reasons"]
 
 
+def test_implied_element_beyond_the_null_is_decided_for_the_prompt_not_per_image():
+    ctx = context(explicit=(), implicit=("minarets",))
+    # The class noun alone sometimes gives a little of it (null logits -1 / +1) ...
+    null_rows = [
+        gen(f"n{i}", i, image(ctx, entity=0.2, null=0.3, elements={"minarets": 0.01 * (-1) ** i}), role="null")
+        for i in range(4)
+    ]
+    # ... the prompt clearly more (logit 5), one seed only faintly (logit 0.5: P > 0.5, z < null_z).
+    offsets = [0.005, 0.05, 0.05, 0.05]
+    rows = [gen(f"u{i}", i, image(ctx, elements={"minarets": o})) for i, o in enumerate(offsets)]
+    out = run(ctx, rows + null_rows, {f"u{i}": nbrs(0.1) for i in range(4)})
+    assert [out[f"u{i}"]["label"] for i in range(4)] == ["MI"] * 4
+    assert out["u0"]["elements"][0]["z"] < T.null_z  # alone it would not have passed
+    assert "mean over seeds" in out["u0"]["reasons"]
+    # The same faint seed next to a prompt that is not beyond the null on average is not MI.
+    rows = [gen(f"u{i}", i, image(ctx, elements={"minarets": 0.005})) for i in range(4)]
+    out = run(ctx, rows + null_rows, {f"u{i}": nbrs(0.1) for i in range(4)})
+    assert {r["label"] for r in out.values()} == {"ME"}
+    assert "not beyond the null images (mean z over seeds" in out["u0"]["reasons"]
+
+
 def test_element_the_null_shows_as_well_is_not_MI():
     ctx = context(explicit=(), implicit=("minarets",))
     rows = [gen(f"u{i}", i, image(ctx, elements={"minarets": 0.05})) for i in range(4)]
