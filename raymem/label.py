@@ -213,7 +213,7 @@ def _label_prompt(ctx, rows, texts, neighbors, background, t: ThresholdsConfig, 
             key = (e["kind"], e["element"])
             if key in prompt_z:
                 e["prompt_z"] = prompt_z[key]
-                e["present"] = e["presence"] >= t.element_presence and prompt_z[key] >= t.null_z
+                e["present"] = e["present"] and prompt_z[key] >= t.null_z
             if e["present"]:
                 shown_share[key] += 1.0 / len(ok)
     for ev in evidence.values():
@@ -278,8 +278,10 @@ def _image_evidence(ctx, texts, row, entity_null, element_null, t: ThresholdsCon
         stats = element_null.get((kind, element))
         z = (logit - stats[0]) / stats[1] if stats is not None else None
         # Requested elements are in the null prompt too, so only the zero-shot test applies to them;
-        # unprompted ones must also stand out against the null images.
-        present = p >= t.element_presence and (kind == "explicit" or z is None or z >= t.null_z)
+        # unprompted ones must also stand out against the null images: instance elements here, image
+        # by image; implied ones for the whole prompt, in _label_prompt.
+        beyond_null = kind == "explicit" or kind in IMPLIED_KINDS or z is None or z >= t.null_z
+        present = p >= t.element_presence and beyond_null
         assoc = ctx.associations.lookup(element) if ctx.associations else None
         elements.append(
             {

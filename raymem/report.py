@@ -44,6 +44,17 @@ window.addEventListener('load', () => {
 """
 
 
+# The category counts both tally tables (per entity, per prompt) show.
+TALLY_COLUMNS = [
+    ("n_units", "images"),
+    ("n_MU", "MU"),
+    ("n_MI", "MI"),
+    ("n_ME", "ME"),
+    ("n_none", "none"),
+    ("n_failed", "failed"),
+]
+
+
 def _fmt(v, digits: int = 2) -> str:
     if v is None:
         return "–"
@@ -184,12 +195,7 @@ MI {counts.get("label_MI", 0)} · ME {counts.get("label_ME", 0)} · none {counts
             entity,
             [
                 ("entity", "entity"),
-                ("n_units", "images"),
-                ("n_MU", "MU"),
-                ("n_MI", "MI"),
-                ("n_ME", "ME"),
-                ("n_none", "none"),
-                ("n_failed", "failed"),
+                *TALLY_COLUMNS,
                 ("rate_MU", "MU rate"),
                 ("n_memorized_prompts", "memorized prompts"),
                 ("train_frequency", "training images"),
@@ -207,12 +213,7 @@ nearest-neighbour background (95th percentile) and the replication / verbatim th
             [
                 ("prompt_id", "prompt"),
                 ("entity", "entity"),
-                ("n_units", "images"),
-                ("n_MU", "MU"),
-                ("n_MI", "MI"),
-                ("n_ME", "ME"),
-                ("n_none", "none"),
-                ("n_failed", "failed"),
+                *TALLY_COLUMNS,
                 ("consistency", "consistency"),
                 ("max_replication_score", "max replication"),
                 ("memorized_prompt", "memorized"),
