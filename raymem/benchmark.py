@@ -61,6 +61,15 @@ def prepare_world(cfg: PlantedConfig) -> Path:
     return root
 
 
+def check_models(models: Path) -> None:
+    """A `--models` directory must hold what training writes: pipeline/ and clip/."""
+    from raymem.errors import InputError
+
+    for needed in ("pipeline/model_index.json", "clip"):
+        if not (models / needed).exists():
+            raise InputError(str(models), f"not a trained-models directory: {needed} is missing")
+
+
 def prepare_models(cfg: PlantedConfig, world_root: Path) -> Path:
     if cfg.models:
         return Path(cfg.models)
@@ -223,6 +232,8 @@ def run_benchmark(cfg: PlantedConfig) -> dict:
     from raymem.config import RayConfig, ThresholdsConfig
     from raymem.scan import run_scan
 
+    if cfg.models:
+        check_models(Path(cfg.models))  # before anything is drawn or written
     timings = {}
     cfg.work = str(Path(cfg.work).resolve())
     t0 = time.perf_counter()

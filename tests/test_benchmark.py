@@ -33,6 +33,17 @@ def test_evaluate_counts_precision_recall_and_confusion():
     assert any("MISSED" in line for line in targets_report(r))
 
 
+def test_models_directory_without_trained_models_is_one_line(tmp_path, capsys):
+    from raymem.cli import main
+
+    (tmp_path / "models" / "clip").mkdir(parents=True)
+    code = main(["bench", "planted", "--work", str(tmp_path / "work"), "--models", str(tmp_path / "models")])
+    err = capsys.readouterr().err.strip()
+    assert code != 0 and len(err.splitlines()) == 1
+    assert str(tmp_path / "models") in err and "pipeline/model_index.json is missing" in err
+    assert not (tmp_path / "work").exists()  # checked before anything was drawn
+
+
 @pytest.mark.ray
 @pytest.mark.slow
 def test_reduced_benchmark_end_to_end(local_ray, tmp_path):
