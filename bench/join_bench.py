@@ -107,10 +107,11 @@ class MemorySampler:
 
 def run_join(root: Path, queries: np.ndarray, k: int, mode: str = "exact", nprobe: int = 16):
     from raymem import runtime
-    from raymem.join import Queries, inspect_training, nearest_neighbours
+    from raymem.join import Queries, nearest_neighbours
+    from raymem.sources import inspect_training
 
     training = inspect_training(str(root), {"clip": queries.shape[1]})
-    plan = runtime.plan_join_actors(1)
+    plan = runtime.plan_join(1, runtime.ClusterResources.current())
     q = {"q": Queries([f"q{i}" for i in range(len(queries))], {"clip": queries})}
     with MemorySampler() as mem:
         start = time.perf_counter()
@@ -119,9 +120,7 @@ def run_join(root: Path, queries: np.ndarray, k: int, mode: str = "exact", nprob
             q,
             k,
             batch_rows=None,
-            actors=plan.actors,
-            remote_args=plan.remote_args(),
-            threads=plan.threads,
+            plan=plan,
             mode=mode,
             nprobe=nprobe,
         )

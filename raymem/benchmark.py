@@ -228,8 +228,9 @@ def _f(x) -> str:
 
 def run_benchmark(cfg: PlantedConfig) -> dict:
     from raymem import runtime
-    from raymem.calibrate import fit, load_evidence
-    from raymem.config import RayConfig, ThresholdsConfig
+    from raymem.calibrate import fit
+    from raymem.config import ThresholdsConfig
+    from raymem.label_inputs import LabelInputs
     from raymem.scan import run_scan
 
     if cfg.models:
@@ -242,8 +243,7 @@ def run_benchmark(cfg: PlantedConfig) -> dict:
     t0 = time.perf_counter()
     models = prepare_models(cfg, world_root)
     timings["models_s"] = time.perf_counter() - t0
-    started = runtime.connect_ray(RayConfig())
-    try:
+    with runtime.ray_session():
         t0 = time.perf_counter()
         index = prepare_index(cfg, world_root, models)
         timings["index_s"] = time.perf_counter() - t0
@@ -253,24 +253,16 @@ def run_benchmark(cfg: PlantedConfig) -> dict:
             t0 = time.perf_counter()
             calib_cfg = scan_config(cfg, world_root, models, index, "calib", {})
             calib = run_scan(calib_cfg)
-            evidence = load_evidence(calib_cfg.output.uri, calib.scan_id)
-            pilot = {
-                g["unit_id"]: truth[g["parent_prompt_id"]]["expected"]
-                for g in evidence.generations
-                if g["role"] == "scan" and g["status"] == "ok"
-            }
-            fitted, _ = fit(evidence, pilot, ThresholdsConfig(), cfg.target_precision)
+            inputs = LabelInputs.read(calib_cfg.output.uri, calib.scan_id)
+            parent = {g["unit_id"]: g["parent_prompt_id"] for g in inputs.generations}
+            pilot = {uid: truth[parent[uid]]["expected"] for uid in inputs.scored_scan_units()}
+            fitted, _ = fit(inputs, pilot, ThresholdsConfig(), cfg.target_precision)
             thresholds = json.loads(fitted.model_dump_json())
             timings["calibrate_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         eval_cfg = scan_config(cfg, world_root, models, index, "eval", thresholds)
         scan = run_scan(eval_cfg)
         timings["scan_s"] = time.perf_counter() - t0
-    finally:
-        if started:
-            import ray
-
-            ray.shutdown()
     from raymem.outputs import read_scan_table
 
     labels = read_scan_table(eval_cfg.output.uri, scan.scan_id, "labels").to_pylist()

@@ -2,8 +2,9 @@
 
 The pilot is a Parquet (or CSV/JSONL) table of `unit_id` (or `image_uri`) and `label` (MU, MI, ME or
 none) for images of one complete scan. Every labeler input is read back from that scan's published
-tables (generations, texts, neighbors, labels, manifest), so fitting re-runs only the decision, never
-the models. Thresholds are fitted one at a time, category by category in precedence order (MU, then
+tables through `LabelInputs`, the same builder the scan itself labels from, so fitting re-runs only the
+decision (never the models), and at the scan's own thresholds reproduces its labels exactly.
+Thresholds are fitted one at a time, category by category in precedence order (MU, then
 MI, then ME): each takes the value with the highest recall among those reaching the target precision
 on the pilot, or the most precise value when none does (reported as missed).
 """
@@ -11,7 +12,6 @@ on the pilot, or the most precise value when none does (reported as missed).
 from __future__ import annotations
 
 import json
-from collections import defaultdict
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,13 +19,10 @@ import numpy as np
 from raymem import uri as uris
 from raymem.config import ThresholdsConfig
 from raymem.errors import InputError
-from raymem.label import Background, PromptContext, label_units
-from raymem.mining import Association, EntityAssociations
-from raymem.outputs import read_manifest, read_scan_table
-from raymem.pixels import PixelEvidence
-from raymem.probes import Probe
+from raymem.label import label_units
+from raymem.label_inputs import LabelInputs
 from raymem.prompts import read_records
-from raymem.schema import LABELS, embedding_matrix
+from raymem.schema import LABELS
 
 # Candidate values per threshold, and which category each one is fitted for (in precedence order).
 GRID = {
@@ -42,76 +39,7 @@ FIT_ORDER = (
 )
 
 
-@dataclass
-class Evidence:
-    """Everything the labeler needs for a scan, rebuilt from its published tables."""
-
-    generations: list[dict]
-    contexts: dict[str, PromptContext]
-    texts: dict[str, np.ndarray]
-    neighbors: dict[str, dict[str, list[dict]]]
-    background: dict[str, Background]
-    pixels: dict[str, PixelEvidence]
-
-    def restricted(self, prompt_ids: set[str]) -> Evidence:
-        gens = [g for g in self.generations if g["parent_prompt_id"] in prompt_ids]
-        return Evidence(
-            gens,
-            {p: c for p, c in self.contexts.items() if p in prompt_ids},
-            self.texts,
-            self.neighbors,
-            self.background,
-            self.pixels,
-        )
-
-    def label(self, thresholds: ThresholdsConfig) -> list[dict]:
-        return label_units(
-            self.generations, self.contexts, self.texts, self.neighbors, self.background, thresholds, self.pixels
-        )
-
-
-def load_evidence(root: str, scan_id: str) -> Evidence:
-    manifest = read_manifest(root, scan_id)
-    gens = read_scan_table(root, scan_id, "generations").to_pylist()
-    texts_t = read_scan_table(root, scan_id, "texts")
-    labels = read_scan_table(root, scan_id, "labels").to_pylist()
-    neighbors_t = read_scan_table(root, scan_id, "neighbors").to_pylist()
-
-    matrix = embedding_matrix(texts_t.column("clip_embedding")) if texts_t.num_rows else np.zeros((0, 0))
-    texts = {text: matrix[i] for i, text in enumerate(texts_t.column("text").to_pylist())}
-    probes: dict[str, list[Probe]] = defaultdict(list)
-    for r in texts_t.select(["prompt_id", "kind", "element", "text"]).to_pylist():
-        probes[r["prompt_id"]].append(Probe(r["kind"], r["element"], r["text"]))
-    mined = manifest.get("counts", {}).get("mined_elements", {})
-    associations = {
-        e: EntityAssociations(
-            e, 0, 0, [Association(**a) for a in m["implied"]], [Association(**a) for a in m["instance"]]
-        )
-        for e, m in mined.items()
-    }
-    contexts = {}
-    for g in gens:
-        pid = g["parent_prompt_id"]
-        if g["role"] != "scan" or pid in contexts:
-            continue
-        ps = probes.get(pid, [])
-        cls = next((p.element for p in ps if p.kind == "entity_null"), "")
-        contexts[pid] = PromptContext(pid, g["prompt"], g["entity"], cls, tuple(ps), associations.get(g["entity"]))
-    neighbors: dict[str, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
-    for n in sorted(neighbors_t, key=lambda n: n["rank"]):
-        neighbors[n["unit_id"]][n["space"]].append(n)
-    space = "sscd" if any("sscd" in s for s in neighbors.values()) else "clip"
-    p95 = next((r["background_p95"] for r in labels if r.get("background_p95") is not None), None)
-    background = {space: Background(space, p95, 0)} if p95 is not None else {}
-    pixels = {
-        r["unit_id"]: PixelEvidence(r["replication_train_id"], tuple(r["pixel_tile_l2"]))
-        for r in labels
-        if r.get("pixel_tile_l2")
-    }
-    return Evidence(gens, contexts, texts, dict(neighbors), background, pixels)
-
-
-def read_pilot(source: str, evidence: Evidence) -> dict[str, str]:
+def read_pilot(source: str, inputs: LabelInputs) -> dict[str, str]:
     """{unit_id: human label}, validated against the scan."""
     try:
         data = uris.read_bytes(source)
@@ -123,8 +51,8 @@ def read_pilot(source: str, evidence: Evidence) -> dict[str, str]:
         raise InputError(source, "required column is missing (unit_id or image_uri)", field="unit_id")
     if "label" not in columns:
         raise InputError(source, "required column is missing", field="label")
-    by_image = {g["image_uri"]: g["unit_id"] for g in evidence.generations if g.get("image_uri")}
-    scan_units = {g["unit_id"] for g in evidence.generations if g["role"] == "scan" and g["status"] == "ok"}
+    by_image = {g["image_uri"]: g["unit_id"] for g in inputs.generations if g.get("image_uri")}
+    scan_units = set(inputs.scored_scan_units())
     pilot = {}
     for number, record in records:
         label = record.get("label")
@@ -165,7 +93,7 @@ def _with(t: ThresholdsConfig, name: str, value: float) -> ThresholdsConfig:
     return t.model_copy(update=update)
 
 
-def _candidates(name: str, ev: Evidence, pilot: dict[str, str]) -> list[float]:
+def _candidates(name: str, ev: LabelInputs, pilot: dict[str, str]) -> list[float]:
     """The grid, plus for `replication` every pilot image's top-1 score (the optimum sits on one of them)."""
     values = set(GRID[name])
     if name == "replication":
@@ -177,10 +105,10 @@ def _candidates(name: str, ev: Evidence, pilot: dict[str, str]) -> list[float]:
     return sorted(values)
 
 
-def fit(evidence: Evidence, pilot: dict[str, str], start: ThresholdsConfig, target: float):
+def fit(inputs: LabelInputs, pilot: dict[str, str], start: ThresholdsConfig, target: float):
     """Coordinate-wise fit; returns (fitted thresholds, {category: met target?})."""
-    prompts = {g["parent_prompt_id"] for g in evidence.generations if g["unit_id"] in pilot}
-    ev = evidence.restricted(prompts)
+    prompts = {g["parent_prompt_id"] for g in inputs.generations if g["unit_id"] in pilot}
+    ev = inputs.restricted(prompts)
     t = start
     met = {}
     for category, names in FIT_ORDER:
@@ -189,13 +117,13 @@ def fit(evidence: Evidence, pilot: dict[str, str], start: ThresholdsConfig, targ
         for name in names:
             best_key, best_value = None, getattr(t, name)
             for value in _candidates(name, ev, pilot):
-                pr = precision_recall(ev.label(_with(t, name, value)), pilot)[category]
+                pr = precision_recall(label_units(ev, _with(t, name, value)), pilot)[category]
                 p, r = pr["precision"] or 0.0, pr["recall"] or 0.0
                 key = (p >= target, r if p >= target else p, p if p >= target else r)
                 if best_key is None or key > best_key:
                     best_key, best_value = key, value
             t = _with(t, name, best_value)
-        precision = precision_recall(ev.label(t), pilot)[category]["precision"]
+        precision = precision_recall(label_units(ev, t), pilot)[category]["precision"]
         met[category] = precision is not None and precision >= target
     return t, met
 
@@ -218,3 +146,24 @@ def thresholds_yaml(t: ThresholdsConfig) -> str:
     import yaml
 
     return yaml.safe_dump({"thresholds": json.loads(t.model_dump_json())}, sort_keys=False)
+
+
+@dataclass
+class Calibration:
+    scan_id: str
+    pilot_size: int
+    target_precision: float
+    before: dict
+    after: dict
+    fitted: ThresholdsConfig
+    met: dict[str, bool]
+
+
+def calibrate(root: str, scan_id: str, pilot_source: str, start: ThresholdsConfig, target: float) -> Calibration:
+    """`raymem calibrate`: read the scan back, read the pilot, fit, and measure before and after."""
+    inputs = LabelInputs.read(root, scan_id)
+    pilot = read_pilot(pilot_source, inputs)
+    before = precision_recall(label_units(inputs, start), pilot)
+    fitted, met = fit(inputs, pilot, start, target)
+    after = precision_recall(label_units(inputs, fitted), pilot)
+    return Calibration(scan_id, len(pilot), target, before, after, fitted, met)

@@ -74,15 +74,9 @@ def cmd_demo(args) -> int:
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     cfg = load_config(args.config)
-    started = runtime.connect(cfg)  # one Ray for building (raymem index) and scanning
-    try:
+    with runtime.ray_session(cfg.ray):  # one Ray for building (raymem index) and scanning
         build_demo(cfg, force=args.rebuild)
         result = run_scan(cfg)
-    finally:
-        if started:
-            import ray
-
-            ray.shutdown()
     _print_result(result)
     return 0
 
@@ -98,22 +92,17 @@ def cmd_validate(args) -> int:
 
 
 def cmd_calibrate(args) -> int:
-    from raymem.calibrate import fit, load_evidence, precision_recall, read_pilot, report, thresholds_yaml
+    from raymem.calibrate import calibrate, report, thresholds_yaml
     from raymem.config import load_config
 
     cfg = load_config(args.config)
-    scan_id = args.scan_id or cfg.scan_id
-    evidence = load_evidence(cfg.output.uri, scan_id)
-    pilot = read_pilot(args.pilot, evidence)
-    before = precision_recall(evidence.label(cfg.thresholds), pilot)
-    fitted, met = fit(evidence, pilot, cfg.thresholds, args.target_precision)
-    after = precision_recall(evidence.label(fitted), pilot)
-    print(f"scan {scan_id}: {len(pilot)} pilot images, target precision {args.target_precision}")
-    print(report(before, after))
-    for category, ok in met.items():
+    result = calibrate(cfg.output.uri, args.scan_id or cfg.scan_id, args.pilot, cfg.thresholds, args.target_precision)
+    print(f"scan {result.scan_id}: {result.pilot_size} pilot images, target precision {result.target_precision}")
+    print(report(result.before, result.after))
+    for category, ok in result.met.items():
         if not ok:
             print(f"warning: target precision not reached for {category}; kept the most precise value")
-    text = thresholds_yaml(fitted)
+    text = thresholds_yaml(result.fitted)
     print("\nfitted thresholds:\n" + text)
     if args.write:
         from pathlib import Path
@@ -150,18 +139,11 @@ def cmd_index(args) -> int:
 
 def cmd_import_embeddings(args) -> int:
     from raymem import runtime
-    from raymem.config import RayConfig
     from raymem.index import load_entities
     from raymem.laion import convert
 
-    started = runtime.connect_ray(RayConfig())
-    try:
+    with runtime.ray_session():
         result = convert(args.root, args.output, load_entities(args.entities) or None)
-    finally:
-        if started:
-            import ray
-
-            ray.shutdown()
     print(f"converted {result['rows']} rows ({result['dim']}-d) into {result['files']} files under {args.output}")
     return 0
 

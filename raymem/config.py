@@ -217,7 +217,9 @@ class ScanConfig(_Strict):
 
     @property
     def scan_date(self) -> dt.date:
-        return self.output.scan_date or dt.datetime.now(dt.UTC).date()
+        if self.output.scan_date is None:
+            raise ConfigError("output.scan_date is not resolved: load configs with parse_config / load_config")
+        return self.output.scan_date
 
 
 def uris_is_local_path(value: str) -> bool:
@@ -345,13 +347,19 @@ def format_validation_error(source: str, err: ValidationError) -> str:
     return f"{source}: {field}: {msg}{more}"
 
 
-def parse_config(raw: Any, source: str = "<config>") -> ScanConfig:
+def parse_config(raw: Any, source: str = "<config>", today: dt.date | None = None) -> ScanConfig:
+    """A validated scan config. The partition date is resolved here, once: `output.scan_date` if set,
+    else `today` (default: the UTC date now), so a scan that crosses midnight stays one scan."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: the config must be a YAML mapping, got {type(raw).__name__}")
     try:
-        return ScanConfig.model_validate(_resolve_paths(raw))
+        cfg = ScanConfig.model_validate(_resolve_paths(raw))
     except ValidationError as err:
         raise ConfigError(format_validation_error(source, err)) from None
+    if cfg.output.scan_date is None:
+        day = today or dt.datetime.now(dt.UTC).date()
+        cfg = cfg.model_copy(update={"output": cfg.output.model_copy(update={"scan_date": day})})
+    return cfg
 
 
 def load_config(path: str | os.PathLike[str]) -> ScanConfig:

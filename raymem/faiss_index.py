@@ -39,7 +39,8 @@ def default_nlist(rows: int) -> int:
 def _build_shard(row: dict) -> dict:
     import faiss
 
-    from raymem.join import SPACE_COLUMNS, checked_matrix
+    from raymem.schema import SPACE_COLUMNS
+    from raymem.sources import checked_matrix
 
     path, space, nlist = row["file"], row["space"], row["nlist"]
     fs, p = uris.filesystem(path)
@@ -88,7 +89,8 @@ class FaissShardSearch:
     def __call__(self, batch: pa.Table) -> pa.Table:
         import faiss
 
-        from raymem.join import META_COLUMNS, candidates_table
+        from raymem.join import candidates_table
+        from raymem.schema import META_COLUMNS
 
         out = []
         for path in batch.column("file").to_pylist():
@@ -117,22 +119,22 @@ class FaissShardSearch:
 
 
 def faiss_candidates(training, queries_ref, k: int, nprobe: int, actors: int = 1):
-    import ray
+    """Per-shard IVF top-k of every query, as candidate batches (an iterator, like the exact join's)."""
+    from raymem import runtime
 
-    ds = ray.data.from_items([{"file": f} for f in training.files], override_num_blocks=len(training.files))
-    return ds.map_batches(
+    return runtime.map_stage(
+        "join_faiss",
+        [{"file": f} for f in training.files],
         FaissShardSearch,
-        fn_constructor_kwargs={"queries_ref": queries_ref, "k": k, "nprobe": nprobe},
-        batch_size=1,
-        batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=actors),
-        num_cpus=1,
+        runtime.StagePlan(actors=actors, num_gpus=0.0, num_cpus=1.0),
+        constructor_kwargs={"queries_ref": queries_ref, "k": k, "nprobe": nprobe},
     )
 
 
 def measure_recall(training, cfg: FaissConfig) -> dict:
     """recall@k of the IVF mode against the exact join, on sampled training rows as queries."""
-    from raymem.join import Queries, background_sample, nearest_neighbours
+    from raymem.background import background_sample
+    from raymem.join import Queries, nearest_neighbours
 
     sample = background_sample(training, cfg.recall_queries, list(training.dims))
     if sample is None:

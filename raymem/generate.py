@@ -28,7 +28,15 @@ from raymem.config import ScanConfig
 from raymem.outputs import parquet_bytes
 from raymem.probes import null_prompt
 from raymem.prompts import Prompt
-from raymem.schema import STATUS_FAILED, STATUS_OK, TEXT_CACHE, embedding_array, generations_schema
+from raymem.schema import (
+    ROLE_NULL,
+    ROLE_SCAN,
+    STATUS_FAILED,
+    STATUS_OK,
+    TEXT_CACHE,
+    embedding_array,
+    generations_schema,
+)
 
 log = logging.getLogger(__name__)
 
@@ -44,10 +52,6 @@ class Unit:
     prompt: str  # the text the pipeline is prompted with
     entity: str
     seed: int
-
-
-ROLE_SCAN = "scan"
-ROLE_NULL = "null"  # the prompt with its entity replaced by the class noun: the labeler's null distribution
 
 
 def unit_fingerprint(cfg: ScanConfig, model_fingerprint: str) -> str:

@@ -23,7 +23,6 @@ import json
 import logging
 import os
 import posixpath
-import re
 import tarfile
 import time
 from pathlib import Path
@@ -35,20 +34,13 @@ from raymem import runtime
 from raymem import uri as uris
 from raymem.config import IndexConfig
 from raymem.errors import InputError
+from raymem.mining import tag_entities
 from raymem.schema import embedding_array
 
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 ERRORS_SCHEMA = pa.schema([("train_id", pa.string()), ("image_uri", pa.string()), ("error", pa.string())])
-
-
-def tag_entities(caption: str | None, entities: list[str]) -> list[str]:
-    """Entity names that occur in the caption as whole words (case-insensitive)."""
-    if not caption:
-        return []
-    low = caption.lower()
-    return [e for e in entities if re.search(rf"(?<!\w){re.escape(e.lower())}(?!\w)", low)]
 
 
 def load_entities(spec: list[str] | str | None) -> list[str]:
@@ -313,68 +305,54 @@ class IndexEmbed:
 
 
 def run_index(cfg: IndexConfig) -> dict:
-    import ray
-
-    from raymem import join as joins
-
     entities = load_entities(cfg.entities)
     shards = plan_shards(cfg)  # bad input fails here, before Ray starts
-    started = runtime.connect_ray(cfg.ray)
-    try:
-        done = {s for s in range(len(shards)) if uris.exists(uris.join(cfg.output, f"{shard_name(s)}.parquet"))}
-        todo = [s for s in shards if s["shard"] not in done]
-        log.info("%d shards: %d already done, %d to embed", len(shards), len(done), len(todo))
-        summaries = []
-        t0 = time.perf_counter()
-        if todo:
-            gpus = runtime.cluster_gpus()
-            r = cfg.resources
-            if gpus >= r.gpus_per_actor:
-                actors = min(r.actors or int(gpus // r.gpus_per_actor), int(gpus // r.gpus_per_actor))
-                remote = {"num_gpus": r.gpus_per_actor, "num_cpus": r.cpus_per_actor}
-            else:
-                actors = max(1, min(r.actors or 1, int(max(runtime.cluster_cpus() - 1, 1) // r.cpus_per_actor)))
-                remote = {"num_cpus": r.cpus_per_actor}
-            ds = ray.data.from_items(todo, override_num_blocks=len(todo))
-            results = ds.map_batches(
-                IndexEmbed,
-                fn_constructor_kwargs={"cfg": cfg, "entities": entities},
-                batch_size=1,
-                batch_format="pyarrow",
-                compute=ray.data.ActorPoolStrategy(size=min(actors, len(todo))),
-                **remote,
-            )
-            summaries = [
-                r for b in results.iter_batches(batch_format="pyarrow", batch_size=None) for r in b.to_pylist()
-            ]
-        embed_seconds = time.perf_counter() - t0
-        training = joins.inspect_training(cfg.output, {})
-        manifest = {
-            "config": cfg.model_dump(mode="json"),
-            "rows": training.num_rows,
-            "shards": len(shards),
-            "shards_embedded_now": len(todo),
-            "errors": _count_errors(cfg.output),
-            "dims": training.dims,
-            "embed_seconds": round(embed_seconds, 3),
-            "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        }
-        if cfg.background_sample:
-            bg = joins.background_sample(training, cfg.background_sample, list(training.dims))
-            if bg is not None:
-                result = joins.nearest_neighbours(training, {"background": bg}, 1, batch_rows=None)
-                manifest["background"] = joins.background_from(result["background"])
-        if cfg.faiss.enabled:
-            from raymem.faiss_index import build_indexes, measure_recall
+    with runtime.ray_session(cfg.ray):
+        return _index(cfg, shards, entities)
 
-            manifest["faiss"] = build_indexes(training, cfg.faiss)
-            manifest["faiss"]["recall"] = measure_recall(training, cfg.faiss)
-        uris.write_bytes_atomic(uris.join(cfg.output, "_index.json"), json.dumps(manifest, indent=2).encode())
-        manifest["shard_summaries"] = summaries
-        return manifest
-    finally:
-        if started:
-            ray.shutdown()
+
+def _index(cfg: IndexConfig, shards: list[dict], entities: list[str]) -> dict:
+    from raymem.background import background_from, background_sample
+    from raymem.join import nearest_neighbours
+    from raymem.sources import inspect_training
+
+    done = {s for s in range(len(shards)) if uris.exists(uris.join(cfg.output, f"{shard_name(s)}.parquet"))}
+    todo = [s for s in shards if s["shard"] not in done]
+    log.info("%d shards: %d already done, %d to embed", len(shards), len(done), len(todo))
+    summaries = []
+    t0 = time.perf_counter()
+    if todo:
+        r = cfg.resources
+        plan = runtime.plan_actors(r.actors, r.gpus_per_actor, r.cpus_per_actor, runtime.ClusterResources.current())
+        results = runtime.map_stage(
+            "index", todo, IndexEmbed, plan, constructor_kwargs={"cfg": cfg, "entities": entities}
+        )
+        summaries = [row for batch in results for row in batch.to_pylist()]
+    embed_seconds = time.perf_counter() - t0
+    training = inspect_training(cfg.output, {})
+    manifest = {
+        "config": cfg.model_dump(mode="json"),
+        "rows": training.num_rows,
+        "shards": len(shards),
+        "shards_embedded_now": len(todo),
+        "errors": _count_errors(cfg.output),
+        "dims": training.dims,
+        "embed_seconds": round(embed_seconds, 3),
+        "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    if cfg.background_sample:
+        bg = background_sample(training, cfg.background_sample, list(training.dims))
+        if bg is not None:
+            result = nearest_neighbours(training, {"background": bg}, 1, batch_rows=None)
+            manifest["background"] = background_from(result["background"])
+    if cfg.faiss.enabled:
+        from raymem.faiss_index import build_indexes, measure_recall
+
+        manifest["faiss"] = build_indexes(training, cfg.faiss)
+        manifest["faiss"]["recall"] = measure_recall(training, cfg.faiss)
+    uris.write_bytes_atomic(uris.join(cfg.output, "_index.json"), json.dumps(manifest, indent=2).encode())
+    manifest["shard_summaries"] = summaries
+    return manifest
 
 
 def _count_errors(output: str) -> int:

@@ -1,9 +1,8 @@
 """The nearest-neighbour join: top-k of every generated image against the training embeddings.
 
-Exact mode streams the training table (raymem Parquet, or the clip-retrieval / LAION layout
-`img_emb/img_emb_N.npy` + `metadata/metadata_N.parquet` read in place; local or s3://) through a Ray
-Data actor pool, sharded by Parquet fragment: work items of consecutive row groups (~`join.batch_rows`
-rows) that each actor reads itself, so embeddings never cross the object store. An actor holds the
+Exact mode streams the training table (any `raymem.sources` layout; local or s3://) through a Ray
+Data actor pool, sharded by the source's fragments: work items of ~`join.batch_rows` rows that each
+actor reads itself, so embeddings never cross the object store. An actor holds the
 query matrices (put once in the object store), reads the next item in a thread while it scores the
 current one with one matrix product per query tile (numpy sgemm on CPUs, torch on its GPU when Ray
 gave it one), checks the embeddings (dimension, NaN/inf, zero norm), and returns only the item's
@@ -16,129 +15,21 @@ merges the per-shard top-k the same way: approximate, with recall measured at in
 
 from __future__ import annotations
 
-import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from raymem import runtime
-from raymem import uri as uris
 from raymem.errors import InputError
-from raymem.schema import TRAIN_REQUIRED, embedding_matrix
+from raymem.schema import META_COLUMNS, NEIGHBORS, SPACE_COLUMNS
+from raymem.sources import TrainingTable, checked_matrix, source_for, to_text
 
 log = logging.getLogger(__name__)
 
-SPACE_COLUMNS = {"clip": "clip_embedding", "sscd": "sscd_embedding"}
-META_COLUMNS = ("caption", "image_uri", "entities", "image_hash")
-CLIP_RETRIEVAL = "clip-retrieval:"
-INDEX_MANIFEST = "_index.json"
 # Scores per query tile: bounds the (tile, batch) score matrix to ~256 MiB of float32.
 MAX_SCORE_ELEMENTS = 64 * 1024 * 1024
-
-
-@dataclass
-class TrainingTable:
-    """What the driver learned from the files' footers/headers before streaming."""
-
-    uri: str
-    files: list[str]  # Parquet files (clip-retrieval: the metadata files)
-    dims: dict[str, int]  # space -> embedding dimension
-    columns: list[str]
-    num_rows: int
-    layout: str = "parquet"  # parquet | clip-retrieval
-    embedding_files: list[str] = field(default_factory=list)  # clip-retrieval: img_emb_N.npy, aligned
-    skipped: list[str] = field(default_factory=list)  # "path: why", for files skipped as unreadable
-    index: dict | None = None  # _index.json of a `raymem index` output, when present
-    row_groups: list[list[int]] = field(default_factory=list)  # rows per row group (clip-retrieval: per file)
-
-
-def _embedding_dim(source: str, schema: pa.Schema, column: str) -> int | None:
-    t = schema.field(column).type
-    if pa.types.is_fixed_size_list(t):
-        return t.list_size
-    if pa.types.is_list(t) or pa.types.is_large_list(t):
-        return None  # checked per batch
-    raise InputError(source, f"expected a list of float32, got {t}", field=column)
-
-
-def _read_index_manifest(uri: str) -> dict | None:
-    if uris.is_remote(uri) or uris.is_dir(uri):
-        path = uris.join(uri, INDEX_MANIFEST)
-        if uris.exists(path):
-            return json.loads(uris.read_bytes(path))
-    return None
-
-
-def inspect_training(uri: str, spaces: dict[str, int], *, skip_bad_files: bool = False) -> TrainingTable:
-    """Validate the training table (footers and headers only) against the scan's embedding spaces."""
-    if uri.startswith(CLIP_RETRIEVAL):
-        from raymem.laion import inspect_clip_retrieval
-
-        return inspect_clip_retrieval(uri[len(CLIP_RETRIEVAL) :], spaces)
-    try:
-        files = uris.list_files(uri, ".parquet")
-    except OSError as err:
-        raise InputError(uri, f"cannot list training embeddings: {err}") from None
-    if not files:
-        raise InputError(uri, "no .parquet files found")
-    columns: list[str] | None = None
-    dims: dict[str, int] = {}
-    num_rows = 0
-    good, skipped, row_groups = [], [], []
-    for path in files:
-        fs, p = uris.filesystem(path)
-        try:
-            meta = pq.read_metadata(p, filesystem=fs)
-        except (OSError, pa.ArrowInvalid) as err:
-            if skip_bad_files:
-                log.warning("skipping unreadable training file %s: %s", path, err)
-                skipped.append(f"{path}: {err}")
-                continue
-            raise InputError(path, f"not a readable Parquet file: {err}") from None
-        schema = meta.schema.to_arrow_schema()
-        for name in TRAIN_REQUIRED:
-            if name not in schema.names:
-                raise InputError(path, "required column is missing", field=name)
-        for space, col in SPACE_COLUMNS.items():
-            if col not in schema.names:
-                if space == "clip":
-                    raise InputError(path, "required column is missing", field=col)
-                continue
-            dim = _embedding_dim(path, schema, col)
-            expected = spaces.get(space)
-            if dim is not None and expected is not None and dim != expected:
-                raise InputError(
-                    path, f"embedding dimension {dim} does not match the scan's {space} model ({expected})", field=col
-                )
-            if dims.get(space) not in (None, dim or expected):
-                raise InputError(
-                    path, f"embedding dimension {dim} differs from the other files' ({dims[space]})", field=col
-                )
-            if dim or expected:
-                dims[space] = dim or expected
-        names = [n for n in schema.names if n in ("train_id", *SPACE_COLUMNS.values(), *META_COLUMNS)]
-        columns = names if columns is None else [c for c in columns if c in names]
-        num_rows += meta.num_rows
-        good.append(path)
-        row_groups.append([meta.row_group(i).num_rows for i in range(meta.num_row_groups)])
-    if num_rows == 0:
-        raise InputError(uri, "the training table has no rows")
-    # An optional column (sscd_embedding) is only usable when every file has it, and only the scan's
-    # spaces are joined (when the scan names them).
-    dims = {s: d for s, d in dims.items() if SPACE_COLUMNS[s] in (columns or []) and (not spaces or s in spaces)}
-    return TrainingTable(
-        uri=uri,
-        files=good,
-        dims=dims,
-        columns=columns or [],
-        num_rows=num_rows,
-        skipped=skipped,
-        index=_read_index_manifest(uri),
-        row_groups=row_groups,
-    )
 
 
 @dataclass
@@ -149,37 +40,6 @@ class Queries:
     matrices: dict[str, np.ndarray]
     exclude_self: bool = False  # background queries: skip the query's own training row ...
     hashes: list[str | None] | None = None  # ... and its exact duplicates (same image_hash)
-
-
-def _to_text(col) -> pa.Array:
-    if isinstance(col, pa.ChunkedArray):
-        col = col.combine_chunks()
-    return col if pa.types.is_string(col.type) else col.cast(pa.string())
-
-
-def _batch_source(batch: pa.Table) -> str:
-    return batch.column("path")[0].as_py() if "path" in batch.column_names and batch.num_rows else "training table"
-
-
-def checked_matrix(batch: pa.Table, column: str, dim: int) -> np.ndarray:
-    """The batch's embeddings as (n, dim), L2-normalised; bad values are a one-line error naming the file."""
-    source = _batch_source(batch)
-    try:
-        x = embedding_matrix(batch.column(column))
-    except (ValueError, TypeError) as err:
-        raise InputError(source, str(err), field=column) from None
-    if x.shape[1] != dim:
-        raise InputError(source, f"embedding dimension {x.shape[1]} does not match the scan's ({dim})", field=column)
-    sq = np.einsum("ij,ij->i", x, x)
-    bad = np.flatnonzero(~np.isfinite(sq) | (sq <= 0))
-    if len(bad):
-        i = int(bad[0])
-        what = "is zero" if np.isfinite(sq[i]) else "has NaN or inf values"
-        tid = _to_text(batch.column("train_id"))[i].as_py()
-        raise InputError(source, f"the embedding of train_id '{tid}' {what} ({len(bad)} bad row(s))", field=column)
-    if np.abs(sq - 1.0).max() > 1e-3:  # not normalised: make the scores cosines
-        x = x / np.sqrt(sq)[:, None]
-    return np.ascontiguousarray(x, dtype=np.float32)
 
 
 class TopKScorer:
@@ -218,7 +78,7 @@ class TopKScorer:
     def _masks(self, batch: pa.Table, keys: dict[str, list[int]]) -> list[tuple[int, int]]:
         """(query row, batch row) pairs to exclude: the query itself and exact duplicates of it."""
         pairs = []
-        ids = _to_text(batch.column("train_id")).to_pylist()
+        ids = to_text(batch.column("train_id")).to_pylist()
         hashes = batch.column("image_hash").to_pylist() if "image_hash" in batch.column_names else [None] * len(ids)
         for j, (tid, h) in enumerate(zip(ids, hashes)):
             for key in (f"id:{tid}", f"hash:{h}" if h else None):
@@ -276,12 +136,12 @@ def candidates_table(batch: pa.Table, parts) -> pa.Table:
         "space": pa.array(np.concatenate([np.full(len(p[2]), p[1], dtype=object) for p in parts]), pa.string()),
         "query": pa.array(np.concatenate([p[2] for p in parts]), pa.int32()),
         "score": pa.array(np.concatenate([p[3] for p in parts]).astype(np.float32)),
-        "train_id": _to_text(batch.column("train_id")).take(take),
+        "train_id": to_text(batch.column("train_id")).take(take),
     }
     for name in (*META_COLUMNS, "path"):
         if name in batch.column_names:
             col = batch.column(name).combine_chunks().take(take)
-            cols[name] = col if name == "entities" else _to_text(col)
+            cols[name] = col if name == "entities" else to_text(col)
     return pa.table(cols)
 
 
@@ -358,68 +218,25 @@ class RunningTopK:
 DEFAULT_FRAGMENT_ROWS = 65_536
 
 
-def plan_fragments(training: TrainingTable, target_rows: int) -> list[dict]:
-    """Work items of about `target_rows` training rows: consecutive Parquet row groups of one file
-    (clip-retrieval: a row range of one .npy/.parquet pair). Scoring actors read their own items, so
-    the embeddings never travel through the object store."""
-    items = []
-    for f, path in enumerate(training.files):
-        if training.layout == "clip-retrieval":
-            rows = training.row_groups[f][0]
-            for start in range(0, rows, target_rows):
-                items.append(
-                    {
-                        "path": path,
-                        "npy": training.embedding_files[f],
-                        "row_groups": [],
-                        "start": start,
-                        "stop": min(rows, start + target_rows),
-                    }
-                )
-            continue
-        group, size = [], 0
-        for g, n in enumerate(training.row_groups[f]):
-            if group and size + n > target_rows:
-                items.append({"path": path, "npy": "", "row_groups": group, "start": 0, "stop": 0})
-                group, size = [], 0
-            group.append(g)
-            size += n
-        if group:
-            items.append({"path": path, "npy": "", "row_groups": group, "start": 0, "stop": 0})
-    return items
-
-
-def read_fragment(item: dict, columns: list[str]) -> pa.Table:
-    if item["npy"]:
-        from raymem.laion import read_pair_rows
-
-        return read_pair_rows(item["path"], item["npy"], item["start"], item["stop"])
-    fs, p = uris.filesystem(item["path"])
-    pf = pq.ParquetFile(p, filesystem=fs)
-    present = [c for c in columns if c in pf.schema_arrow.names]
-    # One thread: this runs beside the BLAS threads scoring the previous item.
-    table = pf.read_row_groups(item["row_groups"], columns=present, use_threads=False)
-    return table.append_column("path", pa.array([item["path"]] * table.num_rows, pa.string()))
-
-
 class FragmentScorer(TopKScorer):
     """Ray Data callable class: fragments in, their top-k per query out; the next fragment is read
     in a thread while the current one is scored (pyarrow and BLAS both release the GIL)."""
 
-    def __init__(self, queries_ref, k: int, columns: list[str], batch_rows: int | None, threads: int = 1):
+    def __init__(self, queries_ref, k: int, layout: str, columns: list[str], batch_rows: int | None, threads: int = 1):
         import concurrent.futures
 
         super().__init__(queries_ref, k, threads)
+        self.source = source_for(layout)
         self.columns, self.batch_rows = columns, batch_rows
         self.reader = concurrent.futures.ThreadPoolExecutor(max_workers=1)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         items = batch.to_pylist()
-        pending = self.reader.submit(read_fragment, items[0], self.columns) if items else None
+        pending = self.reader.submit(self.source.read, items[0], self.columns) if items else None
         out = []
         for i in range(len(items)):
             table = pending.result()
-            pending = self.reader.submit(read_fragment, items[i + 1], self.columns) if i + 1 < len(items) else None
+            pending = self.reader.submit(self.source.read, items[i + 1], self.columns) if i + 1 < len(items) else None
             step = self.batch_rows or max(1, table.num_rows)
             for start in range(0, table.num_rows, step):
                 out.append(super().__call__(table.slice(start, step)))
@@ -434,38 +251,38 @@ def nearest_neighbours(
     k: int,
     *,
     batch_rows: int | None = None,
-    actors: int = 1,
-    remote_args: dict | None = None,
-    threads: int = 1,
+    plan: runtime.JoinPlan | None = None,
     mode: str = "exact",
     nprobe: int = 16,
 ) -> dict[str, dict[str, RunningTopK]]:
     """Top-k for every query set and space: {query_set: {space: RunningTopK}}."""
     import ray
 
+    plan = plan or runtime.JoinPlan(actors=1, num_gpus=0.0, num_cpus=1.0)
     queries_ref = ray.put(queries)
     if mode == "faiss":
         from raymem.faiss_index import faiss_candidates
 
-        candidates = faiss_candidates(training, queries_ref, k, nprobe, actors=actors)
+        candidates = faiss_candidates(training, queries_ref, k, nprobe, actors=plan.actors)
     else:
         columns = ["train_id", *[SPACE_COLUMNS[s] for s in training.dims], *META_COLUMNS]
-        items = plan_fragments(training, batch_rows or DEFAULT_FRAGMENT_ROWS)
+        items = training.source.fragments(training, batch_rows or DEFAULT_FRAGMENT_ROWS)
         per_call = 4  # fragments per actor call: enough to overlap reading with scoring
-        ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), -(-len(items) // per_call))))
-        candidates = ds.map_batches(
+        candidates = runtime.map_stage(
+            "join",
+            items,
             FragmentScorer,
-            fn_constructor_kwargs={
+            plan,
+            constructor_kwargs={
                 "queries_ref": queries_ref,
                 "k": k,
+                "layout": training.layout,
                 "columns": columns,
                 "batch_rows": batch_rows,
-                "threads": threads,
+                "threads": plan.threads,
             },
             batch_size=per_call,
-            batch_format="pyarrow",
-            compute=ray.data.ActorPoolStrategy(size=actors),
-            **(remote_args or {"num_cpus": 1}),
+            blocks=max(1, min(len(items), -(-len(items) // per_call))),
         )
     result = {
         name: {
@@ -475,7 +292,7 @@ def nearest_neighbours(
         }
         for name, qs in queries.items()
     }
-    for batch in candidates.iter_batches(batch_format="pyarrow", batch_size=None):
+    for batch in candidates:
         if batch.num_rows:
             fold(batch, result)
     return result
@@ -501,108 +318,21 @@ def fold(batch: pa.Table, result: dict[str, dict[str, RunningTopK]]) -> None:
             result[name][sp].add(query[sel], score[sel], ids[sel], paths[sel], meta)
 
 
-def background_sample(training: TrainingTable, n: int, spaces: list[str]) -> Queries | None:
-    """Up to `n` training rows, spread over the files, as queries for the train-train background.
-
-    Their nearest neighbour other than themselves (and other than exact duplicates of themselves, when
-    the table has `image_hash`) gives DCR's background similarity distribution.
-    """
-    spaces = [s for s in spaces if s in training.dims]
-    if not spaces or n <= 0:
-        return None
-    if training.layout == "clip-retrieval":
-        from raymem.laion import clip_retrieval_sample
-
-        return clip_retrieval_sample(training, n)
-    step = max(1, len(training.files) // n)
-    files = training.files[::step][:n]
-    per_file = max(1, -(-n // len(files)))
-    ids, hashes, mats = [], [], {s: [] for s in spaces}
-    for path in files:
-        fs, p = uris.filesystem(path)
-        pf = pq.ParquetFile(p, filesystem=fs)
-        columns = ["train_id", *[SPACE_COLUMNS[s] for s in spaces]]
-        if "image_hash" in pf.schema_arrow.names:
-            columns.append("image_hash")
-        batch = next(pf.iter_batches(batch_size=per_file, columns=columns), None)
-        if batch is None:
-            continue
-        batch = pa.Table.from_batches([batch]).append_column("path", pa.array([path] * batch.num_rows))
-        ids += _to_text(batch.column("train_id")).to_pylist()
-        hashes += (
-            batch.column("image_hash").to_pylist() if "image_hash" in batch.column_names else [None] * batch.num_rows
-        )
-        for s in spaces:
-            mats[s].append(checked_matrix(batch, SPACE_COLUMNS[s], training.dims[s]))
-        if len(ids) >= n:
-            break
-    if not ids:
-        return None
-    matrices = {s: np.concatenate(m)[:n] for s, m in mats.items()}
-    return Queries(ids=ids[:n], matrices=matrices, exclude_self=True, hashes=hashes[:n])
-
-
-def background_from(result: dict[str, RunningTopK]) -> dict[str, dict]:
-    """Percentiles of the train-train nearest-neighbour similarity per space."""
-    out = {}
-    for space, running in result.items():
-        top1 = running.scores[:, 0]
-        top1 = top1[np.isfinite(top1)].astype(np.float64)
-        if len(top1):
-            out[space] = {
-                "n": int(len(top1)),
-                **{f"p{q}": float(np.percentile(top1, q)) for q in (50, 75, 90, 95, 99)},
-            }
-    return out
-
-
-@dataclass
-class EntityStats:
-    """What the training set says about an entity: how many images carry its tag, and their mean CLIP
-    embedding (the reference the labeler measures "is the entity rendered?" against)."""
-
-    count: int
-    centroid: np.ndarray | None
-
-
-@runtime.reraise_user_errors
-def entity_stats(training: TrainingTable, entities: set[str]) -> dict[str, EntityStats]:
-    """Per entity: tagged rows and the normalised mean of their CLIP embeddings (one streamed pass over
-    the `entities` and `clip_embedding` columns). Empty when the table has no entity tags."""
-    import ray
-
-    if "entities" not in training.columns or not entities or training.layout != "parquet":
-        return {}
-    wanted = sorted(entities)
-    dim = training.dims.get("clip")
-
-    def accumulate(batch: pa.Table) -> pa.Table:
-        tags = batch.column("entities").to_pylist()
-        emb = embedding_matrix(batch.column("clip_embedding")) if dim else None
-        counts = dict.fromkeys(wanted, 0)
-        sums = {e: np.zeros(dim or 1, np.float64) for e in wanted}
-        for i, row in enumerate(tags):
-            for e in row or ():
-                if e in counts:
-                    counts[e] += 1
-                    if emb is not None:
-                        sums[e] += emb[i]
-        return pa.table({"entity": wanted, "n": [counts[e] for e in wanted], "sum": [sums[e].tolist() for e in wanted]})
-
-    columns = ["entities", *(["clip_embedding"] if dim else [])]
-    ds = ray.data.read_parquet(training.files).select_columns(columns)
-    counts = dict.fromkeys(wanted, 0)
-    sums = {e: np.zeros(dim or 1, np.float64) for e in wanted}
-    for batch in ds.map_batches(accumulate, batch_format="pyarrow", batch_size=65_536).iter_batches(
-        batch_format="pyarrow", batch_size=None
-    ):
-        for e, n, total in zip(*(batch.column(c).to_pylist() for c in ("entity", "n", "sum"))):
-            counts[e] += n
-            sums[e] += np.asarray(total)
-    out = {}
-    for e in wanted:
-        centroid = None
-        if dim and counts[e]:
-            centroid = (sums[e] / max(np.linalg.norm(sums[e]), 1e-12)).astype(np.float32)
-        out[e] = EntityStats(counts[e], centroid)
-    return out
+def neighbors_table(scan_id: str, by_space: dict[str, tuple[list[str], RunningTopK]]) -> pa.Table:
+    """The published `neighbors` table: one row per (unit, space, rank), from each space's running top-k
+    over the queries `ids`."""
+    rows = [
+        {
+            "scan_id": scan_id,
+            "unit_id": ids[qi],
+            "space": space,
+            "rank": rank,
+            **{c: r.get(c) for c in META_COLUMNS},
+            "train_id": r["train_id"],
+            "score": r["score"],
+        }
+        for space, (ids, running) in by_space.items()
+        for qi, kept in enumerate(running.rows)
+        for rank, r in enumerate(kept, start=1)
+    ]
+    return pa.Table.from_pylist(rows, schema=NEIGHBORS)

@@ -24,41 +24,18 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
-from dataclasses import dataclass
 
 import numpy as np
 
 from raymem.config import ThresholdsConfig
-from raymem.join import EntityStats
-from raymem.mining import EntityAssociations
+from raymem.label_inputs import Background, EntityStats, LabelInputs, PromptContext
 from raymem.pixels import PixelEvidence
-from raymem.probes import LOGIT_SCALE, Probe, sigmoid, two_way_logit
-from raymem.schema import STATUS_OK
+from raymem.probes import LOGIT_SCALE, sigmoid, two_way_logit
+from raymem.schema import ROLE_NULL, ROLE_SCAN, STATUS_OK
 
-ROLE_NULL = "null"
 SIGMA_FLOOR = 0.5  # logits; keeps a near-constant null from turning noise into huge z-scores
 
-
-@dataclass(frozen=True)
-class Background:
-    """Train-train nearest-neighbour similarity (DCR's background) in one embedding space."""
-
-    space: str
-    p95: float
-    n: int
-
-
-@dataclass(frozen=True)
-class PromptContext:
-    """What the labeler knows about a prompt besides its images."""
-
-    prompt_id: str
-    prompt: str
-    entity: str
-    entity_class: str
-    probes: tuple[Probe, ...]
-    associations: EntityAssociations | None = None
-    reference: EntityStats | None = None  # the entity's training images (count, CLIP centroid)
+__all__ = ["Background", "EntityStats", "LabelInputs", "PromptContext", "label_units", "copy_candidates"]
 
 
 def largest_cluster(embeddings: np.ndarray, threshold: float) -> np.ndarray:
@@ -135,46 +112,46 @@ def _null_stats(values: list[float]) -> tuple[float, float] | None:
     return float(np.mean(values)), max(float(np.std(values, ddof=1)), SIGMA_FLOOR)
 
 
-def label_units(
-    generations: list[dict],
-    contexts: dict[str, PromptContext],
-    texts: dict[str, np.ndarray],
-    neighbors: dict[str, dict[str, list[dict]]],
-    background: dict[str, Background],
-    thresholds: ThresholdsConfig,
-    pixels: dict[str, PixelEvidence] | None = None,
-) -> list[dict]:
+def label_units(inputs: LabelInputs, thresholds: ThresholdsConfig) -> list[dict]:
     """One label row per scan generation row (null rows only calibrate; failed rows get no label)."""
-    by_prompt: dict[str, list[dict]] = defaultdict(list)
-    for g in generations:
-        by_prompt[g.get("parent_prompt_id") or g["prompt_id"]].append(g)
+    by_prompt: dict[str, list[int]] = defaultdict(list)
+    for i, g in enumerate(inputs.generations):
+        by_prompt[g.get("parent_prompt_id") or g["prompt_id"]].append(i)
     out = []
     for prompt_id, rows in by_prompt.items():
-        ctx = contexts[prompt_id]
-        out += _label_prompt(ctx, rows, texts, neighbors, background, thresholds, pixels or {})
+        out += _label_prompt(inputs.contexts[prompt_id], rows, inputs, thresholds)
     return out
 
 
-def _copy_space(row: dict) -> str:
-    return "sscd" if row.get("sscd_embedding") is not None else "clip"
+def copy_candidates(inputs: LabelInputs, t: ThresholdsConfig) -> dict[str, tuple[str, str, str | None]]:
+    """Scan images whose nearest copy-detection neighbour passes `replication`: the pairs to confirm pixel
+    by pixel, {unit_id: (generated image uri, train_id, training image uri)}."""
+    pairs = {}
+    for g in inputs.generations:
+        spaces = inputs.neighbors.get(g["unit_id"], {})
+        nbrs = spaces.get("sscd") or spaces.get("clip") or []
+        if g["role"] == ROLE_SCAN and nbrs and nbrs[0]["score"] >= t.replication and g["image_uri"]:
+            pairs[g["unit_id"]] = (g["image_uri"], nbrs[0]["train_id"], nbrs[0].get("image_uri"))
+    return pairs
 
 
-def _label_prompt(ctx, rows, texts, neighbors, background, t: ThresholdsConfig, pixels) -> list[dict]:
-    scan = [r for r in rows if r.get("role", "scan") != ROLE_NULL]
-    ok = [r for r in scan if r["status"] == STATUS_OK]
-    nulls = [r for r in rows if r.get("role") == ROLE_NULL and r["status"] == STATUS_OK]
-    space = _copy_space(ok[0]) if ok else "sscd"
-    column = "sscd_embedding" if space == "sscd" else "clip_embedding"
+def _label_prompt(ctx: PromptContext, indices: list[int], inputs: LabelInputs, t: ThresholdsConfig) -> list[dict]:
+    gens = inputs.generations
+    texts, neighbors, background, pixels = inputs.texts, inputs.neighbors, inputs.background, inputs.pixels
+    scan = [i for i in indices if gens[i].get("role", ROLE_SCAN) != ROLE_NULL]
+    ok = [i for i in scan if gens[i]["status"] == STATUS_OK]
+    nulls = [i for i in indices if gens[i].get("role") == ROLE_NULL and gens[i]["status"] == STATUS_OK]
+    space = inputs.copy_space
 
     # Consistency across seeds (Carlini's clique, MemBench's fraction) in the copy-detection space.
     members = np.zeros(len(ok), dtype=bool)
     if len(ok) > 1:
-        members = largest_cluster(np.stack([np.asarray(r[column], np.float32) for r in ok]), t.cluster_similarity)
+        members = largest_cluster(np.stack([inputs.embedding(space, i) for i in ok]), t.cluster_similarity)
         if members.sum() < 2:
             members[:] = False
     consistency = float(members.mean()) if len(ok) else 0.0
-    member_of = {r["unit_id"]: bool(m) for r, m in zip(ok, members)}
-    norms = [r["noise_norm"] for r in ok if r.get("noise_norm") is not None]
+    member_of = {i: bool(m) for i, m in zip(ok, members)}
+    norms = [gens[i]["noise_norm"] for i in ok if gens[i].get("noise_norm") is not None]
     mean_norm = float(np.mean(norms)) if norms else None
     memorized_prompt = bool(
         (len(ok) > 1 and consistency >= t.consistency)
@@ -182,21 +159,15 @@ def _label_prompt(ctx, rows, texts, neighbors, background, t: ThresholdsConfig, 
     )
 
     # Null calibration: the same logits on images of the prompt with the entity replaced by its class.
-    null_logits = [_Logits(ctx, texts, np.asarray(r["clip_embedding"], np.float32)) for r in nulls]
+    null_logits = [_Logits(ctx, texts, inputs.clip[i]) for i in nulls]
     entity_null = _null_stats(
-        [
-            v
-            for v in (
-                _entity_score(ctx, n, np.asarray(r["clip_embedding"], np.float32)) for n, r in zip(null_logits, nulls)
-            )
-            if v is not None
-        ]
+        [v for v in (_entity_score(ctx, n, inputs.clip[i]) for n, i in zip(null_logits, nulls)) if v is not None]
     )
     element_null = {}
     for key in {k for n in null_logits for k in n.element_logits()}:
         element_null[key] = _null_stats([n.element_logits()[key] for n in null_logits if key in n.element_logits()])
 
-    evidence = {r["unit_id"]: _image_evidence(ctx, texts, r, entity_null, element_null, t) for r in ok}
+    evidence = {i: _image_evidence(ctx, texts, inputs.clip[i], entity_null, element_null, t) for i in ok}
     # Implied elements are a property of the prompt ("consistent emergence"): whether one goes beyond
     # what the class noun alone gives is decided on the mean z over the prompt's seeds, and each image
     # then shows it or not by the zero-shot test. Per-image z against a handful of null images is
@@ -222,7 +193,8 @@ def _label_prompt(ctx, rows, texts, neighbors, background, t: ThresholdsConfig, 
 
     bg = background.get(space)
     out = []
-    for r in scan:
+    for i in scan:
+        r = gens[i]
         base = {
             "scan_id": r["scan_id"],
             "unit_id": r["unit_id"],
@@ -240,9 +212,7 @@ def _label_prompt(ctx, rows, texts, neighbors, background, t: ThresholdsConfig, 
             out.append({**base, "label": None, "flags": [], "reasons": f"not scored: {r.get('error')}", "elements": []})
             continue
         nbrs = neighbors.get(r["unit_id"], {}).get(space, [])
-        decision = _decide(
-            ctx, r, nbrs, space, bg, evidence[r["unit_id"]], member_of[r["unit_id"]], pixels.get(r["unit_id"]), t
-        )
+        decision = _decide(ctx, r, nbrs, space, bg, evidence[i], member_of[i], pixels.get(r["unit_id"]), t)
         out.append({**base, **decision})
     return out
 
@@ -265,8 +235,7 @@ def _why_not(e: dict, t: ThresholdsConfig) -> str:
     return f"'{e['element']}' {shown}: {why}"
 
 
-def _image_evidence(ctx, texts, row, entity_null, element_null, t: ThresholdsConfig) -> dict:
-    image = np.asarray(row["clip_embedding"], np.float32)
+def _image_evidence(ctx, texts, image: np.ndarray, entity_null, element_null, t: ThresholdsConfig) -> dict:
     logits = _Logits(ctx, texts, image)
     ent_logit = _entity_score(ctx, logits, image)
     ent_z = None

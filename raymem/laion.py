@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 from raymem import uri as uris
 from raymem.errors import InputError
 from raymem.schema import embedding_array
+from raymem.sources import TrainingTable
 
 log = logging.getLogger(__name__)
 
@@ -63,9 +64,7 @@ def _numbered(files: list[str], stem: str, suffix: str) -> dict[int, str]:
     return out
 
 
-def inspect_clip_retrieval(root: str, spaces: dict[str, int]):
-    from raymem.join import TrainingTable
-
+def inspect_clip_retrieval(root: str, spaces: dict[str, int]) -> TrainingTable:
     emb = _numbered(uris.list_files(uris.join(root, "img_emb"), ".npy"), "img_emb", ".npy")
     meta = _numbered(uris.list_files(uris.join(root, "metadata"), ".parquet"), "metadata", ".parquet")
     if not emb:
@@ -181,29 +180,54 @@ def _pair_table(meta_path, npy_path, header, meta, id_col, uri_col, start: int, 
     return pa.table(cols)
 
 
-def clip_retrieval_sample(training, n: int):
-    from raymem.join import Queries, checked_matrix
+class ClipRetrievalSource:
+    """The clip-retrieval / LAION layout read in place (see the module docstring)."""
 
-    ids, mats = [], []
-    per_pair = max(1, -(-n // len(training.files)))
-    for meta_path, npy_path in zip(training.files, training.embedding_files):
-        table = next(read_pair(meta_path, npy_path, chunk_rows=per_pair), None)
-        if table is None:
-            continue
-        ids += table.column("train_id").to_pylist()
-        mats.append(checked_matrix(table, "clip_embedding", training.dims["clip"]))
-        if len(ids) >= n:
-            break
-    if not ids:
-        return None
-    return Queries(ids=ids[:n], matrices={"clip": np.concatenate(mats)[:n]}, exclude_self=True)
+    layout = "clip-retrieval"
+
+    def inspect(self, uri: str, spaces: dict[str, int], *, skip_bad_files: bool = False) -> TrainingTable:
+        return inspect_clip_retrieval(uri, spaces)
+
+    def fragments(self, training: TrainingTable, target_rows: int) -> list[dict]:
+        """Row ranges of one .npy/.parquet pair."""
+        items = []
+        for f, path in enumerate(training.files):
+            rows = training.row_groups[f][0]
+            for start in range(0, rows, target_rows):
+                stop = min(rows, start + target_rows)
+                items.append(
+                    {"path": path, "npy": training.embedding_files[f], "row_groups": [], "start": start, "stop": stop}
+                )
+        return items
+
+    def read(self, item: dict, columns: list[str]) -> pa.Table:
+        return read_pair_rows(item["path"], item["npy"], item["start"], item["stop"])
+
+    def sample(self, training: TrainingTable, n: int, spaces: list[str]) -> list[pa.Table]:
+        parts, rows = [], 0
+        per_pair = max(1, -(-n // len(training.files)))
+        for meta_path, npy_path in zip(training.files, training.embedding_files):
+            table = next(read_pair(meta_path, npy_path, chunk_rows=per_pair), None)
+            if table is None:
+                continue
+            table = table.append_column("image_hash", pa.nulls(table.num_rows, pa.string()))
+            parts.append(table.select(["train_id", "clip_embedding", "image_hash", "path"]))
+            rows += table.num_rows
+            if rows >= n:
+                break
+        return parts
+
+    def dataset(self, training: TrainingTable, columns: list[str]):
+        import ray
+
+        return ray.data.read_parquet(training.files).select_columns(columns)
 
 
 def convert(root: str, output: str, entities: list[str] | None = None) -> dict:
     """Convert a clip-retrieval layout into raymem's Parquet schema, one output file per pair, on Ray."""
     import ray
 
-    from raymem.index import tag_entities
+    from raymem.mining import tag_entities
     from raymem.outputs import parquet_options
 
     training = inspect_clip_retrieval(root, {})

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 
 from raymem import runtime
-from raymem.join import TrainingTable
+from raymem.sources import TrainingTable
 
 STOPWORDS = frozenset(
     """a an the and or of in on at to with without for from by as is are was were be been being it its this that
@@ -29,6 +29,14 @@ STOPWORDS = frozenset(
     his her their our your my he she they we you i me him them us photo image picture view close up""".split()
 )
 MAX_CANDIDATES = 200  # per entity, by support, before the second pass
+
+
+def tag_entities(caption: str | None, entities: list[str]) -> list[str]:
+    """Entity names that occur in the caption as whole words (case-insensitive)."""
+    if not caption:
+        return []
+    low = caption.lower()
+    return [e for e in entities if re.search(rf"(?<!\w){re.escape(e.lower())}(?!\w)", low)]
 
 
 def caption_terms(caption: str | None) -> set[str]:
@@ -99,9 +107,8 @@ def _count_terms(batch: pa.Table, candidates: list[str]) -> pa.Table:
 
 
 def _stream(training: TrainingTable, columns: list[str], fn, kwargs) -> list[pa.Table]:
-    import ray
 
-    ds = ray.data.read_parquet(training.files).select_columns(columns)
+    ds = training.source.dataset(training, columns)
     out = ds.map_batches(fn, fn_kwargs=kwargs, batch_format="pyarrow", batch_size=65_536)
     return list(out.iter_batches(batch_format="pyarrow", batch_size=None))
 

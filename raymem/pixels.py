@@ -14,9 +14,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
 from PIL import Image
 
 from raymem import uri as uris
+from raymem.schema import PIXEL_CHECKS
 
 
 @dataclass(frozen=True)
@@ -65,3 +67,18 @@ def confirm_pairs(
     with ThreadPoolExecutor(max_workers=threads) as pool:
         futures = {uid: pool.submit(compare, g, t, u, size, tiles) for uid, (g, t, u) in pairs.items()}
         return {uid: f.result() for uid, f in futures.items()}
+
+
+def pixel_checks_table(scan_id: str, pixels: dict[str, PixelEvidence]) -> pa.Table:
+    """The published `pixel_checks` table: every pixel comparison the scan made, readable or not."""
+    rows = [
+        {
+            "scan_id": scan_id,
+            "unit_id": uid,
+            "train_id": ev.train_id,
+            "tile_l2": list(ev.tile_l2) if ev.tile_l2 is not None else None,
+            "error": ev.error,
+        }
+        for uid, ev in pixels.items()
+    ]
+    return pa.Table.from_pylist(rows, schema=PIXEL_CHECKS)

@@ -21,7 +21,6 @@ from dataclasses import dataclass
 import numpy as np
 
 LOGIT_SCALE = 100.0
-ELEMENT_KINDS = ("explicit", "implicit", "mined", "instance")
 
 
 @dataclass(frozen=True)

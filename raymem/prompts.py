@@ -166,10 +166,12 @@ def read_prompts(source: str) -> list[Prompt]:
     return prompts
 
 
-def prompts_table(prompts: list[Prompt]) -> pa.Table:
+def prompts_table(prompts: list[Prompt], scan_id: str | None = None) -> pa.Table:
+    """The published `prompts` table (also a normalised copy of any prompt set)."""
     return pa.Table.from_pylist(
         [
             {
+                "scan_id": scan_id,
                 "prompt_id": p.prompt_id,
                 "prompt": p.prompt,
                 "entity": p.entity,

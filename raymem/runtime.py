@@ -5,22 +5,34 @@ Stages never call `ray.init` or look at the cluster themselves; they get their r
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 
-from raymem.config import RayConfig, ScanConfig
+from raymem.config import RayConfig, ResourcesConfig
 
 log = logging.getLogger(__name__)
 
 
-def connect(cfg: ScanConfig) -> bool:
-    """Connect to (or start) Ray; True when this call started it and should shut it down."""
-    return connect_ray(cfg.ray)
+@contextlib.contextmanager
+def ray_session(ray_cfg: RayConfig | None = None):
+    """Ray for the duration of the block: attach to the one that is running (a Ray job, a caller's) or
+    start a local one, and shut down only what this block started."""
+    started = connect_ray(ray_cfg or RayConfig())
+    try:
+        yield
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
 
 
 def connect_ray(ray_cfg: RayConfig) -> bool:
+    """Connect to (or start) Ray; True when this call started it and should shut it down."""
     import ray
 
     if ray.is_initialized():
@@ -58,43 +70,46 @@ class StagePlan:
         return args
 
 
-def cluster_gpus() -> float:
-    import ray
+@dataclass(frozen=True)
+class ClusterResources:
+    """What the Ray cluster offers now; sizing functions take it as an argument (unit-testable)."""
 
-    return float(ray.cluster_resources().get("GPU", 0.0))
+    cpus: float
+    gpus: float
+
+    @classmethod
+    def current(cls) -> ClusterResources:
+        import ray
+
+        total = ray.cluster_resources()
+        return cls(cpus=float(total.get("CPU", 0.0)), gpus=float(total.get("GPU", 0.0)))
 
 
-def cluster_cpus() -> float:
-    import ray
-
-    return float(ray.cluster_resources().get("CPU", 0.0))
-
-
-def plan_generation(cfg: ScanConfig) -> StagePlan:
-    """One actor per GPU (num_gpus=1) when the cluster has GPUs, otherwise CPU actors.
+def plan_actors(
+    wanted: int | None, gpus_per_actor: float, cpus_per_actor: float, cluster: ClusterResources
+) -> StagePlan:
+    """Model-holding actors (generation, indexing): one per `gpus_per_actor` GPUs when the cluster has
+    GPUs, otherwise CPU actors.
 
     On a CPU-only cluster a GPU request would hang until Ray's no-progress timeout, so the stage is
     sized from what the cluster reports, not from the config alone. At least one CPU is left free so
     the read tasks feeding the actors can run.
     """
-    r = cfg.resources
-    gpus = cluster_gpus()
-    cpus = cluster_cpus()
-    if gpus >= r.gpus_per_actor:
-        most = int(gpus // r.gpus_per_actor)
-        actors = min(r.generation_actors or most, most)
+    cpus, gpus = cluster.cpus, cluster.gpus
+    if gpus >= gpus_per_actor:
+        most = int(gpus // gpus_per_actor)
+        actors = min(wanted or most, most)
         return StagePlan(
-            actors=actors, num_gpus=r.gpus_per_actor, num_cpus=min(r.cpus_per_actor, max(cpus - 1, 0.5) / actors)
+            actors=actors, num_gpus=gpus_per_actor, num_cpus=min(cpus_per_actor, max(cpus - 1, 0.5) / actors)
         )
-    room = max(1, int((cpus - 1) // r.cpus_per_actor)) if cpus > 1 else 1
-    actors = min(r.generation_actors or 1, room)
-    num_cpus = r.cpus_per_actor if cpus - 1 >= r.cpus_per_actor * actors else max(0.5, (cpus - 1) / actors)
+    room = max(1, int((cpus - 1) // cpus_per_actor)) if cpus > 1 else 1
+    actors = min(wanted or 1, room)
+    num_cpus = cpus_per_actor if cpus - 1 >= cpus_per_actor * actors else max(0.5, (cpus - 1) / actors)
     return StagePlan(actors=actors, num_gpus=0.0, num_cpus=num_cpus)
 
 
-# Parquet reads feeding the join take a quarter CPU each (their I/O and decoding are light next to the
-# scoring); Ray Data's own file-listing task still needs a whole CPU, so the actors leave one free.
-READ_CPUS = 0.25
+def plan_generation(resources: ResourcesConfig, cluster: ClusterResources) -> StagePlan:
+    return plan_actors(resources.generation_actors, resources.gpus_per_actor, resources.cpus_per_actor, cluster)
 
 
 @dataclass(frozen=True)
@@ -102,24 +117,54 @@ class JoinPlan(StagePlan):
     threads: int = 1  # BLAS threads per scoring actor
 
 
-def plan_join(cfg: ScanConfig) -> JoinPlan:
-    return plan_join_actors(cfg.resources.join_actors)
-
-
-def plan_join_actors(actors: int) -> JoinPlan:
+def plan_join(actors: int, cluster: ClusterResources) -> JoinPlan:
     """GPU actors when the cluster has GPUs; otherwise CPU actors whose BLAS threads cover the CPUs.
 
-    Logical CPUs: all but one, shared by the actors. Threads: the node's CPUs divided by the actors,
-    so one actor on a small box uses every core (reads interleave with scoring on the spare one).
+    Logical CPUs: all but one, shared by the actors (Ray Data's file-listing and read tasks need the
+    spare one). Threads: the node's CPUs divided by the actors, so one actor on a small box uses every
+    core (reads interleave with scoring on the spare one).
     """
-    gpus = cluster_gpus()
-    if gpus >= 1:
-        return JoinPlan(actors=min(actors, int(gpus)), num_gpus=1.0, num_cpus=0.5, threads=1)
-    cpus = cluster_cpus()
+    if cluster.gpus >= 1:
+        return JoinPlan(actors=min(actors, int(cluster.gpus)), num_gpus=1.0, num_cpus=0.5, threads=1)
+    cpus = cluster.cpus
     actors = max(1, min(actors, int(cpus)))
     return JoinPlan(
         actors=actors, num_gpus=0.0, num_cpus=max(0.5, (cpus - 1) / actors), threads=max(1, int(cpus // actors))
     )
+
+
+def named(ds, name: str) -> Iterator:
+    """Run a dataset under a name (in Ray's logs and dashboard) and yield its output as Arrow batches."""
+    ds.set_name(name)
+    yield from ds.iter_batches(batch_format="pyarrow", batch_size=None)
+
+
+def map_stage(
+    name: str,
+    items: list[dict],
+    fn,
+    plan: StagePlan,
+    *,
+    constructor_kwargs: dict | None = None,
+    batch_size: int = 1,
+    blocks: int | None = None,
+) -> Iterator:
+    """The one way raymem runs a stage on Ray: `items` (small dicts naming the work) through a pool of
+    `plan.actors` instances of the callable class `fn`, each built once with `constructor_kwargs` (models
+    load there) and called with Arrow batches of `batch_size` items. Yields the output Arrow batches as
+    they complete; the same code runs on a laptop's local Ray and on a cluster."""
+    import ray
+
+    ds = ray.data.from_items(items, override_num_blocks=blocks or max(1, len(items)))
+    out = ds.map_batches(
+        fn,
+        fn_constructor_kwargs=constructor_kwargs or {},
+        batch_size=batch_size,
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=max(1, min(plan.actors, len(items) or 1))),
+        **plan.remote_args(),
+    )
+    return named(out, name)
 
 
 def user_error(err: BaseException) -> BaseException | None:

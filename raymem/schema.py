@@ -13,12 +13,33 @@ import pyarrow as pa
 STATUS_OK = "ok"
 STATUS_FAILED = "failed"
 
+# Unit roles: a scan image of a prompt, or an image of its null prompt (entity -> class noun).
+ROLE_SCAN = "scan"
+ROLE_NULL = "null"
+
 # Labels, in precedence order (MU > MI > ME > none).
 LABELS = ("MU", "MI", "ME", "none")
 
-SPACES = ("clip", "sscd")
+# Embedding spaces and the column that holds each, in generations and training tables alike.
+SPACE_COLUMNS = {"clip": "clip_embedding", "sscd": "sscd_embedding"}
+# Training-table metadata carried along with every neighbour.
+META_COLUMNS = ("caption", "image_uri", "entities", "image_hash")
 
-PUBLISHED_TABLES = ("generations", "texts", "neighbors", "labels", "prompt_tallies", "entity_tallies")
+# Every table a scan publishes, in the order they are produced. Everything the labeler decided on is
+# among them (prompts, texts, neighbors, entities, background, pixel_checks), so any later process can
+# rebuild its inputs exactly (raymem.label_inputs) -- `raymem calibrate` does.
+PUBLISHED_TABLES = (
+    "prompts",
+    "generations",
+    "texts",
+    "neighbors",
+    "entities",
+    "background",
+    "pixel_checks",
+    "labels",
+    "prompt_tallies",
+    "entity_tallies",
+)
 
 
 def embedding_type(dim: int) -> pa.DataType:
@@ -56,6 +77,7 @@ def embedding_matrix(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
 
 PROMPTS = pa.schema(
     [
+        ("scan_id", pa.string()),
         ("prompt_id", pa.string()),
         ("prompt", pa.string()),
         ("entity", pa.string()),
@@ -113,6 +135,57 @@ def TEXT_CACHE(dim: int) -> pa.Schema:  # noqa: N802 - reads like the other sche
         [("text", pa.string()), ("clip_embedding", embedding_type(dim)), ("computed_at", pa.timestamp("us", tz="UTC"))]
     )
 
+
+ASSOCIATION = pa.struct(
+    [
+        ("element", pa.string()),
+        ("support", pa.int64()),  # training images tagged with the entity whose caption has the element
+        ("frequency", pa.int64()),  # training captions with the element at all
+        ("lift", pa.float64()),
+    ]
+)
+
+
+def entities_schema(clip_dim: int) -> pa.Schema:
+    """What the training set says about each scanned entity: the labeler's reference for it."""
+    return pa.schema(
+        [
+            ("scan_id", pa.string()),
+            ("entity", pa.string()),
+            ("train_frequency", pa.int64()),  # null: the training table has no entity tags
+            ("clip_centroid", embedding_type(clip_dim)),  # normalised mean of its training images' CLIP
+            ("mined", pa.bool_()),  # elements were mined from its training captions
+            ("n_tagged", pa.int64()),  # mining: captions tagged with the entity
+            ("n_captions", pa.int64()),  # mining: captions in the training table
+            ("implied", pa.list_(ASSOCIATION)),
+            ("instance", pa.list_(ASSOCIATION)),
+        ]
+    )
+
+
+BACKGROUND = pa.schema(
+    [
+        ("scan_id", pa.string()),
+        ("space", pa.string()),
+        ("source", pa.string()),  # index (precomputed by `raymem index`) | scan (sampled by the scan)
+        ("n", pa.int64()),
+        ("p50", pa.float64()),
+        ("p75", pa.float64()),
+        ("p90", pa.float64()),
+        ("p95", pa.float64()),
+        ("p99", pa.float64()),
+    ]
+)
+
+PIXEL_CHECKS = pa.schema(
+    [
+        ("scan_id", pa.string()),
+        ("unit_id", pa.string()),
+        ("train_id", pa.string()),
+        ("tile_l2", pa.list_(pa.float32())),  # null when the training image could not be read
+        ("error", pa.string()),
+    ]
+)
 
 NEIGHBORS = pa.schema(
     [

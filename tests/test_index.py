@@ -13,8 +13,10 @@ from PIL import Image
 from raymem import uri as uris
 from raymem.config import IndexConfig
 from raymem.errors import InputError
-from raymem.index import plan_shards, run_index, tag_entities
-from raymem.join import Queries, inspect_training, nearest_neighbours
+from raymem.index import plan_shards, run_index
+from raymem.join import Queries, nearest_neighbours
+from raymem.mining import tag_entities
+from raymem.sources import inspect_training
 
 pytestmark = pytest.mark.ray
 

@@ -3,8 +3,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from raymem import background, runtime, sources
 from raymem import join as joins
 from raymem.encoders import l2_normalize
+from raymem.entity_stats import entity_stats
 from raymem.errors import InputError
 from raymem.schema import embedding_array
 
@@ -102,12 +104,12 @@ def test_bad_embedding_values_name_the_file_and_row():
     with pytest.raises(
         InputError, match=r"f.parquet: field 'clip_embedding': the embedding of train_id 'b' has NaN or inf values"
     ):
-        joins.checked_matrix(batch([[1, 0], [np.nan, 0]]), "clip_embedding", 2)
+        sources.checked_matrix(batch([[1, 0], [np.nan, 0]]), "clip_embedding", 2)
     with pytest.raises(InputError, match=r"the embedding of train_id 'a' is zero \(1 bad row\(s\)\)"):
-        joins.checked_matrix(batch([[0, 0], [1, 0]]), "clip_embedding", 2)
+        sources.checked_matrix(batch([[0, 0], [1, 0]]), "clip_embedding", 2)
     with pytest.raises(InputError, match=r"embedding dimension 2 does not match the scan's \(3\)"):
-        joins.checked_matrix(batch([[1, 0], [0, 1]]), "clip_embedding", 3)
-    m = joins.checked_matrix(batch([[3, 4], [0, 2]]), "clip_embedding", 2)  # not normalised: normalised here
+        sources.checked_matrix(batch([[1, 0], [0, 1]]), "clip_embedding", 3)
+    m = sources.checked_matrix(batch([[3, 4], [0, 2]]), "clip_embedding", 2)  # not normalised: normalised here
     np.testing.assert_allclose(m, [[0.6, 0.8], [0, 1]])
 
 
@@ -115,7 +117,7 @@ def test_bad_embedding_values_name_the_file_and_row():
 def test_exact_topk_equals_numpy_across_files_and_batches(local_ray, tmp_path):
     rng = np.random.default_rng(7)
     ids, clip, sscd = write_training(tmp_path / "train", rng, sizes=[250, 1, 173, 402])
-    training = joins.inspect_training(str(tmp_path / "train"), {"clip": 16, "sscd": 8})
+    training = sources.inspect_training(str(tmp_path / "train"), {"clip": 16, "sscd": 8})
     assert training.num_rows == 826 and training.dims == {"clip": 16, "sscd": 8}
     q_clip = l2_normalize(rng.standard_normal((23, 16)))
     q_sscd = l2_normalize(rng.standard_normal((23, 8)))
@@ -129,7 +131,7 @@ def test_exact_topk_equals_numpy_across_files_and_batches(local_ray, tmp_path):
         {"units": joins.Queries(qids, {"clip": q_clip, "sscd": q_sscd})},
         k,
         batch_rows=64,  # many batches, boundaries inside files and across them
-        actors=2,
+        plan=runtime.JoinPlan(actors=2, num_gpus=0.0, num_cpus=0.5),
     )
     for space, q, x in (("clip", q_clip, clip), ("sscd", q_sscd, sscd)):
         expected = brute_force(q, x, ids, k)
@@ -146,8 +148,8 @@ def test_exact_topk_equals_numpy_across_files_and_batches(local_ray, tmp_path):
 def test_background_queries_skip_themselves(local_ray, tmp_path):
     rng = np.random.default_rng(3)
     ids, clip, _ = write_training(tmp_path / "train", rng, sizes=[60, 60])
-    training = joins.inspect_training(str(tmp_path / "train"), {"clip": 16})
-    bg = joins.background_sample(training, 10, ["clip"])
+    training = sources.inspect_training(str(tmp_path / "train"), {"clip": 16})
+    bg = background.background_sample(training, 10, ["clip"])
     assert len(bg.ids) == 10 and bg.exclude_self
     result = joins.nearest_neighbours(training, {"background": bg}, 2, batch_rows=50)
     for qid, rows in zip(bg.ids, result["background"]["clip"].rows):
@@ -162,8 +164,8 @@ def test_background_queries_skip_themselves(local_ray, tmp_path):
 def test_entity_stats_are_streamed_counts_and_centroids(local_ray, tmp_path):
     rng = np.random.default_rng(1)
     write_training(tmp_path / "train", rng, sizes=[10, 20])
-    training = joins.inspect_training(str(tmp_path / "train"), {})
-    stats = joins.entity_stats(training, {"e0", "e1", "e9"})
+    training = sources.inspect_training(str(tmp_path / "train"), {})
+    stats = entity_stats(training, {"e0", "e1", "e9"})
     assert {e: st.count for e, st in stats.items()} == {"e0": 4 + 7, "e1": 3 + 7, "e9": 0}
     assert stats["e9"].centroid is None
     # The centroid is the normalised mean of the tagged rows' CLIP embeddings.
@@ -178,20 +180,20 @@ def test_entity_stats_are_streamed_counts_and_centroids(local_ray, tmp_path):
 def test_inspect_training_errors(tmp_path):
     rng = np.random.default_rng(0)
     with pytest.raises(InputError, match="no .parquet files found"):
-        joins.inspect_training(str(tmp_path / "none"), {})
+        sources.inspect_training(str(tmp_path / "none"), {})
     write_training(tmp_path / "t", rng, sizes=[5])
     with pytest.raises(
         InputError,
         match=r"part-000.parquet: field 'clip_embedding': embedding dimension 16 does not match the scan's clip model \(512\)",
     ):
-        joins.inspect_training(str(tmp_path / "t"), {"clip": 512})
+        sources.inspect_training(str(tmp_path / "t"), {"clip": 512})
     pq.write_table(pa.table({"train_id": ["a"], "caption": ["c"]}), tmp_path / "t" / "part-001.parquet")
     with pytest.raises(InputError, match=r"part-001.parquet: field 'clip_embedding': required column is missing"):
-        joins.inspect_training(str(tmp_path / "t"), {})
+        sources.inspect_training(str(tmp_path / "t"), {})
     (tmp_path / "t" / "part-001.parquet").write_bytes(b"garbage")
     with pytest.raises(InputError, match=r"part-001.parquet: not a readable Parquet file"):
-        joins.inspect_training(str(tmp_path / "t"), {})
-    skipping = joins.inspect_training(str(tmp_path / "t"), {}, skip_bad_files=True)
+        sources.inspect_training(str(tmp_path / "t"), {})
+    skipping = sources.inspect_training(str(tmp_path / "t"), {}, skip_bad_files=True)
     assert skipping.num_rows == 5 and len(skipping.skipped) == 1 and "part-001.parquet" in skipping.skipped[0]
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -200,7 +202,7 @@ def test_inspect_training_errors(tmp_path):
         empty / "a.parquet",
     )
     with pytest.raises(InputError, match="the training table has no rows"):
-        joins.inspect_training(str(empty), {})
+        sources.inspect_training(str(empty), {})
 
 
 @pytest.mark.ray
@@ -213,7 +215,7 @@ def test_nan_in_a_streamed_file_fails_the_join_with_the_file_named(local_ray, tm
         pa.table({"train_id": [f"bad{i}" for i in range(4)], "clip_embedding": embedding_array(x, 16)}),
         tmp_path / "t" / "part-zzz.parquet",
     )
-    training = joins.inspect_training(str(tmp_path / "t"), {"clip": 16})
+    training = sources.inspect_training(str(tmp_path / "t"), {"clip": 16})
     q = {"q": joins.Queries(["q"], {"clip": l2_normalize(rng.standard_normal((1, 16)))})}
     with pytest.raises(
         InputError,

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from raymem.config import ThresholdsConfig
-from raymem.label import Background, PromptContext, label_units, largest_cluster
+from raymem.label import Background, LabelInputs, PromptContext, label_units, largest_cluster
 from raymem.mining import Association, EntityAssociations
 from raymem.pixels import PixelEvidence
 from raymem.probes import probes_for
@@ -94,7 +94,8 @@ def nbrs(*scores, caption="something else"):
 
 
 def run(ctx, rows, neighbors, pixels=None, t=T, background=BG):
-    out = label_units(rows, {"p": ctx}, text_vectors(ctx), neighbors, background, t, pixels)
+    inputs = LabelInputs.from_rows(rows, {"p": ctx}, text_vectors(ctx), neighbors, background, pixels)
+    out = label_units(inputs, t)
     return {r["unit_id"]: r for r in out}
 
 
@@ -331,7 +332,7 @@ def test_largest_cluster_is_connected_component():
 
 
 def test_entity_rendered_is_measured_against_its_training_images_when_tagged():
-    from raymem.join import EntityStats
+    from raymem.label_inputs import EntityStats
 
     centroid = np.zeros(DIM, np.float32)
     centroid[DIM - 2] = 1.0  # the entity's training images live along this direction

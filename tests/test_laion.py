@@ -6,6 +6,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from raymem import join as joins
+from raymem import sources
 from raymem.encoders import l2_normalize
 from raymem.errors import InputError
 from raymem.laion import convert, inspect_clip_retrieval
@@ -40,7 +41,7 @@ def write_layout(root, sizes, dim=12, dtype=np.float16, seed=0):
 
 def test_in_place_join_equals_brute_force(local_ray, tmp_path):
     x, keys = write_layout(tmp_path / "laion", [70, 5, 130])
-    training = joins.inspect_training(f"clip-retrieval:{tmp_path / 'laion'}", {"clip": 12})
+    training = sources.inspect_training(f"clip-retrieval:{tmp_path / 'laion'}", {"clip": 12})
     assert training.layout == "clip-retrieval" and training.num_rows == 205
     assert training.columns == ["caption", "image_uri"]
     rng = np.random.default_rng(1)
@@ -66,7 +67,7 @@ def test_convert_writes_raymem_parquet(local_ray, tmp_path):
         table.column("entities").to_pylist()[43] == ["caption 000010003"]
         and table.column("entities").to_pylist()[40] == []
     )
-    assert joins.inspect_training(str(tmp_path / "out"), {"clip": 12}).num_rows == 65
+    assert sources.inspect_training(str(tmp_path / "out"), {"clip": 12}).num_rows == 65
 
 
 def test_layout_errors(tmp_path):

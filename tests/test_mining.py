@@ -3,9 +3,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from raymem.join import inspect_training
 from raymem.mining import caption_terms, excluded_terms, mine_associations
 from raymem.schema import embedding_array
+from raymem.sources import inspect_training
 
 
 def test_caption_terms():

@@ -127,7 +127,7 @@ def test_index_and_scan_entirely_on_s3(s3, demo_root, tmp_path, caplog):
 
 
 def test_missing_s3_prefix_is_one_clear_line(s3):
-    from raymem.join import inspect_training
+    from raymem.sources import inspect_training
 
     with pytest.raises(InputError, match=rf"^{s3}/nothing-here: no .parquet files found$"):
         inspect_training(f"{s3}/nothing-here", {})

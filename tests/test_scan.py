@@ -263,3 +263,38 @@ def test_calibrate_fits_thresholds_to_a_pilot_set(first_scan, tmp_path, capsys):
     assert main(["calibrate", str(config), "--pilot", str(tmp_path / "bad.parquet")]) == 2
     err = capsys.readouterr().err
     assert "bad.parquet: row 2, field 'unit_id': 'nope' is not a scored image of this scan" in err
+
+
+def test_re_deciding_a_published_scan_from_its_tables_reproduces_every_label(first_scan, tmp_path):
+    """The scan labels from its staged tables; calibrate reads the published ones back: same decision."""
+    import pyarrow as pa
+
+    from raymem.calibrate import calibrate
+    from raymem.config import ThresholdsConfig
+    from raymem.label import label_units
+    from raymem.label_inputs import LabelInputs
+    from raymem.outputs import read_manifest, read_scan_table
+    from raymem.schema import LABELS_TABLE
+
+    cfg, result = first_scan
+    root = cfg.output.uri
+    thresholds = ThresholdsConfig.model_validate(read_manifest(root, result.scan_id)["config"]["thresholds"])
+    inputs = LabelInputs.read(root, result.scan_id)
+    # the paths that drifted before: the entity's training-image centroid, pixel checks, the background
+    assert all(c.reference is not None and c.reference.centroid is not None for c in inputs.contexts.values())
+    assert inputs.pixels and inputs.background and inputs.sscd is not None
+    stored = read_scan_table(root, result.scan_id, "labels")
+    again = pa.Table.from_pylist(label_units(inputs, thresholds), schema=LABELS_TABLE)
+    assert again.num_rows == stored.num_rows == 28
+    for name in LABELS_TABLE.names:
+        assert again.column(name).to_pylist() == stored.column(name).to_pylist(), name
+
+    # `raymem calibrate` decides through the same inputs: at the scan's thresholds, a pilot that agrees
+    # with the stored labels is reproduced perfectly before any fitting.
+    pilot = tmp_path / "pilot.jsonl"
+    rows = [r for r in stored.to_pylist() if r["status"] == "ok"]
+    pilot.write_text("".join(json.dumps({"unit_id": r["unit_id"], "label": r["label"]}) + "\n" for r in rows))
+    calibration = calibrate(root, result.scan_id, str(pilot), thresholds, 0.9)
+    for category, m in calibration.before.items():
+        if m["n"]:
+            assert m["precision"] == m["recall"] == 1.0, category

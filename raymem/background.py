@@ -1,0 +1,55 @@
+"""The train-train background (DCR, Somepalli et al.): how similar training images are to each other.
+
+A sample of training rows spread over the files is joined against the whole table; each row's nearest
+neighbour other than itself (and other than exact duplicates of itself, by `image_hash`) gives the
+similarity a generic look reaches. A copy must score above its p95 to count. `raymem index` computes it
+once per index (stored in `_index.json`); a scan over a table without one samples it itself.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+from raymem.join import Queries, RunningTopK
+from raymem.schema import BACKGROUND, SPACE_COLUMNS
+from raymem.sources import TrainingTable, checked_matrix, to_text
+
+PERCENTILES = (50, 75, 90, 95, 99)
+_P = tuple(f"p{q}" for q in PERCENTILES)
+
+
+def background_sample(training: TrainingTable, n: int, spaces: list[str]) -> Queries | None:
+    """Up to `n` training rows, spread over the files, as queries that must not match themselves."""
+    spaces = [s for s in spaces if s in training.dims]
+    if not spaces or n <= 0:
+        return None
+    parts = training.source.sample(training, n, spaces)
+    if not parts:
+        return None
+    ids = [i for t in parts for i in to_text(t.column("train_id")).to_pylist()]
+    hashes = [h for t in parts for h in t.column("image_hash").to_pylist()]
+    matrices = {
+        s: np.concatenate([checked_matrix(t, SPACE_COLUMNS[s], training.dims[s]) for t in parts])[:n] for s in spaces
+    }
+    return Queries(ids=ids[:n], matrices=matrices, exclude_self=True, hashes=hashes[:n])
+
+
+def background_from(result: dict[str, RunningTopK]) -> dict[str, dict]:
+    """Percentiles of the train-train nearest-neighbour similarity per space."""
+    out = {}
+    for space, running in result.items():
+        top1 = running.scores[:, 0]
+        top1 = top1[np.isfinite(top1)].astype(np.float64)
+        if len(top1):
+            out[space] = {"n": int(len(top1)), **{f"p{q}": float(np.percentile(top1, q)) for q in PERCENTILES}}
+    return out
+
+
+def background_table(scan_id: str, measured: dict[str, dict], source: str) -> pa.Table:
+    """The published `background` table: one row per embedding space."""
+    rows = [
+        {"scan_id": scan_id, "space": space, "source": source, **{k: b.get(k) for k in ("n", *_P)}}
+        for space, b in measured.items()
+    ]
+    return pa.Table.from_pylist(rows, schema=BACKGROUND)
