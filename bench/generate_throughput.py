@@ -34,7 +34,7 @@ def build_sd15_shaped(target: Path) -> Path:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from raymem.demo import assemble_pipeline
+    from raymem.tiny import assemble_pipeline
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(
@@ -119,10 +119,10 @@ def raymem_stage(model_dir: Path, work: Path, n_prompts: int, args) -> dict:
     import ray
 
     from raymem.config import parse_config
-    from raymem.demo import build_tiny_clip
     from raymem.encoders import l2_normalize
     from raymem.scan import run_scan
     from raymem.schema import embedding_array
+    from raymem.tiny import build_tiny_clip
 
     clip_dir = work / "clip-tiny"
     if not clip_dir.exists():
@@ -202,7 +202,7 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     model_dir = work / f"model-{args.size}"
     if not (model_dir / "model_index.json").exists():
-        from raymem.demo import build_tiny_pipeline
+        from raymem.tiny import build_tiny_pipeline
 
         build_sd15_shaped(model_dir) if args.size == "sd15" else build_tiny_pipeline(model_dir)
     n_prompts = max(1, args.images // args.seeds)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from raymem.benchmark import PlantedConfig, run_benchmark, targets_report  # noqa: E402
+from raymem.planted.benchmark import PlantedConfig, run_benchmark, targets_report  # noqa: E402
 
 
 def main() -> int:

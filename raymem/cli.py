@@ -12,21 +12,6 @@ from raymem.errors import ConfigError, RaymemError
 DEFAULT_DEMO_CONFIG = "configs/demo.yaml"
 
 
-def _format_table(rows: list[dict], columns: list[str]) -> str:
-    def cell(v):
-        if v is None:
-            return "-"
-        if isinstance(v, float):
-            return f"{v:.2f}"
-        return str(v)
-
-    body = [[cell(r.get(c)) for c in columns] for r in rows]
-    widths = [max(len(c), *(len(b[i]) for b in body)) if body else len(c) for i, c in enumerate(columns)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
-    lines += ["  ".join(v.ljust(w) for v, w in zip(b, widths)) for b in body]
-    return "\n".join(lines)
-
-
 def _print_result(result) -> None:
     c = result.counts
     print(
@@ -37,21 +22,27 @@ def _print_result(result) -> None:
     for name, uri in result.tables.items():
         print(f"  {name:15s} {uri}")
     print()
-    print(
-        _format_table(
-            result.entity_tallies,
-            [
-                "entity",
-                "n_units",
-                "n_MU",
-                "n_MI",
-                "n_ME",
-                "n_none",
-                "n_failed",
-                "rate_MU",
-                "n_memorized_prompts",
-                "train_frequency",
-            ],
+    import pyarrow as pa
+
+    from raymem.query import format_table
+
+    sys.stdout.write(
+        format_table(
+            pa.Table.from_pylist(result.entity_tallies).select(
+                [
+                    "entity",
+                    "n_units",
+                    "n_MU",
+                    "n_MI",
+                    "n_ME",
+                    "n_none",
+                    "n_failed",
+                    "rate_MU",
+                    "n_memorized_prompts",
+                    "train_frequency",
+                ]
+            ),
+            "table",
         )
     )
 
@@ -249,23 +240,11 @@ def cmd_report(args) -> int:
 
 
 def cmd_bench_planted(args) -> int:
-    from raymem.benchmark import PlantedConfig, run_benchmark, targets_report
-    from raymem.training import TrainConfig
-    from raymem.world import WorldConfig
+    from raymem.planted.benchmark import PlantedConfig, run_benchmark, targets_report
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    cfg = PlantedConfig(work=args.work, calibrate=args.calibrate, models=args.models)
-    if args.quick:  # a reduced world and training, for a fast end-to-end check (targets not expected)
-        cfg = PlantedConfig(
-            work=args.work,
-            calibrate=args.calibrate,
-            models=args.models,
-            seeds_per_prompt=4,
-            null_seeds=4,
-            num_inference_steps=10,
-            world=WorldConfig(per_entity=20, per_class=15, poster_copies=8),
-            train=TrainConfig(vae_steps=60, unet_steps=120, clip_steps=60),
-        )
+    preset = PlantedConfig.quick if args.quick else PlantedConfig
+    cfg = preset(work=args.work, calibrate=args.calibrate, models=args.models)
     result = run_benchmark(cfg)
     how = "thresholds calibrated on the calibration split" if cfg.calibrate else "config-default thresholds"
     print(f"planted-memorization benchmark ({how})")

@@ -3,9 +3,9 @@
 import pyarrow.parquet as pq
 import pytest
 
-from raymem.benchmark import PlantedConfig, evaluate, run_benchmark, targets_report
-from raymem.training import TrainConfig
-from raymem.world import WorldConfig
+from raymem.planted.benchmark import PlantedConfig, evaluate, run_benchmark, targets_report
+from raymem.planted.training import TrainConfig
+from raymem.planted.world import WorldConfig
 
 
 def test_evaluate_counts_precision_recall_and_confusion():

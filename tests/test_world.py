@@ -6,7 +6,7 @@ from collections import Counter
 import numpy as np
 from PIL import Image
 
-from raymem.world import ENTITIES, POSTERS, WorldConfig, benchmark_prompts, build_world
+from raymem.planted.world import ENTITIES, POSTERS, WorldConfig, benchmark_prompts, build_world
 
 SMALL = WorldConfig(per_entity=12, per_class=6, poster_copies=5)
 
@@ -59,7 +59,7 @@ def test_training_is_deterministic(tmp_path):
     """Same world and seed, same weights: the benchmark's cached models can be rebuilt bit for bit."""
     import hashlib
 
-    from raymem.training import TrainConfig, train_world_models
+    from raymem.planted.training import TrainConfig, train_world_models
 
     build_world(tmp_path / "world", WorldConfig(per_entity=2, per_class=2, poster_copies=2))
     cfg = TrainConfig(vae_steps=3, unet_steps=3, clip_steps=3, batch_size=8, clip_batch_size=8)

@@ -1,8 +1,8 @@
 """`raymem bench planted`: the labeler measured on a world whose memorization is known.
 
 Steps, each cached under the work directory and redone only when its inputs change:
-  1. draw the world (raymem.world) and its ground truth;
-  2. train the world's diffusion pipeline and CLIP on CPU (raymem.training);
+  1. draw the world (raymem.planted.world) and its ground truth;
+  2. train the world's diffusion pipeline and CLIP on CPU (raymem.planted.training);
   3. index the training set with `raymem index` (the trained CLIP, real SSCD weights);
   4. scan the evaluation prompts with the default thresholds -- or, with `calibrate`, with thresholds
      fitted by `raymem calibrate` on a scan of the *calibration* prompts (other entities and posters
@@ -23,9 +23,9 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from raymem.planted.training import TrainConfig
+from raymem.planted.world import WorldConfig
 from raymem.schema import LABELS
-from raymem.training import TrainConfig
-from raymem.world import WorldConfig
 
 log = logging.getLogger(__name__)
 
@@ -46,13 +46,25 @@ class PlantedConfig:
     target_precision: float = 0.9
     models: str | None = None  # use these trained models (pipeline/ and clip/) instead of training
 
+    @classmethod
+    def quick(cls, **kwargs) -> PlantedConfig:
+        """A reduced world and training, for a fast end-to-end check (targets are not expected)."""
+        preset = {
+            "seeds_per_prompt": 4,
+            "null_seeds": 4,
+            "num_inference_steps": 10,
+            "world": WorldConfig(per_entity=20, per_class=15, poster_copies=8),
+            "train": TrainConfig(vae_steps=60, unet_steps=120, clip_steps=60),
+        }
+        return cls(**{**preset, **kwargs})
+
 
 def _digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def prepare_world(cfg: PlantedConfig) -> Path:
-    from raymem.world import build_world
+    from raymem.planted.world import build_world
 
     root = Path(cfg.work) / f"world-{_digest(asdict(cfg.world))}"
     if not (root / "world.json").exists():
@@ -73,7 +85,7 @@ def check_models(models: Path) -> None:
 def prepare_models(cfg: PlantedConfig, world_root: Path) -> Path:
     if cfg.models:
         return Path(cfg.models)
-    from raymem.training import train_world_models
+    from raymem.planted.training import train_world_models
 
     root = Path(cfg.work) / f"models-{_digest([world_root.name, asdict(cfg.train)])}"
     if not (root / "training.json").exists():
@@ -85,7 +97,7 @@ def prepare_models(cfg: PlantedConfig, world_root: Path) -> Path:
 def prepare_index(cfg: PlantedConfig, world_root: Path, models: Path) -> Path:
     from raymem.config import IndexConfig
     from raymem.index import run_index
-    from raymem.world import ENTITIES, POSTERS
+    from raymem.planted.world import ENTITIES, POSTERS
 
     out = Path(cfg.work) / f"index-{_digest([world_root.name, str(models.resolve())])}"
     if not (out / "_index.json").exists():

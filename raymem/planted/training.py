@@ -153,7 +153,7 @@ def train_vae(pixels: torch.Tensor, cfg: TrainConfig):
 def train_unet(latents: torch.Tensor, captions: list[str], cfg: TrainConfig):
     from diffusers import DDPMScheduler
 
-    from raymem.demo import clip_tokenizer
+    from raymem.tiny import clip_tokenizer
 
     tokenizer = clip_tokenizer()
     ids = tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
@@ -233,7 +233,7 @@ def save_clip(model, target: Path) -> None:
 
 def train_world_models(world_root: Path, out: Path, cfg: TrainConfig = TrainConfig()) -> dict:
     """Train and save `out/pipeline` (diffusers) and `out/clip` (open_clip local-dir)."""
-    from raymem.demo import assemble_pipeline
+    from raymem.tiny import assemble_pipeline
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
