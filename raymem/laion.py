@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 from raymem import uri as uris
 from raymem.errors import InputError
 from raymem.schema import embedding_array
-from raymem.sources import TrainingTable
+from raymem.sources import TrainingTable, parquet_dataset, take_sample
 
 log = logging.getLogger(__name__)
 
@@ -204,23 +204,13 @@ class ClipRetrievalSource:
         return read_pair_rows(item["path"], item["npy"], item["start"], item["stop"])
 
     def sample(self, training: TrainingTable, n: int, spaces: list[str]) -> list[pa.Table]:
-        parts, rows = [], 0
         per_pair = max(1, -(-n // len(training.files)))
-        for meta_path, npy_path in zip(training.files, training.embedding_files):
-            table = next(read_pair(meta_path, npy_path, chunk_rows=per_pair), None)
-            if table is None:
-                continue
-            table = table.append_column("image_hash", pa.nulls(table.num_rows, pa.string()))
-            parts.append(table.select(["train_id", "clip_embedding", "image_hash", "path"]))
-            rows += table.num_rows
-            if rows >= n:
-                break
-        return parts
+        pairs = zip(training.files, training.embedding_files)
+        heads = (next(read_pair(meta, npy, chunk_rows=per_pair), None) for meta, npy in pairs)
+        return take_sample((h for h in heads if h is not None), n, ["train_id", "clip_embedding"])
 
     def dataset(self, training: TrainingTable, columns: list[str]):
-        import ray
-
-        return ray.data.read_parquet(training.files).select_columns(columns)
+        return parquet_dataset(training.files, columns)
 
 
 def convert(root: str, output: str, entities: list[str] | None = None) -> dict:

@@ -133,6 +133,27 @@ def checked_matrix(batch: pa.Table, column: str, dim: int) -> np.ndarray:
     return np.ascontiguousarray(x, dtype=np.float32)
 
 
+def take_sample(heads, n: int, columns: list[str]) -> list[pa.Table]:
+    """The first rows of each file (`heads`, tables with `path`) until `n` rows are taken, in the sample's
+    columns plus `image_hash` (null where the layout has none) and `path`."""
+    parts, rows = [], 0
+    for table in heads:
+        if "image_hash" not in table.column_names:
+            table = table.append_column("image_hash", pa.nulls(table.num_rows, pa.string()))
+        parts.append(table.select([*columns, "image_hash", "path"]))
+        rows += table.num_rows
+        if rows >= n:
+            break
+    return parts
+
+
+def parquet_dataset(files: list[str], columns: list[str]):
+    """A Ray dataset of some columns of Parquet files, for streamed whole-table passes."""
+    import ray
+
+    return ray.data.read_parquet(files).select_columns(columns)
+
+
 def read_index_manifest(uri: str) -> dict | None:
     """The `_index.json` that `raymem index` writes beside its shards (precomputed background, FAISS)."""
     if uris.is_remote(uri) or uris.is_dir(uri):
@@ -247,26 +268,18 @@ class ParquetSource:
         step = max(1, len(training.files) // n)
         files = training.files[::step][:n]
         per_file = max(1, -(-n // len(files)))
-        parts, rows = [], 0
-        for path in files:
-            fs, p = uris.filesystem(path)
-            pf = pq.ParquetFile(p, filesystem=fs)
-            columns = ["train_id", *[SPACE_COLUMNS[s] for s in spaces]]
-            if "image_hash" in pf.schema_arrow.names:
-                columns.append("image_hash")
-            batch = next(pf.iter_batches(batch_size=per_file, columns=columns), None)
-            if batch is None:
-                continue
-            table = pa.Table.from_batches([batch]).append_column("path", pa.array([path] * batch.num_rows))
-            if "image_hash" not in table.column_names:
-                table = table.append_column("image_hash", pa.nulls(table.num_rows, pa.string()))
-            parts.append(table.select(["train_id", *[SPACE_COLUMNS[s] for s in spaces], "image_hash", "path"]))
-            rows += table.num_rows
-            if rows >= n:
-                break
-        return parts
+        columns = ["train_id", *[SPACE_COLUMNS[s] for s in spaces]]
+
+        def heads():
+            for path in files:
+                fs, p = uris.filesystem(path)
+                pf = pq.ParquetFile(p, filesystem=fs)
+                wanted = columns + (["image_hash"] if "image_hash" in pf.schema_arrow.names else [])
+                batch = next(pf.iter_batches(batch_size=per_file, columns=wanted), None)
+                if batch is not None:
+                    yield pa.Table.from_batches([batch]).append_column("path", pa.array([path] * batch.num_rows))
+
+        return take_sample(heads(), n, columns)
 
     def dataset(self, training: TrainingTable, columns: list[str]):
-        import ray
-
-        return ray.data.read_parquet(training.files).select_columns(columns)
+        return parquet_dataset(training.files, columns)
