@@ -2,6 +2,8 @@
 unknown fields are errors), built-in kinds with kubernetes-validate; plus the checks a reviewer makes."""
 
 import functools
+import gzip
+import json
 
 import jsonschema
 import kubernetes_validate
@@ -12,12 +14,8 @@ from raymem.config import parse_config
 from tests.conftest import REPO
 
 K8S = REPO / "k8s"
-SCHEMAS = REPO.parent / "shared" / "schemas" / "kuberay"
-CRDS = {
-    "RayCluster": "ray.io_rayclusters.yaml",
-    "RayJob": "ray.io_rayjobs.yaml",
-    "RayCronJob": "ray.io_raycronjobs.yaml",
-}
+# The KubeRay CRDs' v1 OpenAPI schemas, kept in the project (source and license: fixtures/kuberay/SOURCE.md).
+SCHEMAS = REPO / "tests" / "fixtures" / "kuberay"
 
 
 def strict(schema):
@@ -34,11 +32,7 @@ def strict(schema):
 
 @functools.cache
 def crd_schema(kind: str) -> dict:
-    path = SCHEMAS / CRDS[kind]
-    assert path.exists(), f"KubeRay CRDs not found at {SCHEMAS} (shared/schemas/kuberay beside the checkout)"
-    crd = yaml.safe_load(path.read_text())
-    version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")
-    return strict(version["schema"]["openAPIV3Schema"])
+    return strict(json.loads(gzip.decompress((SCHEMAS / f"{kind.lower()}.v1.schema.json.gz").read_bytes())))
 
 
 def documents():
