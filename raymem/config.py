@@ -23,7 +23,12 @@ from raymem.uri import is_remote
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Strict types: `true` is not an integer, "1" is not a number; unknown keys are errors.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+COSINE = {"ge": -1.0, "le": 1.0}  # similarities are cosines
+SHARE = {"ge": 0.0, "le": 1.0}  # probabilities and shares of seeds / tiles
 
 
 class ModelConfig(_Strict):
@@ -103,23 +108,28 @@ class JoinConfig(_Strict):
 
 
 class ThresholdsConfig(_Strict):
-    replication: float = Field(0.5, description="SSCD cosine at or above which a neighbour is a copy (Somepalli)")
-    verbatim: float = Field(0.75, description="SSCD cosine for a verbatim copy (SSCD README, 90% precision)")
+    replication: float = Field(
+        0.5, **COSINE, description="SSCD cosine at or above which a neighbour is a copy (Somepalli)"
+    )
+    verbatim: float = Field(0.75, **COSINE, description="SSCD cosine for a verbatim copy (SSCD README, 90% precision)")
     eidetic_k: int = Field(10, ge=1, description="MU needs at most this many training images above `replication`")
-    consistency: float = Field(0.5, ge=0, le=1, description="share of seeds in one near-duplicate cluster")
-    cluster_similarity: float = Field(0.5, description="SSCD cosine linking two generations of a prompt")
-    element_presence: float = Field(0.5, ge=0, le=1, description="zero-shot probability an element is shown")
+    consistency: float = Field(0.5, **SHARE, description="share of seeds in one near-duplicate cluster")
+    cluster_similarity: float = Field(0.5, **COSINE, description="SSCD cosine linking two generations of a prompt")
+    element_presence: float = Field(0.5, **SHARE, description="zero-shot probability an element is shown")
     clip_floor: float = Field(
         0.28,
+        **COSINE,
         description="CLIP prompt score below which the entity counts as not rendered, when the prompt set "
         "gives no class noun (LAION's ViT-B/32 filter; recalibrate for other CLIP models)",
     )
     null_z: float = Field(
         1.645,
+        ge=0,
+        le=10,
         description="z-score over the null prompt's images above which the entity is rendered / an "
         "unprompted element is shown beyond what the class noun alone gives (one-sided 95 %)",
     )
-    pixel_l2: float = Field(0.15, gt=0, description="Carlini's tiled l2 (max over tiles) for a pixel-level copy")
+    pixel_l2: float = Field(0.15, gt=0, le=1, description="Carlini's tiled l2 (max over tiles) for a pixel-level copy")
     template_tiles: float = Field(
         0.5, gt=0, le=1, description="share of tiles within pixel_l2 for a template copy (Webster's TV)"
     )
@@ -161,7 +171,7 @@ class SignalsConfig(_Strict):
 
 class OutputConfig(_Strict):
     uri: str = Field(description="output root, local directory or s3:// prefix")
-    scan_date: dt.date | None = Field(None, description="partition date; default: today (UTC)")
+    scan_date: dt.date | None = Field(None, strict=False, description="partition date; default: today (UTC)")
 
 
 class ResourcesConfig(_Strict):

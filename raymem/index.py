@@ -35,6 +35,7 @@ from raymem import uri as uris
 from raymem.config import IndexConfig
 from raymem.errors import InputError
 from raymem.mining import tag_entities
+from raymem.outputs import redacted
 from raymem.schema import embedding_array
 
 log = logging.getLogger(__name__)
@@ -331,7 +332,7 @@ def _index(cfg: IndexConfig, shards: list[dict], entities: list[str]) -> dict:
     embed_seconds = time.perf_counter() - t0
     training = inspect_training(cfg.output, {})
     manifest = {
-        "config": cfg.model_dump(mode="json"),
+        "config": redacted(cfg.model_dump(mode="json")),
         "rows": training.num_rows,
         "shards": len(shards),
         "shards_embedded_now": len(todo),

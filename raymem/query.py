@@ -98,6 +98,10 @@ def connect(root: str):
             con.register(table, dataset)
             found.append(table)
     con.register("manifests", manifests_table(root))
+    # Confined to the registered tables: no file reads or writes (read_csv, COPY ... TO, ATTACH), no
+    # extensions, and the setting cannot be switched back by the query.
+    con.execute("SET enable_external_access = false")
+    con.execute("SET lock_configuration = true")
     return con, found
 
 
@@ -111,6 +115,8 @@ def run_query(root: str, sql: str, fmt: str = "table") -> str:
     except duckdb.CatalogException as err:
         missing = str(err).splitlines()[0]
         raise QueryError(f"{missing} (tables under {root}: {', '.join(found + ['manifests'])})") from None
+    except duckdb.PermissionException as err:
+        raise QueryError(f"refused: queries read only the scan tables ({str(err).splitlines()[0]})") from None
     except duckdb.Error as err:
         raise QueryError(f"SQL error: {str(err).splitlines()[0]}") from None
     if isinstance(table, pa.RecordBatchReader):

@@ -121,3 +121,32 @@ def test_index_config_example_and_errors(tmp_path, monkeypatch):
     good = tmp_path / "ok.yaml"
     good.write_text("input: {kind: folder, path: imgs}\noutput: out\n")
     assert load_index_config(good).input.path == str(tmp_path / "imgs")
+
+
+@pytest.mark.parametrize(
+    "section, values, field",
+    [
+        ("thresholds", {"replication": 1.5}, "thresholds.replication"),
+        ("thresholds", {"replication": -3}, "thresholds.replication"),
+        ("thresholds", {"cluster_similarity": 2.0}, "thresholds.cluster_similarity"),
+        ("thresholds", {"element_presence": 1.2}, "thresholds.element_presence"),
+        ("thresholds", {"consistency": -0.1}, "thresholds.consistency"),
+        ("thresholds", {"null_z": -1}, "thresholds.null_z"),
+        ("generation", {"num_inference_steps": True}, "generation.num_inference_steps"),
+        ("generation", {"seeds_per_prompt": "4"}, "generation.seeds_per_prompt"),
+        ("join", {"k": 2.0}, "join.k"),
+        ("signals", {"mine_elements": "yes"}, "signals.mine_elements"),
+    ],
+)
+def test_out_of_range_and_wrongly_typed_values_are_one_line_errors(section, values, field):
+    with pytest.raises(ConfigError) as err:
+        parse_config(minimal(**{section: values}), "scan.yaml")
+    message = str(err.value)
+    assert message.startswith(f"scan.yaml: {field}:") and "\n" not in message
+
+
+def test_whole_numbers_are_accepted_where_a_float_is_expected_and_the_date_may_be_a_string():
+    cfg = parse_config(
+        minimal(thresholds={"replication": 1, "verbatim": 1}, output={"uri": "s3://b", "scan_date": "2026-01-02"})
+    )
+    assert cfg.thresholds.replication == 1.0 and cfg.scan_date == dt.date(2026, 1, 2)

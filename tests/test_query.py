@@ -39,6 +39,25 @@ def test_query_errors_are_one_line_and_exit_2(two_scans, tmp_path, capsys):
     assert "no scan outputs here" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "select * from read_csv('/etc/passwd')",
+        "select * from read_text('/etc/passwd')",
+        "copy (select * from labels) to '{tmp}/leak.csv'",
+        "attach '{tmp}/other.db'",
+        "install httpfs",
+        "set enable_external_access = true",
+    ],
+)
+def test_query_is_confined_to_the_scan_tables(two_scans, tmp_path, capsys, sql):
+    root, _, _ = two_scans
+    assert main(["query", sql.format(tmp=tmp_path), "--output", str(root)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("raymem: error:") and "\n" not in err and "root:" not in err
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
 def test_diff_finds_new_MU_prompts_and_can_fail_a_nightly_check(two_scans, capsys):
     root, a, b = two_scans
     d = diff_scans(str(root), a.scan_id, str(root), b.scan_id)

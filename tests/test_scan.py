@@ -15,6 +15,7 @@ from raymem.scan import run_scan
 pytestmark = pytest.mark.ray
 
 MARKER = "RAISE"
+CANARY = "canary-7d1e4b09"
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +70,8 @@ def scan_config(demo_root, tmp_path_factory):
     raw["generation"]["batch_size"] = 3
     raw["resources"]["generation_actors"] = None  # one per (logical) GPU
     raw["output"]["scan_date"] = "2026-11-28"
+    # A secret as users pass it to the workers (config_hash leaves `ray` out: the scan id is unchanged).
+    raw["ray"] = {"runtime_env": {"env_vars": {"AWS_SECRET_ACCESS_KEY": CANARY}}}
 
     def config(output: str):
         return parse_config({**raw, "output": {**raw["output"], "uri": str(work / output)}})
@@ -298,3 +301,13 @@ def test_re_deciding_a_published_scan_from_its_tables_reproduces_every_label(fir
     for category, m in calibration.before.items():
         if m["n"]:
             assert m["precision"] == m["recall"] == 1.0, category
+
+
+def test_no_secret_is_written_to_any_output(first_scan):
+    cfg, result = first_scan
+    root = Path(cfg.output.uri)
+    files = [p for p in root.rglob("*") if p.is_file()]
+    assert files and not [p for p in files if CANARY.encode() in p.read_bytes()]
+    manifest = json.loads((root / "manifests" / f"{result.scan_id}.json").read_text())
+    # the names stay, so an operator can see what was set
+    assert manifest["config"]["ray"]["runtime_env"]["env_vars"] == {"AWS_SECRET_ACCESS_KEY": "<redacted>"}
