@@ -13,7 +13,7 @@ import pyarrow as pa
 
 from raymem.join import Queries, RunningTopK
 from raymem.schema import BACKGROUND, SPACE_COLUMNS
-from raymem.sources import TrainingTable, checked_matrix, to_text
+from raymem.sources import TrainingTable, checked_matrix, source_for, to_text
 
 PERCENTILES = (50, 75, 90, 95, 99)
 _P = tuple(f"p{q}" for q in PERCENTILES)
@@ -24,7 +24,7 @@ def background_sample(training: TrainingTable, n: int, spaces: list[str]) -> Que
     spaces = [s for s in spaces if s in training.dims]
     if not spaces or n <= 0:
         return None
-    parts = training.source.sample(training, n, spaces)
+    parts = source_for(training.layout).sample(training, n, spaces)
     if not parts:
         return None
     ids = [i for t in parts for i in to_text(t.column("train_id")).to_pylist()]

@@ -14,7 +14,7 @@ from raymem import runtime
 from raymem.label_inputs import EntityStats
 from raymem.mining import EntityAssociations
 from raymem.schema import embedding_array, embedding_matrix, entities_schema
-from raymem.sources import TrainingTable
+from raymem.sources import TrainingTable, source_for
 
 
 @runtime.reraise_user_errors
@@ -40,7 +40,7 @@ def entity_stats(training: TrainingTable, entities: set[str]) -> dict[str, Entit
         return pa.table({"entity": wanted, "n": [counts[e] for e in wanted], "sum": [sums[e].tolist() for e in wanted]})
 
     columns = ["entities", *(["clip_embedding"] if dim else [])]
-    ds = training.source.dataset(training, columns)
+    ds = source_for(training.layout).dataset(training, columns)
     counts = dict.fromkeys(wanted, 0)
     sums = {e: np.zeros(dim or 1, np.float64) for e in wanted}
     for batch in runtime.named(ds.map_batches(accumulate, batch_format="pyarrow", batch_size=65_536), "entity_stats"):

@@ -89,7 +89,7 @@ class FaissShardSearch:
     def __call__(self, batch: pa.Table) -> pa.Table:
         import faiss
 
-        from raymem.join import candidates_table
+        from raymem.candidates import candidates_table
         from raymem.schema import META_COLUMNS
 
         out = []
@@ -129,31 +129,3 @@ def faiss_candidates(training, queries_ref, k: int, nprobe: int, actors: int = 1
         runtime.StagePlan(actors=actors, num_gpus=0.0, num_cpus=1.0),
         constructor_kwargs={"queries_ref": queries_ref, "k": k, "nprobe": nprobe},
     )
-
-
-def measure_recall(training, cfg: FaissConfig) -> dict:
-    """recall@k of the IVF mode against the exact join, on sampled training rows as queries."""
-    from raymem.background import background_sample
-    from raymem.join import Queries, nearest_neighbours
-
-    sample = background_sample(training, cfg.recall_queries, list(training.dims))
-    if sample is None:
-        return {}
-    queries = {"recall": Queries(sample.ids, sample.matrices)}
-    t0 = time.perf_counter()
-    exact = nearest_neighbours(training, queries, cfg.recall_k, batch_rows=None)
-    t1 = time.perf_counter()
-    approx = nearest_neighbours(training, queries, cfg.recall_k, batch_rows=None, mode="faiss", nprobe=cfg.nprobe)
-    t2 = time.perf_counter()
-    out = {
-        "k": cfg.recall_k,
-        "nprobe": cfg.nprobe,
-        "queries": len(sample.ids),
-        "exact_seconds": round(t1 - t0, 3),
-        "faiss_seconds": round(t2 - t1, 3),
-    }
-    for space in exact["recall"]:
-        e, a = exact["recall"][space].ids, approx["recall"][space].ids
-        hits = [len(set(e[i]) & set(a[i]) - {None}) / max(1, len(set(e[i]) - {None})) for i in range(len(e))]
-        out[f"recall_{space}"] = float(np.mean(hits))
-    return out

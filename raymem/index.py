@@ -32,9 +32,9 @@ import pyarrow as pa
 
 from raymem import runtime
 from raymem import uri as uris
-from raymem.config import IndexConfig
+from raymem.captions import tag_entities
+from raymem.config import FaissConfig, IndexConfig
 from raymem.errors import InputError
-from raymem.mining import tag_entities
 from raymem.outputs import redacted
 from raymem.schema import embedding_array
 
@@ -347,7 +347,7 @@ def _index(cfg: IndexConfig, shards: list[dict], entities: list[str]) -> dict:
             result = nearest_neighbours(training, {"background": bg}, 1, batch_rows=None)
             manifest["background"] = background_from(result["background"])
     if cfg.faiss.enabled:
-        from raymem.faiss_index import build_indexes, measure_recall
+        from raymem.faiss_index import build_indexes
 
         manifest["faiss"] = build_indexes(training, cfg.faiss)
         manifest["faiss"]["recall"] = measure_recall(training, cfg.faiss)
@@ -364,3 +364,32 @@ def _count_errors(output: str) -> int:
         fs, p = uris.filesystem(path)
         total += pq.read_metadata(p, filesystem=fs).num_rows
     return total
+
+
+def measure_recall(training, cfg: FaissConfig) -> dict:
+    """recall@k of the IVF mode against the exact join, on sampled training rows as queries."""
+    from raymem.background import background_sample
+    from raymem.candidates import Queries
+    from raymem.join import nearest_neighbours
+
+    sample = background_sample(training, cfg.recall_queries, list(training.dims))
+    if sample is None:
+        return {}
+    queries = {"recall": Queries(sample.ids, sample.matrices)}
+    t0 = time.perf_counter()
+    exact = nearest_neighbours(training, queries, cfg.recall_k, batch_rows=None)
+    t1 = time.perf_counter()
+    approx = nearest_neighbours(training, queries, cfg.recall_k, batch_rows=None, mode="faiss", nprobe=cfg.nprobe)
+    t2 = time.perf_counter()
+    out = {
+        "k": cfg.recall_k,
+        "nprobe": cfg.nprobe,
+        "queries": len(sample.ids),
+        "exact_seconds": round(t1 - t0, 3),
+        "faiss_seconds": round(t2 - t1, 3),
+    }
+    for space in exact["recall"]:
+        e, a = exact["recall"][space].ids, approx["recall"][space].ids
+        hits = [len(set(e[i]) & set(a[i]) - {None}) / max(1, len(set(e[i]) - {None})) for i in range(len(e))]
+        out[f"recall_{space}"] = float(np.mean(hits))
+    return out

@@ -16,30 +16,22 @@ merges the per-shard top-k the same way: approximate, with recall measured at in
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 
 from raymem import runtime
+from raymem.candidates import Queries, candidates_table
 from raymem.errors import InputError
 from raymem.schema import META_COLUMNS, NEIGHBORS, SPACE_COLUMNS
 from raymem.sources import TrainingTable, checked_matrix, source_for, to_text
+
+__all__ = ["Queries", "RunningTopK", "nearest_neighbours", "neighbors_table"]
 
 log = logging.getLogger(__name__)
 
 # Scores per query tile: bounds the (tile, batch) score matrix to ~256 MiB of float32.
 MAX_SCORE_ELEMENTS = 64 * 1024 * 1024
-
-
-@dataclass
-class Queries:
-    """Query matrices per space, rows aligned with `ids`."""
-
-    ids: list[str]
-    matrices: dict[str, np.ndarray]
-    exclude_self: bool = False  # background queries: skip the query's own training row ...
-    hashes: list[str | None] | None = None  # ... and its exact duplicates (same image_hash)
 
 
 class TopKScorer:
@@ -124,25 +116,6 @@ class TopKScorer:
         torch.set_num_threads(self.threads)
         vals, idx = torch.topk(torch.from_numpy(scores), k, dim=1)
         return vals.numpy(), idx.numpy()
-
-
-def candidates_table(batch: pa.Table, parts) -> pa.Table:
-    """[(query_set, space, query rows, scores, batch row indices)] -> one candidates table."""
-    if not parts:
-        return pa.table({"query_set": pa.array([], pa.string())})
-    take = pa.array(np.concatenate([p[4] for p in parts]))
-    cols = {
-        "query_set": pa.array(np.concatenate([np.full(len(p[2]), p[0], dtype=object) for p in parts]), pa.string()),
-        "space": pa.array(np.concatenate([np.full(len(p[2]), p[1], dtype=object) for p in parts]), pa.string()),
-        "query": pa.array(np.concatenate([p[2] for p in parts]), pa.int32()),
-        "score": pa.array(np.concatenate([p[3] for p in parts]).astype(np.float32)),
-        "train_id": to_text(batch.column("train_id")).take(take),
-    }
-    for name in (*META_COLUMNS, "path"):
-        if name in batch.column_names:
-            col = batch.column(name).combine_chunks().take(take)
-            cols[name] = col if name == "entities" else to_text(col)
-    return pa.table(cols)
 
 
 class RunningTopK:
@@ -266,7 +239,7 @@ def nearest_neighbours(
         candidates = faiss_candidates(training, queries_ref, k, nprobe, actors=plan.actors)
     else:
         columns = ["train_id", *[SPACE_COLUMNS[s] for s in training.dims], *META_COLUMNS]
-        items = training.source.fragments(training, batch_rows or DEFAULT_FRAGMENT_ROWS)
+        items = source_for(training.layout).fragments(training, batch_rows or DEFAULT_FRAGMENT_ROWS)
         per_call = 4  # fragments per actor call: enough to overlap reading with scoring
         candidates = runtime.map_stage(
             "join",

@@ -14,40 +14,16 @@ distributed association. Instance elements (MU candidates) are seen with fewer t
 
 from __future__ import annotations
 
-import re
 from collections import Counter
 from dataclasses import dataclass, field
 
 import pyarrow as pa
 
 from raymem import runtime
-from raymem.sources import TrainingTable
+from raymem.captions import caption_terms
+from raymem.sources import TrainingTable, source_for
 
-STOPWORDS = frozenset(
-    """a an the and or of in on at to with without for from by as is are was were be been being it its this that
-    these those there here some any all no not very into onto over under near behind beside between while
-    his her their our your my he she they we you i me him them us photo image picture view close up""".split()
-)
 MAX_CANDIDATES = 200  # per entity, by support, before the second pass
-
-
-def tag_entities(caption: str | None, entities: list[str]) -> list[str]:
-    """Entity names that occur in the caption as whole words (case-insensitive)."""
-    if not caption:
-        return []
-    low = caption.lower()
-    return [e for e in entities if re.search(rf"(?<!\w){re.escape(e.lower())}(?!\w)", low)]
-
-
-def caption_terms(caption: str | None) -> set[str]:
-    """Lower-case words (no stopwords) and bigrams of adjacent content words."""
-    if not caption:
-        return set()
-    words = re.findall(r"[a-z][a-z'-]*[a-z]|[a-z]", caption.lower())
-    content = [w if w not in STOPWORDS and len(w) > 1 else None for w in words]
-    terms = {w for w in content if w}
-    terms |= {f"{a} {b}" for a, b in zip(content, content[1:]) if a and b}
-    return terms
 
 
 @dataclass(frozen=True)
@@ -108,7 +84,7 @@ def _count_terms(batch: pa.Table, candidates: list[str]) -> pa.Table:
 
 def _stream(training: TrainingTable, columns: list[str], fn, kwargs) -> list[pa.Table]:
 
-    ds = training.source.dataset(training, columns)
+    ds = source_for(training.layout).dataset(training, columns)
     out = ds.map_batches(fn, fn_kwargs=kwargs, batch_format="pyarrow", batch_size=65_536)
     return list(out.iter_batches(batch_format="pyarrow", batch_size=None))
 

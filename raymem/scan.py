@@ -19,14 +19,16 @@ import pyarrow.compute as pc
 
 from raymem import runtime
 from raymem.background import background_from, background_sample, background_table
+from raymem.candidates import Queries
+from raymem.captions import caption_terms
 from raymem.config import ScanConfig
 from raymem.entity_stats import entities_table, entity_stats
 from raymem.errors import InputError, RaymemError, ScanFailed
 from raymem.generate import GenerateEmbed, encode_missing_texts, expand_units, unit_fingerprint, work_chunks
-from raymem.join import Queries, nearest_neighbours, neighbors_table
+from raymem.join import nearest_neighbours, neighbors_table
 from raymem.label import copy_candidates, label_units
 from raymem.label_inputs import LabelInputs, pixel_evidence
-from raymem.mining import EntityAssociations, caption_terms, excluded_terms, mine_associations
+from raymem.mining import EntityAssociations, excluded_terms, mine_associations
 from raymem.outputs import ScanOutputs
 from raymem.pixels import confirm_pairs, pixel_checks_table
 from raymem.probes import Probe, probes_for

@@ -11,11 +11,11 @@ import pytest
 from PIL import Image
 
 from raymem import uri as uris
+from raymem.captions import tag_entities
 from raymem.config import IndexConfig
 from raymem.errors import InputError
 from raymem.index import plan_shards, run_index
 from raymem.join import Queries, nearest_neighbours
-from raymem.mining import tag_entities
 from raymem.sources import inspect_training
 
 pytestmark = pytest.mark.ray
@@ -139,7 +139,8 @@ def test_faiss_mode_against_exact(local_ray, tmp_path):
     """IVF per shard; with nprobe = nlist it must equal the exact join, and the index records recall."""
     from raymem.config import FaissConfig
     from raymem.encoders import l2_normalize
-    from raymem.faiss_index import build_indexes, measure_recall
+    from raymem.faiss_index import build_indexes
+    from raymem.index import measure_recall
     from raymem.schema import embedding_array
 
     rng = np.random.default_rng(0)

@@ -9,7 +9,8 @@ from raymem import join as joins
 from raymem import sources
 from raymem.encoders import l2_normalize
 from raymem.errors import InputError
-from raymem.laion import convert, inspect_clip_retrieval
+from raymem.laion import convert
+from raymem.sources.clip_retrieval import inspect_clip_retrieval
 
 pytestmark = pytest.mark.ray
 

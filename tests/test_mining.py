@@ -3,7 +3,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from raymem.mining import caption_terms, excluded_terms, mine_associations
+from raymem.captions import caption_terms
+from raymem.mining import excluded_terms, mine_associations
 from raymem.schema import embedding_array
 from raymem.sources import inspect_training
 
