@@ -74,11 +74,10 @@ def cmd_demo(args) -> int:
 
 def cmd_validate(args) -> int:
     from raymem.config import load_config
-    from raymem.scan import check_inputs
+    from raymem.scan import scan_id_for
 
     cfg = load_config(args.config)
-    check_inputs(cfg)
-    print(f"{args.config}: ok (scan id {cfg.scan_id})")
+    print(f"{args.config}: ok (scan id {scan_id_for(cfg)})")
     return 0
 
 
@@ -87,7 +86,10 @@ def cmd_calibrate(args) -> int:
     from raymem.config import load_config
 
     cfg = load_config(args.config)
-    result = calibrate(cfg.output.uri, args.scan_id or cfg.scan_id, args.pilot, cfg.thresholds, args.target_precision)
+    from raymem.scan import scan_id_for
+
+    scan_id = args.scan_id or scan_id_for(cfg)
+    result = calibrate(cfg.output.uri, scan_id, args.pilot, cfg.thresholds, args.target_precision)
     print(f"scan {result.scan_id}: {result.pilot_size} pilot images, target precision {result.target_precision}")
     print(report(result.before, result.after))
     for category, ok in result.met.items():

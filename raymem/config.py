@@ -221,11 +221,6 @@ class ScanConfig(_Strict):
         return re.sub(r"[^A-Za-z0-9_.-]+", "--", tail).strip("-.") or "model"
 
     @property
-    def scan_id(self) -> str:
-        """Deterministic: the same config on the same date is the same scan (a re-run replaces it)."""
-        return f"{self.name}-{self.scan_date.isoformat()}-{self.config_hash()[:10]}"
-
-    @property
     def scan_date(self) -> dt.date:
         if self.output.scan_date is None:
             raise ConfigError("output.scan_date is not resolved: load configs with parse_config / load_config")
@@ -303,7 +298,7 @@ def _absolutize(value: str) -> str:
     """Local paths become absolute; URIs, hub ids and schema-prefixed names pass through."""
     if is_remote(value):
         return value
-    for prefix in ("local-dir:",):
+    for prefix in ("local-dir:", "clip-retrieval:"):  # a layout prefix wraps a path: resolve the path
         if value.startswith(prefix):
             return prefix + _absolutize(value[len(prefix) :])
     return str(Path(value).expanduser().absolute())

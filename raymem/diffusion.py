@@ -127,38 +127,3 @@ def sample(pipe, recorder: NoiseNormRecorder, prompts: list[str], seeds: list[in
     if images.dtype != np.uint8:
         images = (np.clip(images, 0.0, 1.0) * 255.0).round().astype(np.uint8)
     return Samples(images=images, noise_norms=recorder.per_image(len(prompts)))
-
-
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".onnx", ".msgpack")
-
-
-def model_fingerprint(cfg: ModelConfig) -> str:
-    """Identifies the weights a unit was generated with, cheaply.
-
-    Local directories: the content of every config/tokenizer file, and each weight file's name,
-    size and a hash of its first and last MiB (a full hash of multi-GB weights would cost more than
-    it buys). Hub ids and s3:// prefixes: the id and revision.
-    """
-    import hashlib
-
-    h = hashlib.sha256()
-    if uris.is_remote(cfg.id) or not os.path.isdir(cfg.id):
-        h.update(f"{cfg.id}@{cfg.revision or 'main'}:{cfg.variant}".encode())
-        return h.hexdigest()
-    for dirpath, dirnames, filenames in sorted(os.walk(cfg.id)):
-        dirnames.sort()
-        for name in sorted(filenames):
-            path = os.path.join(dirpath, name)
-            rel = os.path.relpath(path, cfg.id)
-            h.update(rel.encode())
-            size = os.path.getsize(path)
-            with open(path, "rb") as f:
-                if name.endswith(_WEIGHT_SUFFIXES) and size > 2 << 20:
-                    h.update(str(size).encode())
-                    h.update(f.read(1 << 20))
-                    f.seek(-(1 << 20), os.SEEK_END)
-                    h.update(f.read())
-                else:
-                    h.update(f.read())
-    h.update(f"variant={cfg.variant}".encode())
-    return h.hexdigest()

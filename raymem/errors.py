@@ -44,3 +44,15 @@ class ScanFailed(RaymemError):
     """The scan ran but could not complete; nothing was published as complete."""
 
     exit_code = 1
+
+
+class OutputError(RaymemError):
+    """The output root cannot be written (read-only, full, missing bucket, no permission)."""
+
+    exit_code = 1
+
+
+class ClusterError(RaymemError):
+    """Ray cannot be reached at the configured address."""
+
+    exit_code = 1

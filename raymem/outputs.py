@@ -1,16 +1,21 @@
-"""Where a scan's results live, and how they are published.
+"""Where a scan's results live, and how they are published: snapshots committed by one atomic write.
 
-    <output>/<table>/scan_date=YYYY-MM-DD/model=<name>/part-<scan_id>.parquet   (hive partitions)
-    <output>/manifests/<scan_id>.json                                          (written last)
-    <output>/images/model=<name>/<xx>/<unit_id>.png                            (generated images)
-    <output>/_units/model=<name>/generations/part-*.parquet                    (unit store, resumable)
-    <output>/_units/texts/clip=<hash>/part-*.parquet                           (probe-text embedding cache)
-    <output>/_staging/<scan_id>-<attempt>/...                                  (tables before publish)
+    <output>/<table>/scan_date=YYYY-MM-DD/model=<name>/part-<scan_id>-<attempt>.parquet  (hive partitions)
+    <output>/manifests/<scan_id>.json                   the committed manifest: what readers read
+    <output>/_attempts/<scan_id>/<attempt>.json         every attempt's own manifest (history)
+    <output>/images/model=<name>/<xx>/<unit_id>.png     generated images
+    <output>/_units/model=<name>/generations/part-*.parquet   unit store (resumable)
+    <output>/_units/texts/clip=<hash>/part-*.parquet    probe-text embedding cache
 
-Tables are staged first and moved into their partitions only when every table of the scan is
-ready; the manifest goes last. A scan that dies leaves a manifest with status 'running' or 'failed'
-and no table files, so readers never mistake an incomplete scan for a complete one. Re-running the
-same scan (same config and date, hence the same scan id) replaces its files: no duplicate rows.
+Every attempt writes its table files under attempt-unique names, never over another attempt's. The
+scan becomes visible by one atomic write: `manifests/<scan_id>.json` of a complete attempt, which lists
+its files. A failed or killed attempt never changes what a complete one shows: it records itself in
+`_attempts/` (and in `manifests/<scan_id>.json` only while the scan has never completed, so its status
+and error stay visible). Files no committed manifest lists -- a superseded attempt's, a killed one's --
+are removed by the next commit of the same scan.
+
+Readers (`raymem query`, report, diff, `raymem.label_inputs`) read only files that a complete committed
+manifest lists; docs/outputs.md has the contract for DuckDB, pyarrow and Spark users.
 """
 
 from __future__ import annotations
@@ -18,10 +23,13 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import logging
+import os
 import platform
 import re
 import uuid
 from importlib import metadata
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -29,6 +37,8 @@ import pyarrow.parquet as pq
 from raymem import uri as uris
 from raymem.config import ScanConfig
 from raymem.schema import PUBLISHED_TABLES
+
+log = logging.getLogger(__name__)
 
 MANIFEST_VERSION = 1
 _VERSIONED = (
@@ -89,52 +99,56 @@ def parquet_bytes(table: pa.Table) -> bytes:
 
 
 class ScanOutputs:
-    def __init__(self, cfg: ScanConfig):
+    """One attempt at one scan: stages its tables under attempt-unique names, then commits."""
+
+    def __init__(self, cfg: ScanConfig, scan_id: str, identity: dict | None = None):
         self.cfg = cfg
         self.root = cfg.output.uri
-        self.scan_id = cfg.scan_id
+        self.scan_id = check_scan_id(scan_id)
+        self.identity = identity or {}
         self.model_name = cfg.model_name
         self.scan_date = cfg.scan_date
-        self.staging = uris.join(self.root, "_staging", f"{self.scan_id}-{uuid.uuid4().hex[:8]}")
+        # Sortable by time, unique across machines: the attempt's files never collide with another's.
+        now = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S%fZ")
+        self.attempt = f"{now}-{uuid.uuid4().hex[:6]}"
         self.unit_store = uris.join(self.root, "_units", f"model={self.model_name}")
         clip_key = hashlib.sha256(json.dumps(cfg.embedding.clip.model_dump(mode="json"), sort_keys=True).encode())
         self.text_cache = uris.join(self.root, "_units", "texts", f"clip={clip_key.hexdigest()[:16]}")
         self.manifest_uri = uris.join(self.root, "manifests", f"{self.scan_id}.json")
+        self.attempt_uri = uris.join(self.root, "_attempts", self.scan_id, f"{self.attempt}.json")
         self._staged: dict[str, str] = {}
 
     def partition(self, table: str) -> str:
         return uris.join(self.root, table, f"scan_date={self.scan_date.isoformat()}", f"model={self.model_name}")
 
     def table_uri(self, table: str) -> str:
-        return uris.join(self.partition(table), f"part-{self.scan_id}.parquet")
+        return uris.join(self.partition(table), f"part-{self.scan_id}-{self.attempt}.parquet")
 
     def stage(self, name: str, table: pa.Table) -> None:
+        """Write one table of this attempt (invisible to readers until `commit`)."""
         if name not in PUBLISHED_TABLES:
             raise ValueError(f"unknown table {name}")
-        target = uris.join(self.staging, name, "part.parquet")
-        uris.write_bytes(target, parquet_bytes(table))
+        target = self.table_uri(name)
+        uris.write_bytes_atomic(target, parquet_bytes(table))
         self._staged[name] = target
+        self._after_write(name)
 
-    def publish(self) -> dict[str, str]:
-        """Move every staged table into its partition, replacing this scan's previous files."""
+    def _after_write(self, name: str) -> None:
+        """Called after each table file is written (the fault-injection tests stop the scan here)."""
+
+    def tables(self) -> dict[str, str]:
         missing = [t for t in PUBLISHED_TABLES if t not in self._staged]
         if missing:
             raise RuntimeError(f"cannot publish: tables not staged: {missing}")
-        published = {}
-        for name, staged in self._staged.items():
-            target = self.table_uri(name)
-            uris.move(staged, target)
-            published[name] = target
-        uris.delete_dir(self.staging)
-        return published
-
-    def discard(self) -> None:
-        uris.delete_dir(self.staging)
+        return dict(self._staged)
 
     def write_manifest(self, status: str, **fields) -> dict:
+        """Record this attempt's state. `complete` commits the scan (one atomic write of the manifest
+        readers read); any other state is recorded there only while the scan has never completed."""
         manifest = {
             "manifest_version": MANIFEST_VERSION,
             "scan_id": self.scan_id,
+            "attempt": self.attempt,
             "name": self.cfg.name,
             "status": status,
             "scan_date": self.scan_date.isoformat(),
@@ -142,19 +156,69 @@ class ScanOutputs:
             "model_id": self.cfg.model.id,
             "config_hash": self.cfg.config_hash(),
             "config": redacted(self.cfg.model_dump(mode="json")),
+            "identity": redacted(self.identity),  # what the scan id was derived from (raymem.identity)
             "versions": package_versions(),
             "written_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             **fields,
         }
-        uris.write_bytes_atomic(self.manifest_uri, json.dumps(manifest, indent=2, default=str).encode())
+        data = json.dumps(manifest, indent=2, default=str).encode()
+        uris.write_bytes_atomic(self.attempt_uri, data)
+        if status == "complete" or _committed_status(self.manifest_uri) != "complete":
+            uris.write_bytes_atomic(self.manifest_uri, data)  # the commit
         return manifest
 
+    def record_failure(self, **fields) -> str:
+        """Mark this attempt failed; when the output root itself cannot take the record (read-only,
+        full, unreachable), keep it on the local disk and say where. Returns where it went."""
+        try:
+            self.write_manifest("failed", **fields)
+            return self.attempt_uri
+        except OSError as err:
+            local = (
+                Path(os.environ.get("RAYMEM_STATE_DIR", ".raymem")) / "failed" / f"{self.scan_id}-{self.attempt}.json"
+            )
+            local.parent.mkdir(parents=True, exist_ok=True)
+            record = {"scan_id": self.scan_id, "attempt": self.attempt, "status": "failed", "root": self.root, **fields}
+            record["root_error"] = one_line_os_error(err)
+            local.write_text(json.dumps(record, indent=2, default=str))
+            log.error("could not record the failure under %s (%s); recorded in %s", self.root, err, local)
+            return str(local)
 
-def _inside(uri: str, folder: str) -> bool:
+    def remove_unlisted(self, manifest: dict) -> None:
+        """After a commit: delete this scan's table files that the committed manifest does not list
+        (superseded or killed attempts); other scans' files are never touched. Best effort: a file left
+        here is invisible to readers and removed by the next commit."""
+        self._after_write("manifest")
+        listed = set(manifest.get("tables", {}).values())
+        ours = (f"part-{self.scan_id}-", f"part-{self.scan_id}.parquet")  # attempts, and the old layout
+        for table in PUBLISHED_TABLES:
+            for path in uris.list_files(self.partition(table), ".parquet"):
+                name = path.rsplit("/", 1)[-1]
+                if name.startswith(ours) and path not in listed:
+                    try:
+                        uris.delete_file(path)
+                    except OSError as err:
+                        log.warning("could not remove superseded %s: %s", path, err)
+
+
+def one_line_os_error(err: OSError) -> str:
+    """'[Errno 30] Read-only file system' without the file name pyarrow/os repeat after it."""
+    return err.strerror if err.strerror else str(err).splitlines()[0]
+
+
+def _committed_status(uri: str) -> str | None:
+    try:
+        return json.loads(uris.read_bytes(uri)).get("status")
+    except FileNotFoundError:
+        return None
+    except ValueError:  # unreadable: treat as not committed
+        return None
+
+
+def inside(uri: str, folder: str) -> bool:
+    """Whether `uri` lies below `folder` (manifests never point outside their output root)."""
     if uris.is_remote(uri) or uris.is_remote(folder):
         return uri.startswith(folder.rstrip("/") + "/")
-    from pathlib import Path
-
     return Path(uri).resolve().is_relative_to(Path(folder).resolve())
 
 
@@ -193,7 +257,7 @@ def read_scan_table(root: str, scan_id: str, table: str) -> pa.Table:
             f"scan '{scan_id}' is {manifest.get('status')}, not complete",
         )
     uri = manifest["tables"][table]
-    if not _inside(uri, uris.join(root, table)):  # a manifest never points outside its root
+    if not inside(uri, uris.join(root, table)):  # a manifest never points outside its root
         raise InputError(uris.join(root, "manifests", f"{scan_id}.json"), f"table {table} is outside {root}")
     fs, path = uris.filesystem(uri)
     return pq.read_table(path, filesystem=fs)

@@ -128,14 +128,14 @@ def read_prompts(source: str) -> list[Prompt]:
     except OSError as err:
         raise InputError(source, f"cannot read prompt set: {err}") from None
     columns, records = read_records(source, data)
+    if not records:  # before the column check: an empty JSONL file has no columns at all
+        raise InputError(source, "the prompt set has no rows")
     for name in REQUIRED:
         if name not in columns:
             raise InputError(source, "required column is missing", field=name)
     unknown = [c for c in columns if c not in REQUIRED + OPTIONAL]
     if unknown:
         log.warning("%s: ignoring unknown columns %s", source, unknown)
-    if not records:
-        raise InputError(source, "the prompt set has no rows")
     from_csv = source.lower().endswith(".csv")
     prompts: list[Prompt] = []
     first_row: dict[str, int] = {}

@@ -2,8 +2,8 @@
 
 Tables are opened as pyarrow datasets with hive partitioning (`scan_date` as a date, `model` as a
 string) from a local directory or an s3:// prefix, and registered in DuckDB as views named after the
-tables, plus `manifests` (one row per scan). Only complete scans' files exist in the partitions, so a
-query never sees a half-written scan.
+tables, plus `manifests` (one row per scan). A table is the files that complete committed manifests list
+(docs/outputs.md), so a query never sees a half-written or superseded attempt.
 """
 
 from __future__ import annotations
@@ -25,9 +25,20 @@ class QueryError(RaymemError):
     exit_code = 2
 
 
+def committed_files(root: str, table: str) -> list[str]:
+    """The files of `table` that complete committed manifests list (the reader contract)."""
+    from raymem.outputs import inside
+
+    folder = uris.join(root, table)
+    files = [
+        m["tables"][table] for m in manifests(root) if m.get("status") == "complete" and table in m.get("tables", {})
+    ]
+    return sorted(f for f in files if inside(f, folder))
+
+
 def open_table(root: str, table: str) -> pads.Dataset | None:
     uri = uris.join(root, table)
-    files = uris.list_files(uri, ".parquet")
+    files = committed_files(root, table)
     if not files:
         return None
     fs, _ = uris.filesystem(uri)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ def connect_ray(ray_cfg: RayConfig) -> bool:
     if ray.is_initialized():
         return False
     address = ray_cfg.address or os.environ.get("RAY_ADDRESS") or "local"
+    check_reachable(address)
     kwargs = {"address": address, "logging_level": logging.WARNING, "log_to_driver": True}
     if ray_cfg.runtime_env:
         kwargs["runtime_env"] = ray_cfg.runtime_env
@@ -46,6 +48,29 @@ def connect_ray(ray_cfg: RayConfig) -> bool:
     ray.init(**kwargs)
     ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
     return True
+
+
+CONNECT_TIMEOUT_S = 10.0
+
+
+def check_reachable(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
+    """A remote Ray address must answer within `timeout`: ray.init would otherwise retry for minutes."""
+    import socket
+    from urllib.parse import urlparse
+
+    from raymem.errors import ClusterError
+
+    if address in ("local", "auto") or address.startswith("anyscale://"):
+        return
+    parsed = urlparse(address if "://" in address else f"ray://{address}")
+    if not parsed.hostname or not parsed.port:
+        return
+    try:
+        with socket.create_connection((parsed.hostname, parsed.port), timeout=timeout):
+            pass
+    except OSError as err:
+        reason = err.strerror or type(err).__name__
+        raise ClusterError(f"cannot reach Ray at {address}: {reason} (within {timeout:g} s)") from None
 
 
 def data_context():
@@ -185,7 +210,8 @@ def user_error(err: BaseException) -> BaseException | None:
 
 def summarize_error(err: BaseException) -> str:
     """One line for an unexpected failure: Ray's wrappers put the real exception on the last line."""
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    text = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", str(err))  # Ray colours its tracebacks
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
     head = f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
     if len(lines) > 1 and lines[-1] not in head:
         head = f"{head} ... {lines[-1]}"

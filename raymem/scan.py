@@ -23,13 +23,14 @@ from raymem.candidates import Queries
 from raymem.captions import caption_terms
 from raymem.config import ScanConfig
 from raymem.entity_stats import entities_table, entity_stats
-from raymem.errors import InputError, RaymemError, ScanFailed
+from raymem.errors import InputError, OutputError, RaymemError, ScanFailed
 from raymem.generate import GenerateEmbed, encode_missing_texts, expand_units, unit_fingerprint, work_chunks
+from raymem.identity import scan_id_of, scan_identity
 from raymem.join import nearest_neighbours, neighbors_table
 from raymem.label import copy_candidates, label_units
 from raymem.label_inputs import LabelInputs, pixel_evidence
 from raymem.mining import EntityAssociations, excluded_terms, mine_associations
-from raymem.outputs import ScanOutputs
+from raymem.outputs import ScanOutputs, one_line_os_error
 from raymem.pixels import confirm_pairs, pixel_checks_table
 from raymem.probes import Probe, probes_for
 from raymem.prompts import Prompt, prompts_table, read_prompts
@@ -50,6 +51,7 @@ from raymem.schema import (
 )
 from raymem.sources import TrainingTable, inspect_training
 from raymem.store import TextCache, UnitStore
+from raymem.train_ids import check_train_ids
 
 log = logging.getLogger(__name__)
 
@@ -85,30 +87,34 @@ class _Timer:
 
 def run_scan(cfg: ScanConfig, *, rerun_failed: bool = False) -> ScanResult:
     timer = _Timer()
-    outputs = ScanOutputs(cfg)
     with timer("validate_inputs"):
         # Bad input fails here, before Ray, models or any output exist.
         prompts, training = check_inputs(cfg)
+        identity = scan_identity(cfg, prompts, training)
+    outputs = ScanOutputs(cfg, scan_id_of(cfg, identity), identity)
     started_at = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-    outputs.write_manifest("running", started_at=started_at)
+    try:
+        outputs.write_manifest("running", started_at=started_at)
+    except OSError as err:  # read-only, full, missing bucket: before anything else is done
+        raise OutputError(f"{cfg.output.uri}: cannot write the scan's outputs: {one_line_os_error(err)}") from None
     try:
         with runtime.ray_session(cfg.ray):
             result = _run(cfg, outputs, prompts, training, timer, rerun_failed)
         manifest = outputs.write_manifest(
             "complete", started_at=started_at, counts=result.counts, timings=timer.timings, tables=result.tables
         )
-        result.timings = manifest["timings"]
-        return result
     except BaseException as err:
-        outputs.discard()
         inner = runtime.user_error(err)
         message = str(inner) if inner is not None else runtime.summarize_error(err)
-        outputs.write_manifest("failed", started_at=started_at, error=message, timings=timer.timings)
+        outputs.record_failure(started_at=started_at, error=message, timings=timer.timings)
         if inner is not None and inner is not err:
             raise inner from None
         if isinstance(err, RaymemError) or not isinstance(err, Exception):
             raise
-        raise ScanFailed(f"scan {cfg.scan_id} failed: {message} (details in the Ray worker logs)") from err
+        raise ScanFailed(f"scan {outputs.scan_id} failed: {message} (details in the Ray worker logs)") from err
+    outputs.remove_unlisted(manifest)  # committed: what follows never changes what readers see
+    result.timings = manifest["timings"]
+    return result
 
 
 def check_inputs(cfg: ScanConfig) -> tuple[list[Prompt], TrainingTable]:
@@ -119,10 +125,14 @@ def check_inputs(cfg: ScanConfig) -> tuple[list[Prompt], TrainingTable]:
     return prompts, training
 
 
+def scan_id_for(cfg: ScanConfig) -> str:
+    """The id a scan of this config gets today: from the content of its inputs (raymem.identity)."""
+    prompts, training = check_inputs(cfg)
+    return scan_id_of(cfg, scan_identity(cfg, prompts, training))
+
+
 # -- stages, in the order they run ------------------------------------------------------------------------
 def _run(cfg: ScanConfig, outputs: ScanOutputs, prompts, training, timer, rerun_failed: bool) -> ScanResult:
-    from raymem.diffusion import model_fingerprint
-
     scan_id = outputs.scan_id
     runtime.data_context()
     cluster = runtime.ClusterResources.current()
@@ -134,7 +144,7 @@ def _run(cfg: ScanConfig, outputs: ScanOutputs, prompts, training, timer, rerun_
     with timer("text_cache"):
         have = text_cache.embeddings(wanted_texts)
     texts_by_prompt = {pid: [p.text for p in ps if p.text not in have] for pid, ps in probes.items()}
-    units = expand_units(prompts, cfg, unit_fingerprint(cfg, model_fingerprint(cfg.model)), cfg.signals.null_seeds)
+    units = expand_units(prompts, cfg, unit_fingerprint(cfg, outputs.identity["model"]), cfg.signals.null_seeds)
     counts = _generate(cfg, outputs, units, texts_by_prompt, rerun_failed, cluster, timer)
     texts = text_cache.embeddings(wanted_texts)
     if wanted_texts - texts.keys():  # units were reused but probes changed: encode what is missing
@@ -157,6 +167,8 @@ def _run(cfg: ScanConfig, outputs: ScanOutputs, prompts, training, timer, rerun_
     sscd_dim = sscd_type.list_size if pa.types.is_fixed_size_list(sscd_type) else None
     training = training.for_spaces({"clip": clip_dim, **({"sscd": sscd_dim} if sscd_dim else {})})
 
+    with timer("check_train_ids"):
+        check_train_ids(training)  # a null or repeated id anywhere in the table is bad input
     with timer("join"):
         neighbors, measured, background_source = _join(cfg, training, ok, cluster)
     with timer("entity_stats"):
@@ -188,7 +200,7 @@ def _run(cfg: ScanConfig, outputs: ScanOutputs, prompts, training, timer, rerun_
     with timer("publish"):
         for name, table in tables.items():
             outputs.stage(name, table)
-        published = outputs.publish()
+        published = outputs.tables()
     background = inputs.background
     counts.update(
         training_rows=training.num_rows,
@@ -340,7 +352,9 @@ def _texts_table(scan_id: str, probes: dict[str, list[Probe]], texts: dict, clip
 
 
 def check_model_sources(cfg: ScanConfig) -> None:
-    """Local directories and s3:// prefixes named as models must exist (hub ids are checked when loaded)."""
+    """Every model the scan will load must be loadable from here, checked before Ray starts: local
+    directories and s3:// prefixes exist (a diffusers pipeline directory has its model_index.json), and
+    a hub id is in the local Hugging Face cache when the hub is offline (HF_HUB_OFFLINE=1)."""
     import os
 
     from raymem import uri as uris
@@ -357,6 +371,28 @@ def check_model_sources(cfg: ScanConfig) -> None:
         local = value.startswith("/")
         if (local and not os.path.exists(value)) or (uris.is_remote(value) and not uris.exists(value)):
             raise InputError(value, f"not found (from {name})")
+    model = cfg.model.id
+    if model.startswith("/") and os.path.isdir(model) and not os.path.exists(os.path.join(model, "model_index.json")):
+        raise InputError(model, "not a diffusers pipeline directory: model_index.json is missing (from model.id)")
+    if uris.is_remote(model) and not uris.exists(uris.join(model, "model_index.json")):
+        raise InputError(model, "not a diffusers pipeline prefix: model_index.json is missing (from model.id)")
+    if not model.startswith("/") and not uris.is_remote(model) and os.environ.get("HF_HUB_OFFLINE") == "1":
+        _check_hub_cache(model, cfg.model.revision)
 
 
-__all__ = ["run_scan", "check_inputs", "ScanResult", "InputError"]
+def _check_hub_cache(repo_id: str, revision: str | None) -> None:
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        cached = try_to_load_from_cache(repo_id, "model_index.json", revision=revision)
+    except Exception as err:  # noqa: BLE001 - an invalid repo id is bad input like any other
+        raise InputError(repo_id, f"not a usable hub id: {err} (from model.id)") from None
+    if not isinstance(cached, str):
+        raise InputError(
+            repo_id,
+            "not in the local Hugging Face cache and HF_HUB_OFFLINE=1 (from model.id): download it first, "
+            "or point model.id at a local directory",
+        )
+
+
+__all__ = ["run_scan", "check_inputs", "scan_id_for", "ScanResult", "InputError"]

@@ -86,7 +86,7 @@ def submit(
             entrypoint=f"python jobs/scan.py {relative}",
             submission_id=sid,
             runtime_env={"working_dir": str(root), "excludes": EXCLUDES, "env_vars": env_vars},
-            metadata={"raymem_scan": cfg.name, "config_hash": cfg.config_hash(), "scan_id": cfg.scan_id},
+            metadata={"raymem_scan": cfg.name, "config_hash": cfg.config_hash()},
             entrypoint_num_cpus=entrypoint_num_cpus,
         )
     except Exception as err:  # noqa: BLE001

@@ -93,9 +93,14 @@ def write_bytes_atomic(uri: str, data: bytes) -> None:
     path = Path(uri)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):  # a full disk must not keep the partial file
+            os.unlink(tmp)
+        raise
 
 
 @contextlib.contextmanager
@@ -132,6 +137,12 @@ def list_files(uri: str, suffix: str = "") -> list[str]:
         if name.endswith(suffix):
             out.append(("s3://" + entry.path) if is_remote(uri) else entry.path)
     return sorted(out)
+
+
+def delete_file(uri: str) -> None:
+    fs, path = filesystem(uri)
+    if fs.get_file_info(path).type != pafs.FileType.NotFound:
+        fs.delete_file(path)
 
 
 def delete_dir(uri: str) -> None:

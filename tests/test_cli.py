@@ -60,8 +60,53 @@ def test_validate_checks_inputs_without_running(demo_raw, tmp_path):
     assert out.returncode == 2 and "no .parquet files found" in out.stderr
 
 
+def test_validate_catches_models_that_cannot_load_before_ray_starts(demo_raw, tmp_path):
+    import os
+
+    import yaml
+
+    path = tmp_path / "scan.yaml"
+    not_a_pipeline = tmp_path / "weights"
+    not_a_pipeline.mkdir()
+    path.write_text(yaml.safe_dump({**demo_raw, "model": {"id": str(not_a_pipeline)}}))
+    out = raymem("validate", str(path))
+    assert out.returncode == 2
+    assert out.stderr.strip() == (
+        f"raymem: error: {not_a_pipeline}: not a diffusers pipeline directory: model_index.json is missing "
+        "(from model.id)"
+    )
+    path.write_text(yaml.safe_dump({**demo_raw, "model": {"id": "nobody-here/no-such-model"}}))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    out = subprocess.run(
+        [sys.executable, "-m", "raymem.cli", "validate", str(path)], capture_output=True, text=True, cwd=REPO, env=env
+    )
+    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1
+    assert "nobody-here/no-such-model: not in the local Hugging Face cache and HF_HUB_OFFLINE=1" in out.stderr
+
+
 def test_help_lists_the_commands():
     out = raymem("--help")
     assert out.returncode == 0
     for command in ("scan", "demo", "validate"):
         assert command in out.stdout
+
+
+def test_an_unreachable_ray_address_is_one_line_not_a_retry_loop(demo_raw, tmp_path):
+    import socket
+    import time
+
+    import yaml
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    path = tmp_path / "scan.yaml"
+    path.write_text(yaml.safe_dump({**demo_raw, "ray": {"address": f"127.0.0.1:{port}"}}))
+    start = time.monotonic()
+    out = raymem("scan", str(path))
+    assert out.returncode == 1 and time.monotonic() - start < 120
+    assert out.stderr.strip().splitlines() == [
+        f"raymem: error: cannot reach Ray at 127.0.0.1:{port}: Connection refused (within 10 s)"
+    ]
+    manifest = json.loads(next((tmp_path / "out" / "manifests").glob("*.json")).read_text())
+    assert manifest["status"] == "failed" and "cannot reach Ray" in manifest["error"]

@@ -39,15 +39,11 @@ def test_local_model_dir_and_clip_local_dir_are_absolutized(tmp_path, monkeypatc
     assert cfg.embedding.clip.model == f"local-dir:{tmp_path / 'clip'}"
 
 
-def test_scan_id_is_deterministic_and_date_scoped():
+def test_the_partition_date_is_resolved_once_at_load():
     a = parse_config(minimal(output={"uri": "s3://b/o", "scan_date": "2026-01-02"}))
-    b = parse_config(minimal(output={"uri": "s3://b/o", "scan_date": "2026-01-02"}))
     c = parse_config(minimal(output={"uri": "s3://b/o", "scan_date": "2026-01-03"}))
-    d = parse_config(minimal(output={"uri": "s3://b/o", "scan_date": "2026-01-02"}, generation={"seeds_per_prompt": 8}))
-    assert a.scan_id == b.scan_id
-    assert a.config_hash() == c.config_hash() and a.scan_id != c.scan_id  # the date is not in the hash
-    assert a.scan_id != d.scan_id
-    assert a.scan_date == dt.date(2026, 1, 2)
+    assert a.scan_date == dt.date(2026, 1, 2) and a.config_hash() == c.config_hash()  # the date is not in the hash
+    assert parse_config(minimal(), today=dt.date(2027, 5, 1)).scan_date == dt.date(2027, 5, 1)
 
 
 @pytest.mark.parametrize(
@@ -150,3 +146,13 @@ def test_whole_numbers_are_accepted_where_a_float_is_expected_and_the_date_may_b
         minimal(thresholds={"replication": 1, "verbatim": 1}, output={"uri": "s3://b", "scan_date": "2026-01-02"})
     )
     assert cfg.thresholds.replication == 1.0 and cfg.scan_date == dt.date(2026, 1, 2)
+
+
+def test_a_clip_retrieval_training_path_keeps_its_prefix(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    absolute = parse_config(minimal(training={"embeddings": "clip-retrieval:/data/laion"}))
+    assert absolute.training.embeddings == "clip-retrieval:/data/laion"
+    relative = parse_config(minimal(training={"embeddings": "clip-retrieval:laion"}))
+    assert relative.training.embeddings == f"clip-retrieval:{tmp_path / 'laion'}"
+    remote = parse_config(minimal(training={"embeddings": "clip-retrieval:s3://b/laion"}))
+    assert remote.training.embeddings == "clip-retrieval:s3://b/laion"

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from raymem.config import GenerationConfig, ModelConfig
-from raymem.diffusion import NoiseNormRecorder, load_pipeline, model_fingerprint, sample
+from raymem.diffusion import NoiseNormRecorder, load_pipeline, sample
+from raymem.identity import model_fingerprint
 
 GEN = GenerationConfig(num_inference_steps=4, guidance_scale=7.5, height=64, width=64)
 

@@ -113,9 +113,10 @@ def test_file_level_problems(tmp_path):
     (tmp_path / "p.txt").write_text("x")
     with pytest.raises(InputError, match="unsupported format '.txt'"):
         read_prompts(str(tmp_path / "p.txt"))
-    (tmp_path / "empty.jsonl").write_text("\n")
-    with pytest.raises(InputError, match="missing"):
-        read_prompts(str(tmp_path / "empty.jsonl"))
+    for name, text in (("empty.jsonl", ""), ("blank.jsonl", "\n\n")):
+        (tmp_path / name).write_text(text)
+        with pytest.raises(InputError, match=f"{name}: the prompt set has no rows"):
+            read_prompts(str(tmp_path / name))
     (tmp_path / "header.csv").write_text("prompt_id,prompt,entity\n")
     with pytest.raises(InputError, match="header.csv: the prompt set has no rows"):
         read_prompts(str(tmp_path / "header.csv"))

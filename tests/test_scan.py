@@ -138,7 +138,7 @@ def test_outputs_are_hive_partitioned_and_read_by_duckdb(first_scan):
     cfg, result = first_scan
     root = Path(cfg.output.uri)
     for table, uri in result.tables.items():
-        assert f"/{table}/scan_date=2026-11-28/model=sd-tiny/part-{result.scan_id}.parquet" in uri
+        assert f"/{table}/scan_date=2026-11-28/model=sd-tiny/part-{result.scan_id}-" in uri
     con = duckdb.connect()
     rows = con.sql(
         f"select model, scan_date, count(*) n, count(distinct prompt_id) p, "
@@ -161,7 +161,8 @@ def test_outputs_are_hive_partitioned_and_read_by_duckdb(first_scan):
     assert manifest["config_hash"] == cfg.config_hash() and manifest["versions"]["ray"]
     newest_table = max(os.path.getmtime(u) for u in result.tables.values())
     assert os.path.getmtime(root / "manifests" / f"{result.scan_id}.json") >= newest_table  # manifest last
-    assert not (root / "_staging").exists() or not any((root / "_staging").iterdir())
+    attempts = list((root / "_attempts" / result.scan_id).glob("*.json"))
+    assert [json.loads(a.read_text())["status"] for a in attempts] == ["complete"]
 
 
 def test_same_config_twice_gives_identical_images_and_embeddings(first_scan, scan_config):
@@ -218,7 +219,7 @@ def test_dimension_mismatch_found_after_generation_publishes_nothing(ray_two_gpu
     ):
         run_scan(cfg)
     root = Path(cfg.output.uri)
-    manifest = json.loads((root / "manifests" / f"{cfg.scan_id}.json").read_text())
+    manifest = json.loads(next((root / "manifests").glob("*.json")).read_text())
     assert manifest["status"] == "failed" and "embedding dimension 16" in manifest["error"]
     assert not list(root.glob("labels/**/*.parquet")) and not list(root.glob("generations/**/*.parquet"))
 

@@ -1,0 +1,81 @@
+"""The scan id comes from what the inputs contain, not where they sit."""
+
+import datetime as dt
+import json
+import shutil
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from raymem.config import parse_config
+from raymem.identity import scan_id_of, scan_identity
+from raymem.scan import check_inputs
+from raymem.schema import embedding_array
+
+
+def make_inputs(root, prompts=("a photo of the Old Mill",)):
+    root.mkdir(parents=True)
+    (root / "prompts.jsonl").write_text(
+        "".join(
+            json.dumps({"prompt_id": f"p{i}", "prompt": p, "entity": "Old Mill"}) + "\n" for i, p in enumerate(prompts)
+        )
+    )
+    (root / "train").mkdir()
+    x = np.eye(4, 8, dtype=np.float32)
+    pq.write_table(
+        pa.table({"train_id": ["a", "b", "c", "d"], "clip_embedding": embedding_array(x, 8)}),
+        root / "train" / "part-0.parquet",
+    )
+    (root / "model").mkdir()
+    (root / "model" / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
+    return root
+
+
+def config(root, **over):
+    raw = {
+        "name": "nightly",
+        "model": {"id": str(root / "model")},
+        "prompts": str(root / "prompts.jsonl"),
+        "training": {"embeddings": str(root / "train")},
+        "embedding": {"copy_detection": {"model": None}},
+        "output": {"uri": str(root / "out"), "scan_date": "2026-11-30"},
+        **over,
+    }
+    return parse_config(raw)
+
+
+def scan_id(cfg):
+    prompts, training = check_inputs(cfg)
+    return scan_id_of(cfg, scan_identity(cfg, prompts, training))
+
+
+def test_the_same_inputs_elsewhere_are_the_same_scan(tmp_path):
+    a = make_inputs(tmp_path / "here")
+    shutil.copytree(a, tmp_path / "there")
+    here = scan_id(config(a))
+    assert here == scan_id(config(tmp_path / "there"))  # other absolute paths, same content
+    assert here.startswith("nightly-2026-11-30-")
+    # where it runs and with what resources does not change what it computes
+    assert here == scan_id(config(a, resources={"join_actors": 4}, ray={"address": "ray://head:10001"}))
+
+
+def test_changed_content_settings_or_date_is_another_scan(tmp_path):
+    a = make_inputs(tmp_path / "a")
+    base = scan_id(config(a))
+    (a / "prompts.jsonl").write_text(
+        json.dumps({"prompt_id": "p0", "prompt": "the Old Mill at night", "entity": "Old Mill"}) + "\n"
+    )
+    changed_prompts = scan_id(config(a))
+    assert changed_prompts != base
+    (a / "model" / "model_index.json").write_text('{"_class_name": "StableDiffusionXLPipeline"}')
+    assert scan_id(config(a)) != changed_prompts
+    pq.write_table(
+        pa.table({"train_id": ["e"], "clip_embedding": embedding_array(np.eye(1, 8, dtype=np.float32), 8)}),
+        a / "train" / "part-1.parquet",
+    )
+    with_more_training = scan_id(config(a))
+    assert with_more_training != changed_prompts
+    assert scan_id(config(a, generation={"seeds_per_prompt": 8})) != with_more_training
+    other_day = config(a, output={"uri": str(a / "out"), "scan_date": "2026-12-01"})
+    assert other_day.scan_date == dt.date(2026, 12, 1) and scan_id(other_day) != with_more_training
