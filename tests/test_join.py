@@ -222,3 +222,19 @@ def test_nan_in_a_streamed_file_fails_the_join_with_the_file_named(local_ray, tm
         match=r"^\S*part-zzz.parquet: field 'clip_embedding': the embedding of train_id 'bad2' has NaN or inf",
     ):
         joins.nearest_neighbours(training, q, 3, batch_rows=16)
+
+
+@pytest.mark.ray
+def test_corrupt_data_pages_behind_an_intact_footer_name_the_file(local_ray, tmp_path):
+    rng = np.random.default_rng(6)
+    write_training(tmp_path / "t", rng, sizes=[40, 40])
+    victim = tmp_path / "t" / "part-001.parquet"
+    data = bytearray(victim.read_bytes())
+    footer = int.from_bytes(data[-8:-4], "little") + 8  # footer length + 'PAR1' + the length itself
+    for i in range(4, len(data) - footer, 7):  # scribble over the pages, leave the footer alone
+        data[i] ^= 0x5A
+    victim.write_bytes(bytes(data))
+    training = sources.inspect_training(str(tmp_path / "t"), {"clip": 16})  # the footer still reads
+    q = {"q": joins.Queries(["q"], {"clip": l2_normalize(rng.standard_normal((1, 16)))})}
+    with pytest.raises(InputError, match=r"^\S*part-001.parquet: unreadable Parquet data in row groups \[[0-9, ]+\]: "):
+        joins.nearest_neighbours(training, q, 3)

@@ -96,15 +96,19 @@ class ParquetSource:
         """Consecutive row groups of one file, about `target_rows` rows each."""
         items = []
         for f, path in enumerate(training.files):
-            group, size = [], 0
+            groups: list[list[int]] = [[]]
+            sizes = [0]
             for g, n in enumerate(training.row_groups[f]):
-                if group and size + n > target_rows:
-                    items.append({"path": path, "npy": "", "row_groups": group, "start": 0, "stop": 0})
-                    group, size = [], 0
-                group.append(g)
-                size += n
-            if group:
-                items.append({"path": path, "npy": "", "row_groups": group, "start": 0, "stop": 0})
+                if groups[-1] and sizes[-1] + n > target_rows:
+                    groups.append([])
+                    sizes.append(0)
+                groups[-1].append(g)
+                sizes[-1] += n
+            first = 0  # `start`/`stop`: the item's rows within its file
+            for group, size in zip(groups, sizes):
+                if group:
+                    items.append({"path": path, "npy": "", "row_groups": group, "start": first, "stop": first + size})
+                first += size
         return items
 
     def read(self, item: dict, columns: list[str]) -> pa.Table:
@@ -112,7 +116,14 @@ class ParquetSource:
         pf = pq.ParquetFile(p, filesystem=fs)
         present = [c for c in columns if c in pf.schema_arrow.names]
         # One thread: this runs beside the BLAS threads scoring the previous item.
-        table = pf.read_row_groups(item["row_groups"], columns=present, use_threads=False)
+        try:
+            table = pf.read_row_groups(item["row_groups"], columns=present, use_threads=False)
+        except (OSError, pa.ArrowException) as err:  # corrupt pages behind an intact footer
+            text = "".join(c for c in str(err) if c.isprintable() or c == "\n").strip()
+            first = text.splitlines()[0] if text else type(err).__name__
+            raise InputError(
+                item["path"], f"unreadable Parquet data in row groups {item['row_groups']}: {first}"
+            ) from None
         return table.append_column("path", pa.array([item["path"]] * table.num_rows, pa.string()))
 
     def sample(self, training: TrainingTable, n: int, spaces: list[str]) -> list[pa.Table]:
