@@ -56,3 +56,9 @@ class ClusterError(RaymemError):
     """Ray cannot be reached at the configured address."""
 
     exit_code = 1
+
+
+class ScanBusy(RaymemError):
+    """Another live attempt holds the scan's lease: this one would only recompute the same thing."""
+
+    exit_code = 4

@@ -20,6 +20,7 @@ manifest lists; docs/outputs.md has the contract for DuckDB, pyarrow and Spark u
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import json
@@ -27,6 +28,7 @@ import logging
 import os
 import platform
 import re
+import time
 import uuid
 from importlib import metadata
 from pathlib import Path
@@ -36,11 +38,13 @@ import pyarrow.parquet as pq
 
 from raymem import uri as uris
 from raymem.config import ScanConfig
+from raymem.errors import ScanBusy
 from raymem.schema import PUBLISHED_TABLES
 
 log = logging.getLogger(__name__)
 
 MANIFEST_VERSION = 1
+LEASE_TTL_S = float(os.environ.get("RAYMEM_LEASE_TTL_S", 600))
 _VERSIONED = (
     "raymem",
     "ray",
@@ -116,6 +120,7 @@ class ScanOutputs:
         self.text_cache = uris.join(self.root, "_units", "texts", f"clip={clip_key.hexdigest()[:16]}")
         self.manifest_uri = uris.join(self.root, "manifests", f"{self.scan_id}.json")
         self.attempt_uri = uris.join(self.root, "_attempts", self.scan_id, f"{self.attempt}.json")
+        self.lease_uri = uris.join(self.root, "_attempts", self.scan_id, "_lease.json")
         self._staged: dict[str, str] = {}
 
     def partition(self, table: str) -> str:
@@ -167,6 +172,65 @@ class ScanOutputs:
             uris.write_bytes_atomic(self.manifest_uri, data)  # the commit
         return manifest
 
+    # -- the lease: one live attempt per scan id ----------------------------------------------------------
+    def acquire_lease(self) -> None:
+        """Claim the scan for this attempt, or raise ScanBusy while another attempt's lease is fresh.
+
+        The lease is a small file renewed every LEASE_TTL_S / 3 by a daemon thread; one not renewed for
+        LEASE_TTL_S (a killed driver) is taken over. Local roots claim it with an exclusive create; on S3
+        the check and the write are two requests, so two attempts started in the same instant can both
+        proceed -- they compute the same thing, and snapshot publishing keeps readers consistent.
+        """
+        import socket
+        import threading
+
+        holder = _read_json(self.lease_uri)
+        if holder and holder.get("attempt") != self.attempt:
+            age = time.time() - float(holder.get("renewed_at", 0))
+            if age < LEASE_TTL_S and _alive(holder):
+                raise ScanBusy(
+                    f"scan {self.scan_id} is being computed by attempt {holder.get('attempt')} on "
+                    f"{holder.get('host')} (pid {holder.get('pid')}, renewed {age:.0f} s ago); wait for it, or "
+                    f"remove {self.lease_uri} if that run is dead (it expires after {LEASE_TTL_S:g} s)"
+                )
+            log.warning("taking over the lease of dead or stale attempt %s (%.0f s old)", holder.get("attempt"), age)
+            uris.delete_file(self.lease_uri)
+        self._lease = {"attempt": self.attempt, "host": socket.gethostname(), "pid": os.getpid()}
+        self._renew(exclusive=True)
+        self._lease_stop = threading.Event()
+
+        def renew_forever():
+            while not self._lease_stop.wait(LEASE_TTL_S / 3):
+                try:
+                    self._renew()
+                except OSError as err:  # the root is unreachable for a moment: the next renewal retries
+                    log.warning("could not renew the lease %s: %s", self.lease_uri, err)
+
+        threading.Thread(target=renew_forever, name="raymem-lease", daemon=True).start()
+
+    def _renew(self, exclusive: bool = False) -> None:
+        data = json.dumps({**self._lease, "renewed_at": time.time()}).encode()
+        if exclusive and not uris.is_remote(self.lease_uri):
+            Path(self.lease_uri).parent.mkdir(parents=True, exist_ok=True)
+            try:
+                fd = os.open(self.lease_uri, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+            except FileExistsError:  # another attempt claimed it between our read and now
+                raise ScanBusy(f"scan {self.scan_id} was just claimed by another attempt ({self.lease_uri})") from None
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            return
+        uris.write_bytes_atomic(self.lease_uri, data)
+
+    def release_lease(self) -> None:
+        stop = getattr(self, "_lease_stop", None)
+        if stop is None:
+            return
+        stop.set()
+        with contextlib.suppress(OSError):  # an unreachable root: the lease then expires by itself
+            holder = _read_json(self.lease_uri)
+            if holder and holder.get("attempt") == self.attempt:
+                uris.delete_file(self.lease_uri)
+
     def record_failure(self, **fields) -> str:
         """Mark this attempt failed; when the output root itself cannot take the record (read-only,
         full, unreachable), keep it on the local disk and say where. Returns where it went."""
@@ -204,6 +268,28 @@ class ScanOutputs:
 def one_line_os_error(err: OSError) -> str:
     """'[Errno 30] Read-only file system' without the file name pyarrow/os repeat after it."""
     return err.strerror if err.strerror else str(err).splitlines()[0]
+
+
+def _alive(holder: dict) -> bool:
+    """A lease holder on this machine is alive while its process is; elsewhere we cannot tell."""
+    import socket
+
+    if holder.get("host") != socket.gethostname():
+        return True
+    try:
+        os.kill(int(holder.get("pid", 0)), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, ValueError, OverflowError):
+        return True
+    return True
+
+
+def _read_json(uri: str) -> dict | None:
+    try:
+        return json.loads(uris.read_bytes(uri))
+    except (FileNotFoundError, ValueError):
+        return None
 
 
 def _committed_status(uri: str) -> str | None:

@@ -209,7 +209,12 @@ def user_error(err: BaseException) -> BaseException | None:
 
 
 def summarize_error(err: BaseException) -> str:
-    """One line for an unexpected failure: Ray's wrappers put the real exception on the last line."""
+    """One line for an unexpected failure: the exception a Ray task raised (its `cause`), not Ray's
+    wrapper with the remote traceback; otherwise the first and last lines of the message."""
+    seen = set()
+    while isinstance(getattr(err, "cause", None), BaseException) and id(err) not in seen:
+        seen.add(id(err))
+        err = err.cause
     text = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", str(err))  # Ray colours its tracebacks
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     head = f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__

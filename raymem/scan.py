@@ -94,9 +94,19 @@ def run_scan(cfg: ScanConfig, *, rerun_failed: bool = False) -> ScanResult:
     outputs = ScanOutputs(cfg, scan_id_of(cfg, identity), identity)
     started_at = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     try:
-        outputs.write_manifest("running", started_at=started_at)
-    except OSError as err:  # read-only, full, missing bucket: before anything else is done
+        outputs.acquire_lease()  # a second run of the same scan exits here instead of recomputing it
+        try:
+            outputs.write_manifest("running", started_at=started_at)
+        except OSError as err:  # read-only, full, missing bucket: before anything else is done
+            raise OutputError(f"{cfg.output.uri}: cannot write the scan's outputs: {one_line_os_error(err)}") from None
+        return _run_and_commit(cfg, outputs, prompts, training, timer, rerun_failed, started_at)
+    except OSError as err:  # the lease itself could not be written
         raise OutputError(f"{cfg.output.uri}: cannot write the scan's outputs: {one_line_os_error(err)}") from None
+    finally:
+        outputs.release_lease()
+
+
+def _run_and_commit(cfg, outputs, prompts, training, timer, rerun_failed: bool, started_at: str) -> ScanResult:
     try:
         with runtime.ray_session(cfg.ray):
             result = _run(cfg, outputs, prompts, training, timer, rerun_failed)

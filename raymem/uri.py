@@ -39,6 +39,11 @@ def _s3_filesystem() -> pafs.S3FileSystem:
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
     if region:
         kwargs["region"] = region
+    # An S3 outage of a few seconds to a minute is retried with exponential backoff (AWS's standard
+    # strategy) before it fails the scan; RAYMEM_S3_RETRIES sets the attempts per request.
+    attempts = int(os.environ.get("RAYMEM_S3_RETRIES", "10"))
+    kwargs["retry_strategy"] = pafs.AwsStandardS3RetryStrategy(max_attempts=attempts)
+    kwargs["connect_timeout"] = float(os.environ.get("RAYMEM_S3_CONNECT_TIMEOUT_S", "5"))
     return pafs.S3FileSystem(**kwargs)
 
 

@@ -236,11 +236,90 @@ def test_a_full_disk_mid_scan_fails_in_one_line_and_the_failure_is_recorded(demo
     state = tmp_path / "state"
     raw = small_scan(demo_raw, root / "out")
     out = scan_cli(raw, tmp_path, RAYMEM_STATE_DIR=str(state))
-    assert out.returncode == 1 and len(out.stderr.strip().splitlines()) == 1, out.stderr[-3000:]
-    assert "No space left on device" in out.stderr or "no space" in out.stderr.lower()
+    errors = [line for line in out.stderr.splitlines() if line.startswith("raymem: error:")]
+    assert out.returncode == 1 and len(errors) == 1, out.stderr[-3000:]
+    assert "failed: OSError: [Errno 28] No space left on device" in errors[0]
     # Recorded as failed: on the root if the record still fitted there, else on the local disk.
     manifests = [json.loads(p.read_text()) for p in (root / "out" / "manifests").glob("*.json")]
     local = [json.loads(p.read_text()) for p in state.glob("failed/*.json")]
     assert [m["status"] for m in manifests] in (["failed"], ["running"])
     assert manifests[0]["status"] == "failed" or [r["status"] for r in local] == ["failed"]
     assert all(committed_files(str(root / "out"), t) == [] for t in PUBLISHED_TABLES)
+
+
+# -- one live attempt per scan: the lease -------------------------------------------------------------
+def test_a_live_lease_refuses_a_second_attempt_and_a_dead_or_stale_one_is_taken_over(tmp_path):
+    import os
+    import socket
+
+    from raymem.errors import ScanBusy
+
+    cfg = publishing_config(tmp_path / "out")
+    first = ScanOutputs(cfg, "nightly-2026-11-28-0123456789")
+    first.acquire_lease()
+    second = ScanOutputs(cfg, "nightly-2026-11-28-0123456789")
+    with pytest.raises(ScanBusy, match=rf"is being computed by attempt {first.attempt} on {socket.gethostname()}"):
+        second.acquire_lease()
+    lease = Path(first.lease_uri)
+    # stale: not renewed within the TTL (a driver on another machine that died)
+    lease.write_text(json.dumps({"attempt": "old", "host": "elsewhere", "pid": 1, "renewed_at": 0}))
+    second.acquire_lease()
+    assert json.loads(lease.read_text())["attempt"] == second.attempt
+    first.release_lease()  # not first's any more: left alone
+    assert lease.exists()
+    second.release_lease()
+    assert not lease.exists()
+    # dead: a fresh lease whose process on this machine is gone (a killed driver, resumed here)
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    lease.write_text(
+        json.dumps({"attempt": "killed", "host": socket.gethostname(), "pid": gone.pid, "renewed_at": time.time()})
+    )
+    third = ScanOutputs(cfg, "nightly-2026-11-28-0123456789")
+    third.acquire_lease()
+    third.release_lease()
+    assert os.path.exists(tmp_path / "out" / "_attempts")
+
+
+@pytest.mark.ray
+def test_two_scans_racing_on_one_root_the_second_exits_with_a_clear_message(demo_root, tmp_path):
+    """Scan A (a real process, held just before it publishes) and scan B of the same config."""
+    from raymem.errors import ScanBusy
+    from raymem.scan import run_scan
+    from tests.conftest import demo_raw_config
+    from tests.test_resume import kill_process_tree
+
+    out = tmp_path / "out"
+    raw = small_scan(demo_raw_config(demo_root), out)
+    path = tmp_path / "scan.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    marker = tmp_path / "holding"
+    script = f"""
+import time
+from pathlib import Path
+from raymem import outputs
+from raymem.cli import main
+
+def hold(self, name):
+    Path({str(marker)!r}).write_text(name)
+    time.sleep(600)
+
+outputs.ScanOutputs._after_write = hold
+main(["scan", {str(path)!r}])
+"""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        deadline = time.time() + 600
+        while not marker.exists():
+            assert proc.poll() is None and time.time() < deadline, "scan A ended before it reached the publish step"
+            time.sleep(0.2)
+        start = time.time()
+        with pytest.raises(
+            ScanBusy, match=r"is being computed by attempt .* \(pid \d+, renewed \d+ s ago\); wait for it"
+        ):
+            run_scan(parse_config(raw))
+        assert time.time() - start < 60  # refused before generating anything
+    finally:
+        kill_process_tree(proc)

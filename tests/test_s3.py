@@ -18,6 +18,7 @@ pytestmark = pytest.mark.ray
 
 SECRET = "raymem-test-secret-do-not-log"
 BUCKET = "raymem-test"
+SERVER: dict = {}  # the running moto server (an outage test stops and restarts it)
 
 
 def free_port() -> int:
@@ -37,6 +38,7 @@ def s3(tmp_path_factory):
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
+    SERVER.update(server=server, port=port)
     env = {
         "AWS_ACCESS_KEY_ID": "testing",
         "AWS_SECRET_ACCESS_KEY": SECRET,
@@ -51,7 +53,7 @@ def s3(tmp_path_factory):
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield f"s3://{BUCKET}"
     ray.shutdown()
-    server.stop()
+    SERVER["server"].stop()
     for k, v in saved.items():
         os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
 
@@ -134,3 +136,109 @@ def test_missing_s3_prefix_is_one_clear_line(s3):
     with pytest.raises(InputError) as info:
         inspect_training("s3://no-such-bucket-xyz/train", {})
     assert "\n" not in str(info.value) and str(info.value).startswith("s3://no-such-bucket-xyz/train: ")
+
+
+def _outage_config(s3, demo_root, out: str):
+    from raymem.config import parse_config
+    from tests.conftest import demo_raw_config
+
+    raw = demo_raw_config(demo_root)
+    prompts = (demo_root / "prompts.jsonl").read_text().splitlines()[:2]
+    uris.write_bytes(f"{s3}/{out}-prompts.jsonl", ("\n".join(prompts) + "\n").encode())
+    raw.update(prompts=f"{s3}/{out}-prompts.jsonl", output={"uri": f"{s3}/{out}", "scan_date": "2026-11-28"})
+    raw["generation"].update(seeds_per_prompt=2, batch_size=1)
+    raw["signals"]["null_seeds"] = 0
+    return parse_config(raw)
+
+
+def _stop_server_when(prefix: str, down_s: float | None):
+    """Stop the S3 server once `prefix` has objects (units being written); restart it after `down_s`
+    seconds on the same port (moto keeps its buckets in-process), or never when `down_s` is None."""
+    import threading
+    import time
+
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    client = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"])
+    stopped = threading.Event()
+
+    def run():
+        deadline = time.time() + 300
+        while time.time() < deadline and not client.list_objects_v2(Bucket=BUCKET, Prefix=prefix).get("KeyCount"):
+            time.sleep(0.05)
+        SERVER["server"].stop()
+        stopped.set()
+        if down_s is not None:
+            time.sleep(down_s)
+            server = ThreadedMotoServer(ip_address="127.0.0.1", port=SERVER["port"], verbose=False)
+            server.start()
+            SERVER["server"] = server
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, stopped
+
+
+def test_an_s3_outage_of_seconds_mid_scan_is_retried_and_the_scan_completes(s3, demo_root):
+    from raymem.scan import run_scan
+
+    cfg = _outage_config(s3, demo_root, "outage-short")
+    thread, stopped = _stop_server_when("outage-short/_units/", down_s=3.0)
+    result = run_scan(cfg)
+    thread.join()
+    assert stopped.is_set()  # the server really went away mid-scan
+    manifest = json.loads(uris.read_bytes(result.manifest_uri))
+    assert manifest["status"] == "complete" and manifest["counts"]["units_ok"] == 4
+
+
+def test_an_s3_outage_that_outlasts_the_retries_fails_in_one_line_and_is_recorded_locally(s3, demo_root, tmp_path):
+    """In its own process and Ray, with two attempts per S3 request, so giving up takes seconds."""
+    import subprocess
+    import sys
+
+    import yaml
+    from moto.server import ThreadedMotoServer
+
+    from tests.conftest import REPO
+
+    cfg = _outage_config(s3, demo_root, "outage-long")
+    path = tmp_path / "scan.yaml"
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    env = {**os.environ, "RAYMEM_S3_RETRIES": "2", "RAYMEM_STATE_DIR": str(tmp_path / "state"), "RAY_ADDRESS": ""}
+    thread, stopped = _stop_server_when("outage-long/_units/", down_s=None)
+    try:
+        out = subprocess.run(
+            [sys.executable, "-m", "raymem.cli", "scan", str(path)],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            env=env,
+            timeout=600,
+        )
+    finally:
+        thread.join()
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=SERVER["port"], verbose=False)
+        server.start()  # back for the tests that follow
+        SERVER["server"] = server
+    assert stopped.is_set() and out.returncode == 1
+    errors = [line for line in out.stderr.splitlines() if line.startswith("raymem: error:")]
+    assert len(errors) == 1 and "Could not connect" in errors[0], out.stderr[-2000:]
+    (record,) = [json.loads(p.read_text()) for p in (tmp_path / "state" / "failed").glob("*.json")]
+    assert record["status"] == "failed" and record["root"] == f"{s3}/outage-long" and record["error"]
+    assert SECRET not in out.stderr and SECRET not in json.dumps(record)
+
+
+def test_an_output_root_in_a_missing_bucket_is_one_line_before_any_work(s3, demo_root):
+    from raymem.config import parse_config
+    from raymem.errors import OutputError
+    from raymem.scan import run_scan
+    from tests.conftest import demo_raw_config
+
+    raw = demo_raw_config(demo_root)
+    raw["output"] = {"uri": "s3://no-such-bucket-for-outputs/raymem", "scan_date": "2026-11-28"}
+    with pytest.raises(OutputError) as info:
+        run_scan(parse_config(raw))
+    message = str(info.value)
+    assert message.startswith("s3://no-such-bucket-for-outputs/raymem: cannot write the scan's outputs: ")
+    assert "\n" not in message and SECRET not in message
