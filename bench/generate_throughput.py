@@ -120,7 +120,7 @@ def raymem_stage(model_dir: Path, work: Path, n_prompts: int, args) -> dict:
 
     from raymem.config import parse_config
     from raymem.encoders import l2_normalize
-    from raymem.scan import run_scan
+    from raymem.pipeline import run_scan
     from raymem.schema import embedding_array
     from raymem.tiny import build_tiny_clip
 

@@ -24,7 +24,7 @@ def _print_result(result) -> None:
     print()
     import pyarrow as pa
 
-    from raymem.query import format_table
+    from raymem.results import format_table
 
     sys.stdout.write(
         format_table(
@@ -49,7 +49,7 @@ def _print_result(result) -> None:
 
 def cmd_scan(args) -> int:
     from raymem.config import load_config
-    from raymem.scan import run_scan
+    from raymem.pipeline import run_scan
 
     cfg = load_config(args.config)
     result = run_scan(cfg, rerun_failed=args.rerun_failed)
@@ -61,7 +61,7 @@ def cmd_demo(args) -> int:
     from raymem import runtime
     from raymem.config import load_config
     from raymem.demo import build_demo
-    from raymem.scan import run_scan
+    from raymem.pipeline import run_scan
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     cfg = load_config(args.config)
@@ -74,7 +74,7 @@ def cmd_demo(args) -> int:
 
 def cmd_validate(args) -> int:
     from raymem.config import load_config
-    from raymem.scan import scan_id_for
+    from raymem.pipeline import scan_id_for
 
     cfg = load_config(args.config)
     print(f"{args.config}: ok (scan id {scan_id_for(cfg)})")
@@ -86,7 +86,7 @@ def cmd_calibrate(args) -> int:
     from raymem.config import load_config
 
     cfg = load_config(args.config)
-    from raymem.scan import scan_id_for
+    from raymem.pipeline import scan_id_for
 
     scan_id = args.scan_id or scan_id_for(cfg)
     result = calibrate(cfg.output.uri, scan_id, args.pilot, cfg.thresholds, args.target_precision)
@@ -212,16 +212,16 @@ def _output_root(args) -> str:
 
 
 def cmd_query(args) -> int:
-    from raymem.query import run_query
+    from raymem.results import run_query
 
-    sys.stdout.write(run_query(_output_root(args), args.sql, args.format))
+    sys.stdout.write(run_query(_output_root(args), args.sql, args.format, args.max_width))
     return 0
 
 
 def cmd_diff(args) -> int:
     import json
 
-    from raymem.query import diff_scans, format_diff
+    from raymem.results import diff_scans, format_diff
 
     root = _output_root(args)
     result = diff_scans(root, args.before, args.after_output or root, args.after, rate_change=args.rate_change)
@@ -233,10 +233,13 @@ def cmd_diff(args) -> int:
 
 
 def cmd_report(args) -> int:
+    from raymem.outputs import resolve_scan
     from raymem.report import write_report
 
-    out = args.out or f"reports/{args.scan_id}"
-    path = write_report(_output_root(args), args.scan_id, out, top=args.top)
+    root = _output_root(args)
+    scan_id = resolve_scan(root, args.scan_id)
+    out = args.out or f"reports/{scan_id}"
+    path = write_report(root, scan_id, out, top=args.top)
     print(f"report: {path}")
     return 0
 
@@ -256,26 +259,37 @@ def cmd_bench_planted(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from raymem import __version__
+
     parser = argparse.ArgumentParser(prog="raymem", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    parser.add_argument("--version", action="version", version=f"raymem {__version__}")
+    # -v / -q are accepted before or after the subcommand: each subparser repeats them without a
+    # default (SUPPRESS), so a flag given before the subcommand is not reset by the subparser.
+    common = argparse.ArgumentParser(add_help=False)
+    for target, default in ((parser, False), (common, argparse.SUPPRESS)):
+        target.add_argument("-v", "--verbose", action="store_true", default=default, help="log at INFO level")
+        target.add_argument("-q", "--quiet", action="store_true", default=default, help="only errors")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("scan", help="run a memorization scan described by a YAML config")
-    p.add_argument("config")
+    def command(name: str, **kwargs):
+        return sub.add_parser(name, parents=[common], **kwargs)
+
+    p = command("scan", help="run a memorization scan described by a YAML config")
+    p.add_argument("config", help="scan config YAML (see configs/demo.yaml and the README's Config reference)")
     p.add_argument("--rerun-failed", action="store_true", help="recompute units that failed in earlier runs")
     p.set_defaults(fn=cmd_scan)
 
-    p = sub.add_parser("demo", help="build the offline demo assets and run the demo scan")
+    p = command("demo", help="build the offline demo assets and run the demo scan")
     p.add_argument("--config", default=DEFAULT_DEMO_CONFIG)
     p.add_argument("--rebuild", action="store_true", help="rebuild the demo assets even if present")
     p.set_defaults(fn=cmd_demo)
 
-    p = sub.add_parser("index", help="embed a training set (folder, table or WebDataset) into raymem's Parquet")
-    p.add_argument("config", help="index config YAML (see configs/index-demo.yaml)")
+    p = command("index", help="embed a training set (folder, table or WebDataset) into raymem's Parquet")
+    p.add_argument("config", help="index config YAML (see configs/index-example.yaml)")
     p.add_argument("--faiss", action="store_true", help="also build per-shard FAISS IVF indexes and measure recall")
     p.set_defaults(fn=cmd_index)
 
-    p = sub.add_parser(
+    p = command(
         "import-embeddings", help="convert a clip-retrieval / LAION layout (img_emb/*.npy + metadata/*.parquet)"
     )
     p.add_argument("root", help="directory holding img_emb/ and metadata/ (local or s3://)")
@@ -283,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--entities", help="file with one entity name per line, to tag captions")
     p.set_defaults(fn=cmd_import_embeddings)
 
-    p = sub.add_parser("calibrate", help="fit the labeler's thresholds on a human-labelled pilot set")
+    p = command("calibrate", help="fit the labeler's thresholds on a human-labelled pilot set")
     p.add_argument("config", help="the config of the scan the pilot images come from")
     p.add_argument("--pilot", required=True, help="Parquet/CSV/JSONL with unit_id (or image_uri) and label")
     p.add_argument("--target-precision", type=float, default=0.9)
@@ -291,8 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--write", help="write the fitted `thresholds:` block to this YAML file")
     p.set_defaults(fn=cmd_calibrate)
 
-    p = sub.add_parser("submit", help="submit a scan as a Ray job (deterministic id: one run per config and day)")
-    p.add_argument("config")
+    p = command("submit", help="submit a scan as a Ray job (deterministic id: one run per config and day)")
+    p.add_argument("config", help="scan config YAML to submit")
     p.add_argument("--address", help="Ray job server, e.g. http://head:8265 (default: RAY_ADDRESS)")
     p.add_argument("--working-dir", help="directory uploaded as the job's working_dir (default: this project)")
     p.add_argument("--env", action="append", default=[], metavar="NAME", help="forward this environment variable")
@@ -306,7 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("logs", cmd_logs, "logs of a submitted scan job"),
         ("stop", cmd_stop, "stop a submitted scan job"),
     ):
-        p = sub.add_parser(name, help=helptext)
+        p = command(name, help=helptext)
         p.add_argument("job_id", nargs="?", help="submission id (default: the one of --config today)")
         p.add_argument("--config", help="derive the submission id from this config")
         p.add_argument("--address", help="Ray job server (default: RAY_ADDRESS)")
@@ -314,16 +328,22 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--follow", "-f", action="store_true", help="stream until the job ends")
         p.set_defaults(fn=fn)
 
-    p = sub.add_parser("query", help="run SQL (DuckDB) over a scan output root; tables are views by name")
-    p.add_argument("sql")
+    p = command("query", help="run SQL (DuckDB) over a scan output root; tables are views by name")
+    p.add_argument("sql", help="DuckDB SQL; the scan tables and `manifests` are views by name")
     p.add_argument("--output", help="output root (local or s3://)")
     p.add_argument("--config", help="take the output root from this scan config")
-    p.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    p.add_argument(
+        "--format",
+        choices=["table", "csv", "json", "jsonl"],
+        default="table",
+        help="json: one array; jsonl: a row a line",
+    )
+    p.add_argument("--max-width", type=int, help="cut table cells to this many characters (default: full cells)")
     p.set_defaults(fn=cmd_query)
 
-    p = sub.add_parser("diff", help="what changed between two scans (new MU prompts and entities, rate changes)")
+    p = command("diff", help="what changed between two scans (new MU prompts and entities, rate changes)")
     p.add_argument("before", help="scan id (the earlier scan)")
-    p.add_argument("after", help="scan id (the later scan)")
+    p.add_argument("after", help="scan id (the later scan), or `latest`")
     p.add_argument("--output", help="output root of both scans (or of BEFORE with --after-output)")
     p.add_argument("--after-output", help="output root of AFTER when it differs")
     p.add_argument("--config", help="take the output root from this scan config")
@@ -332,25 +352,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fail-on-new-mu", action="store_true", help="exit 3 when AFTER has new MU prompts or entities")
     p.set_defaults(fn=cmd_diff)
 
-    p = sub.add_parser("report", help="write a static HTML report of one scan")
-    p.add_argument("scan_id")
+    p = command("report", help="write a static HTML report of one scan")
+    p.add_argument("scan_id", help="the scan's id, or `latest` (the newest complete scan)")
     p.add_argument("--output", help="output root of the scan (local or s3://)")
     p.add_argument("--config", help="take the output root from this scan config")
     p.add_argument("--out", help="report directory (default: reports/<scan_id>)")
     p.add_argument("--top", type=int, default=12, help="findings shown with their images")
     p.set_defaults(fn=cmd_report)
 
-    p = sub.add_parser("bench", help="benchmarks; `raymem bench planted`: the labeler on a world of known truth")
+    p = command("bench", help="benchmarks; `raymem bench planted`: the labeler on a world of known truth")
     bench = p.add_subparsers(dest="bench", required=True)
-    p = bench.add_parser("planted", help="planted-memorization benchmark: precision/recall per category")
+    p = bench.add_parser(
+        "planted", parents=[common], help="planted-memorization benchmark: precision/recall per category"
+    )
     p.add_argument("--work", default="build/planted", help="cache and results directory")
     p.add_argument("--calibrate", action="store_true", help="fit thresholds on the world's calibration split first")
     p.add_argument("--models", help="use these trained models (pipeline/, clip/) instead of training")
     p.add_argument("--quick", action="store_true", help="reduced world and training (minutes, no targets)")
     p.set_defaults(fn=cmd_bench_planted)
 
-    p = sub.add_parser("validate", help="check a config, its prompt set and training table without running")
-    p.add_argument("config")
+    p = command("validate", help="check a config, its prompt set and training table without running")
+    p.add_argument("config", help="scan config YAML to check")
     p.set_defaults(fn=cmd_validate)
     return parser
 
@@ -358,7 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING,
+        level=logging.ERROR if args.quiet else logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:

@@ -320,16 +320,41 @@ def check_scan_id(scan_id: str) -> str:
     return scan_id
 
 
-def read_manifest(root: str, scan_id: str) -> dict:
-    """The manifest of `scan_id` under the output root; a clear error when there is none."""
+def committed_manifests(root: str) -> list[dict]:
+    """Every scan's committed manifest under the root (any status), newest first."""
+    out = []
+    for path in uris.list_files(uris.join(root, "manifests"), ".json"):
+        manifest = _read_json(path)
+        if manifest and manifest.get("scan_id"):
+            out.append(manifest)
+    return sorted(out, key=lambda m: (m.get("scan_date") or "", m.get("written_at") or ""), reverse=True)
+
+
+def resolve_scan(root: str, ref: str) -> str:
+    """A scan id from a reference: the id itself, or `latest` (the newest complete scan)."""
     from raymem.errors import InputError
 
-    check_scan_id(scan_id)
+    if ref != "latest":
+        return check_scan_id(ref)
+    complete = [m for m in committed_manifests(root) if m.get("status") == "complete"]
+    if not complete:
+        raise InputError(root, "no complete scan here (for 'latest')")
+    return complete[0]["scan_id"]
+
+
+def read_manifest(root: str, scan_id: str) -> dict:
+    """The manifest of `scan_id` (or `latest`) under the output root; a clear error, listing the
+    scans that exist, when there is none."""
+    from raymem.errors import InputError
+
+    scan_id = resolve_scan(root, scan_id)
     uri = uris.join(root, "manifests", f"{scan_id}.json")
     try:
         return json.loads(uris.read_bytes(uri))
     except FileNotFoundError:
-        raise InputError(uri, f"no scan '{scan_id}' under {root}") from None
+        known = [f"{m['scan_id']} ({m.get('status')})" for m in committed_manifests(root)[:10]]
+        listing = f"; scans here: {', '.join(known)}" if known else "; there are no scans here"
+        raise InputError(uri, f"no scan '{scan_id}' under {root}{listing}") from None
 
 
 def read_scan_table(root: str, scan_id: str, table: str) -> pa.Table:

@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from raymem import uri as uris
-from raymem.outputs import read_manifest
-from raymem.query import scan_table
+from raymem.outputs import read_manifest, resolve_scan
+from raymem.results import scan_table
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +134,7 @@ def _copy_image(uri: str | None, target: Path) -> str | None:
 
 
 def write_report(root: str, scan_id: str, out_dir: str, top: int = 12) -> Path:
+    scan_id = resolve_scan(root, scan_id)  # `latest` works too
     manifest = read_manifest(root, scan_id)
     labels = scan_table(root, scan_id, "labels").to_pylist()
     gens = {g["unit_id"]: g for g in scan_table(root, scan_id, "generations").to_pylist()}

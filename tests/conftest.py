@@ -68,7 +68,7 @@ def two_scans(demo_root, tmp_path_factory):
     import ray
 
     from raymem.config import parse_config
-    from raymem.scan import run_scan
+    from raymem.pipeline import run_scan
 
     root = tmp_path_factory.mktemp("scans")
     prompts = (demo_root / "prompts.jsonl").read_text().splitlines()

@@ -110,3 +110,20 @@ def test_an_unreachable_ray_address_is_one_line_not_a_retry_loop(demo_raw, tmp_p
     ]
     manifest = json.loads(next((tmp_path / "out" / "manifests").glob("*.json")).read_text())
     assert manifest["status"] == "failed" and "cannot reach Ray" in manifest["error"]
+
+
+def test_verbosity_flags_anywhere_and_the_version():
+    from raymem import __version__
+    from raymem.cli import build_parser
+
+    parser = build_parser()
+    for argv in (["-v", "validate", "c.yaml"], ["validate", "c.yaml", "-v"], ["bench", "planted", "--quick", "-v"]):
+        args = parser.parse_args(argv)
+        assert args.verbose and not args.quiet, argv
+    assert parser.parse_args(["query", "select 1", "-q"]).quiet
+    out = raymem("--version")
+    assert out.returncode == 0 and out.stdout.strip() == f"raymem {__version__}"
+    # every positional argument says what it is
+    for name in ("scan", "report", "diff", "calibrate", "index", "validate", "query"):
+        text = raymem(name, "--help").stdout
+        assert "positional arguments:" in text and "\n  config\n" not in text and "\n  sql\n" not in text, name

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 
 from raymem.config import parse_config
 from raymem.identity import scan_id_of, scan_identity
-from raymem.scan import check_inputs
+from raymem.pipeline import check_inputs
 from raymem.schema import embedding_array
 
 

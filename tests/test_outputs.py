@@ -13,7 +13,7 @@ import yaml
 
 from raymem.config import parse_config
 from raymem.outputs import REDACTED, ScanOutputs, redacted
-from raymem.query import committed_files, run_query
+from raymem.results import committed_files, run_query
 from raymem.schema import PUBLISHED_TABLES
 from tests.conftest import REPO
 
@@ -57,7 +57,7 @@ def visible(root: Path) -> dict:
     (manifest,) = [json.loads(p.read_text()) for p in (root / "manifests").glob("*.json")]
     files = {t: committed_files(str(root), t) for t in PUBLISHED_TABLES}
     sql = " union all ".join(f"select '{t}' t, count(*) n from {t}" for t in PUBLISHED_TABLES)
-    counts = run_query(str(root), sql, "json") if all(files.values()) else None
+    counts = run_query(str(root), sql, "jsonl") if all(files.values()) else None
     return {"manifest": manifest, "files": files, "counts": counts}
 
 
@@ -116,7 +116,7 @@ def test_a_kill_at_any_publish_step_shows_the_old_complete_scan_or_the_new_one(t
 
 @pytest.fixture(scope="module")
 def complete_scan(local_ray, demo_root, tmp_path_factory):
-    from raymem.scan import run_scan
+    from raymem.pipeline import run_scan
     from tests.conftest import demo_raw_config
 
     out = tmp_path_factory.mktemp("publish") / "out"
@@ -127,9 +127,9 @@ def complete_scan(local_ray, demo_root, tmp_path_factory):
 
 @pytest.mark.ray
 def test_a_failed_rerun_never_replaces_a_complete_scan(complete_scan, monkeypatch):
-    import raymem.scan
+    import raymem.pipeline
     from raymem.errors import ScanFailed
-    from raymem.scan import run_scan
+    from raymem.pipeline import run_scan
 
     raw, out, first = complete_scan
     before = visible(out)
@@ -137,7 +137,7 @@ def test_a_failed_rerun_never_replaces_a_complete_scan(complete_scan, monkeypatc
     def broken(*args, **kwargs):
         raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr(raymem.scan, "label_units", broken)
+    monkeypatch.setattr(raymem.pipeline, "label_units", broken)
     with pytest.raises(ScanFailed, match="disk on fire"):
         run_scan(parse_config(raw))
     assert visible(out) == before  # counts, timings, table list: all still the complete attempt's
@@ -285,7 +285,7 @@ def test_a_live_lease_refuses_a_second_attempt_and_a_dead_or_stale_one_is_taken_
 def test_two_scans_racing_on_one_root_the_second_exits_with_a_clear_message(demo_root, tmp_path):
     """Scan A (a real process, held just before it publishes) and scan B of the same config."""
     from raymem.errors import ScanBusy
-    from raymem.scan import run_scan
+    from raymem.pipeline import run_scan
     from tests.conftest import demo_raw_config
     from tests.test_resume import kill_process_tree
 

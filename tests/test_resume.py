@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from raymem.config import parse_config
-from raymem.scan import run_scan
+from raymem.pipeline import run_scan
 from tests.conftest import REPO, demo_raw_config
 
 pytestmark = pytest.mark.ray

@@ -66,7 +66,7 @@ def upload(local: Path, uri: str) -> None:
 def test_index_and_scan_entirely_on_s3(s3, demo_root, tmp_path, caplog):
     from raymem.config import IndexConfig, parse_config
     from raymem.index import run_index
-    from raymem.scan import run_scan
+    from raymem.pipeline import run_scan
     from tests.conftest import demo_raw_config
 
     caplog.set_level(logging.INFO)
@@ -181,7 +181,7 @@ def _stop_server_when(prefix: str, down_s: float | None):
 
 
 def test_an_s3_outage_of_seconds_mid_scan_is_retried_and_the_scan_completes(s3, demo_root):
-    from raymem.scan import run_scan
+    from raymem.pipeline import run_scan
 
     cfg = _outage_config(s3, demo_root, "outage-short")
     thread, stopped = _stop_server_when("outage-short/_units/", down_s=3.0)
@@ -232,7 +232,7 @@ def test_an_s3_outage_that_outlasts_the_retries_fails_in_one_line_and_is_recorde
 def test_an_output_root_in_a_missing_bucket_is_one_line_before_any_work(s3, demo_root):
     from raymem.config import parse_config
     from raymem.errors import OutputError
-    from raymem.scan import run_scan
+    from raymem.pipeline import run_scan
     from tests.conftest import demo_raw_config
 
     raw = demo_raw_config(demo_root)

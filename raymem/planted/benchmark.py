@@ -243,7 +243,7 @@ def run_benchmark(cfg: PlantedConfig) -> dict:
     from raymem.calibrate import fit
     from raymem.config import ThresholdsConfig
     from raymem.label_inputs import LabelInputs
-    from raymem.scan import run_scan
+    from raymem.pipeline import run_scan
 
     if cfg.models:
         check_models(Path(cfg.models))  # before anything is drawn or written

@@ -6,16 +6,17 @@ import pytest
 
 from raymem.cli import main
 from raymem.errors import InputError
-from raymem.query import diff_scans, run_query
+from raymem.results import diff_scans, run_query
 
 pytestmark = pytest.mark.ray
 
 
 def test_tables_are_views_by_name(two_scans):
     root, a, b = two_scans
-    out = run_query(str(root), "select scan_id, count(*) n from labels group by scan_id order by scan_id", "json")
-    rows = [json.loads(line) for line in out.splitlines()]
-    assert rows == [{"scan_id": a.scan_id, "n": 6}, {"scan_id": b.scan_id, "n": 12}]
+    sql = "select scan_id, count(*) n from labels group by scan_id order by scan_id"
+    expected = [{"scan_id": a.scan_id, "n": 6}, {"scan_id": b.scan_id, "n": 12}]
+    assert json.loads(run_query(str(root), sql, "json")) == expected  # one JSON array
+    assert [json.loads(line) for line in run_query(str(root), sql, "jsonl").splitlines()] == expected
     out = run_query(str(root), "select distinct scan_date, model from generations order by scan_date", "csv")
     assert out.splitlines() == ['"scan_date","model"', '2026-11-27,"sd-tiny"', '2026-11-28,"sd-tiny"']
     table = run_query(str(root), "select scan_id, status from manifests order by scan_id", "table")
@@ -24,7 +25,12 @@ def test_tables_are_views_by_name(two_scans):
     out = run_query(
         str(root), "select len(clip_embedding) d from generations where scan_date = DATE '2026-11-27' limit 1", "json"
     )
-    assert json.loads(out) == {"d": 64}
+    assert json.loads(out) == [{"d": 64}]
+    # Cells are printed whole (reasons are long); --max-width cuts them.
+    sql = "select reasons from labels order by length(reasons) desc limit 1"
+    longest = json.loads(run_query(str(root), sql, "json"))[0]["reasons"]
+    assert len(longest) > 60 and longest in run_query(str(root), sql, "table")
+    assert longest not in run_query(str(root), sql, "table", max_width=40)
 
 
 def test_query_errors_are_one_line_and_exit_2(two_scans, tmp_path, capsys):
@@ -79,4 +85,13 @@ def test_unknown_scan_id(two_scans, capsys):
     with pytest.raises(InputError, match="no scan 'nope'"):
         diff_scans(str(root), "nope", str(root), a.scan_id)
     assert main(["diff", "nope", a.scan_id, "--output", str(root)]) == 2
-    assert capsys.readouterr().err.strip().endswith(f"no scan 'nope' under {root}")
+    err = capsys.readouterr().err.strip()
+    assert f"no scan 'nope' under {root}; scans here: " in err and a.scan_id in err and "\n" not in err
+    assert main(["diff", "../../etc/passwd", a.scan_id, "--output", str(root)]) == 2
+    assert "not a scan id: '../../etc/passwd'" in capsys.readouterr().err
+
+
+def test_latest_names_the_newest_complete_scan(two_scans, capsys):
+    root, a, b = two_scans
+    assert main(["diff", a.scan_id, "latest", "--output", str(root), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["after"] == b.scan_id

@@ -1,4 +1,4 @@
-"""A scan, end to end: prompts -> generate + embed -> join -> label -> reduce -> publish.
+"""A scan, end to end (the pipeline): prompts -> generate + embed -> join -> label -> reduce -> publish.
 
 This is the only module that wires stages together, and it only sequences them: each stage is a
 function of its own module, and every table it produces is declared in `raymem.schema`. It runs

@@ -10,7 +10,7 @@ import pyarrow.dataset as pads
 import pytest
 
 from raymem.config import parse_config
-from raymem.scan import run_scan
+from raymem.pipeline import run_scan
 
 pytestmark = pytest.mark.ray
 

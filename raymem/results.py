@@ -16,6 +16,7 @@ import pyarrow.dataset as pads
 
 from raymem import uri as uris
 from raymem.errors import InputError, RaymemError
+from raymem.outputs import committed_manifests, inside, resolve_scan
 from raymem.schema import PUBLISHED_TABLES
 
 PARTITIONING = pads.partitioning(pa.schema([("scan_date", pa.date32()), ("model", pa.string())]), flavor="hive")
@@ -27,11 +28,12 @@ class QueryError(RaymemError):
 
 def committed_files(root: str, table: str) -> list[str]:
     """The files of `table` that complete committed manifests list (the reader contract)."""
-    from raymem.outputs import inside
 
     folder = uris.join(root, table)
     files = [
-        m["tables"][table] for m in manifests(root) if m.get("status") == "complete" and table in m.get("tables", {})
+        m["tables"][table]
+        for m in committed_manifests(root)
+        if m.get("status") == "complete" and table in m.get("tables", {})
     ]
     return sorted(f for f in files if inside(f, folder))
 
@@ -45,16 +47,6 @@ def open_table(root: str, table: str) -> pads.Dataset | None:
     paths = [f[len("s3://") :] if uris.is_remote(f) else f for f in files]
     base = uri[len("s3://") :] if uris.is_remote(uri) else uri
     return pads.dataset(paths, filesystem=fs, format="parquet", partitioning=PARTITIONING, partition_base_dir=base)
-
-
-def manifests(root: str) -> list[dict]:
-    out = []
-    for path in uris.list_files(uris.join(root, "manifests"), ".json"):
-        try:
-            out.append(json.loads(uris.read_bytes(path)))
-        except (OSError, ValueError):
-            continue
-    return out
 
 
 def manifests_table(root: str) -> pa.Table:
@@ -72,7 +64,7 @@ def manifests_table(root: str) -> pa.Table:
             "error": m.get("error"),
             "counts": json.dumps(m.get("counts") or {}),
         }
-        for m in manifests(root)
+        for m in committed_manifests(root)
     ]
     schema = pa.schema(
         [
@@ -116,7 +108,7 @@ def connect(root: str):
     return con, found
 
 
-def run_query(root: str, sql: str, fmt: str = "table") -> str:
+def run_query(root: str, sql: str, fmt: str = "table", max_width: int | None = None) -> str:
     import duckdb
 
     con, found = connect(root)
@@ -132,19 +124,22 @@ def run_query(root: str, sql: str, fmt: str = "table") -> str:
         raise QueryError(f"SQL error: {str(err).splitlines()[0]}") from None
     if isinstance(table, pa.RecordBatchReader):
         table = table.read_all()
-    return format_table(table, fmt)
+    return format_table(table, fmt, max_width)
 
 
-def format_table(table: pa.Table, fmt: str) -> str:
+def format_table(table: pa.Table, fmt: str, max_width: int | None = None) -> str:
+    """table (aligned, full cells unless `max_width`), csv, json (one array) or jsonl (a row a line)."""
     if fmt == "json":
-        return "\n".join(json.dumps(row, default=str) for row in table.to_pylist()) + ("\n" if table.num_rows else "")
+        return json.dumps(table.to_pylist(), default=str) + "\n"
+    if fmt == "jsonl":
+        return "".join(json.dumps(row, default=str) + "\n" for row in table.to_pylist())
     if fmt == "csv":
         import pyarrow.csv as pacsv
 
         buf = io.BytesIO()
         pacsv.write_csv(table, buf)
         return buf.getvalue().decode()
-    rows = [[_cell(v) for v in row.values()] for row in table.to_pylist()]
+    rows = [[_cell(v, max_width) for v in row.values()] for row in table.to_pylist()]
     names = table.column_names
     widths = [max([len(n)] + [len(r[i]) for r in rows]) for i, n in enumerate(names)]
     lines = ["  ".join(n.ljust(w) for n, w in zip(names, widths))]
@@ -153,13 +148,13 @@ def format_table(table: pa.Table, fmt: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _cell(value) -> str:
+def _cell(value, max_width: int | None = None) -> str:
     if value is None:
         return "NULL"
     if isinstance(value, float):
         return f"{value:.4g}"
     text = str(value)
-    return text if len(text) <= 60 else text[:57] + "..."
+    return text if max_width is None or len(text) <= max_width else text[: max(1, max_width - 3)] + "..."
 
 
 def scan_table(root: str, scan_id: str, table: str) -> pa.Table:
@@ -170,7 +165,9 @@ def scan_table(root: str, scan_id: str, table: str) -> pa.Table:
 
 
 def diff_scans(root_a: str, scan_a: str, root_b: str, scan_b: str, rate_change: float = 0.1) -> dict:
-    """What changed from scan A (before) to scan B (after): new MU prompts/entities, rate changes."""
+    """What changed from scan A (before) to scan B (after): new MU prompts/entities, rate changes.
+    Either may be `latest` (the newest complete scan under its root)."""
+    scan_a, scan_b = resolve_scan(root_a, scan_a), resolve_scan(root_b, scan_b)
     ent_a = {r["entity"]: r for r in scan_table(root_a, scan_a, "entity_tallies").to_pylist()}
     ent_b = {r["entity"]: r for r in scan_table(root_b, scan_b, "entity_tallies").to_pylist()}
     pr_a = {r["prompt_id"]: r for r in scan_table(root_a, scan_a, "prompt_tallies").to_pylist()}
