@@ -146,17 +146,12 @@ def test_a_failed_rerun_never_replaces_a_complete_scan(complete_scan, monkeypatc
     assert failed and "disk on fire" in failed[-1]["error"]  # the failure is recorded in the history
 
 
-@pytest.mark.ray
-def test_a_driver_killed_mid_publish_leaves_no_mixture(demo_root, tmp_path):
-    """A real SIGKILL of the driver process (and its local Ray) between two table writes."""
-    from tests.conftest import demo_raw_config
-    from tests.test_resume import kill_process_tree
-
-    out = tmp_path / "out"
-    raw = small_scan(demo_raw_config(demo_root), out)
+def scan_held_at(raw: dict, tmp_path: Path, step: str):
+    """A real `raymem scan` process that stops right after publishing `step` (a table) and waits there
+    to be killed; returns the process once it is waiting."""
     path = tmp_path / "scan.yaml"
     path.write_text(yaml.safe_dump(raw))
-    marker = tmp_path / "written"
+    marker = tmp_path / "holding"
     script = f"""
 import time
 from pathlib import Path
@@ -164,7 +159,7 @@ from raymem import outputs
 from raymem.cli import main
 
 def hold(self, name):
-    if name == "labels":  # half the tables are written: wait here to be killed
+    if name == {step!r}:
         Path({str(marker)!r}).write_text(name)
         time.sleep(600)
 
@@ -176,9 +171,19 @@ main(["scan", {str(path)!r}])
     )
     deadline = time.time() + 600
     while not marker.exists():
-        assert proc.poll() is None and time.time() < deadline, "the scan ended before it reached the publish step"
+        assert proc.poll() is None and time.time() < deadline, f"the scan ended before it published {step}"
         time.sleep(0.2)
-    kill_process_tree(proc)
+    return proc
+
+
+@pytest.mark.ray
+def test_a_driver_killed_mid_publish_leaves_no_mixture(demo_root, tmp_path):
+    """A real SIGKILL of the driver process (and its local Ray) between two table writes."""
+    from tests.conftest import demo_raw_config
+    from tests.test_resume import kill_process_tree
+
+    out = tmp_path / "out"
+    kill_process_tree(scan_held_at(small_scan(demo_raw_config(demo_root), out), tmp_path, "labels"))
     (manifest,) = [json.loads(p.read_text()) for p in (out / "manifests").glob("*.json")]
     assert manifest["status"] == "running"  # never completed: visible as such
     assert all(committed_files(str(out), t) == [] for t in PUBLISHED_TABLES)  # readers see no table
@@ -188,7 +193,7 @@ main(["scan", {str(path)!r}])
 # -- environmental faults, for real: a read-only and a full filesystem (tmpfs mounts) --------------------
 @pytest.fixture
 def tmpfs(tmp_path):
-    """Mount a small tmpfs (root with CAP_SYS_ADMIN: CI and the dev machines); yields (path, remount)."""
+    """`mount(size)` -> a fresh small tmpfs (needs root with CAP_SYS_ADMIN, as CI and the dev machines have)."""
     mounted = []
 
     def mount(size: str):
@@ -289,32 +294,9 @@ def test_two_scans_racing_on_one_root_the_second_exits_with_a_clear_message(demo
     from tests.conftest import demo_raw_config
     from tests.test_resume import kill_process_tree
 
-    out = tmp_path / "out"
-    raw = small_scan(demo_raw_config(demo_root), out)
-    path = tmp_path / "scan.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    marker = tmp_path / "holding"
-    script = f"""
-import time
-from pathlib import Path
-from raymem import outputs
-from raymem.cli import main
-
-def hold(self, name):
-    Path({str(marker)!r}).write_text(name)
-    time.sleep(600)
-
-outputs.ScanOutputs._after_write = hold
-main(["scan", {str(path)!r}])
-"""
-    proc = subprocess.Popen(
-        [sys.executable, "-c", script], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
+    raw = small_scan(demo_raw_config(demo_root), tmp_path / "out")
+    proc = scan_held_at(raw, tmp_path, "prompts")  # scan A holds the lease, about to publish
     try:
-        deadline = time.time() + 600
-        while not marker.exists():
-            assert proc.poll() is None and time.time() < deadline, "scan A ended before it reached the publish step"
-            time.sleep(0.2)
         start = time.time()
         with pytest.raises(
             ScanBusy, match=r"is being computed by attempt .* \(pid \d+, renewed \d+ s ago\); wait for it"
