@@ -37,6 +37,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from raymem import uri as uris
+from raymem.column_docs import with_descriptions
 from raymem.config import ScanConfig
 from raymem.errors import ScanBusy
 from raymem.schema import PUBLISHED_TABLES
@@ -134,7 +135,7 @@ class ScanOutputs:
         if name not in PUBLISHED_TABLES:
             raise ValueError(f"unknown table {name}")
         target = self.table_uri(name)
-        uris.write_bytes_atomic(target, parquet_bytes(table))
+        uris.write_bytes_atomic(target, parquet_bytes(with_descriptions(name, table)))
         self._staged[name] = target
         self._after_write(name)
 

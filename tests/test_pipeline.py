@@ -312,3 +312,11 @@ def test_no_secret_is_written_to_any_output(first_scan):
     manifest = json.loads((root / "manifests" / f"{result.scan_id}.json").read_text())
     # the names stay, so an operator can see what was set
     assert manifest["config"]["ray"]["runtime_env"]["env_vars"] == {"AWS_SECRET_ACCESS_KEY": "<redacted>"}
+
+
+def test_published_files_carry_each_column_description(first_scan):
+    import pyarrow.parquet as pq
+
+    cfg, result = first_scan
+    labels = pq.read_schema(result.tables["labels"])
+    assert labels.field("eidetic_k").metadata[b"description"].startswith(b"distinct training images")

@@ -1,0 +1,211 @@
+"""What every published column means, declared once: written into each Parquet file as field metadata
+(`description`) and rendered as docs/schema.md (`python -m raymem.column_docs > docs/schema.md`; a test
+keeps the two in step)."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+SHARED = {
+    "scan_id": "the scan: `<name>-<scan_date>-<digest of its inputs>` (raymem/identity.py)",
+    "prompt_id": "the prompt's id in the prompt set",
+    "unit_id": "one generated image: prompt x seed (x role), deterministic from model, settings, prompt and seed",
+    "entity": "the entity the prompt names",
+    "seed": "the generator seed of the image",
+    "status": "ok, or failed (the unit is recorded with its error, never dropped)",
+    "train_id": "the training image's id in the training table",
+    "image_uri": "where the image is (local path, s3:// or http(s)://)",
+    "clip_embedding": "L2-normalised CLIP image (or text) embedding",
+}
+
+COUNTS = {
+    "n_units": "units (prompt x seed) in the group",
+    "n_scored": "units that were scored (status ok)",
+    "n_failed": "units that failed (not in the rates)",
+    "n_MU": "scored units labelled MU (unintended memorization)",
+    "n_MI": "scored units labelled MI (implicit intended)",
+    "n_ME": "scored units labelled ME (explicit intended)",
+    "n_none": "scored units labelled none",
+    "rate_MU": "n_MU / n_scored",
+    "rate_MI": "n_MI / n_scored",
+    "rate_ME": "n_ME / n_scored",
+    "rate_none": "n_none / n_scored",
+}
+
+TABLES: dict[str, tuple[str, dict[str, str]]] = {
+    "prompts": (
+        "one row per prompt of the prompt set",
+        {
+            "prompt": "the prompt text",
+            "entity_class": "the entity's class noun (the null prompt replaces the entity by it)",
+            "explicit_elements": "elements the prompt asks for",
+            "implicit_elements": "elements the entity implies without the prompt naming them",
+        },
+    ),
+    "generations": (
+        "one row per generated image: scan units and null units (the prompt with the entity replaced by its "
+        "class noun, the labeler's null distribution)",
+        {
+            "model_id": "the diffusion model (hub id, directory or s3:// prefix)",
+            "parent_prompt_id": "the scan prompt a null unit belongs to (its own id for scan units)",
+            "role": "scan, or null",
+            "prompt": "the text the image was generated from",
+            "error": "why the unit failed (one line), else null",
+            "sscd_embedding": "L2-normalised SSCD copy-detection embedding (null type when copy detection is off)",
+            "clip_prompt_score": "CLIP cosine between the image and its prompt",
+            "noise_norm": "Wen et al.'s text-conditional noise norm on the first step(s); null when not measured",
+            "device": "where it was generated (cuda:0, cpu)",
+            "worker": "host:pid of the actor",
+            "cuda_visible_devices": "the GPUs Ray gave the actor",
+            "generate_seconds": "sampling time of the image's batch, per image",
+            "embed_seconds": "embedding time of the image's batch, per image",
+            "computed_at": "when the unit was computed (a resumed scan reuses older units)",
+        },
+    ),
+    "texts": (
+        "one row per probe text of a prompt, with its CLIP text embedding",
+        {
+            "kind": "prompt, entity, entity_null, explicit, implicit, mined or instance",
+            "element": "the entity or element probed",
+            "text": "the probe text",
+        },
+    ),
+    "neighbors": (
+        "one row per (scan image, embedding space, rank): the exact top-k training neighbours",
+        {
+            "space": "clip or sscd",
+            "rank": "1 = nearest",
+            "score": "cosine similarity",
+            "caption": "the training image's caption",
+            "entities": "entities tagged in the training caption",
+            "image_hash": "hash of the training image's decoded pixels (exact duplicates share it)",
+        },
+    ),
+    "entities": (
+        "one row per scanned entity: what the training set says about it (the labeler's reference)",
+        {
+            "train_frequency": "training images tagged with the entity; null when the table has no entity tags",
+            "clip_centroid": "normalised mean CLIP embedding of those images (null when there are none)",
+            "mined": "whether implied / instance elements were mined from its training captions",
+            "n_tagged": "mining: captions tagged with the entity",
+            "n_captions": "mining: captions in the training table",
+            "implied": "mined implied elements (element, support, frequency, lift)",
+            "instance": "mined instance-specific elements (element, support, frequency, lift)",
+        },
+    ),
+    "background": (
+        "one row per embedding space: the train-train nearest-neighbour similarity (DCR's background)",
+        {
+            "space": "clip or sscd",
+            "source": "index (precomputed by raymem index) or scan (sampled by the scan)",
+            "n": "training rows sampled",
+            "p50": "median similarity to the nearest other training image",
+            "p75": "75th percentile",
+            "p90": "90th percentile",
+            "p95": "95th percentile: a copy must score above it",
+            "p99": "99th percentile",
+        },
+    ),
+    "pixel_checks": (
+        "one row per copy candidate compared pixel by pixel (Carlini's tiled l2)",
+        {
+            "tile_l2": "l2 distance of every tile (null when the training image could not be read)",
+            "error": "why the training image could not be read, else null",
+        },
+    ),
+    "labels": (
+        "one row per scan unit: its category and every number and reason behind it",
+        {
+            "label": "MU, MI, ME or none (precedence in that order); null when the unit failed",
+            "subtype": "MU: verbatim, template, partial or instance_element",
+            "webster": "Webster's MV (caption matches the prompt), RV or TV, for verbatim and template copies",
+            "flags": "every signal that fired (copy_neighbor, replication, entity_rendered, explicit:<e>, ...)",
+            "reasons": "the decision in words, with its numbers and thresholds",
+            "replication_score": "top-1 copy-detection cosine",
+            "replication_train_id": "the top-1 training image",
+            "eidetic_k": "distinct training images above the replication threshold",
+            "background_p95": "the train-train background p95 it was compared with",
+            "pixel_l2": "largest tile l2 to the top-1 training image, when checked",
+            "pixel_tile_share": "share of tiles within the pixel_l2 threshold",
+            "pixel_tile_l2": "every tile's l2, so thresholds can be refit",
+            "consistency": "share of the prompt's seeds in the largest near-duplicate cluster",
+            "cluster_member": "whether this image is in that cluster",
+            "clip_prompt_score": "CLIP cosine between the image and its prompt",
+            "entity_presence": "how much the image shows the entity (cosine to its centroid, or zero-shot P)",
+            "entity_z": "that score against the prompt's null images, in standard deviations",
+            "null_images": "null images the prompt was calibrated against",
+            "elements": "per probed element: kind, zero-shot presence, z over the null, shown, share of seeds, "
+            "lift and support",
+            "noise_norm": "Wen et al.'s text-conditional noise norm",
+            "memorized_prompt": "the prompt's seeds converge (consistency) or its noise norm passes the threshold",
+        },
+    ),
+    "prompt_tallies": (
+        "one row per prompt: counts and rates of each label over its seeds",
+        {
+            **COUNTS,
+            "consistency": "share of seeds in the largest near-duplicate cluster",
+            "mean_noise_norm": "mean noise norm over the seeds",
+            "max_replication_score": "largest top-1 copy-detection cosine over the seeds",
+            "memorized_prompt": "see labels.memorized_prompt",
+        },
+    ),
+    "entity_tallies": (
+        "one row per entity: counts and rates over all its prompts",
+        {
+            **COUNTS,
+            "n_prompts": "prompts naming the entity",
+            "n_memorized_prompts": "of those, memorized prompts",
+            "train_frequency": "training images tagged with the entity",
+            "mean_entity_presence": "mean entity presence over its scored images",
+            "entity_not_rendered": "an under-represented entity the model fails to draw",
+        },
+    ),
+}
+
+
+def description(table: str, column: str) -> str | None:
+    return TABLES[table][1].get(column) or SHARED.get(column)
+
+
+def with_descriptions(table_name: str, table: pa.Table) -> pa.Table:
+    """The table with each column's description as Parquet field metadata."""
+    fields = []
+    for field in table.schema:
+        text = description(table_name, field.name)
+        fields.append(field.with_metadata({"description": text}) if text else field)
+    return table.cast(pa.schema(fields, metadata=table.schema.metadata))
+
+
+def render() -> str:
+    """docs/schema.md."""
+    from raymem import schema
+
+    schemas = {
+        "prompts": schema.PROMPTS,
+        "generations": schema.generations_schema(512, 512),
+        "texts": schema.texts_schema(512),
+        "neighbors": schema.NEIGHBORS,
+        "entities": schema.entities_schema(512),
+        "background": schema.BACKGROUND,
+        "pixel_checks": schema.PIXEL_CHECKS,
+        "labels": schema.LABELS_TABLE,
+        "prompt_tallies": schema.PROMPT_TALLIES,
+        "entity_tallies": schema.ENTITY_TALLIES,
+    }
+    lines = [
+        "# Output tables, column by column",
+        "",
+        "Generated from `raymem/column_docs.py` (`python -m raymem.column_docs > docs/schema.md`); the same",
+        "text is in every Parquet file as each field's `description` metadata. Embedding dimensions are",
+        "shown for 512-d models. Read the tables as docs/outputs.md says (committed files only).",
+    ]
+    for name in schema.PUBLISHED_TABLES:
+        lines += ["", f"## `{name}`", "", TABLES[name][0] + ".", "", "| column | type | meaning |", "|---|---|---|"]
+        for field in schemas[name]:
+            lines.append(f"| `{field.name}` | `{field.type}` | {description(name, field.name) or ''} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(render(), end="")
