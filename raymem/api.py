@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import os
 
-import pyarrow as pa
-
 from raymem.schema import PUBLISHED_TABLES
 
 
@@ -39,16 +37,7 @@ def load(output: str | os.PathLike, scan: str = "latest", tables=None, *, pandas
 
 def query(output: str | os.PathLike, sql: str, *, pandas: bool = False):
     """SQL (DuckDB) over an output root's committed tables, as an Arrow table or a pandas frame."""
-    import duckdb
+    from raymem.results import query_table
 
-    from raymem.results import QueryError, connect
-
-    con, _ = connect(os.fspath(output))
-    try:
-        result = con.sql(sql)
-    except duckdb.Error as err:
-        raise QueryError(f"SQL error: {str(err).splitlines()[0]}") from None
-    table = result.arrow() if result is not None else pa.table({})
-    if isinstance(table, pa.RecordBatchReader):
-        table = table.read_all()
+    table = query_table(os.fspath(output), sql)
     return table.to_pandas() if pandas else table

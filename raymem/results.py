@@ -109,6 +109,11 @@ def connect(root: str):
 
 
 def run_query(root: str, sql: str, fmt: str = "table", max_width: int | None = None) -> str:
+    return format_table(query_table(root, sql), fmt, max_width)
+
+
+def query_table(root: str, sql: str) -> pa.Table:
+    """SQL over the root's committed tables as an Arrow table; every DuckDB error is one QueryError line."""
     import duckdb
 
     con, found = connect(root)
@@ -124,7 +129,7 @@ def run_query(root: str, sql: str, fmt: str = "table", max_width: int | None = N
         raise QueryError(f"SQL error: {str(err).splitlines()[0]}") from None
     if isinstance(table, pa.RecordBatchReader):
         table = table.read_all()
-    return format_table(table, fmt, max_width)
+    return table
 
 
 def format_table(table: pa.Table, fmt: str, max_width: int | None = None) -> str:
