@@ -29,10 +29,11 @@ def background_sample(training: TrainingTable, n: int, spaces: list[str]) -> Que
         return None
     ids = [i for t in parts for i in to_text(t.column("train_id")).to_pylist()]
     hashes = [h for t in parts for h in t.column("image_hash").to_pylist()]
+    image_uris = [u for t in parts for u in to_text(t.column("image_uri")).to_pylist()]
     matrices = {
         s: np.concatenate([checked_matrix(t, SPACE_COLUMNS[s], training.dims[s]) for t in parts])[:n] for s in spaces
     }
-    return Queries(ids=ids[:n], matrices=matrices, exclude_self=True, hashes=hashes[:n])
+    return Queries(ids=ids[:n], matrices=matrices, exclude_self=True, hashes=hashes[:n], image_uris=image_uris[:n])
 
 
 def background_from(result: dict[str, RunningTopK]) -> dict[str, dict]:
@@ -40,16 +41,22 @@ def background_from(result: dict[str, RunningTopK]) -> dict[str, dict]:
     out = {}
     for space, running in result.items():
         top1 = running.scores[:, 0]
-        top1 = top1[np.isfinite(top1)].astype(np.float64)
+        top1 = top1[np.isfinite(top1)]
         if len(top1):
-            out[space] = {"n": int(len(top1)), **{f"p{q}": float(np.percentile(top1, q)) for q in PERCENTILES}}
+            out[space] = percentiles(top1)
     return out
 
 
+def percentiles(top1: np.ndarray) -> dict:
+    """{n, p50 ... p99} of nearest-neighbour similarities."""
+    top1 = np.asarray(top1, np.float64)
+    return {"n": int(len(top1)), **{f"p{q}": float(np.percentile(top1, q)) for q in PERCENTILES}}
+
+
 def background_table(scan_id: str, measured: dict[str, dict], source: str) -> pa.Table:
-    """The published `background` table: one row per embedding space."""
+    """The published `background` table: one row per embedding space (`source` unless a space says)."""
     rows = [
-        {"scan_id": scan_id, "space": space, "source": source, **{k: b.get(k) for k in ("n", *_P)}}
+        {"scan_id": scan_id, "space": space, "source": b.get("source", source), **{k: b.get(k) for k in ("n", *_P)}}
         for space, b in measured.items()
     ]
     return pa.Table.from_pylist(rows, schema=BACKGROUND)

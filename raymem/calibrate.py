@@ -27,6 +27,8 @@ from raymem.schema import LABELS
 # Candidate values per threshold, and which category each one is fitted for (in precedence order).
 GRID = {
     "replication": [round(x, 2) for x in np.arange(0.30, 0.96, 0.05)],
+    # scans without a copy detector: CLIP image-image cosines of copies sit near 1
+    "clip_replication": [round(x, 2) for x in np.arange(0.80, 1.0, 0.01)],
     "pixel_l2": [0.03, 0.04, 0.05, 0.06, 0.08, 0.10, 0.12, 0.15, 0.20],
     "consistency": [0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0],
     "element_presence": [round(x, 2) for x in np.arange(0.30, 0.91, 0.05)],
@@ -94,15 +96,21 @@ def _with(t: ThresholdsConfig, name: str, value: float) -> ThresholdsConfig:
 
 
 def _candidates(name: str, ev: LabelInputs, pilot: dict[str, str]) -> list[float]:
-    """The grid, plus for `replication` every pilot image's top-1 score (the optimum sits on one of them)."""
+    """The grid, plus for replication every pilot image's top-1 score (the optimum sits on one of them)."""
     values = set(GRID[name])
-    if name == "replication":
+    if name in ("replication", "clip_replication"):
         for uid in pilot:
-            spaces = ev.neighbors.get(uid, {})
-            nbrs = spaces.get("sscd") or spaces.get("clip") or []
+            nbrs = ev.neighbors.get(uid, {}).get(ev.copy_space) or []
             if nbrs:
                 values.add(float(nbrs[0]["score"]))
     return sorted(values)
+
+
+def fit_order(inputs: LabelInputs) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """FIT_ORDER, with CLIP's own replication threshold when the scan had no copy detector."""
+    if inputs.copy_space == "sscd":
+        return FIT_ORDER
+    return tuple((c, tuple("clip_replication" if n == "replication" else n for n in names)) for c, names in FIT_ORDER)
 
 
 def fit(inputs: LabelInputs, pilot: dict[str, str], start: ThresholdsConfig, target: float):
@@ -111,7 +119,7 @@ def fit(inputs: LabelInputs, pilot: dict[str, str], start: ThresholdsConfig, tar
     ev = inputs.restricted(prompts)
     t = start
     met = {}
-    for category, names in FIT_ORDER:
+    for category, names in fit_order(inputs):
         if not any(h == category for h in pilot.values()):
             continue
         for name in names:

@@ -20,6 +20,7 @@ class Queries:
     matrices: dict[str, np.ndarray]
     exclude_self: bool = False  # background queries: skip the query's own training row ...
     hashes: list[str | None] | None = None  # ... and its exact duplicates (same image_hash)
+    image_uris: list[str | None] | None = None  # background queries: their own images (two-stage copy detection)
 
 
 def candidates_table(batch: pa.Table, parts) -> pa.Table:

@@ -79,6 +79,26 @@ TABLES: dict[str, tuple[str, dict[str, str]]] = {
             "caption": "the training image's caption",
             "entities": "entities tagged in the training caption",
             "image_hash": "hash of the training image's decoded pixels (exact duplicates share it)",
+            "via": "join (exact or FAISS join in this space) or candidates (SSCD cosine to CLIP candidates "
+            "fetched by image_uri: two-stage copy detection, see the candidates table)",
+        },
+    ),
+    "candidates": (
+        "two-stage copy detection (training tables without sscd_embedding): one row per CLIP candidate of "
+        "every scan image and background sample image, with what fetching it gave; empty otherwise",
+        {
+            "query_set": "units (a scan image) or background (a training image sampled for the SSCD background)",
+            "query_id": "the unit_id, or the sampled training image's train_id",
+            "clip_rank": "rank among the query's CLIP neighbours (1 = nearest)",
+            "clip_score": "CLIP cosine to the query",
+            "image_uri": "the training image's URI without query string or user info",
+            "status": "ok, no_uri, not_found, http_error, timeout, unreachable, too_large, not_image, "
+            "undecodable or unsupported (raymem/fetch.py)",
+            "error": "why the image could not be used (one line, URI without secrets), else null",
+            "http_status": "the HTTP status of the last attempt, for http(s) URIs",
+            "content_sha256": "sha256 of the fetched bytes",
+            "cached": "the embedding came from an earlier scan's fetch (the output root's candidate cache)",
+            "sscd_score": "SSCD cosine to the query; null when the image was not fetched or is the query itself",
         },
     ),
     "entities": (
@@ -97,7 +117,8 @@ TABLES: dict[str, tuple[str, dict[str, str]]] = {
         "one row per embedding space: the train-train nearest-neighbour similarity (DCR's background)",
         {
             "space": "clip or sscd",
-            "source": "index (precomputed by raymem index) or scan (sampled by the scan)",
+            "source": "index (precomputed by raymem index), scan (sampled by the scan) or candidates (sampled "
+            "training images against their own fetched CLIP candidates, in SSCD)",
             "n": "training rows sampled",
             "p50": "median similarity to the nearest other training image",
             "p75": "75th percentile",
@@ -124,6 +145,10 @@ TABLES: dict[str, tuple[str, dict[str, str]]] = {
             "replication_score": "top-1 copy-detection cosine",
             "replication_train_id": "the top-1 training image",
             "eidetic_k": "distinct training images above the replication threshold",
+            "copy_evidence": "where the copy scores came from: sscd (joined against training SSCD embeddings), "
+            "sscd_candidates (two-stage), clip (no copy detector, calibrated clip_replication) or none (not tested)",
+            "candidates_missing": "two-stage: the image's CLIP candidates that could not be fetched (evidence "
+            "missing); null otherwise",
             "background_p95": "the train-train background p95 it was compared with",
             "pixel_l2": "largest tile l2 to the top-1 training image, when checked",
             "pixel_tile_share": "share of tiles within the pixel_l2 threshold",
@@ -186,6 +211,7 @@ def render() -> str:
         "generations": schema.generations_schema(512, 512),
         "texts": schema.texts_schema(512),
         "neighbors": schema.NEIGHBORS,
+        "candidates": schema.CANDIDATES,
         "entities": schema.entities_schema(512),
         "background": schema.BACKGROUND,
         "pixel_checks": schema.PIXEL_CHECKS,

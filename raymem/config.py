@@ -75,6 +75,27 @@ class ClipConfig(_Strict):
     )
 
 
+class CandidatesConfig(_Strict):
+    """Two-stage copy detection for training sets with CLIP embeddings only (LAION): the top-`k` CLIP
+    neighbours of every generation are fetched by `image_uri`, embedded with the copy detector and
+    compared in its space (raymem.copy_candidates)."""
+
+    k: int = Field(50, ge=1, le=1000, description="CLIP neighbours per generation fetched and SSCD-embedded")
+    background_sample: int = Field(
+        64, ge=0, le=10_000, description="training images whose own candidates give the SSCD train-train background"
+    )
+    timeout_s: float = Field(10.0, gt=0, le=600, description="per request: connect, each read and the whole body")
+    retries: int = Field(2, ge=0, le=10, description="retries after the first attempt (429, 5xx, timeouts, refused)")
+    backoff_s: float = Field(0.5, ge=0, le=60, description="first retry's wait, doubling after (with jitter)")
+    max_bytes: int = Field(25_000_000, ge=1024, description="larger images are not fetched (status too_large)")
+    max_pixels: int = Field(100_000_000, ge=1024, description="larger decoded images are refused (too_large)")
+    per_host: int = Field(8, ge=1, le=1024, description="concurrent requests per host in each fetching actor")
+    threads: int = Field(32, ge=1, le=1024, description="concurrent fetches per fetching actor")
+    actors: int = Field(1, ge=1, description="fetch + embed actors (each holds one copy detector)")
+    batch_size: int = Field(256, ge=1, description="URIs per actor call")
+    cache: bool = Field(True, description="reuse candidate embeddings across scans of the same output root")
+
+
 class CopyDetectionConfig(_Strict):
     model: str | None = Field(
         "immaculate:sscd",
@@ -82,6 +103,10 @@ class CopyDetectionConfig(_Strict):
         "(local or s3://), or null to disable",
     )
     image_size: int = Field(288, ge=32, le=1024, description="shorter side the image is resized to")
+    candidates: CandidatesConfig = Field(
+        CandidatesConfig(),
+        description="two-stage copy detection, used when the training table has no sscd_embedding column",
+    )
 
 
 class EmbeddingConfig(_Strict):
@@ -140,6 +165,12 @@ class ThresholdsConfig(_Strict):
         ge=2,
         description="an unprompted element seen with fewer images of e (and never without e) is "
         "instance-specific: shown, it is MU",
+    )
+    clip_replication: float | None = Field(
+        None,
+        **COSINE,
+        description="CLIP image-image cosine for a copy when copy detection is off; there is no published "
+        "value: fit it with `raymem calibrate` (null: replication is not tested without a copy detector)",
     )
     noise_norm: float | None = Field(
         None,

@@ -61,7 +61,8 @@ def unit_fingerprint(cfg: ScanConfig, model_fingerprint: str) -> str:
         "dtype": cfg.model.dtype,
         # batch_size is left out on purpose: per-unit generators make images independent of batching.
         "generation": cfg.generation.model_dump(mode="json", exclude={"batch_size", "seed_base", "seeds_per_prompt"}),
-        "embedding": cfg.embedding.model_dump(mode="json"),
+        # how training candidates are fetched does not change a generated image or its embeddings
+        "embedding": cfg.embedding.model_dump(mode="json", exclude={"copy_detection": {"candidates"}}),
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 

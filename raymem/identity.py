@@ -101,6 +101,18 @@ def prompts_fingerprint(prompts) -> str:
     return hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()
 
 
+OPERATIONAL_FETCH_SETTINGS = (
+    "timeout_s",
+    "retries",
+    "backoff_s",
+    "per_host",
+    "threads",
+    "actors",
+    "batch_size",
+    "cache",
+)
+
+
 def scan_identity(cfg: ScanConfig, prompts, training) -> dict:
     settings = cfg.model_dump(
         mode="json",
@@ -111,6 +123,8 @@ def scan_identity(cfg: ScanConfig, prompts, training) -> dict:
             "prompts": True,
             "training": True,
             "model": {"id"},
+            # how candidates are fetched is operations, like `resources`; what is fetched (k, limits) is not
+            "embedding": {"copy_detection": {"candidates": set(OPERATIONAL_FETCH_SETTINGS)}},
         },
     )
     embedding = settings["embedding"]

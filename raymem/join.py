@@ -291,9 +291,9 @@ def fold(batch: pa.Table, result: dict[str, dict[str, RunningTopK]]) -> None:
             result[name][sp].add(query[sel], score[sel], ids[sel], paths[sel], meta)
 
 
-def neighbors_table(scan_id: str, by_space: dict[str, tuple[list[str], RunningTopK]]) -> pa.Table:
-    """The published `neighbors` table: one row per (unit, space, rank), from each space's running top-k
-    over the queries `ids`."""
+def neighbors_table(scan_id: str, by_space: dict[str, tuple[list[str], list[list[dict]], str]]) -> pa.Table:
+    """The published `neighbors` table: one row per (unit, space, rank), from each space's
+    (query ids, rows per query by rank, how they were found: join | candidates)."""
     rows = [
         {
             "scan_id": scan_id,
@@ -303,9 +303,10 @@ def neighbors_table(scan_id: str, by_space: dict[str, tuple[list[str], RunningTo
             **{c: r.get(c) for c in META_COLUMNS},
             "train_id": r["train_id"],
             "score": r["score"],
+            "via": via,
         }
-        for space, (ids, running) in by_space.items()
-        for qi, kept in enumerate(running.rows)
+        for space, (ids, per_query, via) in by_space.items()
+        for qi, kept in enumerate(per_query)
         for rank, r in enumerate(kept, start=1)
     ]
     return pa.Table.from_pylist(rows, schema=NEIGHBORS)

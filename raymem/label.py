@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -35,7 +36,15 @@ from raymem.schema import ROLE_NULL, ROLE_SCAN, STATUS_OK
 
 SIGMA_FLOOR = 0.5  # logits; keeps a near-constant null from turning noise into huge z-scores
 
-__all__ = ["Background", "EntityStats", "LabelInputs", "PromptContext", "label_units", "copy_candidates"]
+__all__ = [
+    "Background",
+    "EntityStats",
+    "LabelInputs",
+    "PromptContext",
+    "label_units",
+    "pixel_check_pairs",
+    "copy_thresholds",
+]
 
 
 def largest_cluster(embeddings: np.ndarray, threshold: float) -> np.ndarray:
@@ -123,14 +132,26 @@ def label_units(inputs: LabelInputs, thresholds: ThresholdsConfig) -> list[dict]
     return out
 
 
-def copy_candidates(inputs: LabelInputs, t: ThresholdsConfig) -> dict[str, tuple[str, str, str | None]]:
-    """Scan images whose nearest copy-detection neighbour passes `replication`: the pairs to confirm pixel
-    by pixel, {unit_id: (generated image uri, train_id, training image uri)}."""
+def copy_thresholds(space: str, t: ThresholdsConfig) -> tuple[float | None, float | None, float | None]:
+    """(replication, verbatim, seed-cluster link) cosines in the copy space. SSCD has published values;
+    CLIP has none, so without a copy detector replication is tested only at a calibrated
+    `clip_replication` (verbatim then only by pixels), and never at SSCD's numbers."""
+    if space == "sscd":
+        return t.replication, t.verbatim, t.cluster_similarity
+    return t.clip_replication, None, t.clip_replication
+
+
+def pixel_check_pairs(inputs: LabelInputs, t: ThresholdsConfig) -> dict[str, tuple[str, str, str | None]]:
+    """Scan images whose nearest copy-space neighbour passes the replication threshold: the pairs to
+    confirm pixel by pixel, {unit_id: (generated image uri, train_id, training image uri)}."""
+    space = inputs.copy_space
+    threshold = copy_thresholds(space, t)[0]
     pairs = {}
+    if threshold is None:
+        return pairs
     for g in inputs.generations:
-        spaces = inputs.neighbors.get(g["unit_id"], {})
-        nbrs = spaces.get("sscd") or spaces.get("clip") or []
-        if g["role"] == ROLE_SCAN and nbrs and nbrs[0]["score"] >= t.replication and g["image_uri"]:
+        nbrs = inputs.neighbors.get(g["unit_id"], {}).get(space) or []
+        if g["role"] == ROLE_SCAN and nbrs and nbrs[0]["score"] >= threshold and g["image_uri"]:
             pairs[g["unit_id"]] = (g["image_uri"], nbrs[0]["train_id"], nbrs[0].get("image_uri"))
     return pairs
 
@@ -142,19 +163,21 @@ def _label_prompt(ctx: PromptContext, indices: list[int], inputs: LabelInputs, t
     ok = [i for i in scan if gens[i]["status"] == STATUS_OK]
     nulls = [i for i in indices if gens[i].get("role") == ROLE_NULL and gens[i]["status"] == STATUS_OK]
     space = inputs.copy_space
+    link = copy_thresholds(space, t)[2]
 
-    # Consistency across seeds (Carlini's clique, MemBench's fraction) in the copy-detection space.
+    # Consistency across seeds (Carlini's clique, MemBench's fraction) in the copy-detection space
+    # (not measured in CLIP space unless `clip_replication` is calibrated).
     members = np.zeros(len(ok), dtype=bool)
-    if len(ok) > 1:
-        members = largest_cluster(np.stack([inputs.embedding(space, i) for i in ok]), t.cluster_similarity)
+    if len(ok) > 1 and link is not None:
+        members = largest_cluster(np.stack([inputs.embedding(space, i) for i in ok]), link)
         if members.sum() < 2:
             members[:] = False
-    consistency = float(members.mean()) if len(ok) else 0.0
+    consistency = (float(members.mean()) if len(ok) else 0.0) if link is not None else None
     member_of = {i: bool(m) for i, m in zip(ok, members)}
     norms = [gens[i]["noise_norm"] for i in ok if gens[i].get("noise_norm") is not None]
     mean_norm = float(np.mean(norms)) if norms else None
     memorized_prompt = bool(
-        (len(ok) > 1 and consistency >= t.consistency)
+        (len(ok) > 1 and consistency is not None and consistency >= t.consistency)
         or (t.noise_norm is not None and mean_norm is not None and mean_norm >= t.noise_norm)
     )
 
@@ -212,7 +235,8 @@ def _label_prompt(ctx: PromptContext, indices: list[int], inputs: LabelInputs, t
             out.append({**base, "label": None, "flags": [], "reasons": f"not scored: {r.get('error')}", "elements": []})
             continue
         nbrs = neighbors.get(r["unit_id"], {}).get(space, [])
-        decision = _decide(ctx, r, nbrs, space, bg, evidence[i], member_of[i], pixels.get(r["unit_id"]), t)
+        copy = _CopyEvidence(space, inputs.copy_evidence, inputs.missing.get(r["unit_id"]), bg)
+        decision = _decide(ctx, r, nbrs, copy, evidence[i], member_of[i], pixels.get(r["unit_id"]), t)
         out.append({**base, **decision})
     return out
 
@@ -269,27 +293,60 @@ def _image_evidence(ctx, texts, image: np.ndarray, entity_null, element_null, t:
     return {"entity_logit": ent_logit, "entity_z": ent_z, "elements": elements}
 
 
-def _decide(ctx, r, nbrs, space, bg: Background | None, ev, cluster_member, pixel: PixelEvidence | None, t) -> dict:
+@dataclass(frozen=True)
+class _CopyEvidence:
+    """Where an image's copy scores come from: the space, how its neighbours were found, and (two-stage)
+    how many of its CLIP candidates could not be fetched."""
+
+    space: str  # sscd | clip
+    source: str  # sscd | sscd_candidates | clip
+    missing: tuple[int, int] | None  # (candidates not fetched, candidates)
+    background: Background | None
+
+    def describe(self) -> str:
+        if self.source == "sscd_candidates" and self.missing is not None:
+            missing, total = self.missing
+            return f"SSCD over {total - missing} fetched of {total} CLIP candidates"
+        return self.space.upper()
+
+
+def _decide(ctx, r, nbrs, copy: _CopyEvidence, ev, cluster_member, pixel: PixelEvidence | None, t) -> dict:
     flags: list[str] = []
     reasons: list[str] = []
 
     # -- replication ------------------------------------------------------------------------------
+    replication, verbatim, _ = copy_thresholds(copy.space, t)
     top = nbrs[0] if nbrs else None
     R = float(top["score"]) if top else None
     # Distinct training images above the threshold: exact duplicates (same image_hash) count once.
-    k_above = len({n.get("image_hash") or n["train_id"] for n in nbrs if n["score"] >= t.replication})
+    k_above = (
+        len({n.get("image_hash") or n["train_id"] for n in nbrs if n["score"] >= replication})
+        if replication is not None
+        else None
+    )
+    bg = copy.background
     bg_p95 = bg.p95 if bg else None
     pixel_max = pixel.max_l2 if pixel and top and pixel.train_id == top["train_id"] else None
     tile_share = pixel.share_within(t.pixel_l2) if pixel_max is not None else None
     pixel_copy = pixel_max is not None and pixel_max <= t.pixel_l2
     # Above the background -- or confirmed pixel by pixel (Carlini's test), which no generic look passes.
     distinct = bg_p95 is None or R is None or R > bg_p95 or pixel_copy
-    replicated = R is not None and R >= t.replication and distinct and k_above <= t.eidetic_k
+    passes = R is not None and replication is not None and R >= replication
+    replicated = passes and distinct and k_above <= t.eidetic_k
     subtype = webster = None
-    if R is not None and R >= t.replication:
+    space = copy.describe()
+    if copy.missing is not None and copy.missing[0]:
+        flags.append("candidates_missing")
+        reasons.append(f"copy evidence incomplete: {copy.missing[0]} of {copy.missing[1]} CLIP candidates not fetched")
+    if replication is None:
+        reasons.append(
+            "replication not tested: no copy detector (embedding.copy_detection.model is null) and no "
+            "calibrated thresholds.clip_replication"
+        )
+    if passes:
         flags.append("copy_neighbor")
     if replicated:
-        if pixel_copy or R >= t.verbatim:
+        if pixel_copy or (verbatim is not None and R >= verbatim):
             subtype = "verbatim"
         elif tile_share is not None and tile_share >= t.template_tiles:
             subtype = "template"
@@ -308,20 +365,23 @@ def _decide(ctx, r, nbrs, space, bg: Background | None, ev, cluster_member, pixe
             pix = f"; tiled pixel l2 {_fmt(pixel_max)} ({tile_share:.0%} of tiles <= {t.pixel_l2})"
         elif pixel is not None and pixel.error:
             pix = "; pixel check unavailable (training image unreadable)"
+        name = "replication" if copy.space == "sscd" else "clip_replication"
         reasons.append(
-            f"replication: {space.upper()} top-1 {_fmt(R)} to training image '{top['train_id']}'"
-            f" (>= replication {_fmt(t.replication)}{bg_text}); {k_text} training image(s) above it"
+            f"replication: {space} top-1 {_fmt(R)} to training image '{top['train_id']}'"
+            f" (>= {name} {_fmt(replication)}{bg_text}); {k_text} training image(s) above it"
             f" (<= {t.eidetic_k}){pix}; {subtype}" + (f" ({webster})" if webster else "")
         )
-    elif R is not None and R >= t.replication:
+    elif passes:
         why = (
             f"{k_above} training images above the threshold (> {t.eidetic_k}: a common look, not one image)"
             if k_above > t.eidetic_k
             else f"not above the background p95 {_fmt(bg_p95)}"
         )
-        reasons.append(f"no replication: {space.upper()} top-1 {_fmt(R)} but {why}")
-    elif R is not None:
-        reasons.append(f"no replication: {space.upper()} top-1 {_fmt(R)} < {_fmt(t.replication)}")
+        reasons.append(f"no replication: {space} top-1 {_fmt(R)} but {why}")
+    elif R is not None and replication is not None:
+        reasons.append(f"no replication: {space} top-1 {_fmt(R)} < {_fmt(replication)}")
+    elif replication is not None and copy.source == "sscd_candidates":
+        reasons.append("no replication: no CLIP candidate could be fetched and compared (no copy evidence)")
 
     # -- the entity ---------------------------------------------------------------------------------
     ent_logit, ent_z = ev["entity_logit"], ev["entity_z"]
@@ -412,6 +472,8 @@ def _decide(ctx, r, nbrs, space, bg: Background | None, ev, cluster_member, pixe
         "replication_score": R,
         "replication_train_id": top["train_id"] if top is not None else None,
         "eidetic_k": k_above,
+        "copy_evidence": copy.source if replication is not None else "none",
+        "candidates_missing": copy.missing[0] if copy.missing is not None else None,
         "background_p95": bg_p95,
         "pixel_l2": pixel_max,
         "pixel_tile_share": tile_share,

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
@@ -24,7 +24,16 @@ from raymem.probes import Probe
 from raymem.schema import PUBLISHED_TABLES, ROLE_SCAN, SPACE_COLUMNS, STATUS_OK, embedding_matrix
 
 # The tables the labeler reads; `labels` and the tallies are its output.
-INPUT_TABLES = ("prompts", "generations", "texts", "neighbors", "entities", "background", "pixel_checks")
+INPUT_TABLES = (
+    "prompts",
+    "generations",
+    "texts",
+    "neighbors",
+    "candidates",
+    "entities",
+    "background",
+    "pixel_checks",
+)
 assert set(INPUT_TABLES) <= set(PUBLISHED_TABLES)
 
 
@@ -72,10 +81,21 @@ class LabelInputs:
     neighbors: dict[str, dict[str, list[dict]]]  # unit_id -> space -> rows by rank
     background: dict[str, Background]
     pixels: dict[str, PixelEvidence]
+    # Two-stage copy detection (training table without SSCD): unit_id -> (CLIP candidates not fetched,
+    # CLIP candidates). Empty when the SSCD neighbours came from a join.
+    missing: dict[str, tuple[int, int]] = field(default_factory=dict)
+    two_stage: bool = False
 
     @property
     def copy_space(self) -> str:
         return "sscd" if self.sscd is not None else "clip"
+
+    @property
+    def copy_evidence(self) -> str:
+        """sscd (joined against training SSCD embeddings) | sscd_candidates (two-stage) | clip."""
+        if self.sscd is None:
+            return "clip"
+        return "sscd_candidates" if self.two_stage else "sscd"
 
     def embedding(self, space: str, row: int) -> np.ndarray:
         return (self.sscd if space == "sscd" else self.clip)[row]
@@ -92,6 +112,8 @@ class LabelInputs:
             self.neighbors,
             self.background,
             self.pixels,
+            self.missing,
+            self.two_stage,
         )
 
     def scored_scan_units(self) -> list[str]:
@@ -119,6 +141,8 @@ class LabelInputs:
                 for r in tables["background"].select(["space", "p95", "n"]).to_pylist()
             },
             pixels=pixel_evidence(tables["pixel_checks"]),
+            missing=missing_evidence(tables["candidates"]),
+            two_stage=bool(tables["candidates"].num_rows),
         )
 
     @classmethod
@@ -238,3 +262,16 @@ def _neighbors(neighbors: pa.Table) -> dict[str, dict[str, list[dict]]]:
     for n in table.to_pylist():
         out[n["unit_id"]][n["space"]].append(n)
     return {u: dict(spaces) for u, spaces in out.items()}
+
+
+def missing_evidence(candidates: pa.Table) -> dict[str, tuple[int, int]]:
+    """{unit_id: (candidates without an SSCD embedding, candidates)} from the `candidates` table."""
+    if not candidates.num_rows:
+        return {}
+    units = candidates.filter(pc.equal(candidates.column("query_set"), "units"))
+    out: dict[str, list[int]] = {}
+    for uid, status in zip(units.column("query_id").to_pylist(), units.column("status").to_pylist()):
+        counts = out.setdefault(uid, [0, 0])
+        counts[1] += 1
+        counts[0] += status != "ok"
+    return {u: (m, n) for u, (m, n) in out.items()}

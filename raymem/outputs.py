@@ -119,6 +119,10 @@ class ScanOutputs:
         self.unit_store = uris.join(self.root, "_units", f"model={self.model_name}")
         clip_key = hashlib.sha256(json.dumps(cfg.embedding.clip.model_dump(mode="json"), sort_keys=True).encode())
         self.text_cache = uris.join(self.root, "_units", "texts", f"clip={clip_key.hexdigest()[:16]}")
+        # SSCD embeddings of fetched training images (two-stage copy detection), per copy detector
+        cd = cfg.embedding.copy_detection
+        cd_key = hashlib.sha256(json.dumps([cd.model, cd.image_size]).encode()).hexdigest()[:16]
+        self.candidate_cache = uris.join(self.root, "_cache", "copy_detection", f"sscd={cd_key}")
         self.manifest_uri = uris.join(self.root, "manifests", f"{self.scan_id}.json")
         self.attempt_uri = uris.join(self.root, "_attempts", self.scan_id, f"{self.attempt}.json")
         self.lease_uri = uris.join(self.root, "_attempts", self.scan_id, "_lease.json")

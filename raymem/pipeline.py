@@ -22,12 +22,14 @@ from raymem.background import background_from, background_sample, background_tab
 from raymem.candidates import Queries
 from raymem.captions import caption_terms
 from raymem.config import ScanConfig
+from raymem.copy_candidates import MODE_CANDIDATES, MODE_OFF, CandidateQueries, copy_detection_mode, rescore
 from raymem.entity_stats import entities_table, entity_stats
 from raymem.errors import InputError, OutputError, RaymemError, ScanFailed
+from raymem.fetch import FetchLimits
 from raymem.generate import GenerateEmbed, encode_missing_texts, expand_units, unit_fingerprint, work_chunks
 from raymem.identity import scan_id_of, scan_identity
-from raymem.join import nearest_neighbours, neighbors_table
-from raymem.label import copy_candidates, label_units
+from raymem.join import RunningTopK, nearest_neighbours, neighbors_table
+from raymem.label import label_units, pixel_check_pairs
 from raymem.label_inputs import LabelInputs, pixel_evidence
 from raymem.mining import EntityAssociations, excluded_terms, mine_associations
 from raymem.outputs import ScanOutputs, one_line_os_error
@@ -36,6 +38,7 @@ from raymem.probes import Probe, probes_for
 from raymem.prompts import Prompt, prompts_table, read_prompts
 from raymem.reduce import entity_tallies, prompt_tallies
 from raymem.schema import (
+    CANDIDATES,
     ENTITY_TALLIES,
     LABELS,
     LABELS_TABLE,
@@ -131,6 +134,18 @@ def check_inputs(cfg: ScanConfig) -> tuple[list[Prompt], TrainingTable]:
     """Validate what can be validated without Ray or models (also `raymem validate`)."""
     prompts = read_prompts(cfg.prompts)
     training = inspect_training(cfg.training.embeddings, {}, skip_bad_files=cfg.join.skip_bad_files)
+    mode = copy_detection_mode(cfg, training)  # a copy detector with nothing to compare against is bad input
+    if mode == MODE_CANDIDATES:
+        log.info(
+            "training table has no sscd_embedding: two-stage copy detection (top-%d CLIP candidates fetched "
+            "by image_uri and SSCD-embedded)",
+            cfg.embedding.copy_detection.candidates.k,
+        )
+    elif mode == MODE_OFF and cfg.thresholds.clip_replication is None:
+        log.warning(
+            "copy detection is off and thresholds.clip_replication is not set: replication (MU by copying) "
+            "will not be tested"
+        )
     check_model_sources(cfg)
     return prompts, training
 
@@ -177,10 +192,25 @@ def _run(cfg: ScanConfig, outputs: ScanOutputs, prompts, training, timer, rerun_
     sscd_dim = sscd_type.list_size if pa.types.is_fixed_size_list(sscd_type) else None
     training = training.for_spaces({"clip": clip_dim, **({"sscd": sscd_dim} if sscd_dim else {})})
 
+    copy_mode = copy_detection_mode(cfg, training)
     with timer("check_train_ids"):
         check_train_ids(training)  # a null or repeated id anywhere in the table is bad input
     with timer("join"):
-        neighbors, measured, background_source = _join(cfg, training, ok, cluster)
+        joined = _join(cfg, training, ok, cluster, copy_mode)
+    neighbors = {
+        space: (joined.query_ids, [rows[: cfg.join.k] for rows in running.rows], "join")
+        for space, running in joined.units.items()
+    }
+    measured = {s: {**b, "source": joined.background_source} for s, b in joined.background.items()}
+    candidates = CANDIDATES.empty_table()
+    if copy_mode == MODE_CANDIDATES:
+        with timer("copy_candidates"):
+            found = _copy_candidates(cfg, outputs, joined, ok, cluster)
+        candidates = found.table
+        neighbors["sscd"] = (joined.query_ids, [found.neighbors[u] for u in joined.query_ids], "candidates")
+        if found.background is not None and "sscd" not in measured:
+            measured["sscd"] = {**found.background, "source": "candidates"}
+        counts["copy_candidates"] = found.stats
     with timer("entity_stats"):
         stats = entity_stats(training, {p.entity for p in prompts})
 
@@ -189,14 +219,17 @@ def _run(cfg: ScanConfig, outputs: ScanOutputs, prompts, training, timer, rerun_
         "generations": generations.cast(generations_schema(clip_dim, sscd_dim)),
         "texts": _texts_table(scan_id, probes, texts, clip_dim),
         "neighbors": neighbors_table(scan_id, neighbors),
+        "candidates": candidates,
         "entities": entities_table(scan_id, sorted({p.entity for p in prompts}), stats, associations, clip_dim),
-        "background": background_table(scan_id, measured, background_source),
+        "background": background_table(scan_id, measured, joined.background_source),
     }
     # The labeler reads the tables, exactly as `raymem calibrate` will read them back.
     inputs = LabelInputs.from_tables({**tables, "pixel_checks": pixel_checks_table(scan_id, {})})
     with timer("pixel_confirmation"):
-        pairs = copy_candidates(inputs, cfg.thresholds)
-        pixels = confirm_pairs(pairs, cfg.signals.pixel_size, cfg.signals.pixel_tiles) if pairs else {}
+        pairs = pixel_check_pairs(inputs, cfg.thresholds)
+        c = cfg.embedding.copy_detection.candidates
+        limits = FetchLimits(c.timeout_s, c.retries, c.backoff_s, c.max_bytes, c.max_pixels, c.per_host)
+        pixels = confirm_pairs(pairs, cfg.signals.pixel_size, cfg.signals.pixel_tiles, limits=limits) if pairs else {}
         tables["pixel_checks"] = pixel_checks_table(scan_id, pixels)
         inputs = replace(inputs, pixels=pixel_evidence(tables["pixel_checks"]))
     with timer("label"):
@@ -219,7 +252,8 @@ def _run(cfg: ScanConfig, outputs: ScanOutputs, prompts, training, timer, rerun_
         background_sample=background[next(iter(background))].n if background else 0,
         pixel_checks=len(pixels),
         training_files_skipped=training.skipped,
-        background_source=background_source,
+        background_source=joined.background_source,
+        copy_detection=copy_mode,
         **{f"label_{k}": sum(1 for r in labels if r["label"] == k) for k in LABELS},
     )
     counts["background_p95"] = {s: b.p95 for s, b in background.items()}
@@ -291,35 +325,82 @@ def _generate(cfg: ScanConfig, outputs: ScanOutputs, units, texts_by_prompt, rer
     return {"units_generated": len(todo), "units_reused": len(units) - len(todo), "units_failed_now": failed}
 
 
-def _join(cfg: ScanConfig, training: TrainingTable, ok: pa.Table, cluster):
+@dataclass
+class _Joined:
+    query_ids: list[str]  # the scored scan units, in query order
+    units: dict[str, RunningTopK]  # space -> top-k of the units
+    background_queries: Queries | None  # the sampled training rows, when the scan sampled a background
+    background_topk: dict[str, RunningTopK]  # space -> their top-k
+    background: dict[str, dict]  # space -> percentiles (from the index, or measured now)
+    background_source: str  # index | scan
+
+
+def _join(cfg: ScanConfig, training: TrainingTable, ok: pa.Table, cluster, copy_mode: str) -> _Joined:
     """Top-k neighbours of every scored scan image in every space, and the train-train background
-    (the index's precomputed one when `raymem index` wrote it, else sampled in the same pass)."""
+    (the index's precomputed one when `raymem index` wrote it, else sampled in the same pass). With
+    two-stage copy detection the CLIP top-k is deep enough to hold the copy candidates."""
     query_ids = ok.column("unit_id").to_pylist()
     queries = {
         "units": Queries(
             ids=query_ids, matrices={s: embedding_matrix(ok.column(SPACE_COLUMNS[s])) for s in training.dims}
         )
     }
+    two_stage = copy_mode == MODE_CANDIDATES
     stored = (training.index or {}).get("background") or {}
-    bg = None if stored else background_sample(training, BACKGROUND_SAMPLE, list(training.dims))
+    sample = 0 if stored else BACKGROUND_SAMPLE
+    if two_stage and "sscd" not in stored:  # the SSCD background comes from the sample's own candidates
+        sample = max(sample, cfg.embedding.copy_detection.candidates.background_sample)
+    bg = background_sample(training, sample, list(training.dims)) if sample else None
     if bg is not None:
         queries["background"] = bg
+    k = max(cfg.join.k, cfg.embedding.copy_detection.candidates.k) if two_stage else cfg.join.k
     topk = (
         nearest_neighbours(
             training,
             queries,
-            cfg.join.k,
+            k,
             batch_rows=cfg.join.batch_rows,
             plan=runtime.plan_join(cfg.resources.join_actors, cluster),
             mode=cfg.join.mode,
             nprobe=cfg.join.nprobe,
         )
-        if query_ids
-        else {"units": {}}
+        if query_ids or bg is not None
+        else {}
     )
-    neighbors = {space: (query_ids, running) for space, running in topk.get("units", {}).items()}
-    measured = stored or background_from(topk.get("background", {}))
-    return neighbors, measured, "index" if stored else "scan"
+    units = topk.get("units", {}) if query_ids else {}
+    background_topk = topk.get("background", {})
+    return _Joined(
+        query_ids,
+        units,
+        bg,
+        background_topk,
+        stored or background_from(background_topk),
+        "index" if stored else "scan",
+    )
+
+
+def _copy_candidates(cfg: ScanConfig, outputs: ScanOutputs, joined: _Joined, ok: pa.Table, cluster):
+    """Two-stage copy detection: fetch and SSCD-embed the CLIP candidates (raymem.copy_candidates)."""
+    c = cfg.embedding.copy_detection.candidates
+    units = CandidateQueries(
+        "units",
+        joined.query_ids,
+        [rows[: c.k] for rows in joined.units["clip"].rows] if joined.query_ids else [],
+        embedding_matrix(ok.column(SPACE_COLUMNS["sscd"])) if joined.query_ids else None,
+    )
+    background = None
+    bg = joined.background_queries
+    if bg is not None and c.background_sample and "clip" in joined.background_topk:
+        n = min(c.background_sample, len(bg.ids))
+        background = CandidateQueries(
+            "background",
+            bg.ids[:n],
+            [rows[: c.k] for rows in joined.background_topk["clip"].rows[:n]],
+            own_uris=(bg.image_uris or [None] * n)[:n],
+            own_hashes=(bg.hashes or [None] * n)[:n],
+        )
+    plan = runtime.plan_actors(c.actors, cfg.resources.gpus_per_actor, cfg.resources.cpus_per_actor, cluster)
+    return rescore(cfg, outputs.scan_id, units, background, plan, outputs.candidate_cache if c.cache else None)
 
 
 def _collect(outputs: ScanOutputs, units, scan_id: str) -> pa.Table:

@@ -18,6 +18,7 @@ import pyarrow as pa
 from PIL import Image
 
 from raymem import uri as uris
+from raymem.fetch import Fetcher, FetchLimits
 from raymem.schema import PIXEL_CHECKS
 
 
@@ -37,8 +38,17 @@ class PixelEvidence:
         return float(np.mean(np.asarray(self.tile_l2) <= threshold))
 
 
-def load_rgb(uri: str, size: int) -> np.ndarray:
-    image = Image.open(io.BytesIO(uris.read_bytes(uri))).convert("RGB").resize((size, size), Image.BICUBIC)
+def load_rgb(uri: str, size: int, fetcher: Fetcher | None = None) -> np.ndarray:
+    """An image as (size, size, 3) floats in [0, 1]; training images go through `fetcher` (http(s),
+    s3://, local, tar members, with its limits), the scan's own images are read directly."""
+    if fetcher is not None:
+        fetched = fetcher.fetch(uri)
+        if fetched.status != "ok":
+            raise OSError(f"{fetched.status}: {fetched.error}")
+        data = fetched.data
+    else:
+        data = uris.read_bytes(uri)
+    image = Image.open(io.BytesIO(data)).convert("RGB").resize((size, size), Image.BICUBIC)
     return np.asarray(image, dtype=np.float32) / 255.0
 
 
@@ -50,22 +60,29 @@ def tile_distances(a: np.ndarray, b: np.ndarray, tiles: int) -> np.ndarray:
     return np.sqrt(per_tile).reshape(-1)
 
 
-def compare(generated_uri: str, train_id: str, train_uri: str | None, size: int, tiles: int) -> PixelEvidence:
+def compare(
+    generated_uri: str, train_id: str, train_uri: str | None, size: int, tiles: int, fetcher: Fetcher | None = None
+) -> PixelEvidence:
     if not train_uri:
         return PixelEvidence(train_id, None, "the training row has no image_uri")
     try:
-        a, b = load_rgb(generated_uri, size), load_rgb(train_uri, size)
+        a, b = load_rgb(generated_uri, size), load_rgb(train_uri, size, fetcher or Fetcher())
     except Exception as err:  # noqa: BLE001 - an unreachable image is evidence missing, not a failed scan
         return PixelEvidence(train_id, None, f"{type(err).__name__}: {err}"[:300])
     return PixelEvidence(train_id, tuple(float(x) for x in tile_distances(a, b, tiles)))
 
 
 def confirm_pairs(
-    pairs: dict[str, tuple[str, str, str | None]], size: int, tiles: int, threads: int = 8
+    pairs: dict[str, tuple[str, str, str | None]],
+    size: int,
+    tiles: int,
+    threads: int = 8,
+    limits: FetchLimits | None = None,
 ) -> dict[str, PixelEvidence]:
     """{unit_id: (generated image uri, train_id, training image uri)} -> {unit_id: evidence}."""
+    fetcher = Fetcher(limits or FetchLimits(), threads=threads)
     with ThreadPoolExecutor(max_workers=threads) as pool:
-        futures = {uid: pool.submit(compare, g, t, u, size, tiles) for uid, (g, t, u) in pairs.items()}
+        futures = {uid: pool.submit(compare, g, t, u, size, tiles, fetcher) for uid, (g, t, u) in pairs.items()}
         return {uid: f.result() for uid, f in futures.items()}
 
 

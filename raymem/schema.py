@@ -33,6 +33,7 @@ PUBLISHED_TABLES = (
     "generations",
     "texts",
     "neighbors",
+    "candidates",
     "entities",
     "background",
     "pixel_checks",
@@ -167,7 +168,9 @@ BACKGROUND = pa.schema(
     [
         ("scan_id", pa.string()),
         ("space", pa.string()),
-        ("source", pa.string()),  # index (precomputed by `raymem index`) | scan (sampled by the scan)
+        # index (precomputed by `raymem index`) | scan (sampled by the scan) | candidates (SSCD over
+        # fetched CLIP candidates, raymem.copy_candidates)
+        ("source", pa.string()),
         ("n", pa.int64()),
         ("p50", pa.float64()),
         ("p75", pa.float64()),
@@ -199,6 +202,26 @@ NEIGHBORS = pa.schema(
         ("image_uri", pa.string()),
         ("entities", pa.list_(pa.string())),
         ("image_hash", pa.string()),
+        ("via", pa.string()),  # join (exact/FAISS join in this space) | candidates (SSCD over fetched CLIP candidates)
+    ]
+)
+
+# Two-stage copy detection (raymem.copy_candidates): every CLIP candidate of every query and its fate.
+CANDIDATES = pa.schema(
+    [
+        ("scan_id", pa.string()),
+        ("query_set", pa.string()),  # units (a scan image) | background (a sampled training image)
+        ("query_id", pa.string()),  # unit_id, or the sampled image's train_id
+        ("clip_rank", pa.int16()),
+        ("clip_score", pa.float32()),
+        ("train_id", pa.string()),
+        ("image_uri", pa.string()),  # without query string or user info
+        ("status", pa.string()),  # raymem.fetch.STATUSES
+        ("error", pa.string()),
+        ("http_status", pa.int32()),
+        ("content_sha256", pa.string()),
+        ("cached", pa.bool_()),  # embedding from an earlier scan's fetch
+        ("sscd_score", pa.float32()),  # SSCD cosine to the query; null when not fetched (or the query itself)
     ]
 )
 
@@ -231,6 +254,8 @@ LABELS_TABLE = pa.schema(
         ("replication_score", pa.float32()),
         ("replication_train_id", pa.string()),
         ("eidetic_k", pa.int32()),
+        ("copy_evidence", pa.string()),  # sscd | sscd_candidates | clip | none: where the copy scores came from
+        ("candidates_missing", pa.int32()),  # two-stage: CLIP candidates that could not be fetched
         ("background_p95", pa.float32()),
         ("pixel_l2", pa.float32()),
         ("pixel_tile_share", pa.float32()),

@@ -13,6 +13,7 @@ def test_every_column_of_every_published_table_is_described():
         "generations": schema.generations_schema(8, 8),
         "texts": schema.texts_schema(8),
         "neighbors": schema.NEIGHBORS,
+        "candidates": schema.CANDIDATES,
         "entities": schema.entities_schema(8),
         "background": schema.BACKGROUND,
         "pixel_checks": schema.PIXEL_CHECKS,

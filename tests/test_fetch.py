@@ -106,7 +106,7 @@ def test_credentials_and_query_strings_never_reach_errors(server):
     got = fetch(f"http://user:hunter2@127.0.0.1:{server.port}/missing/img0.png?{secret}")
     assert got.status == "not_found"
     assert "deadbeefsecret" not in got.error and "hunter2" not in got.error
-    assert public_uri(f"https://u:p@host:8443/a/b.jpg?sig=1#frag") == "https://host:8443/a/b.jpg#frag"
+    assert public_uri("https://u:p@host:8443/a/b.jpg?sig=1#frag") == "https://host:8443/a/b.jpg#frag"
     assert public_uri("s3://bucket/key.jpg") == "s3://bucket/key.jpg"
 
 
@@ -164,7 +164,9 @@ def test_s3_objects_and_tar_members_on_s3(files):
 
 
 def test_fetch_many_keeps_order_and_is_thread_safe(server):
-    uris_ = [f"{server.url}/files/img{i % 24}.png" for i in range(60)] + [f"{server.url}/missing/x{i}" for i in range(5)]
+    uris_ = [f"{server.url}/files/img{i % 24}.png" for i in range(60)] + [
+        f"{server.url}/missing/x{i}" for i in range(5)
+    ]
     results = []
 
     def run():

@@ -365,3 +365,41 @@ def test_pixel_confirmed_copy_is_MU_even_below_a_high_background():
     assert out["a"]["label"] == "MU" and out["a"]["subtype"] == "verbatim"
     assert "not above the train-train background p95 0.920" in out["a"]["reasons"]
     assert out["b"]["label"] == "ME" and "not above the background p95 0.920" in out["b"]["reasons"]
+
+
+# -- where the copy scores come from -------------------------------------------------------------------
+
+
+def _clip_only(rows):
+    return [{**r, "sscd_embedding": None} for r in rows]
+
+
+def test_without_a_copy_detector_clip_neighbours_are_never_judged_at_sscd_thresholds():
+    """Copy detection off: CLIP cosines of 0.9 are ordinary between images of one prompt, so SSCD's 0.5
+    must not make them copies (the silent 'every image is MU' of a CLIP-only scan)."""
+    ctx = context(explicit=())
+    rows = _clip_only([gen(f"u{i}", i, image(ctx)) for i in range(3)] + nulls(ctx))
+    clip_nbrs = {f"u{i}": {"clip": [{"train_id": "t0", "score": 0.93, "caption": "x"}]} for i in range(3)}
+    out = run(ctx, rows, clip_nbrs, background={})
+    for r in out.values():
+        assert r["label"] != "MU" and r["copy_evidence"] == "none" and r["eidetic_k"] is None
+        assert "replication not tested" in r["reasons"]
+        assert r["consistency"] is None  # seeds are not clustered at SSCD's link threshold either
+    calibrated = run(ctx, rows, clip_nbrs, background={}, t=T.model_copy(update={"clip_replication": 0.92}))
+    assert all(r["label"] == "MU" and r["copy_evidence"] == "clip" for r in calibrated.values())
+    assert "CLIP top-1 0.930" in calibrated["u0"]["reasons"] and "clip_replication 0.920" in calibrated["u0"]["reasons"]
+    assert calibrated["u0"]["subtype"] == "partial"  # verbatim only by pixels in CLIP space
+
+
+def test_two_stage_copy_evidence_and_missing_candidates_are_in_every_row():
+    ctx = context(explicit=())
+    rows = [gen(f"u{i}", i, image(ctx)) for i in range(2)] + nulls(ctx)
+    inputs = LabelInputs.from_rows(rows, {"p": ctx}, text_vectors(ctx), {"u0": nbrs(0.9), "u1": {}}, BG, {})
+    inputs.two_stage = True
+    inputs.missing = {"u0": (3, 50), "u1": (50, 50)}
+    out = {r["unit_id"]: r for r in label_units(inputs, T)}
+    assert out["u0"]["label"] == "MU" and out["u0"]["copy_evidence"] == "sscd_candidates"
+    assert out["u0"]["candidates_missing"] == 3 and "candidates_missing" in out["u0"]["flags"]
+    assert "SSCD over 47 fetched of 50 CLIP candidates top-1 0.900" in out["u0"]["reasons"]
+    assert out["u1"]["label"] != "MU" and out["u1"]["candidates_missing"] == 50
+    assert "no CLIP candidate could be fetched" in out["u1"]["reasons"]

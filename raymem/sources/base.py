@@ -99,12 +99,13 @@ def checked_matrix(batch: pa.Table, column: str, dim: int) -> np.ndarray:
 
 def take_sample(heads, n: int, columns: list[str]) -> list[pa.Table]:
     """The first rows of each file (`heads`, tables with `path`) until `n` rows are taken, in the sample's
-    columns plus `image_hash` (null where the layout has none) and `path`."""
+    columns plus `image_hash` and `image_uri` (null where the table has none) and `path`."""
     parts, rows = [], 0
     for table in heads:
-        if "image_hash" not in table.column_names:
-            table = table.append_column("image_hash", pa.nulls(table.num_rows, pa.string()))
-        parts.append(table.select([*columns, "image_hash", "path"]))
+        for name in ("image_hash", "image_uri"):
+            if name not in table.column_names:
+                table = table.append_column(name, pa.nulls(table.num_rows, pa.string()))
+        parts.append(table.select([*columns, "image_hash", "image_uri", "path"]))
         rows += table.num_rows
         if rows >= n:
             break

@@ -136,7 +136,7 @@ class ParquetSource:
             for path in files:
                 fs, p = uris.filesystem(path)
                 pf = pq.ParquetFile(p, filesystem=fs)
-                wanted = columns + (["image_hash"] if "image_hash" in pf.schema_arrow.names else [])
+                wanted = columns + [c for c in ("image_hash", "image_uri") if c in pf.schema_arrow.names]
                 batch = next(pf.iter_batches(batch_size=per_file, columns=wanted), None)
                 if batch is not None:
                     yield pa.Table.from_batches([batch]).append_column("path", pa.array([path] * batch.num_rows))
