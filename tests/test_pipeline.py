@@ -207,7 +207,13 @@ def test_dimension_mismatch_found_after_generation_publishes_nothing(ray_two_gpu
     train = tmp_path / "train"
     train.mkdir()
     pq.write_table(
-        pa.table({"train_id": ["a", "b"], "clip_embedding": embedding_array(np.eye(2, 16), 16)}),
+        pa.table(
+            {
+                "train_id": ["a", "b"],
+                "clip_embedding": embedding_array(np.eye(2, 16), 16),
+                "image_uri": pa.array(["a.png", "b.png"]),  # copies by two-stage copy detection
+            }
+        ),
         train / "part-0.parquet",
     )
     base = scan_config("out-dim")
