@@ -32,12 +32,12 @@ GRID = {
     "pixel_l2": [0.03, 0.04, 0.05, 0.06, 0.08, 0.10, 0.12, 0.15, 0.20],
     "consistency": [0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0],
     "element_presence": [round(x, 2) for x in np.arange(0.30, 0.91, 0.05)],
-    "null_z": [round(x, 2) for x in np.arange(0.0, 4.01, 0.25)],
+    "null_alpha": [0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5],
 }
 FIT_ORDER = (
     ("MU", ("replication", "pixel_l2")),
     ("MI", ("consistency", "element_presence")),
-    ("ME", ("null_z",)),
+    ("ME", ("null_alpha",)),
 )
 
 

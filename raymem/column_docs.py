@@ -157,10 +157,13 @@ TABLES: dict[str, tuple[str, dict[str, str]]] = {
             "cluster_member": "whether this image is in that cluster",
             "clip_prompt_score": "CLIP cosine between the image and its prompt",
             "entity_presence": "how much the image shows the entity (cosine to its centroid, or zero-shot P)",
-            "entity_z": "that score against the prompt's null images, in standard deviations",
+            "entity_z": "t of that score against the prompt's null images (prediction interval, n - 1 df)",
+            "entity_p": "p of 'rendered beyond the null': the larger of that image test and the prompt's paired "
+            "test over seeds (raymem/stats.py); rendered when <= null_alpha",
             "null_images": "null images the prompt was calibrated against",
-            "elements": "per probed element: kind, zero-shot presence, z over the null, shown, share of seeds, "
-            "lift and support",
+            "elements": "per probed element: kind, zero-shot presence, t and BH-adjusted p of this image against "
+            "the null (instance), BH-adjusted paired p and mean logit difference over seeds (unprompted), shown, "
+            "share of seeds, lift and support",
             "noise_norm": "Wen et al.'s text-conditional noise norm",
             "memorized_prompt": "the prompt's seeds converge (consistency) or its noise norm passes the threshold",
         },

@@ -119,7 +119,9 @@ class TrainingConfig(_Strict):
 
 
 class JoinConfig(_Strict):
-    k: int = Field(10, ge=1, le=1000, description="neighbours kept per generated image and space")
+    k: int = Field(
+        20, ge=2, le=1000, description="neighbours kept per generated image and space (must exceed eidetic_k)"
+    )
     batch_rows: int | None = Field(
         None, ge=1, description="training rows per scoring batch; null: the blocks as read (no re-batching copy)"
     )
@@ -147,12 +149,13 @@ class ThresholdsConfig(_Strict):
         description="CLIP prompt score below which the entity counts as not rendered, when the prompt set "
         "gives no class noun (LAION's ViT-B/32 filter; recalibrate for other CLIP models)",
     )
-    null_z: float = Field(
-        1.645,
-        ge=0,
-        le=10,
-        description="z-score over the null prompt's images above which the entity is rendered / an "
-        "unprompted element is shown beyond what the class noun alone gives (one-sided 95 %)",
+    null_alpha: float = Field(
+        0.05,
+        gt=0,
+        le=0.5,
+        description="one-sided level of the small-sample tests against the prompt's null images (raymem.stats): "
+        "the entity is rendered / an unprompted element goes beyond what the class noun alone gives when "
+        "p <= null_alpha (Benjamini-Hochberg across the elements tested together)",
     )
     pixel_l2: float = Field(0.15, gt=0, le=1, description="Carlini's tiled l2 (max over tiles) for a pixel-level copy")
     template_tiles: float = Field(
@@ -178,6 +181,16 @@ class ThresholdsConfig(_Strict):
         description="Wen et al.'s text-noise norm above which a prompt is memorized; model-specific, "
         "calibrate it on prompts known not to be memorized (null: not used)",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "null_z" in data:
+            raise ValueError(
+                "null_z was replaced by null_alpha (a p-value level of small-sample t-tests; 0.05 is the old "
+                "one-sided 95 %)"
+            )
+        return data
 
     @model_validator(mode="after")
     def _ordered(self) -> ThresholdsConfig:
@@ -234,6 +247,17 @@ class ScanConfig(_Strict):
     output: OutputConfig
     resources: ResourcesConfig = ResourcesConfig()
     ray: RayConfig = RayConfig()
+
+    @model_validator(mode="after")
+    def _breadth_observable(self) -> ScanConfig:
+        # MU needs at most eidetic_k training images above the threshold; with only that many neighbours
+        # kept, a k above it could never be seen and every common look would pass as one copied image.
+        if self.join.k <= self.thresholds.eidetic_k:
+            raise ValueError(
+                f"join.k ({self.join.k}) must be greater than thresholds.eidetic_k ({self.thresholds.eidetic_k}): "
+                "otherwise more training images above the replication threshold than eidetic_k cannot be observed"
+            )
+        return self
 
     def config_hash(self) -> str:
         """Stable hash of everything that defines the scan's results."""

@@ -148,9 +148,17 @@ class LabelInputs:
     @classmethod
     def read(cls, root: str, scan_id: str) -> LabelInputs:
         """From a complete published scan under an output root."""
-        from raymem.outputs import read_scan_table
+        from raymem.outputs import read_manifest, read_scan_table
+        from raymem.schema import CANDIDATES
 
-        return cls.from_tables({name: read_scan_table(root, scan_id, name) for name in INPUT_TABLES})
+        listed = read_manifest(root, scan_id).get("tables") or {}
+        tables = {
+            name: read_scan_table(root, scan_id, name)
+            for name in INPUT_TABLES
+            if name in listed or name != "candidates"
+        }
+        tables.setdefault("candidates", CANDIDATES.empty_table())  # scans published before two-stage copy detection
+        return cls.from_tables(tables)
 
     @classmethod
     def from_rows(

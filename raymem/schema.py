@@ -230,7 +230,10 @@ ELEMENT = pa.struct(
         ("element", pa.string()),
         ("kind", pa.string()),  # explicit | implicit | mined | instance
         ("presence", pa.float32()),  # zero-shot probability
-        ("z", pa.float32()),  # logit against the null images, when there are any
+        ("z", pa.float32()),  # instance elements: t of this image's logit against the null images
+        ("image_p", pa.float32()),  # instance elements: that test's p, BH-adjusted across the image's
+        ("prompt_p", pa.float32()),  # unprompted elements: paired test over seeds, BH-adjusted
+        ("effect", pa.float32()),  # mean logit difference scan - null over the paired seeds
         ("present", pa.bool_()),
         ("share", pa.float32()),  # share of the prompt's seeds in which it is present
         ("lift", pa.float32()),  # association in the training captions, when mined
@@ -265,6 +268,7 @@ LABELS_TABLE = pa.schema(
         ("clip_prompt_score", pa.float32()),
         ("entity_presence", pa.float32()),
         ("entity_z", pa.float32()),
+        ("entity_p", pa.float32()),
         ("null_images", pa.int32()),
         ("elements", pa.list_(ELEMENT)),
         ("noise_norm", pa.float32()),

@@ -127,7 +127,7 @@ def test_index_config_example_and_errors(tmp_path, monkeypatch):
         ("thresholds", {"cluster_similarity": 2.0}, "thresholds.cluster_similarity"),
         ("thresholds", {"element_presence": 1.2}, "thresholds.element_presence"),
         ("thresholds", {"consistency": -0.1}, "thresholds.consistency"),
-        ("thresholds", {"null_z": -1}, "thresholds.null_z"),
+        ("thresholds", {"null_alpha": 0}, "thresholds.null_alpha"),
         ("generation", {"num_inference_steps": True}, "generation.num_inference_steps"),
         ("generation", {"seeds_per_prompt": "4"}, "generation.seeds_per_prompt"),
         ("join", {"k": 2.0}, "join.k"),
@@ -156,3 +156,15 @@ def test_a_clip_retrieval_training_path_keeps_its_prefix(tmp_path, monkeypatch):
     assert relative.training.embeddings == f"clip-retrieval:{tmp_path / 'laion'}"
     remote = parse_config(minimal(training={"embeddings": "clip-retrieval:s3://b/laion"}))
     assert remote.training.embeddings == "clip-retrieval:s3://b/laion"
+
+
+def test_the_retired_null_z_says_what_replaced_it():
+    with pytest.raises(ConfigError) as err:
+        parse_config(minimal(thresholds={"null_z": 1.645}), "scan.yaml")
+    assert "null_z was replaced by null_alpha" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_join_k_must_exceed_eidetic_k_so_a_common_look_can_be_seen():
+    with pytest.raises(ConfigError, match=r"join.k \(10\) must be greater than thresholds.eidetic_k \(10\)"):
+        parse_config(minimal(join={"k": 10}), "scan.yaml")
+    assert parse_config(minimal()).join.k == 20

@@ -133,7 +133,7 @@ def test_neighbours_say_how_they_were_found_and_the_background_is_measured_in_ss
     via = {(r["space"], r["via"]) for r in neighbors.select(["space", "via"]).to_pylist()}
     assert via == {("clip", "join"), ("sscd", "candidates")}
     per_unit = neighbors.group_by(["unit_id", "space"]).aggregate([("rank", "max")])
-    assert max(per_unit.column("rank_max").to_pylist()) == 5  # join.k of the demo, not the 400 candidates
+    assert max(per_unit.column("rank_max").to_pylist()) == 12  # join.k of the demo, not the 400 candidates
     background = {r["space"]: r for r in read(first, "background").to_pylist()}
     assert background["sscd"]["source"] == "candidates" and 0 < background["sscd"]["n"] <= 24
     assert -1 <= background["sscd"]["p95"] <= 1
