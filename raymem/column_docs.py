@@ -30,6 +30,15 @@ COUNTS = {
     "rate_MI": "n_MI / n_scored",
     "rate_ME": "n_ME / n_scored",
     "rate_none": "n_none / n_scored",
+    "n_any_MU": "scored units showing MU at all (is_MU), whatever their primary label",
+    "n_any_MI": "scored units showing MI at all (is_MI)",
+    "n_any_ME": "scored units showing ME at all (is_ME)",
+    "rate_any_MU": "n_any_MU / n_scored",
+    "rate_any_MI": "n_any_MI / n_scored",
+    "rate_any_ME": "n_any_ME / n_scored",
+    "n_ME_and_MU": "scored units showing both ME and MU (e.g. the requested entity on a copied background)",
+    "n_MI_and_MU": "scored units showing both MI and MU",
+    "n_ME_and_MI": "scored units showing both ME and MI",
 }
 
 TABLES: dict[str, tuple[str, dict[str, str]]] = {
@@ -139,6 +148,10 @@ TABLES: dict[str, tuple[str, dict[str, str]]] = {
         {
             "label": "MU, MI, ME or none (precedence in that order); null when the unit failed",
             "subtype": "MU: verbatim, template, partial or instance_element",
+            "is_MU": "the image shows MU (a copy or an instance-specific element), whatever the primary label",
+            "mu_subtypes": "every MU kind it shows: verbatim, template, partial, instance_element",
+            "is_MI": "an implied element is shown consistently (MI), whatever the primary label",
+            "is_ME": "the entity is rendered with every explicit element (ME), whatever the primary label",
             "webster": "Webster's MV (caption matches the prompt), RV or TV, for verbatim and template copies",
             "flags": "every signal that fired (copy_neighbor, replication, entity_rendered, explicit:<e>, ...)",
             "reasons": "the decision in words, with its numbers and thresholds",

@@ -506,6 +506,11 @@ def _decide(ctx, r, nbrs, copy: _CopyEvidence, ev, cluster_member, pixel: PixelE
         assoc = f", lift {e['lift']:.1f} over {e['support']} training images" if e["lift"] is not None else ""
         return f"'{e['element']}' ({e['kind']}) P={_fmt(e['presence'])}{z}, in {e['share']:.0%} of seeds{assoc}"
 
+    # Every category the image shows, beside the one primary label (the paper's categories co-occur:
+    # a requested entity rendered on a copied training background is ME and MU).
+    mu_kinds = ([subtype] if replicated else []) + (["instance_element"] if instance else [])
+    is_mi = bool(implied)
+    is_me = bool(rendered and explicit_ok)
     if replicated:
         label = "MU"
     elif instance:
@@ -523,6 +528,12 @@ def _decide(ctx, r, nbrs, copy: _CopyEvidence, ev, cluster_member, pixel: PixelE
         label = "none"
         if explicit and not explicit_ok:
             reasons.append("missing: " + ", ".join(f"'{e['element']}'" for e in explicit if not e["present"]))
+    if replicated and instance:
+        reasons.append("also instance-specific unprompted element shown: " + "; ".join(describe(e) for e in instance))
+    if is_mi and label != "MI":
+        reasons.append("also MI: implied element(s) shown consistently: " + "; ".join(describe(e) for e in implied))
+    if is_me and label != "ME":
+        reasons.append("also ME: the entity is rendered with every explicit element")
     if label not in ("MI", "MU"):
         # The implied elements that were looked for and why they did not count, for the reviewer.
         unshown = [e for e in elements if e["kind"] == "implicit" and e not in implied]
@@ -533,6 +544,10 @@ def _decide(ctx, r, nbrs, copy: _CopyEvidence, ev, cluster_member, pixel: PixelE
     return {
         "label": label,
         "subtype": subtype,
+        "is_MU": bool(mu_kinds),
+        "mu_subtypes": mu_kinds,
+        "is_MI": is_mi,
+        "is_ME": is_me,
         "webster": webster,
         "flags": flags,
         "reasons": f"{label}: " + "; ".join(reasons),

@@ -24,6 +24,13 @@ def _counts(rows: list[dict]) -> dict:
         n = sum(1 for r in scored if r["label"] == label)
         out[f"n_{label}"] = n
         out[f"rate_{label}"] = n / len(scored) if scored else None
+    # Every category an image shows, not only its primary label, and how they co-occur.
+    shows = {c: [bool(r.get(f"is_{c}")) for r in scored] for c in ("MU", "MI", "ME")}
+    for c, flags in shows.items():
+        out[f"n_any_{c}"] = sum(flags)
+        out[f"rate_any_{c}"] = sum(flags) / len(scored) if scored else None
+    for a, b in (("ME", "MU"), ("MI", "MU"), ("ME", "MI")):
+        out[f"n_{a}_and_{b}"] = sum(x and y for x, y in zip(shows[a], shows[b]))
     return out
 
 

@@ -198,12 +198,19 @@ MI {counts.get("label_MI", 0)} · ME {counts.get("label_ME", 0)} · none {counts
                 ("entity", "entity"),
                 *TALLY_COLUMNS,
                 ("rate_MU", "MU rate"),
+                ("n_any_MU", "showing MU"),
+                ("n_any_ME", "showing ME"),
+                ("n_ME_and_MU", "ME and MU"),
+                ("n_MI_and_MU", "MI and MU"),
                 ("n_memorized_prompts", "memorized prompts"),
                 ("train_frequency", "training images"),
                 ("entity_not_rendered", "not rendered"),
             ],
         )
     }
+<p class="meta">MU / MI / ME / none count each image once, by its primary label (MU &gt; MI &gt; ME);
+"showing" counts every image that shows a category at all, and "ME and MU" those that show both
+(the requested entity on copied content).</p>
 <h2>Replication scores against the background</h2>{svg}
 <p class="meta">Top-1 copy-detection similarity of every scored image; dashed lines: the train–train
 nearest-neighbour background (95th percentile) and the replication / verbatim thresholds.</p>

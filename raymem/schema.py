@@ -251,6 +251,10 @@ LABELS_TABLE = pa.schema(
         ("status", pa.string()),
         ("label", pa.string()),  # MU | MI | ME | none; null when the unit failed
         ("subtype", pa.string()),  # MU: verbatim | template | partial | instance_element
+        ("is_MU", pa.bool_()),  # every category the image shows, beside the primary label
+        ("mu_subtypes", pa.list_(pa.string())),
+        ("is_MI", pa.bool_()),
+        ("is_ME", pa.bool_()),
         ("webster", pa.string()),  # MV | RV | TV (Webster 2023) for verbatim and template copies
         ("flags", pa.list_(pa.string())),
         ("reasons", pa.string()),
@@ -288,6 +292,15 @@ _TALLY_COUNTS = [
     ("rate_MI", pa.float64()),
     ("rate_ME", pa.float64()),
     ("rate_none", pa.float64()),
+    ("n_any_MU", pa.int64()),
+    ("n_any_MI", pa.int64()),
+    ("n_any_ME", pa.int64()),
+    ("rate_any_MU", pa.float64()),
+    ("rate_any_MI", pa.float64()),
+    ("rate_any_ME", pa.float64()),
+    ("n_ME_and_MU", pa.int64()),
+    ("n_MI_and_MU", pa.int64()),
+    ("n_ME_and_MI", pa.int64()),
 ]
 
 PROMPT_TALLIES = pa.schema(

@@ -108,6 +108,10 @@ def test_near_copy_with_unrequested_background_is_MU_verbatim_even_though_the_en
     out = run(ctx, rows, {"u0": nbrs(0.93, 0.2), "u1": nbrs(0.2), "u2": nbrs(0.25)})
     assert out["u0"]["label"] == "MU" and out["u0"]["subtype"] == "verbatim" and out["u0"]["webster"] == "RV"
     assert {"replication", "entity_rendered", "explicit:hat"} <= set(out["u0"]["flags"])  # MU beats ME
+    # ... and both categories are recorded: the requested entity on an unrequested copy
+    assert out["u0"]["is_MU"] and out["u0"]["is_ME"] and not out["u0"]["is_MI"]
+    assert out["u0"]["mu_subtypes"] == ["verbatim"] and "also ME" in out["u0"]["reasons"]
+    assert not out["u1"]["is_MU"] and out["u1"]["is_ME"] and out["u1"]["mu_subtypes"] == []
     assert "0.930" in out["u0"]["reasons"] and "'t0'" in out["u0"]["reasons"] and out["u0"]["eidetic_k"] == 1
     assert out["u1"]["label"] == "ME" and out["u2"]["label"] == "ME"
     assert set(out) == {"u0", "u1", "u2"}  # null images calibrate, they are not labelled

@@ -45,3 +45,17 @@ def test_prompt_and_entity_tallies():
 def test_all_failed_prompt_has_no_rates():
     pt = prompt_tallies([lab("1", "p", "A", None, status="failed")])[0]
     assert pt["n_scored"] == 0 and pt["rate_MU"] is None
+
+
+def test_every_category_an_image_shows_is_tallied_beside_the_primary_label():
+    rows = [
+        {**lab("1", "p", "A", "MU"), "is_MU": True, "is_ME": True, "is_MI": False},  # entity on a copied background
+        {**lab("2", "p", "A", "MU"), "is_MU": True, "is_ME": False, "is_MI": True},
+        {**lab("3", "p", "A", "ME"), "is_MU": False, "is_ME": True, "is_MI": False},
+        {**lab("4", "p", "A", None, status="failed"), "is_MU": None, "is_ME": None, "is_MI": None},
+    ]
+    t = prompt_tallies(rows)[0]
+    assert (t["n_MU"], t["n_ME"]) == (2, 1)  # primary labels
+    assert (t["n_any_MU"], t["n_any_ME"], t["n_any_MI"]) == (2, 2, 1)
+    assert t["rate_any_ME"] == pytest.approx(2 / 3) and t["n_ME_and_MU"] == 1 and t["n_MI_and_MU"] == 1
+    assert t["n_ME_and_MI"] == 0

@@ -41,6 +41,7 @@ def test_report_renders_with_images(two_scans, tmp_path, capsys):
     page = tmp_path / "report" / "index.html"
     html = page.read_text()
     assert "Captain Mira" in html and "Top findings" in html and "<svg" in html and "background p95" in html
+    assert "showing ME" in html and "ME and MU" in html  # co-occurrence beside the primary labels
     assert len(list((tmp_path / "report" / "images").glob("*.png"))) == 8  # 4 findings x (generated, training)
     profile = tmp_path / "profile"
     dom = subprocess.run(
