@@ -6,7 +6,9 @@ tables through `LabelInputs`, the same builder the scan itself labels from, so f
 decision (never the models), and at the scan's own thresholds reproduces its labels exactly.
 Thresholds are fitted one at a time, category by category in precedence order (MU, then
 MI, then ME): each takes the value with the highest recall among those reaching the target precision
-on the pilot, or the most precise value when none does (reported as missed).
+on the pilot, or the most precise value when none does (reported as missed). Wen et al.'s noise norm is
+measured as a detector of memorized prompts (a pilot prompt with an MU image): its AUC, and the
+threshold at 1 % false positives among the other pilot prompts, used when the AUC is above 0.5.
 """
 
 from __future__ import annotations
@@ -156,6 +158,47 @@ def thresholds_yaml(t: ThresholdsConfig) -> str:
     return yaml.safe_dump({"thresholds": json.loads(t.model_dump_json())}, sort_keys=False)
 
 
+@dataclass(frozen=True)
+class NoiseNormFit:
+    """Wen et al.'s text-noise norm as a detector of memorized prompts, measured on the pilot: a prompt
+    is memorized when any of its pilot images is MU. AUC = P(a memorized prompt's mean norm > a
+    non-memorized one's); the threshold is the smallest value that at most `false_positive_rate` of the
+    non-memorized pilot prompts reach (null when the pilot has no non-memorized prompt with a norm)."""
+
+    memorized_prompts: int
+    other_prompts: int
+    auc: float | None
+    threshold: float | None
+    false_positive_rate: float
+
+
+def fit_noise_norm(inputs: LabelInputs, pilot: dict[str, str], false_positive_rate: float = 0.01) -> NoiseNormFit:
+    norms: dict[str, list[float]] = {}
+    memorized: dict[str, bool] = {}
+    for g in inputs.generations:
+        uid, prompt = g["unit_id"], g["parent_prompt_id"]
+        if uid not in pilot:
+            continue
+        memorized[prompt] = memorized.get(prompt, False) or pilot[uid] == "MU"
+        if g.get("noise_norm") is not None and np.isfinite(g["noise_norm"]):
+            norms.setdefault(prompt, []).append(float(g["noise_norm"]))
+    mean = {p: float(np.mean(v)) for p, v in norms.items()}
+    pos = np.array([v for p, v in mean.items() if memorized[p]])
+    neg = np.array([v for p, v in mean.items() if not memorized[p]])
+    auc = None
+    if len(pos) and len(neg):  # Mann-Whitney: ties count half
+        auc = float(
+            ((pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()) / (len(pos) * len(neg))
+        )
+    threshold = None
+    if len(neg):
+        # the smallest threshold with at most false_positive_rate of the other prompts at or above it
+        allowed = int(np.floor(false_positive_rate * len(neg)))
+        ordered = np.sort(neg)[::-1]
+        threshold = float(np.nextafter(ordered[allowed], np.inf))
+    return NoiseNormFit(len(pos), len(neg), auc, threshold, false_positive_rate)
+
+
 @dataclass
 class Calibration:
     scan_id: str
@@ -165,6 +208,7 @@ class Calibration:
     after: dict
     fitted: ThresholdsConfig
     met: dict[str, bool]
+    noise_norm: NoiseNormFit | None = None
 
 
 def calibrate(root: str, scan_id: str, pilot_source: str, start: ThresholdsConfig, target: float) -> Calibration:
@@ -173,5 +217,9 @@ def calibrate(root: str, scan_id: str, pilot_source: str, start: ThresholdsConfi
     pilot = read_pilot(pilot_source, inputs)
     before = precision_recall(label_units(inputs, start), pilot)
     fitted, met = fit(inputs, pilot, start, target)
+    noise = fit_noise_norm(inputs, pilot)
+    if noise.threshold is not None and noise.auc is not None and noise.auc > 0.5:
+        # an uninformative norm (AUC <= 0.5) is not used: it would only flag prompts at random
+        fitted = fitted.model_copy(update={"noise_norm": noise.threshold})
     after = precision_recall(label_units(inputs, fitted), pilot)
-    return Calibration(scan_id, len(pilot), target, before, after, fitted, met)
+    return Calibration(scan_id, len(pilot), target, before, after, fitted, met, noise)

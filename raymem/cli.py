@@ -92,6 +92,15 @@ def cmd_calibrate(args) -> int:
     result = calibrate(cfg.output.uri, scan_id, args.pilot, cfg.thresholds, args.target_precision)
     print(f"scan {result.scan_id}: {result.pilot_size} pilot images, target precision {result.target_precision}")
     print(report(result.before, result.after))
+    nn = result.noise_norm
+    if nn is not None:
+        auc = "n/a" if nn.auc is None else f"{nn.auc:.3f}"
+        at = "n/a" if nn.threshold is None else f"{nn.threshold:.4g}"
+        print(
+            f"noise norm: AUC {auc} for {nn.memorized_prompts} memorized vs {nn.other_prompts} other pilot "
+            f"prompts; threshold at {nn.false_positive_rate:.0%} false positives: {at}"
+            + ("" if nn.auc is not None and nn.auc > 0.5 else " (not used: not better than chance)")
+        )
     for category, ok in result.met.items():
         if not ok:
             print(f"warning: target precision not reached for {category}; kept the most precise value")

@@ -62,7 +62,10 @@ TABLES: dict[str, tuple[str, dict[str, str]]] = {
             "error": "why the unit failed (one line), else null",
             "sscd_embedding": "L2-normalised SSCD copy-detection embedding (null type when copy detection is off)",
             "clip_prompt_score": "CLIP cosine between the image and its prompt",
-            "noise_norm": "Wen et al.'s text-conditional noise norm on the first step(s); null when not measured",
+            "noise_norm": "Wen et al.'s text-conditional noise norm ||eps(x_t, p) - eps(x_t, empty)|| on the first "
+            "step(s); null when not measured (no guidance, or a negative prompt: see noise_norm_negative)",
+            "noise_norm_negative": "with generation.negative_prompt set: ||eps(x_t, p) - eps(x_t, negative prompt)||, "
+            "which the guidance batch computes instead of Wen et al.'s norm; never thresholded",
             "device": "where it was generated (cuda:0, cpu)",
             "worker": "host:pid of the actor",
             "cuda_visible_devices": "the GPUs Ray gave the actor",

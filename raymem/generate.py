@@ -238,7 +238,7 @@ class GenerateEmbed:
                         clip=clip_emb[i],
                         sscd=None if sscd_emb is None else sscd_emb[i],
                         clip_prompt_score=prompt_score,
-                        noise_norm=float(samples.noise_norms[i]),
+                        **self._noise_norm(float(samples.noise_norms[i])),
                         generate_seconds=gen_seconds,
                         embed_seconds=embed_seconds,
                     )
@@ -246,6 +246,13 @@ class GenerateEmbed:
             except Exception as err:  # noqa: BLE001
                 rows.append(self._failed_row(u, err, gen_seconds))
         return rows
+
+    def _noise_norm(self, norm: float) -> dict:
+        """Wen et al.'s norm is against the empty prompt; with a negative prompt the guidance batch pairs
+        the prompt with it instead, so that value is kept apart (noise_norm_negative)."""
+        if self.cfg.generation.negative_prompt:
+            return {"noise_norm": None, "noise_norm_negative": norm}
+        return {"noise_norm": norm, "noise_norm_negative": None}
 
     def _failed_row(self, u: Unit, err: BaseException, gen_seconds: float) -> dict:
         log.warning("unit %s (prompt %s, seed %d) failed: %s", u.unit_id, u.prompt_id, u.seed, _one_line(err))
@@ -269,6 +276,7 @@ class GenerateEmbed:
             "sscd": None,
             "clip_prompt_score": None,
             "noise_norm": None,
+            "noise_norm_negative": None,
             "device": str(self.device),
             "worker": self.worker,
             "cuda_visible_devices": self.visible,
@@ -276,8 +284,9 @@ class GenerateEmbed:
             "embed_seconds": None,
         }
         row.update(fields)
-        if row["noise_norm"] is not None and not np.isfinite(row["noise_norm"]):
-            row["noise_norm"] = None
+        for key in ("noise_norm", "noise_norm_negative"):
+            if row[key] is not None and not np.isfinite(row[key]):
+                row[key] = None
         return row
 
     # -- output --------------------------------------------------------------------------------

@@ -216,7 +216,7 @@ def _run(cfg: ScanConfig, outputs: ScanOutputs, prompts, training, timer, rerun_
 
     tables = {
         "prompts": prompts_table(prompts, scan_id),
-        "generations": generations.cast(generations_schema(clip_dim, sscd_dim)),
+        "generations": _conformed(generations, generations_schema(clip_dim, sscd_dim)),
         "texts": _texts_table(scan_id, probes, texts, clip_dim),
         "neighbors": neighbors_table(scan_id, neighbors),
         "candidates": candidates,
@@ -425,6 +425,14 @@ def _collect(outputs: ScanOutputs, units, scan_id: str) -> pa.Table:
     ):
         table = table.set_column(table.schema.get_field_index(name), name, pa.array(values, pa.string()))
     return table
+
+
+def _conformed(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """`table` in `schema`: columns that units computed by an older raymem lack are null."""
+    for f in schema:
+        if f.name not in table.column_names:
+            table = table.append_column(f.name, pa.nulls(table.num_rows, f.type))
+    return table.select(schema.names).cast(schema)
 
 
 def _texts_table(scan_id: str, probes: dict[str, list[Probe]], texts: dict, clip_dim: int) -> pa.Table:

@@ -107,6 +107,7 @@ def generations_schema(clip_dim: int, sscd_dim: int | None) -> pa.Schema:
         ("sscd_embedding", embedding_type(sscd_dim) if sscd_dim else pa.null()),
         ("clip_prompt_score", pa.float32()),
         ("noise_norm", pa.float32()),
+        ("noise_norm_negative", pa.float32()),  # with a negative prompt: ||eps(p) - eps(negative)||
         ("device", pa.string()),
         ("worker", pa.string()),
         ("cuda_visible_devices", pa.string()),

@@ -1,8 +1,12 @@
 """raymem.calibrate on labeler inputs with known geometry (the scan-level path is in test_pipeline)."""
 
+import numpy as np
+import pytest
+
 from raymem.calibrate import fit, fit_order, precision_recall
 from raymem.config import ThresholdsConfig
 from raymem.label import LabelInputs, label_units
+from raymem.label_inputs import PromptContext
 from tests.test_label import context, gen, image, nulls, text_vectors
 
 
@@ -22,3 +26,29 @@ def test_without_a_copy_detector_calibrate_fits_clips_own_replication_threshold(
     assert fitted.replication == start.replication  # SSCD's threshold is left alone
     after = precision_recall(label_units(inputs, fitted), pilot)["MU"]
     assert after["precision"] == 1.0 and after["recall"] == 1.0
+
+
+def test_calibrate_measures_the_noise_norm_as_a_detector_of_memorized_prompts():
+    from raymem.calibrate import fit_noise_norm
+
+    ctx = context(explicit=())
+    contexts, rows, pilot = {}, [], {}
+    # 3 memorized prompts (an MU pilot image) with high norms, 20 others with lower ones, one overlap
+    norms = {**{f"m{k}": 9.0 + k for k in range(3)}, **{f"o{k}": 1.0 + 0.2 * k for k in range(20)}}
+    norms["o19"] = 9.5  # a non-memorized prompt as high as the memorized ones
+    for pid, norm in norms.items():
+        contexts[pid] = PromptContext(**{**ctx.__dict__, "prompt_id": pid})
+        for s in range(2):
+            uid = f"{pid}-{s}"
+            rows.append(gen(uid, s, image(ctx), prompt_id=pid, parent_prompt_id=pid, noise_norm=norm + 0.01 * s))
+            pilot[uid] = "MU" if pid.startswith("m") and s == 0 else "none"
+    inputs = LabelInputs.from_rows(rows, contexts, text_vectors(ctx), {}, {}, {})
+    result = fit_noise_norm(inputs, pilot)
+    assert (result.memorized_prompts, result.other_prompts) == (3, 20)
+    assert result.auc == pytest.approx((3 * 19 + 2) / 60)  # o19 beats m0 only
+    # just above the highest other prompt (o19, mean 9.505): 1 % of 20 prompts allows none of them
+    assert result.threshold == pytest.approx(9.505)
+    means = {pid: float(np.mean([norm, norm + 0.01])) for pid, norm in norms.items()}
+    flagged = {pid for pid, m in means.items() if m >= result.threshold}
+    assert flagged == {"m1", "m2"}
+    assert fit_noise_norm(inputs, {u: "none" for u in pilot}).auc is None  # no memorized prompt to find

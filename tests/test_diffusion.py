@@ -84,3 +84,24 @@ def test_model_fingerprint_follows_the_weights(demo_root, tmp_path):
     assert model_fingerprint(ModelConfig(id="org/model", revision="abc")) != model_fingerprint(
         ModelConfig(id="org/model")
     )
+
+
+def test_with_a_negative_prompt_the_norm_is_kept_apart_from_wens(demo_root):
+    """The guidance batch then pairs the prompt with the negative prompt, not the empty one: that value is
+    noise_norm_negative, and noise_norm (the thresholded one) stays null."""
+    from raymem.config import parse_config
+    from raymem.generate import GenerateEmbed, expand_units
+    from raymem.prompts import Prompt
+    from tests.conftest import demo_raw_config
+
+    raw = demo_raw_config(demo_root)
+    raw["generation"].update(num_inference_steps=2, negative_prompt="blurry")
+    cfg = parse_config(raw)
+    prompt = Prompt("p", "a photo of the Lunar Lighthouse", "Lunar Lighthouse", "a lighthouse", (), ())
+    units = expand_units([prompt], cfg, "fingerprint")[:1]
+    actor = GenerateEmbed(cfg, "scan", str(demo_root / "neg-store"), str(demo_root / "neg-texts"))
+    row = actor._run_chunk(units)[0]
+    assert row["status"] == "ok" and row["noise_norm"] is None and row["noise_norm_negative"] > 0
+    plain = GenerateEmbed(parse_config(demo_raw_config(demo_root)), "scan", str(demo_root / "s"), str(demo_root / "t"))
+    row = plain._run_chunk(units)[0]
+    assert row["noise_norm"] > 0 and row["noise_norm_negative"] is None
