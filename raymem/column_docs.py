@@ -202,7 +202,9 @@ TABLES: dict[str, tuple[str, dict[str, str]]] = {
             "n_memorized_prompts": "of those, memorized prompts",
             "train_frequency": "training images tagged with the entity",
             "mean_entity_presence": "mean entity presence over its scored images",
-            "entity_not_rendered": "an under-represented entity the model fails to draw",
+            "render_rate": "share of its scored images that render it (null-calibrated; labels.flags entity_rendered)",
+            "entity_not_rendered": "render_rate < 0.5: the model does not draw it (measured, whatever its frequency)",
+            "under_represented": "fewer than 200 tagged training images (MIMETIC2); null without entity tags",
         },
     ),
 }

@@ -110,13 +110,16 @@ def _has_reference(ctx: PromptContext) -> bool:
     return ctx.reference is not None and ctx.reference.centroid is not None
 
 
+def _unseen(ctx: PromptContext) -> bool:
+    return ctx.reference is not None and ctx.reference.count == 0
+
+
 def _entity_score(ctx: PromptContext, logits: _Logits, image: np.ndarray) -> float | None:
     """How much the image shows the entity: cosine to the centroid of its training images (paper-spec
-    F_i), scaled like a logit; without tagged training images, the text probe 'e' against 'c'."""
+    F_i), scaled like a logit; without tagged training images (none in the table, or no tags at all),
+    the text probe 'e' against 'c' -- measured like any other entity, never assumed unrendered."""
     if _has_reference(ctx):
         return float(LOGIT_SCALE * (image @ ctx.reference.centroid))
-    if ctx.reference is not None and ctx.reference.count == 0:
-        return None  # the training set never shows it: nothing to render
     return logits.entity_logit()
 
 
@@ -448,10 +451,8 @@ def _decide(ctx, r, nbrs, copy: _CopyEvidence, ev, cluster_member, pixel: PixelE
     # -- the entity ---------------------------------------------------------------------------------
     ent_logit, ent_z, ent_p = ev["entity_logit"], ev["entity_z"], ev["entity_p"]
     beyond = f"p={_fmt(ent_p)} (paired over {ev['entity_pairs']} seeds and this image; null_alpha {t.null_alpha})"
-    if ctx.reference is not None and ctx.reference.count == 0:
-        rendered = False
-        reasons.append(f"entity '{ctx.entity}': no training image carries it")
-    elif _has_reference(ctx) and ent_p is not None:
+    unseen = " (no training image carries its tag: judged by the text probe)" if _unseen(ctx) else ""
+    if _has_reference(ctx) and ent_p is not None:
         rendered = ent_p <= t.null_alpha
         reasons.append(
             f"entity '{ctx.entity}': cosine {ent_logit / LOGIT_SCALE:.3f} to the mean of its "
@@ -465,10 +466,12 @@ def _decide(ctx, r, nbrs, copy: _CopyEvidence, ev, cluster_member, pixel: PixelE
         )
     elif ent_p is not None:
         rendered = ent_p <= t.null_alpha
-        reasons.append(f"entity '{ctx.entity}' vs '{ctx.entity_class}': beyond the null images at {beyond}")
+        reasons.append(f"entity '{ctx.entity}' vs '{ctx.entity_class}': beyond the null images at {beyond}{unseen}")
     elif ent_logit is not None:
         rendered = sigmoid(ent_logit) >= t.element_presence
-        reasons.append(f"entity '{ctx.entity}' vs '{ctx.entity_class}': P={_fmt(sigmoid(ent_logit))} (uncalibrated)")
+        reasons.append(
+            f"entity '{ctx.entity}' vs '{ctx.entity_class}': P={_fmt(sigmoid(ent_logit))} (uncalibrated){unseen}"
+        )
     else:
         score = r.get("clip_prompt_score")
         rendered = score is not None and score >= t.clip_floor

@@ -237,7 +237,7 @@ def _run(cfg: ScanConfig, outputs: ScanOutputs, prompts, training, timer, rerun_
         freq = {e: st.count for e, st in stats.items()}
         tables["labels"] = pa.Table.from_pylist(labels, schema=LABELS_TABLE)
         tables["prompt_tallies"] = pa.Table.from_pylist(prompt_tallies(labels), schema=PROMPT_TALLIES)
-        e_tallies = entity_tallies(labels, freq, cfg.thresholds.element_presence)
+        e_tallies = entity_tallies(labels, freq)
         tables["entity_tallies"] = pa.Table.from_pylist(e_tallies, schema=ENTITY_TALLIES)
 
     with timer("publish"):

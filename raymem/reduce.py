@@ -15,6 +15,8 @@ from raymem.schema import LABELS, STATUS_OK
 # An entity with fewer training images than this is "under-represented" (MIMETIC2: 200-600 images
 # before a model imitates a concept reliably).
 UNDER_REPRESENTED = 200
+# An entity the model renders in fewer than this share of its images is "not rendered".
+RENDERED_SHARE = 0.5
 
 
 def _counts(rows: list[dict]) -> dict:
@@ -62,8 +64,11 @@ def prompt_tallies(labels: list[dict]) -> list[dict]:
     return out
 
 
-def entity_tallies(labels: list[dict], train_frequency: dict[str, int], element_presence: float) -> list[dict]:
-    """Per entity; `entity_not_rendered` flags an under-represented entity the model fails to draw."""
+def entity_tallies(labels: list[dict], train_frequency: dict[str, int]) -> list[dict]:
+    """Per entity. Under-memorization is measured: `render_rate` is the share of its scored images that
+    render it (the labeler's null-calibrated test), and `entity_not_rendered` says it is below one half;
+    `train_frequency` beside it shows whether the training set is why (MIMETIC2: 200-600 images before a
+    model imitates a concept reliably; `UNDER_REPRESENTED`)."""
     by_entity: dict[str, list[dict]] = defaultdict(list)
     for r in labels:
         by_entity[r["entity"]].append(r)
@@ -72,17 +77,9 @@ def entity_tallies(labels: list[dict], train_frequency: dict[str, int], element_
         rows = by_entity[entity]
         counts = _counts(rows)
         freq = train_frequency.get(entity)
-        presence = _mean(r.get("entity_presence") for r in rows if r["status"] == STATUS_OK)
-        rendered_share = _mean(
-            1.0 if "entity_rendered" in (r.get("flags") or []) else 0.0 for r in rows if r["status"] == STATUS_OK
-        )
-        not_rendered = (
-            counts["n_scored"] > 0
-            and rendered_share is not None
-            and rendered_share < element_presence
-            and freq is not None
-            and freq < UNDER_REPRESENTED
-        )
+        scored = [r for r in rows if r["status"] == STATUS_OK]
+        presence = _mean(r.get("entity_presence") for r in scored)
+        render_rate = _mean(1.0 if "entity_rendered" in (r.get("flags") or []) else 0.0 for r in scored)
         out.append(
             {
                 "scan_id": rows[0]["scan_id"],
@@ -92,7 +89,9 @@ def entity_tallies(labels: list[dict], train_frequency: dict[str, int], element_
                 "n_memorized_prompts": len({r["prompt_id"] for r in rows if r["memorized_prompt"]}),
                 "train_frequency": freq,
                 "mean_entity_presence": presence,
-                "entity_not_rendered": bool(not_rendered),
+                "render_rate": render_rate,
+                "entity_not_rendered": bool(render_rate is not None and render_rate < RENDERED_SHARE),
+                "under_represented": None if freq is None else freq < UNDER_REPRESENTED,
             }
         )
     return out

@@ -115,6 +115,54 @@ def histogram_svg(scores: list[float], marks: dict[str, float], width: int = 640
     )
 
 
+def render_rate_svg(entities: list[dict], width: int = 640, height: int = 220) -> str:
+    """Under-memorization: each entity's measured render rate against its training frequency (log
+    scale), with the 200-image line (MIMETIC2) and the one-half line below which it is 'not rendered'."""
+    points = [e for e in entities if e.get("render_rate") is not None and e.get("train_frequency") is not None]
+    if not points:
+        return "<p>No entity has both a training frequency (entity tags) and scored images.</p>"
+    left, bottom, top_pad = 45, 35, 10
+    xmax = max(3.0, float(np.log10(max(e["train_frequency"] for e in points) + 1)) + 0.2)
+
+    def x(freq: float) -> float:
+        return left + np.log10(freq + 1) / xmax * (width - left - 15)
+
+    def y(rate: float) -> float:
+        return top_pad + (1 - rate) * (height - bottom - top_pad)
+
+    dots = "".join(
+        f'<circle cx="{x(e["train_frequency"]):.1f}" cy="{y(e["render_rate"]):.1f}" r="5" '
+        f'fill="{"#b00020" if e.get("entity_not_rendered") else "#4a78c2"}">'
+        f"<title>{html.escape(str(e['entity']))}: rendered in {e['render_rate']:.0%} of images, "
+        f"{e['train_frequency']} training images</title></circle>"
+        for e in points
+    )
+    ticks = "".join(
+        f'<text x="{x(10**k - 1):.1f}" y="{height - bottom + 14}" font-size="10" text-anchor="middle">{10**k:,}</text>'
+        for k in range(0, int(xmax) + 1)
+    )
+    guides = (
+        f'<line x1="{x(200):.1f}" x2="{x(200):.1f}" y1="{top_pad}" y2="{height - bottom}" stroke="#e08000" '
+        f'stroke-dasharray="4 3"/><text x="{x(200) + 3:.1f}" y="{top_pad + 10}" font-size="10" fill="#e08000">'
+        f"200 images</text>"
+        f'<line x1="{left}" x2="{width - 15}" y1="{y(0.5):.1f}" y2="{y(0.5):.1f}" stroke="#999" '
+        f'stroke-dasharray="4 3"/>'
+    )
+    axes = (
+        f'<line x1="{left}" x2="{width - 15}" y1="{height - bottom}" y2="{height - bottom}" stroke="#555"/>'
+        f'<line x1="{left}" x2="{left}" y1="{top_pad}" y2="{height - bottom}" stroke="#555"/>'
+        f'<text x="{left - 5}" y="{y(1) + 4:.1f}" font-size="10" text-anchor="end">100%</text>'
+        f'<text x="{left - 5}" y="{y(0.5) + 4:.1f}" font-size="10" text-anchor="end">50%</text>'
+        f'<text x="{left - 5}" y="{y(0) + 4:.1f}" font-size="10" text-anchor="end">0%</text>'
+        f'<text x="{(width + left) / 2:.1f}" y="{height - 5}" font-size="11" text-anchor="middle">'
+        f"tagged training images (log scale)</text>"
+    )
+    return (
+        f'<svg width="{width}" height="{height}" role="img" aria-label="render rate against training frequency">'
+        f"{guides}{axes}{ticks}{dots}</svg>"
+    )
+
+
 def _copy_image(uri: str | None, target: Path) -> str | None:
     """Copy an image next to the report as PNG; None when it cannot be read (the page says so)."""
     if not uri:
@@ -204,6 +252,7 @@ MI {counts.get("label_MI", 0)} · ME {counts.get("label_ME", 0)} · none {counts
                 ("n_MI_and_MU", "MI and MU"),
                 ("n_memorized_prompts", "memorized prompts"),
                 ("train_frequency", "training images"),
+                ("render_rate", "render rate"),
                 ("entity_not_rendered", "not rendered"),
             ],
         )
@@ -211,6 +260,10 @@ MI {counts.get("label_MI", 0)} · ME {counts.get("label_ME", 0)} · none {counts
 <p class="meta">MU / MI / ME / none count each image once, by its primary label (MU &gt; MI &gt; ME);
 "showing" counts every image that shows a category at all, and "ME and MU" those that show both
 (the requested entity on copied content).</p>
+<h2>Under-memorization: render rate against training frequency</h2>{render_rate_svg(entity)}
+<p class="meta">Share of each entity's images that render it (tested against the null images), against
+its tagged training images; red: rendered in fewer than half (not rendered). The dashed line at 200
+images is MIMETIC2's imitation threshold.</p>
 <h2>Replication scores against the background</h2>{svg}
 <p class="meta">Top-1 copy-detection similarity of every scored image; dashed lines: the train–train
 nearest-neighbour background (95th percentile) and the replication / verbatim thresholds.</p>

@@ -322,7 +322,9 @@ ENTITY_TALLIES = pa.schema(
         ("n_memorized_prompts", pa.int64()),
         ("train_frequency", pa.int64()),
         ("mean_entity_presence", pa.float64()),
+        ("render_rate", pa.float64()),
         ("entity_not_rendered", pa.bool_()),
+        ("under_represented", pa.bool_()),
     ]
 )
 

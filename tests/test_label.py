@@ -366,10 +366,13 @@ def test_entity_rendered_is_measured_against_its_training_images_when_tagged():
     out = run(ctx, rows, {"u": nbrs(0.1)})["u"]
     assert out["label"] == "ME" and out["entity_presence"] == pytest.approx(0.8, abs=1e-4)
     assert "mean of its 120 training images" in out["reasons"] and out["entity_z"] > 10
-    # A name no training image carries is never "rendered", whatever the text probes say.
+    # A name no training image carries is measured like any other, by the text probe against the null
+    # (not assumed unrendered): here the image shows 'X' no more than the null images do.
     unseen = PromptContext(**{**ctx.__dict__, "reference": EntityStats(0, None)})
     out = run(unseen, rows, {"u": nbrs(0.1)})["u"]
-    assert out["label"] == "none" and "no training image carries it" in out["reasons"]
+    assert out["label"] == "none" and "no training image carries its tag: judged by the text probe" in out["reasons"]
+    shown = [gen("u", 0, image(ctx, entity=0.5))] + nulls(ctx)
+    assert run(unseen, shown, {"u": nbrs(0.1)})["u"]["label"] == "ME"  # drawn although never tagged
 
 
 def test_pixel_confirmed_copy_is_MU_even_below_a_high_background():

@@ -33,13 +33,22 @@ def test_prompt_and_entity_tallies():
     assert pt["p1"]["n_units"] == 3 and pt["p1"]["n_scored"] == 2 and pt["p1"]["n_failed"] == 1
     assert pt["p1"]["n_MU"] == 1 and pt["p1"]["rate_MU"] == 0.5 and pt["p1"]["rate_ME"] == 0.5
     assert pt["p1"]["max_replication_score"] == 0.9 and pt["p1"]["memorized_prompt"] is True
-    et = {r["entity"]: r for r in entity_tallies(labels, {"A": 1000, "B": 12}, element_presence=0.5)}
+    et = {r["entity"]: r for r in entity_tallies(labels, {"A": 1000, "B": 12})}
     assert et["A"]["n_prompts"] == 2 and et["A"]["n_units"] == 4 and et["A"]["n_scored"] == 3
     assert et["A"]["rate_MU"] == pytest.approx(1 / 3) and et["A"]["n_memorized_prompts"] == 1
-    assert et["A"]["entity_not_rendered"] is False
-    # B is rare in training (12 < 200 images) and never rendered.
-    assert et["B"]["entity_not_rendered"] is True and et["B"]["rate_none"] == 1.0
+    assert et["A"]["render_rate"] == 1.0 and et["A"]["entity_not_rendered"] is False
+    assert et["A"]["under_represented"] is False
+    # B is rare in training (12 < 200 images) and never rendered: measured, and the frequency says why.
+    assert et["B"]["render_rate"] == 0.0 and et["B"]["entity_not_rendered"] is True
+    assert et["B"]["under_represented"] is True and et["B"]["rate_none"] == 1.0
     assert et["B"]["mean_entity_presence"] == pytest.approx(0.15)
+
+
+def test_not_rendered_is_measured_whatever_the_frequency():
+    rows = [lab(str(i), "p", "C", "none", flags=("entity_rendered",) if i == 0 else ()) for i in range(4)]
+    et = entity_tallies(rows, {"C": 5000})[0]  # frequent in training, yet drawn in 1 of 4 images
+    assert et["render_rate"] == 0.25 and et["entity_not_rendered"] is True and et["under_represented"] is False
+    assert entity_tallies(rows, {})[0]["under_represented"] is None  # no entity tags: unknown
 
 
 def test_all_failed_prompt_has_no_rates():

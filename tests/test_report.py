@@ -42,6 +42,8 @@ def test_report_renders_with_images(two_scans, tmp_path, capsys):
     html = page.read_text()
     assert "Captain Mira" in html and "Top findings" in html and "<svg" in html and "background p95" in html
     assert "showing ME" in html and "ME and MU" in html  # co-occurrence beside the primary labels
+    assert 'aria-label="render rate against training frequency"' in html and "render rate" in html
+    assert html.count("<circle") == 6  # one point per entity of the demo world
     assert len(list((tmp_path / "report" / "images").glob("*.png"))) == 8  # 4 findings x (generated, training)
     profile = tmp_path / "profile"
     dom = subprocess.run(
