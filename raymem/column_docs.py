@@ -49,6 +49,8 @@ TABLES: dict[str, tuple[str, dict[str, str]]] = {
             "entity_class": "the entity's class noun (the null prompt replaces the entity by it)",
             "explicit_elements": "elements the prompt asks for",
             "implicit_elements": "elements the entity implies without the prompt naming them",
+            "requests_work": "the prompt asks for this specific work (poster, painting, logo): a copy of it is a "
+            "requested copy (ME), not MU",
         },
     ),
     "generations": (
@@ -150,7 +152,7 @@ TABLES: dict[str, tuple[str, dict[str, str]]] = {
         "one row per scan unit: its category and every number and reason behind it",
         {
             "label": "MU, MI, ME or none (precedence in that order); null when the unit failed",
-            "subtype": "MU: verbatim, template, partial or instance_element",
+            "subtype": "MU: verbatim, template, partial or instance_element; ME: requested_copy",
             "is_MU": "the image shows MU (a copy or an instance-specific element), whatever the primary label",
             "mu_subtypes": "every MU kind it shows: verbatim, template, partial, instance_element",
             "is_MI": "an implied element is shown consistently (MI), whatever the primary label",

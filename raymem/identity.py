@@ -96,6 +96,7 @@ def training_fingerprint(training) -> dict:
 def prompts_fingerprint(prompts) -> str:
     rows = [
         [p.prompt_id, p.prompt, p.entity, p.entity_class, list(p.explicit_elements), list(p.implicit_elements)]
+        + (["requests_work"] if p.requests_work else [])  # only when set: earlier scan ids stay the same
         for p in prompts
     ]
     return hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()

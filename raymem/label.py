@@ -7,7 +7,9 @@ Primary label by precedence MU > MI > ME > none (docs/labeler.md has the sources
           (one image was copied, not a common look). Subtype: `verbatim` when R >= `verbatim` or the
           tiled pixel l2 to that image is <= `pixel_l2`; `template` when only part of the tiles match
           (Webster's TV); else `partial`. Webster's MV/RV: the copied image's caption is / is not the
-          prompt.
+          prompt. A copy of the very work the prompt asks for (`requests_work`, and the copied image
+          is tagged with the entity or captioned with the prompt) is what the user expected: ME,
+          subtype `requested_copy` -- unless it also shows an instance element (b).
       (b) instance element: an unprompted element that the training captions tie to fewer than
           `instance_support` images of the entity (and to no other image) is shown -- only when the
           prompt has null images, and only past the corrected tests below.
@@ -108,6 +110,19 @@ class _Logits:
 
 def _has_reference(ctx: PromptContext) -> bool:
     return ctx.reference is not None and ctx.reference.centroid is not None
+
+
+def _names_copied_work(ctx: PromptContext, top: dict | None) -> str:
+    """Why the copied training image is the work the prompt asks for ('' when it is not): the prompt
+    set says the prompt requests a work (`requests_work`), and the copied image is that work -- tagged
+    with the prompt's entity, or captioned with the prompt itself."""
+    if not ctx.requests_work or top is None:
+        return ""
+    if ctx.entity in (top.get("entities") or ()):
+        return f"the prompt asks for the work '{ctx.entity}' and the copied training image is tagged with it"
+    if _normalize_text(top.get("caption")) == _normalize_text(ctx.prompt):
+        return f"the prompt asks for the work '{ctx.entity}' and the copied training image's caption is the prompt"
+    return ""
 
 
 def _unseen(ctx: PromptContext) -> bool:
@@ -509,20 +524,31 @@ def _decide(ctx, r, nbrs, copy: _CopyEvidence, ev, cluster_member, pixel: PixelE
         assoc = f", lift {e['lift']:.1f} over {e['support']} training images" if e["lift"] is not None else ""
         return f"'{e['element']}' ({e['kind']}) P={_fmt(e['presence'])}{z}, in {e['share']:.0%} of seeds{assoc}"
 
+    # The user's expectation decides (the paper's criterion): a copy of the very work the prompt asks
+    # for is what the user wanted -- unless it also carries content nobody asked for (an instance
+    # element: a private mark, a watermark), which makes it MU again.
+    requested = replicated and _names_copied_work(ctx, top)
+    if requested:
+        flags.append("requested_copy")
+        reasons.append(f"requested copy: {requested}")
     # Every category the image shows, beside the one primary label (the paper's categories co-occur:
     # a requested entity rendered on a copied training background is ME and MU).
-    mu_kinds = ([subtype] if replicated else []) + (["instance_element"] if instance else [])
+    mu_kinds = ([subtype] if replicated and not requested else []) + (["instance_element"] if instance else [])
     is_mi = bool(implied)
-    is_me = bool(rendered and explicit_ok)
-    if replicated:
+    is_me = bool(rendered and explicit_ok) or bool(requested and not instance)
+    if replicated and not requested:
         label = "MU"
     elif instance:
         label, subtype = "MU", "instance_element"
         flags.append("instance_element")
         reasons.append("instance-specific unprompted element shown: " + "; ".join(describe(e) for e in instance))
+        if requested:
+            reasons.append("the requested work was copied with content nobody asked for")
     elif implied:
         label = "MI"
         reasons.append("implied element(s) shown consistently: " + "; ".join(describe(e) for e in implied))
+    elif requested:
+        label, subtype = "ME", "requested_copy"
     elif rendered and explicit_ok:
         label = "ME"
         if explicit:
@@ -531,7 +557,7 @@ def _decide(ctx, r, nbrs, copy: _CopyEvidence, ev, cluster_member, pixel: PixelE
         label = "none"
         if explicit and not explicit_ok:
             reasons.append("missing: " + ", ".join(f"'{e['element']}'" for e in explicit if not e["present"]))
-    if replicated and instance:
+    if replicated and instance and not requested:
         reasons.append("also instance-specific unprompted element shown: " + "; ".join(describe(e) for e in instance))
     if is_mi and label != "MI":
         reasons.append("also MI: implied element(s) shown consistently: " + "; ".join(describe(e) for e in implied))

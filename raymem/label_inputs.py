@@ -66,6 +66,7 @@ class PromptContext:
     probes: tuple[Probe, ...]
     associations: EntityAssociations | None = None
     reference: EntityStats | None = None  # the entity's training images (count, CLIP centroid)
+    requests_work: bool = False  # the prompt asks for this specific work (a copy of it is expected)
 
 
 @dataclass
@@ -260,6 +261,7 @@ def _contexts(prompts: pa.Table, texts: pa.Table, entities: pa.Table) -> dict[st
             tuple(probes.get(p["prompt_id"], ())),
             associations,
             reference,
+            bool(p.get("requests_work")),  # absent in scans published before the column
         )
     return contexts
 

@@ -2,8 +2,9 @@
 
 Columns: `prompt_id`, `prompt`, `entity` (required); `entity_class` (the class noun used as the null,
 e.g. "a man" for a named person), `explicit_elements` and `implicit_elements` (lists of strings;
-in CSV a JSON array or a ';'-separated string). Every problem is reported as
-`<file>: row N, field 'x': problem`; rows are numbered from 1 in file order (JSONL: by line).
+in CSV a JSON array or a ';'-separated string), `requests_work` (boolean: the prompt asks for this
+specific work -- a poster, a painting, a logo -- so a copy of it is what the user expected). Every
+problem is reported as `<file>: row N, field 'x': problem`; rows are numbered from 1 in file order (JSONL: by line).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from raymem.schema import PROMPTS
 log = logging.getLogger(__name__)
 
 REQUIRED = ("prompt_id", "prompt", "entity")
-OPTIONAL = ("entity_class", "explicit_elements", "implicit_elements")
+OPTIONAL = ("entity_class", "explicit_elements", "implicit_elements", "requests_work")
 LIST_FIELDS = ("explicit_elements", "implicit_elements")
 
 
@@ -38,6 +39,7 @@ class Prompt:
     entity_class: str = ""
     explicit_elements: tuple[str, ...] = field(default_factory=tuple)
     implicit_elements: tuple[str, ...] = field(default_factory=tuple)
+    requests_work: bool = False  # the prompt names a specific work and asks for it (a requested copy)
 
 
 def read_records(source: str, data: bytes) -> tuple[list[str], list[tuple[int, dict[str, Any]]]]:
@@ -94,6 +96,19 @@ def _text(source: str, number: int, name: str, value: Any, *, required: bool, al
     if required and not value:
         raise InputError(source, "value is empty", row=number, field=name)
     return value
+
+
+def _flag(source: str, number: int, name: str, value: Any) -> bool:
+    """A boolean column: true/false (CSV: true, false, 1, 0, yes, no or empty)."""
+    if value is None or value == "":
+        return False
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "1", "yes", "false", "0", "no"):
+        return value.strip().lower() in ("true", "1", "yes")
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    raise InputError(source, f"expected true or false, got {value!r}", row=number, field=name)
 
 
 def _elements(source: str, number: int, name: str, value: Any, from_csv: bool) -> tuple[str, ...]:
@@ -161,6 +176,7 @@ def read_prompts(source: str) -> list[Prompt]:
                 implicit_elements=_elements(
                     source, number, "implicit_elements", record.get("implicit_elements"), from_csv
                 ),
+                requests_work=_flag(source, number, "requests_work", record.get("requests_work")),
             )
         )
     return prompts
@@ -178,6 +194,7 @@ def prompts_table(prompts: list[Prompt], scan_id: str | None = None) -> pa.Table
                 "entity_class": p.entity_class,
                 "explicit_elements": list(p.explicit_elements),
                 "implicit_elements": list(p.implicit_elements),
+                "requests_work": p.requests_work,
             }
             for p in prompts
         ],

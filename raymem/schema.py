@@ -85,6 +85,7 @@ PROMPTS = pa.schema(
         ("entity_class", pa.string()),
         ("explicit_elements", pa.list_(pa.string())),
         ("implicit_elements", pa.list_(pa.string())),
+        ("requests_work", pa.bool_()),  # the prompt asks for this specific work: a copy of it was expected
     ]
 )
 

@@ -478,3 +478,45 @@ def test_on_null_only_images_at_most_5_percent_are_labelled_and_at_most_1_percen
     share = {k: sum(r["label"] == k for r in labels) / n_images for k in ("MU", "MI", "ME", "none")}
     assert 1 - share["none"] <= 0.05, share
     assert share["MU"] <= 0.01, share
+
+
+# -- the user's expectation: requested copies ----------------------------------------------------------
+
+
+def _poster(requests_work=True):
+    ctx = context(explicit=(), instance=("private mark",), prompt="the Night Market poster")
+    ctx = PromptContext(**{**ctx.__dict__, "entity": "X", "requests_work": requests_work})
+    return ctx
+
+
+def copy_of(entities=("X",), caption="a poster of a market", score=0.95):
+    return {"sscd": [{"train_id": "poster", "score": score, "caption": caption, "entities": list(entities)}]}
+
+
+@pytest.mark.parametrize(
+    "requests_work, neighbour, label, subtype",
+    [
+        (True, copy_of(), "ME", "requested_copy"),  # asks for the work, gets the work (tagged with it)
+        (True, copy_of(entities=(), caption="The Night-Market poster!"), "ME", "requested_copy"),  # caption match
+        (False, copy_of(), "MU", "verbatim"),  # the prompt set does not say the work was requested
+        (True, copy_of(entities=("Y",)), "MU", "verbatim"),  # asks for X, gets a copy of another image
+    ],
+)
+def test_a_copy_of_the_work_the_prompt_asks_for_is_a_requested_copy(requests_work, neighbour, label, subtype):
+    ctx = _poster(requests_work)
+    rows = [gen("u", 0, image(ctx))] + nulls(ctx)
+    out = run(ctx, rows, {"u": neighbour})["u"]
+    assert (out["label"], out["subtype"]) == (label, subtype)
+    assert out["is_MU"] == (label == "MU") and out["is_ME"]  # the entity is rendered either way
+    if subtype == "requested_copy":
+        assert "requested copy: the prompt asks for the work 'X'" in out["reasons"] and "requested_copy" in out["flags"]
+
+
+def test_a_requested_copy_that_carries_an_unrequested_mark_is_MU():
+    ctx = _poster()
+    # the private mark is shown in every seed (logit 5) and never in the null images (-5)
+    rows = [gen(f"u{i}", i, image(ctx, elements={"private mark": 0.05})) for i in range(3)] + nulls(ctx)
+    out = run(ctx, rows, {f"u{i}": copy_of() for i in range(3)})["u0"]
+    assert (out["label"], out["subtype"]) == ("MU", "instance_element")
+    assert out["mu_subtypes"] == ["instance_element"] and "requested_copy" in out["flags"]
+    assert "copied with content nobody asked for" in out["reasons"]

@@ -126,3 +126,19 @@ def test_file_level_problems(tmp_path):
     (tmp_path / "latin.csv").write_bytes("prompt_id,prompt,entity\na,caf\xe9,e\n".encode("latin-1"))
     with pytest.raises(InputError, match="not UTF-8"):
         read_prompts(str(tmp_path / "latin.csv"))
+
+
+def test_requests_work_is_a_boolean_column(tmp_path):
+    rows = [
+        {"prompt_id": "a", "prompt": "the Night Market poster", "entity": "Night Market", "requests_work": True},
+        {"prompt_id": "b", "prompt": "a market at night", "entity": "Night Market"},
+    ]
+    prompts = read_prompts(write_jsonl(tmp_path / "p.jsonl", rows))
+    assert [p.requests_work for p in prompts] == [True, False]
+    assert prompts_table(prompts).column("requests_work").to_pylist() == [True, False]
+    csv = tmp_path / "p.csv"
+    csv.write_text("prompt_id,prompt,entity,requests_work\na,the poster,P,yes\nb,a market,P,\nc,x,P,0\n")
+    assert [p.requests_work for p in read_prompts(str(csv))] == [True, False, False]
+    csv.write_text("prompt_id,prompt,entity,requests_work\na,the poster,P,maybe\n")
+    with pytest.raises(InputError, match=r"p.csv: row 1, field 'requests_work': expected true or false, got 'maybe'"):
+        read_prompts(str(csv))
