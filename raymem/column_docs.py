@@ -95,6 +95,9 @@ TABLES: dict[str, tuple[str, dict[str, str]]] = {
             "image_hash": "hash of the training image's decoded pixels (exact duplicates share it)",
             "via": "join (exact or FAISS join in this space) or candidates (SSCD cosine to CLIP candidates "
             "fetched by image_uri: two-stage copy detection, see the candidates table)",
+            "pair_scores": "for neighbours scoring >= the scan's replication threshold: cosine to each of the unit's "
+            "neighbours in this space, by rank (null where not computed); the near-duplicate groups of "
+            "raymem/duplicates.py",
         },
     ),
     "candidates": (
@@ -162,7 +165,10 @@ TABLES: dict[str, tuple[str, dict[str, str]]] = {
             "reasons": "the decision in words, with its numbers and thresholds",
             "replication_score": "top-1 copy-detection cosine",
             "replication_train_id": "the top-1 training image",
-            "eidetic_k": "distinct training images above the replication threshold",
+            "eidetic_k": "breadth: distinct training images above the replication threshold, near-duplicates of "
+            "one image (SSCD >= near_duplicate, or the same image_hash) counted once",
+            "duplication": "for a copy: how many times the copied image is among the neighbours (its near-duplicate "
+            "group; Carlini's k, capped by join.k); reported, never gating",
             "copy_evidence": "where the copy scores came from: sscd (joined against training SSCD embeddings), "
             "sscd_candidates (two-stage), clip (no copy detector, calibrated clip_replication) or none (not tested)",
             "candidates_missing": "two-stage: the image's CLIP candidates that could not be fetched (evidence "

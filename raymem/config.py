@@ -139,7 +139,17 @@ class ThresholdsConfig(_Strict):
         0.5, **COSINE, description="SSCD cosine at or above which a neighbour is a copy (Somepalli)"
     )
     verbatim: float = Field(0.75, **COSINE, description="SSCD cosine for a verbatim copy (SSCD README, 90% precision)")
-    eidetic_k: int = Field(10, ge=1, description="MU needs at most this many training images above `replication`")
+    eidetic_k: int = Field(
+        10,
+        ge=1,
+        description="MU needs at most this many distinct training images (near-duplicate groups) above `replication`",
+    )
+    near_duplicate: float = Field(
+        0.75,
+        **COSINE,
+        description="SSCD cosine at which two training images are near-duplicates of one image (SSCD's "
+        "90 %-precision copy threshold): they count once in the breadth, together in the duplication",
+    )
     consistency: float = Field(0.5, **SHARE, description="share of seeds in one near-duplicate cluster")
     cluster_similarity: float = Field(0.5, **COSINE, description="SSCD cosine linking two generations of a prompt")
     element_presence: float = Field(0.5, **SHARE, description="zero-shot probability an element is shown")

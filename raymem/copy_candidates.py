@@ -43,6 +43,7 @@ from raymem import runtime
 from raymem import uri as uris
 from raymem.background import percentiles
 from raymem.config import CandidatesConfig, CopyDetectionConfig, ScanConfig
+from raymem.duplicates import attach_pair_scores
 from raymem.errors import InputError
 from raymem.fetch import Fetcher, FetchLimits, decode_rgb, public_uri
 from raymem.outputs import parquet_bytes
@@ -293,6 +294,12 @@ def rescore(
                 scored.append({**r, "score": score, "clip_score": r["score"]})
         scored.sort(key=lambda n: (-n["score"], str(n["train_id"])))
         neighbors[unit_id] = scored[:keep]
+    # near-duplicate structure among the kept neighbours (raymem.duplicates), from the fetched embeddings
+    attach_pair_scores(
+        [neighbors[u] for u in units.ids],
+        cfg.thresholds.replication,
+        lambda r: _outcome(outcomes, r.get("image_uri")).embedding,
+    )
     measured = None
     if background is not None:
         top1, background_rows = _background_scores(scan_id, background, outcomes)

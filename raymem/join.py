@@ -183,7 +183,14 @@ class RunningTopK:
                 if not np.isfinite(self.scores[q, j]):
                     break
                 tid = self.ids[q, j]
-                row.append({**self.meta.get(tid, {}), "train_id": tid, "score": float(self.scores[q, j])})
+                row.append(
+                    {
+                        **self.meta.get(tid, {}),
+                        "train_id": tid,
+                        "score": float(self.scores[q, j]),
+                        "path": self.paths[q, j],
+                    }
+                )
             out.append(row)
         return out
 
@@ -304,6 +311,7 @@ def neighbors_table(scan_id: str, by_space: dict[str, tuple[list[str], list[list
             "train_id": r["train_id"],
             "score": r["score"],
             "via": via,
+            "pair_scores": r.get("pair_scores"),
         }
         for space, (ids, per_query, via) in by_space.items()
         for qi, kept in enumerate(per_query)

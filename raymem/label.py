@@ -37,6 +37,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from raymem.config import ThresholdsConfig
+from raymem.duplicates import groups
 from raymem.label_inputs import Background, EntityStats, LabelInputs, PromptContext
 from raymem.pixels import PixelEvidence
 from raymem.probes import LOGIT_SCALE, sigmoid, two_way_logit
@@ -398,12 +399,10 @@ def _decide(ctx, r, nbrs, copy: _CopyEvidence, ev, cluster_member, pixel: PixelE
     replication, verbatim, _ = copy_thresholds(copy.space, t)
     top = nbrs[0] if nbrs else None
     R = float(top["score"]) if top else None
-    # Distinct training images above the threshold: exact duplicates (same image_hash) count once.
-    k_above = (
-        len({n.get("image_hash") or n["train_id"] for n in nbrs if n["score"] >= replication})
-        if replication is not None
-        else None
-    )
+    # Breadth: distinct training images above the threshold, near-duplicates of one image counted once;
+    # duplication: how often the copied image is in the training set (raymem.duplicates).
+    link = t.near_duplicate if copy.space == "sscd" else t.clip_replication
+    k_above, duplication, grouped = groups(nbrs, replication, link) if replication is not None else (None, None, True)
     bg = copy.background
     bg_p95 = bg.p95 if bg else None
     pixel_max = pixel.max_l2 if pixel and top and pixel.train_id == top["train_id"] else None
@@ -436,6 +435,12 @@ def _decide(ctx, r, nbrs, copy: _CopyEvidence, ev, cluster_member, pixel: PixelE
         webster = "TV" if subtype == "template" else ("MV" if matching else "RV") if subtype == "verbatim" else None
         flags += ["replication", subtype]
         k_text = f"{k_above}" if k_above < len(nbrs) else f">={k_above}"
+        dup = f">={duplication}" if duplication >= len(nbrs) else f"{duplication}"
+        group_text = (
+            f"; the copied image is {dup} time(s) among the {len(nbrs)} neighbours (near-duplicates at {link})"
+            if grouped
+            else "; near-duplicate groups unknown (no pair scores): exact duplicates only"
+        )
         bg_text = ""
         if bg_p95 is not None:
             above = "above" if R > bg_p95 else "not above"
@@ -448,12 +453,12 @@ def _decide(ctx, r, nbrs, copy: _CopyEvidence, ev, cluster_member, pixel: PixelE
         name = "replication" if copy.space == "sscd" else "clip_replication"
         reasons.append(
             f"replication: {space} top-1 {_fmt(R)} to training image '{top['train_id']}'"
-            f" (>= {name} {_fmt(replication)}{bg_text}); {k_text} training image(s) above it"
-            f" (<= {t.eidetic_k}){pix}; {subtype}" + (f" ({webster})" if webster else "")
+            f" (>= {name} {_fmt(replication)}{bg_text}); {k_text} distinct training image(s) above it"
+            f" (<= {t.eidetic_k}){group_text}{pix}; {subtype}" + (f" ({webster})" if webster else "")
         )
     elif passes:
         why = (
-            f"{k_above} training images above the threshold (> {t.eidetic_k}: a common look, not one image)"
+            f"{k_above} distinct training images above the threshold (> {t.eidetic_k}: a common look, not one image)"
             if k_above > t.eidetic_k
             else f"not above the background p95 {_fmt(bg_p95)}"
         )
@@ -583,6 +588,7 @@ def _decide(ctx, r, nbrs, copy: _CopyEvidence, ev, cluster_member, pixel: PixelE
         "replication_score": R,
         "replication_train_id": top["train_id"] if top is not None else None,
         "eidetic_k": k_above,
+        "duplication": duplication if replicated else None,
         "copy_evidence": copy.source if replication is not None else "none",
         "candidates_missing": copy.missing[0] if copy.missing is not None else None,
         "background_p95": bg_p95,

@@ -23,6 +23,7 @@ from raymem.candidates import Queries
 from raymem.captions import caption_terms
 from raymem.config import ScanConfig
 from raymem.copy_candidates import MODE_CANDIDATES, MODE_OFF, CandidateQueries, copy_detection_mode, rescore
+from raymem.duplicates import attach_pair_scores, read_embeddings, rows_to_read
 from raymem.entity_stats import entities_table, entity_stats
 from raymem.errors import InputError, OutputError, RaymemError, ScanFailed
 from raymem.fetch import FetchLimits
@@ -208,6 +209,8 @@ def _run(cfg: ScanConfig, outputs: ScanOutputs, prompts, training, timer, rerun_
             found = _copy_candidates(cfg, outputs, joined, ok, cluster)
         candidates = found.table
         neighbors["sscd"] = (joined.query_ids, [found.neighbors[u] for u in joined.query_ids], "candidates")
+    with timer("pair_scores"):
+        _pair_scores(cfg, training, neighbors, copy_mode)
         if found.background is not None and "sscd" not in measured:
             measured["sscd"] = {**found.background, "source": "candidates"}
         counts["copy_candidates"] = found.stats
@@ -377,6 +380,18 @@ def _join(cfg: ScanConfig, training: TrainingTable, ok: pa.Table, cluster, copy_
         stored or background_from(background_topk),
         "index" if stored else "scan",
     )
+
+
+def _pair_scores(cfg: ScanConfig, training: TrainingTable, neighbors: dict, copy_mode: str) -> None:
+    """Neighbours above the replication threshold get their similarity to each other (raymem.duplicates),
+    read back from the training table (two-stage copy detection sets them from the fetched candidates)."""
+    space = "clip" if copy_mode == MODE_OFF else "sscd"
+    floor = cfg.thresholds.clip_replication if space == "clip" else cfg.thresholds.replication
+    if floor is None or space not in neighbors or neighbors[space][2] != "join" or training.layout != "parquet":
+        return
+    rows = neighbors[space][1]
+    found = read_embeddings(SPACE_COLUMNS[space], rows_to_read(rows, floor))
+    attach_pair_scores(rows, floor, lambda r: found.get((r.get("path"), str(r["train_id"]))))
 
 
 def _copy_candidates(cfg: ScanConfig, outputs: ScanOutputs, joined: _Joined, ok: pa.Table, cluster):

@@ -205,6 +205,7 @@ NEIGHBORS = pa.schema(
         ("entities", pa.list_(pa.string())),
         ("image_hash", pa.string()),
         ("via", pa.string()),  # join (exact/FAISS join in this space) | candidates (SSCD over fetched CLIP candidates)
+        ("pair_scores", pa.list_(pa.float32())),  # cosine to each neighbour of the unit by rank (raymem.duplicates)
     ]
 )
 
@@ -262,7 +263,8 @@ LABELS_TABLE = pa.schema(
         ("reasons", pa.string()),
         ("replication_score", pa.float32()),
         ("replication_train_id", pa.string()),
-        ("eidetic_k", pa.int32()),
+        ("eidetic_k", pa.int32()),  # breadth: distinct near-duplicate groups above the threshold
+        ("duplication", pa.int32()),  # the copied image's near-duplicate group among the neighbours
         ("copy_evidence", pa.string()),  # sscd | sscd_candidates | clip | none: where the copy scores came from
         ("candidates_missing", pa.int32()),  # two-stage: CLIP candidates that could not be fetched
         ("background_p95", pa.float32()),

@@ -123,6 +123,7 @@ def test_planted_copies_in_a_clip_only_table_are_found_as_MU_with_the_right_trai
     assert near["replication_score"] > 0.75
     assert {r["copy_evidence"] for r in labels.values()} == {"sscd_candidates"}
     assert "CLIP candidates top-1" in verbatim["reasons"]
+    assert verbatim["eidetic_k"] >= 1 and verbatim["duplication"] >= 1  # grouped from the fetched embeddings
     # the pixel check read the copied image over http
     checks = {r["unit_id"]: r for r in read(first, "pixel_checks").to_pylist()}
     assert max(checks[verbatim["unit_id"]]["tile_l2"]) < 0.01

@@ -132,6 +132,10 @@ def test_planted_copy_is_found_and_labelled_MU(first_scan):
     neighbors = read(Path(cfg.output.uri), "neighbors").to_pylist()
     top = [n for n in neighbors if n["unit_id"] == planted["unit_id"] and n["space"] == "sscd" and n["rank"] == 1]
     assert top[0]["train_id"] == "planted-lighthouse-seed0" and top[0]["caption"]
+    # the copy's neighbours above the threshold carry their similarity to each other (read back from the
+    # training table): the planted image is 1.0 to itself, and the labeler grouped them
+    assert top[0]["pair_scores"][0] == pytest.approx(1.0, abs=1e-4)
+    assert planted["eidetic_k"] >= 1 and planted["duplication"] >= 1 and "time(s) among" in planted["reasons"]
 
 
 def test_outputs_are_hive_partitioned_and_read_by_duckdb(first_scan):
