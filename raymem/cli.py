@@ -164,22 +164,42 @@ def _submission(args) -> str:
 
 def cmd_submit(args) -> int:
     from raymem.config import load_config
-    from raymem.submit import submit, wait
+    from raymem.submit import TERMINAL, submit, wait_and_tail
 
     cfg = load_config(args.config)
-    sid, new = submit(
+    sid, new, found = submit(
         args.config,
         cfg,
         address=args.address,
         working_dir=args.working_dir,
         env=args.env,
         entrypoint_num_cpus=args.entrypoint_num_cpus,
+        retry=args.retry,
     )
-    print(f"{sid}: {'submitted' if new else 'already submitted (same config and date); not run twice'}")
+    if new:
+        print(f"{sid}: submitted" + (" (a new attempt of this scan and day)" if "-r" in sid.rsplit("-", 1)[-1] else ""))
+    else:
+        hint = "; submit with --retry for a new attempt" if found in ("FAILED", "STOPPED") else ""
+        print(f"{sid}: already submitted (same config and date), {found}; not run twice{hint}")
     if args.wait:
-        state = wait(args.address, sid, timeout=args.timeout)
+        state = wait_and_tail(args.address, sid, timeout=args.timeout) if found not in TERMINAL else found
         print(f"{sid}: {state}")
         return 0 if state == "SUCCEEDED" else 1
+    return 0
+
+
+def cmd_list(args) -> int:
+    from raymem.submit import list_jobs
+
+    rows = list_jobs(args.address)
+    if not rows:
+        print("no raymem jobs on this Ray cluster")
+        return 0
+    import pyarrow as pa
+
+    from raymem.results import format_table
+
+    print(format_table(pa.Table.from_pylist(rows), "table"), end="")
     return 0
 
 
@@ -320,9 +340,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--working-dir", help="directory uploaded as the job's working_dir (default: this project)")
     p.add_argument("--env", action="append", default=[], metavar="NAME", help="forward this environment variable")
     p.add_argument("--entrypoint-num-cpus", type=float, help="CPUs reserved for the driver")
-    p.add_argument("--wait", action="store_true", help="wait for the job and exit non-zero unless it succeeds")
+    p.add_argument(
+        "--wait", action="store_true", help="stream the job's logs until it ends; exit non-zero unless it succeeds"
+    )
+    p.add_argument(
+        "--retry",
+        action="store_true",
+        help="when today's attempt of this scan FAILED or was STOPPED, submit a new one (it resumes from the "
+        "unit store); a running or succeeded attempt is still never run twice",
+    )
     p.add_argument("--timeout", type=float, default=24 * 3600, help="seconds to --wait")
     p.set_defaults(fn=cmd_submit)
+
+    p = command("list", help="raymem's scan jobs on the Ray cluster, oldest first")
+    p.add_argument("--address", help="Ray job server (default: RAY_ADDRESS)")
+    p.set_defaults(fn=cmd_list)
 
     for name, fn, helptext in (
         ("status", cmd_status, "status of a submitted scan job"),

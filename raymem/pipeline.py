@@ -8,6 +8,7 @@ the job's Ray).
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
 import time
@@ -73,8 +74,12 @@ class ScanResult:
 
 
 class _Timer:
+    """Seconds per stage, and the stage a failure happened in (for the failure record)."""
+
     def __init__(self):
         self.timings: dict[str, float] = {}
+        self.failed_stage: str | None = None
+        self.last: str | None = None  # the last stage started
 
     def __call__(self, name: str):
         timer = self
@@ -82,9 +87,12 @@ class _Timer:
         class _Span:
             def __enter__(self):
                 self.start = time.perf_counter()
+                timer.last = name
 
-            def __exit__(self, *exc):
+            def __exit__(self, exc_type, *exc):
                 timer.timings[name] = round(time.perf_counter() - self.start, 3)
+                if exc_type is not None and timer.failed_stage is None:  # the innermost span that raised
+                    timer.failed_stage = name
 
         return _Span()
 
@@ -112,7 +120,9 @@ def run_scan(cfg: ScanConfig, *, rerun_failed: bool = False) -> ScanResult:
 
 def _run_and_commit(cfg, outputs, prompts, training, timer, rerun_failed: bool, started_at: str) -> ScanResult:
     try:
-        with runtime.ray_session(cfg.ray):
+        with contextlib.ExitStack() as session:
+            with timer("connect_ray"):
+                session.enter_context(runtime.ray_session(cfg.ray))
             result = _run(cfg, outputs, prompts, training, timer, rerun_failed)
         manifest = outputs.write_manifest(
             "complete", started_at=started_at, counts=result.counts, timings=timer.timings, tables=result.tables
@@ -120,7 +130,12 @@ def _run_and_commit(cfg, outputs, prompts, training, timer, rerun_failed: bool, 
     except BaseException as err:
         inner = runtime.user_error(err)
         message = str(inner) if inner is not None else runtime.summarize_error(err)
-        outputs.record_failure(started_at=started_at, error=message, timings=timer.timings)
+        outputs.record_failure(
+            started_at=started_at,
+            error=message,
+            timings=timer.timings,
+            failed_stage=timer.failed_stage or (f"after {timer.last}" if timer.last else "setup"),
+        )
         if inner is not None and inner is not err:
             raise inner from None
         if isinstance(err, RaymemError) or not isinstance(err, Exception):
@@ -209,11 +224,11 @@ def _run(cfg: ScanConfig, outputs: ScanOutputs, prompts, training, timer, rerun_
             found = _copy_candidates(cfg, outputs, joined, ok, cluster)
         candidates = found.table
         neighbors["sscd"] = (joined.query_ids, [found.neighbors[u] for u in joined.query_ids], "candidates")
-    with timer("pair_scores"):
-        _pair_scores(cfg, training, neighbors, copy_mode)
         if found.background is not None and "sscd" not in measured:
             measured["sscd"] = {**found.background, "source": "candidates"}
         counts["copy_candidates"] = found.stats
+    with timer("pair_scores"):
+        _pair_scores(cfg, training, neighbors, copy_mode)
     with timer("entity_stats"):
         stats = entity_stats(training, {p.entity for p in prompts})
 

@@ -3,8 +3,10 @@
 A scan is submitted as the entrypoint `python jobs/scan.py <config>` with the project directory as the
 job's working_dir, and a deterministic submission id `raymem-<config hash>-<YYYYMMDD>`: re-submitting
 the same config on the same day finds the existing job instead of running the scan twice, which makes
-a nightly cron safe to retry. Environment variables are forwarded only when named (`--env`), so
-credentials never end up in a job's runtime_env unless asked for.
+a nightly cron safe to re-run. `--retry` submits a new attempt (`...-r1`, `-r2`, ...) when the latest
+one FAILED or was STOPPED -- the scan's unit store makes it resume where the failed one stopped -- and
+otherwise still finds the running or succeeded one. Environment variables are forwarded only when
+named (`--env`), so credentials never end up in a job's runtime_env unless asked for.
 """
 
 from __future__ import annotations
@@ -56,6 +58,22 @@ def project_root() -> Path:
     return Path(__file__).resolve().parents[1]
 
 
+def attempts(jobs, base: str) -> list:
+    """The jobs of one scan and day (`base`, then `base-r1`, `base-r2`, ...), oldest attempt first."""
+
+    def number(sid: str) -> int:
+        return 0 if sid == base else int(sid.rsplit("-r", 1)[1])
+
+    mine = [
+        j
+        for j in jobs.list_jobs()
+        if j.submission_id == base
+        or (j.submission_id or "").startswith(f"{base}-r")
+        and j.submission_id.rsplit("-r", 1)[1].isdigit()
+    ]
+    return sorted(mine, key=lambda j: number(j.submission_id))
+
+
 def submit(
     config_path: str,
     cfg: ScanConfig,
@@ -64,8 +82,10 @@ def submit(
     working_dir: str | None = None,
     env: list[str] | None = None,
     entrypoint_num_cpus: float | None = None,
-) -> tuple[str, bool]:
-    """Submit the scan; returns (submission id, submitted now). An existing job with the id is reused."""
+    retry: bool = False,
+) -> tuple[str, bool, str | None]:
+    """Submit the scan; returns (submission id, submitted now, state of the job found instead). The
+    latest attempt of the scan and day is reused, unless `retry` and it FAILED or was STOPPED."""
     root = Path(working_dir or project_root()).resolve()
     if not (root / "jobs" / "scan.py").exists():
         raise ConfigError(f"{root}: not a raymem project directory (no jobs/scan.py); pass --working-dir")
@@ -79,8 +99,19 @@ def submit(
         if name not in os.environ:
             raise ConfigError(f"--env {name}: not set in this environment")
         env_vars[name] = os.environ[name]
-    sid = submission_id(cfg)
+    base = submission_id(cfg)
     jobs = client(address)
+    try:
+        earlier = attempts(jobs, base)
+    except Exception as err:  # noqa: BLE001
+        raise SubmitError(f"listing the jobs of {base} failed: {str(err).strip().splitlines()[0]}") from None
+    sid = base
+    if earlier:
+        latest = earlier[-1]
+        state = str(latest.status.value)
+        if not (retry and state in ("FAILED", "STOPPED")):
+            return latest.submission_id, False, state
+        sid = f"{base}-r{len(earlier)}"
     try:
         jobs.submit_job(
             entrypoint=f"python jobs/scan.py {relative}",
@@ -90,11 +121,63 @@ def submit(
             entrypoint_num_cpus=entrypoint_num_cpus,
         )
     except Exception as err:  # noqa: BLE001
-        if "already exists" in str(err):
-            return sid, False
+        if "already exists" in str(err):  # submitted by someone else in the meantime
+            return sid, False, status(address, sid)
         first = str(err).strip().splitlines()[0]
         raise SubmitError(f"submitting {sid} failed: {first}") from None
-    return sid, True
+    return sid, True, None
+
+
+def list_jobs(address: str | None) -> list[dict]:
+    """raymem's jobs on the cluster (those it submitted: metadata `raymem_scan`), oldest first."""
+    jobs = client(address)
+    try:
+        found = jobs.list_jobs()
+    except Exception as err:  # noqa: BLE001
+        raise SubmitError(f"listing jobs failed: {str(err).strip().splitlines()[0]}") from None
+    rows = []
+    for j in found:
+        meta = j.metadata or {}
+        if "raymem_scan" not in meta:
+            continue
+        rows.append(
+            {
+                "submission_id": j.submission_id,
+                "status": str(j.status.value),
+                "scan": meta["raymem_scan"],
+                "started": _when(j.start_time),
+                "ended": _when(j.end_time),
+                "message": (j.message or "").splitlines()[0][:120] if j.status.value != "SUCCEEDED" else "",
+            }
+        )
+    return sorted(rows, key=lambda r: (r["started"] or "", r["submission_id"]))
+
+
+def _when(ms: int | None) -> str | None:
+    return dt.datetime.fromtimestamp(ms / 1000, dt.UTC).strftime("%Y-%m-%d %H:%M:%S") if ms else None
+
+
+def wait_and_tail(address: str | None, sid: str, timeout: float, out=None) -> str:
+    """Stream the job's logs until it ends (like `ray job submit`), then return its final state."""
+    import asyncio
+    import sys
+
+    out = out or sys.stdout
+    jobs = client(address)
+
+    async def tail():
+        async for chunk in jobs.tail_job_logs(sid):
+            out.write(chunk)
+            out.flush()
+
+    try:
+        asyncio.run(asyncio.wait_for(tail(), timeout))
+    except TimeoutError:
+        pass
+    except Exception as err:  # noqa: BLE001 - the log stream broke: fall back to polling the state
+        why = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        out.write(f"(log stream ended: {why})\n")
+    return wait(address, sid, timeout=max(1.0, timeout), poll=1.0)
 
 
 def status(address: str | None, sid: str) -> str:

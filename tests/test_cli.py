@@ -110,6 +110,7 @@ def test_an_unreachable_ray_address_is_one_line_not_a_retry_loop(demo_raw, tmp_p
     ]
     manifest = json.loads(next((tmp_path / "out" / "manifests").glob("*.json")).read_text())
     assert manifest["status"] == "failed" and "cannot reach Ray" in manifest["error"]
+    assert manifest["failed_stage"] == "connect_ray"  # a nightly's alert says where it stopped
 
 
 def test_verbosity_flags_anywhere_and_the_version():

@@ -231,6 +231,7 @@ def test_dimension_mismatch_found_after_generation_publishes_nothing(ray_two_gpu
     root = Path(cfg.output.uri)
     manifest = json.loads(next((root / "manifests").glob("*.json")).read_text())
     assert manifest["status"] == "failed" and "embedding dimension 16" in manifest["error"]
+    assert manifest["failed_stage"] == "after collect"  # the dimension check follows the collected units
     assert not list(root.glob("labels/**/*.parquet")) and not list(root.glob("generations/**/*.parquet"))
 
 

@@ -202,3 +202,35 @@ def test_bad_addresses_and_ids_are_one_line(ray_head, capsys, monkeypatch):
     monkeypatch.delenv("RAY_API_SERVER_ADDRESS", raising=False)
     assert main(["status", "x"]) == 1
     assert "no Ray address" in capsys.readouterr().err
+
+
+def test_a_failed_nightly_is_retried_as_a_new_attempt_and_listed(ray_head, project, tmp_path, capsys, monkeypatch):
+    address, _ = ray_head
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    raw = yaml.safe_load((project / "scan.yaml").read_text())
+    demo_training = raw["training"]["embeddings"]
+    raw["name"] = "nightly"
+    arrives_later = tmp_path / "training-arrives-later"
+    raw["training"]["embeddings"] = str(arrives_later)
+    (project / "nightly.yaml").write_text(yaml.safe_dump(raw))
+    args = ["submit", str(project / "nightly.yaml"), "--address", address, "--working-dir", str(project)]
+    assert main([*args, "--wait", "--timeout", "300"]) == 1  # the alert: a non-zero exit
+    first = capsys.readouterr().out
+    sid = first.split(":")[0]
+    assert f"{sid}: FAILED" in first
+    # The same day without --retry finds the failed job and says how to retry it.
+    assert main(args) == 0
+    assert "FAILED; not run twice; submit with --retry" in capsys.readouterr().out
+    # The training data arrives; the retry is a new attempt, its logs streamed while waiting.
+    shutil.copytree(demo_training, arrives_later)
+    assert main([*args, "--retry", "--wait", "--timeout", "600"]) == 0
+    out = capsys.readouterr().out
+    assert f"{sid}-r1: submitted (a new attempt" in out and f"{sid}-r1: SUCCEEDED" in out
+    assert "units" in out  # the job driver's own lines, tailed as they came
+    # A retry after success runs nothing.
+    assert main([*args, "--retry"]) == 0
+    assert f"{sid}-r1: already submitted (same config and date), SUCCEEDED" in capsys.readouterr().out
+    assert main(["list", "--address", address]) == 0
+    listing = capsys.readouterr().out
+    assert f"{sid} " in listing and f"{sid}-r1 " in listing and "nightly" in listing
+    assert "FAILED" in listing and "SUCCEEDED" in listing
