@@ -177,7 +177,8 @@ def cmd_submit(args) -> int:
         retry=args.retry,
     )
     if new:
-        print(f"{sid}: submitted" + (" (a new attempt of this scan and day)" if "-r" in sid.rsplit("-", 1)[-1] else ""))
+        retried = sid.rsplit("-", 1)[-1].startswith("r")
+        print(f"{sid}: submitted" + (" (a new attempt of this scan and day)" if retried else ""))
     else:
         hint = "; submit with --retry for a new attempt" if found in ("FAILED", "STOPPED") else ""
         print(f"{sid}: already submitted (same config and date), {found}; not run twice{hint}")
