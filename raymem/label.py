@@ -401,10 +401,15 @@ def _decide(ctx, r, nbrs, copy: _CopyEvidence, ev, cluster_member, pixel: PixelE
     R = float(top["score"]) if top else None
     # Breadth: distinct training images above the threshold, near-duplicates of one image counted once;
     # duplication: how often the copied image is in the training set (raymem.duplicates).
-    link = t.near_duplicate if copy.space == "sscd" else t.clip_replication
-    k_above, duplication, grouped = groups(nbrs, replication, link) if replication is not None else (None, None, True)
+    # Two training images are near-duplicates only above what distinct training images already reach
+    # (the train-train background): in a world where everything looks alike to the descriptor, grouping
+    # below it would merge distinct images and make a common look pass for one copied image.
     bg = copy.background
     bg_p95 = bg.p95 if bg else None
+    link = t.near_duplicate if copy.space == "sscd" else t.clip_replication
+    if link is not None and bg_p95 is not None:
+        link = max(link, bg_p95)
+    k_above, duplication, grouped = groups(nbrs, replication, link) if replication is not None else (None, None, True)
     pixel_max = pixel.max_l2 if pixel and top and pixel.train_id == top["train_id"] else None
     tile_share = pixel.share_within(t.pixel_l2) if pixel_max is not None else None
     pixel_copy = pixel_max is not None and pixel_max <= t.pixel_l2
@@ -437,7 +442,7 @@ def _decide(ctx, r, nbrs, copy: _CopyEvidence, ev, cluster_member, pixel: PixelE
         k_text = f"{k_above}" if k_above < len(nbrs) else f">={k_above}"
         dup = f">={duplication}" if duplication >= len(nbrs) else f"{duplication}"
         group_text = (
-            f"; the copied image is {dup} time(s) among the {len(nbrs)} neighbours (near-duplicates at {link})"
+            f"; the copied image is {dup} time(s) among the {len(nbrs)} neighbours (near-duplicates at {link:.3f})"
             if grouped
             else "; near-duplicate groups unknown (no pair scores): exact duplicates only"
         )

@@ -72,12 +72,11 @@ def nbrs_from(query: np.ndarray, train: dict[str, np.ndarray], k: int) -> list[d
     return rows
 
 
-def label_one(nbrs: list[dict], k_list: int) -> dict:
+def label_one(nbrs: list[dict], k_list: int, background_p95: float = 0.3) -> dict:
     ctx = context(explicit=())
     rows = [gen("u", 0, image(ctx))] + nulls(ctx)
-    inputs = LabelInputs.from_rows(
-        rows, {"p": ctx}, text_vectors(ctx), {"u": {"sscd": nbrs}}, {"sscd": Background("sscd", 0.3, 100)}
-    )
+    background = {"sscd": Background("sscd", background_p95, 100)}
+    inputs = LabelInputs.from_rows(rows, {"p": ctx}, text_vectors(ctx), {"u": {"sscd": nbrs}}, background)
     return label_units(inputs, T)[0]
 
 
@@ -107,7 +106,7 @@ def test_thirty_near_duplicates_of_one_image_are_one_group_and_its_copy_is_MU(ss
     assert (breadth, duplication, exact) == (1, 31, True)
     out = label_one(nbrs, 40)
     assert out["label"] == "MU" and out["eidetic_k"] == 1 and out["duplication"] == 31
-    assert "the copied image is 31 time(s) among the 40 neighbours" in out["reasons"]
+    assert "the copied image is 31 time(s) among the 40 neighbours (near-duplicates at 0.750)" in out["reasons"]
 
 
 def test_a_generation_that_resembles_fifteen_distinct_images_is_a_common_look_not_a_copy():
@@ -136,3 +135,16 @@ def test_without_pair_scores_only_exact_duplicates_merge():
     ]
     assert groups(nbrs, 0.5, 0.75) == (2, 2, False)
     assert groups([], 0.5, 0.75) == (0, 0, True)
+
+
+def test_training_images_are_never_grouped_below_what_distinct_ones_already_reach():
+    """In a world where distinct training images are 0.9 alike to the descriptor (a 32 px world), a
+    pairwise 0.8 says nothing: the images stay distinct, and 15 of them above the threshold is a look."""
+    rng = np.random.default_rng(1)
+    basis = np.linalg.qr(rng.standard_normal((64, 17)))[0].T
+    train = {f"t{i}": 0.6 * basis[0] + 0.8 * (0.9 * basis[1] + 0.436 * basis[2 + i]) for i in range(15)}
+    train = {k: v / np.linalg.norm(v) for k, v in train.items()}  # pairwise ~0.8
+    nbrs = nbrs_from(basis[0], train, k=20)
+    assert label_one(nbrs, 20, background_p95=0.3)["eidetic_k"] == 1  # above the background: one image
+    high = label_one(nbrs, 20, background_p95=0.9)
+    assert high["eidetic_k"] == 15 and high["label"] != "MU" and "near-duplicates" not in high["reasons"]
