@@ -12,12 +12,19 @@ from raymem.errors import ConfigError, RaymemError
 DEFAULT_DEMO_CONFIG = "configs/demo.yaml"
 
 
-def _print_result(result) -> None:
+def _print_result(result, root: str | None = None) -> None:
     c = result.counts
+    nulls = f" and {c['null_units']} null-prompt images" if c.get("null_units") else ""
     print(
-        f"scan {result.scan_id}: {c['units']} units ({c['units_ok']} scored, {c['units_failed']} failed), "
-        f"{c.get('units_generated', 0)} generated now, {c.get('units_reused', 0)} reused"
+        f"scan {result.scan_id}: {c['units']} images ({c['units_ok']} scored, {c['units_failed']} failed){nulls}; "
+        f"{c.get('units_generated', 0)} generated now, {c.get('units_reused', 0)} reused from earlier scans"
     )
+    labels = ", ".join(f"{k} {c.get(f'label_{k}', 0)}" for k in ("MU", "MI", "ME", "none"))
+    print(f"labels: {labels}")
+    if result.timings:
+        total = sum(v for v in result.timings.values() if isinstance(v, (int, float)))
+        stages = " · ".join(f"{k} {v:.1f} s" for k, v in result.timings.items() if v >= 0.05)
+        print(f"time: {total:.1f} s ({stages})")
     print(f"manifest: {result.manifest_uri}")
     for name, uri in result.tables.items():
         print(f"  {name:15s} {uri}")
@@ -45,6 +52,11 @@ def _print_result(result) -> None:
             "table",
         )
     )
+    if root:
+        print(
+            f"\nnext: raymem report latest --output {root}   (an HTML page of the findings)\n"
+            f"      raymem query \"SELECT * FROM labels WHERE label = 'MU'\" --output {root}"
+        )
 
 
 def cmd_scan(args) -> int:
@@ -53,7 +65,7 @@ def cmd_scan(args) -> int:
 
     cfg = load_config(args.config)
     result = run_scan(cfg, rerun_failed=args.rerun_failed)
-    _print_result(result)
+    _print_result(result, cfg.output.uri)
     return 0
 
 
@@ -68,7 +80,7 @@ def cmd_demo(args) -> int:
     with runtime.ray_session(cfg.ray):  # one Ray for building (raymem index) and scanning
         build_demo(cfg, force=args.rebuild)
         result = run_scan(cfg)
-    _print_result(result)
+    _print_result(result, cfg.output.uri)
     return 0
 
 
@@ -425,6 +437,8 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.ERROR if args.quiet else logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # one progress line per stage (raymem.runtime.Progress) unless -q
+    logging.getLogger("raymem.progress").setLevel(logging.ERROR if args.quiet else logging.INFO)
     try:
         return args.fn(args)
     except RaymemError as err:

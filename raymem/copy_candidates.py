@@ -242,7 +242,9 @@ def resolve(
             batch_size=c.batch_size,
             blocks=max(1, -(-len(todo) // c.batch_size)),
         )
+        progress = runtime.Progress("fetch_candidates", len(todo), "images")
         for batch in batches:
+            progress.advance(batch.num_rows)
             column = batch.column("sscd_embedding")
             valid = column.is_valid().to_numpy(zero_copy_only=False)
             matrix = embedding_matrix(column.filter(pa.array(valid))) if valid.any() else None
@@ -252,6 +254,7 @@ def resolve(
                 outcomes[keys[r["uri_key"]]] = Outcome(
                     r["status"], r["error"], r["http_status"], r["content_sha256"], emb
                 )
+        progress.finish()
     seconds = time.perf_counter() - start
     statuses = Counter(o.status for o in outcomes.values())
     stats = {

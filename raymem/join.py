@@ -19,6 +19,7 @@ import logging
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from raymem import runtime
 from raymem.candidates import Queries, candidates_table
@@ -213,15 +214,22 @@ class FragmentScorer(TopKScorer):
     def __call__(self, batch: pa.Table) -> pa.Table:
         items = batch.to_pylist()
         pending = self.reader.submit(self.source.read, items[0], self.columns) if items else None
-        out = []
+        out, tables = [], []
         for i in range(len(items)):
             table = pending.result()
+            tables.append(table)
             pending = self.reader.submit(self.source.read, items[i + 1], self.columns) if i + 1 < len(items) else None
             step = self.batch_rows or max(1, table.num_rows)
             for start in range(0, table.num_rows, step):
                 out.append(super().__call__(table.slice(start, step)))
         out = [t for t in out if t.num_rows]
-        return pa.concat_tables(out) if out else pa.table({"query_set": pa.array([], pa.string())})
+        if not out:
+            return pa.table({"query_set": pa.array([], pa.string())})
+        result = pa.concat_tables(out)
+        # how many training rows this call scored, on its first row: the driver's progress line
+        scored = np.zeros(result.num_rows, np.int64)
+        scored[0] = sum(t.num_rows for t in tables)
+        return result.append_column("rows_scored", pa.array(scored))
 
 
 @runtime.reraise_user_errors
@@ -272,10 +280,21 @@ def nearest_neighbours(
         }
         for name, qs in queries.items()
     }
+    progress = runtime.Progress("join", training.num_rows, "training rows")
     for batch in candidates:
         if batch.num_rows:
             fold(batch, result)
+            progress.advance(_rows_scored(batch))
+    progress.done = training.num_rows  # every fragment was scored (a fragment's rows are not in its result)
+    progress.finish()
     return result
+
+
+def _rows_scored(batch: pa.Table) -> int:
+    """Training rows behind one result batch (FragmentScorer marks them; FAISS results do not)."""
+    if "rows_scored" not in batch.column_names:
+        return 0
+    return int(pc.sum(batch.column("rows_scored")).as_py() or 0)
 
 
 def fold(batch: pa.Table, result: dict[str, dict[str, RunningTopK]]) -> None:

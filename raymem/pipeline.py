@@ -337,9 +337,12 @@ def _generate(cfg: ScanConfig, outputs: ScanOutputs, units, texts_by_prompt, rer
         blocks=min(len(chunks), max(1, plan.actors * 4)),
     )
     failed = 0
+    progress = runtime.Progress("generate", len(todo), "units")
     with timer("generate"):
         for batch in results:
             failed += int(pc.sum(pc.equal(batch.column("status"), STATUS_FAILED)).as_py() or 0)
+            progress.advance(batch.num_rows, f"{failed} failed" if failed else "")
+    progress.finish()
     return {"units_generated": len(todo), "units_reused": len(units) - len(todo), "units_failed_now": failed}
 
 

@@ -239,3 +239,41 @@ def reraise_user_errors(fn):
             raise
 
     return wrapper
+
+
+class Progress:
+    """One plain progress line per stage, throttled: `generate: 12/24 units (50 %), 0.9/s, ETA 13 s`.
+
+    Plain log lines, not a bar: they read the same on a terminal and in a Ray Job's log (no TTY), and
+    `-q` silences them (logger `raymem.progress`)."""
+
+    def __init__(self, stage: str, total: int, unit: str = "units", every_s: float = 10.0):
+        import time
+
+        self.log = logging.getLogger("raymem.progress")
+        self.stage, self.total, self.unit, self.every_s = stage, total, unit, every_s
+        self.done = 0
+        self.extra = ""
+        self._clock = time.monotonic
+        self.start = self._last = self._clock()
+        self.log.info("%s: %d %s to do", stage, total, unit)
+
+    def advance(self, n: int, extra: str = "") -> None:
+        self.done += n
+        self.extra = extra
+        now = self._clock()
+        if now - self._last >= self.every_s and self.done < self.total:
+            self._last = now
+            self.log.info("%s", self.line(now))
+
+    def line(self, now: float) -> str:
+        elapsed = max(now - self.start, 1e-9)
+        rate = self.done / elapsed
+        share = f" ({self.done / self.total:.0%})" if self.total else ""
+        eta = f", ETA {((self.total - self.done) / rate):.0f} s" if rate > 0 and self.done < self.total else ""
+        extra = f", {self.extra}" if self.extra else ""
+        return f"{self.stage}: {self.done}/{self.total} {self.unit}{share}, {rate:.2f}/s{eta}{extra}"
+
+    def finish(self) -> None:
+        now = self._clock()
+        self.log.info("%s in %.1f s", self.line(now), now - self.start)

@@ -128,3 +128,29 @@ def test_verbosity_flags_anywhere_and_the_version():
     for name in ("scan", "report", "diff", "calibrate", "index", "validate", "query"):
         text = raymem(name, "--help").stdout
         assert "positional arguments:" in text and "\n  config\n" not in text and "\n  sql\n" not in text, name
+
+
+def test_a_scan_reports_progress_per_stage_and_closes_with_a_summary(demo_raw, demo_root, tmp_path):
+    """Without a terminal (as in a Ray Job's log): one plain progress line per stage on stderr, and a
+    closing summary with the labels, the time per stage and the next commands."""
+    import yaml
+
+    lines = (demo_root / "prompts.jsonl").read_text().splitlines()[:2]
+    (tmp_path / "prompts.jsonl").write_text("\n".join(lines) + "\n")
+    cfg = {**demo_raw, "prompts": str(tmp_path / "prompts.jsonl")}
+    cfg["generation"] = {**cfg["generation"], "seeds_per_prompt": 2, "num_inference_steps": 2}
+    cfg["signals"] = {**cfg["signals"], "null_seeds": 0}
+    path = tmp_path / "scan.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    out = raymem("scan", str(path))
+    assert out.returncode == 0, out.stderr[-3000:]
+    progress = [line for line in out.stderr.splitlines() if "raymem.progress" in line]
+    assert any("generate: 4 units to do" in line for line in progress)
+    assert any("generate: 4/4 units (100%)" in line and " in " in line for line in progress)
+    assert any("join: " in line and "training rows (100%)" in line for line in progress)
+    stdout = out.stdout
+    assert "labels: MU " in stdout and "time: " in stdout and "generate " in stdout
+    assert f"next: raymem report latest --output {tmp_path / 'out'}" in stdout
+    assert "\x1b[" not in stdout  # no colour codes in a log
+    quiet = raymem("scan", str(path), "-q")
+    assert quiet.returncode == 0 and "raymem.progress" not in quiet.stderr
