@@ -74,11 +74,17 @@ def check_reachable(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
 
 
 def data_context():
-    """The driver's Ray Data context, set so a bad-input error raised in a stage reaches us as itself."""
+    """The driver's Ray Data context, set so a bad-input error raised in a stage reaches us as itself,
+    and Ray Data's per-dataset INFO lines kept out of the console unless raymem logs at INFO (`-v`):
+    raymem's own progress lines say what runs; Ray Data's log file keeps everything."""
     import ray
 
     ctx = ray.data.DataContext.get_current()
     ctx.raise_original_map_exception = True
+    verbose = logging.getLogger("raymem").getEffectiveLevel() <= logging.INFO
+    for handler in logging.getLogger("ray.data").handlers:
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+            handler.setLevel(logging.INFO if verbose else logging.WARNING)
     return ctx
 
 
