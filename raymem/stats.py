@@ -72,3 +72,27 @@ def bh_adjusted(pvalues: dict) -> dict:
     for rank, i in enumerate(order):
         out[keys[i]] = float(adjusted[rank])
     return out
+
+
+def clopper_pearson(k: int, n: int, alpha: float = 0.05) -> tuple[float, float] | None:
+    """Exact two-sided (1 - alpha) interval of a proportion k / n (None when n is 0)."""
+    if n <= 0:
+        return None
+    lo = float(_st.beta.ppf(alpha / 2, k, n - k + 1)) if k > 0 else 0.0
+    hi = float(_st.beta.ppf(1 - alpha / 2, k + 1, n - k)) if k < n else 1.0
+    return lo, hi
+
+
+def cluster_bootstrap(
+    numerators: list[int], denominators: list[int], reps: int = 2000, alpha: float = 0.05, seed: int = 0
+) -> tuple[float, float] | None:
+    """Percentile interval of sum(num) / sum(den) when whole clusters (e.g. a prompt's images, which
+    share the prompt and so are not independent) are resampled with replacement."""
+    num, den = np.asarray(numerators, float), np.asarray(denominators, float)
+    if len(num) == 0 or den.sum() <= 0:
+        return None
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, len(num), size=(reps, len(num)))
+    d = den[picks].sum(axis=1)
+    ratios = num[picks].sum(axis=1)[d > 0] / d[d > 0]
+    return float(np.quantile(ratios, alpha / 2)), float(np.quantile(ratios, 1 - alpha / 2))

@@ -57,3 +57,18 @@ def test_benjamini_hochberg_matches_the_hand_computation():
     assert adjusted["b"] == pytest.approx(0.04 * 4 / 3) and adjusted["c"] == pytest.approx(0.04 * 4 / 3)
     assert adjusted["d"] == pytest.approx(0.5) and adjusted["e"] is None
     assert bh_adjusted({}) == {}
+
+
+def test_exact_and_prompt_clustered_intervals():
+    from raymem.stats import clopper_pearson, cluster_bootstrap
+
+    assert clopper_pearson(48, 48)[0] == pytest.approx(0.926, abs=1e-3) and clopper_pearson(48, 48)[1] == 1.0
+    lo, hi = clopper_pearson(6, 24)
+    assert lo == pytest.approx(0.098, abs=1e-3) and hi == pytest.approx(0.467, abs=1e-3)
+    assert clopper_pearson(0, 0) is None
+    # 24 images of 3 prompts: all of one prompt right, none of the others. By image 8/24 looks tight;
+    # resampling prompts shows the recall could be anything from 0 to 2/3.
+    clustered = cluster_bootstrap([8, 0, 0], [8, 8, 8])
+    assert clustered[0] == 0.0 and clustered[1] >= 0.66
+    exact = clopper_pearson(8, 24)
+    assert clustered[1] - clustered[0] > exact[1] - exact[0]

@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 from raymem.planted.training import TrainConfig
 from raymem.planted.world import WorldConfig
 from raymem.schema import LABELS
+from raymem.stats import clopper_pearson, cluster_bootstrap
 
 log = logging.getLogger(__name__)
 
@@ -177,10 +178,16 @@ def evaluate(labels: list[dict], truth: dict[str, dict]) -> dict:
             }
         )
     metrics = []
+    prompts = sorted({i["prompt_id"] for i in images})
     for c in LABELS:
         tp = sum(1 for i in images if i["expected"] == c and i["predicted"] == c)
         predicted = sum(1 for i in images if i["predicted"] == c)
         expected = sum(1 for i in images if i["expected"] == c)
+
+        def per_prompt(keep, c=c):
+            return [sum(1 for i in images if i["prompt_id"] == p and keep(i)) for p in prompts]
+
+        tp_p = per_prompt(lambda i, c=c: i["expected"] == c and i["predicted"] == c)
         metrics.append(
             {
                 "category": c,
@@ -189,6 +196,12 @@ def evaluate(labels: list[dict], truth: dict[str, dict]) -> dict:
                 "true_positives": tp,
                 "precision": tp / predicted if predicted else None,
                 "recall": tp / expected if expected else None,
+                # 95 % intervals: exact over images, and by resampling whole prompts (a prompt's images
+                # are not independent: they share the prompt, the entity and how well the model draws it)
+                "precision_ci": clopper_pearson(tp, predicted),
+                "recall_ci": clopper_pearson(tp, expected),
+                "precision_ci_prompts": cluster_bootstrap(tp_p, per_prompt(lambda i, c=c: i["predicted"] == c)),
+                "recall_ci_prompts": cluster_bootstrap(tp_p, per_prompt(lambda i, c=c: i["expected"] == c)),
             }
         )
     columns = [*LABELS, "failed"]
@@ -219,8 +232,10 @@ def targets_report(result: dict) -> list[str]:
             )
         )
         lines.append(
-            f"{m['category']:5s} precision {_f(p)} recall {_f(r)} "
-            f"({m['true_positives']}/{m['predicted']} predicted, {m['expected']} expected){met}"
+            f"{m['category']:5s} precision {_f(p)} {_ci(m.get('precision_ci'))} recall {_f(r)} "
+            f"{_ci(m.get('recall_ci'))} ({m['true_positives']}/{m['predicted']} predicted, {m['expected']} expected)"
+            f"{met}; by prompt: precision {_ci(m.get('precision_ci_prompts'))}, "
+            f"recall {_ci(m.get('recall_ci_prompts'))}"
         )
     cn = result["control_none_rate"]
     ok = cn is not None and cn >= CONTROL_NONE_TARGET
@@ -232,6 +247,10 @@ def targets_report(result: dict) -> list[str]:
     for row in result["confusion"]:
         lines.append(f"{row['expected']:20s}  " + "  ".join(f"{row[f'predicted_{c}']:6d}" for c in [*LABELS, "failed"]))
     return lines
+
+
+def _ci(ci) -> str:
+    return "[  -  ]" if not ci else f"[{ci[0]:.2f}, {ci[1]:.2f}]"
 
 
 def _f(x) -> str:
