@@ -333,4 +333,4 @@ def test_published_files_carry_each_column_description(first_scan):
     cfg, result = first_scan
     # the committed files (other tests of this module re-run the same scan, superseding the first files)
     labels = pq.read_schema(read_manifest(cfg.output.uri, result.scan_id)["tables"]["labels"])
-    assert labels.field("eidetic_k").metadata[b"description"].startswith(b"distinct training images")
+    assert labels.field("eidetic_k").metadata[b"description"].startswith(b"breadth: distinct training images")
