@@ -1,5 +1,7 @@
 """The planted-memorization benchmark: its scoring, and a reduced end-to-end run (training included)."""
 
+import dataclasses
+
 import pyarrow.parquet as pq
 import pytest
 
@@ -67,3 +69,13 @@ def test_reduced_benchmark_end_to_end(local_ray, tmp_path):
     assert (tmp_path / "results" / "summary.json").exists() and result["summary"]["thresholds"] == "config defaults"
     # The trained pipeline was loaded by the scan through from_pretrained, like any diffusers model.
     assert (tmp_path / result["summary"]["models"].split("/")[-1] / "pipeline" / "model_index.json").exists()
+    # The calibrated branch: thresholds fitted on the calibration split's scan, then the evaluation
+    # scanned with them (the same trained models, found by their digest).
+    calibrated = run_benchmark(dataclasses.replace(cfg, calibrate=True))
+    fitted = calibrated["summary"]["thresholds"]
+    assert isinstance(fitted, dict) and set(fitted) >= {"replication", "null_alpha", "element_presence"}
+    assert calibrated["summary"]["models"] == result["summary"]["models"]
+    assert "calibrate_s" in calibrated["summary"]["timings"]
+    assert all(
+        m["recall_ci"] is None or 0 <= m["recall_ci"][0] <= m["recall_ci"][1] <= 1 for m in calibrated["metrics"]
+    )
