@@ -334,3 +334,14 @@ def test_published_files_carry_each_column_description(first_scan):
     # the committed files (other tests of this module re-run the same scan, superseding the first files)
     labels = pq.read_schema(read_manifest(cfg.output.uri, result.scan_id)["tables"]["labels"])
     assert labels.field("eidetic_k").metadata[b"description"].startswith(b"breadth: distinct training images")
+
+
+def test_no_secret_reaches_the_ray_session_logs(first_scan):
+    """The workers got the secret through runtime_env; neither Ray's logs nor the workers' (raymem logs
+    there too: chunk failures, fetch errors) may carry it."""
+    import ray
+
+    session = Path(ray._private.worker._global_node.get_session_dir_path())  # this test's own Ray
+    logs = [p for p in (session / "logs").rglob("*") if p.is_file()]
+    assert logs, session
+    assert not [p for p in logs if CANARY.encode() in p.read_bytes()]
