@@ -47,7 +47,14 @@ from raymem.duplicates import attach_pair_scores
 from raymem.errors import InputError
 from raymem.fetch import Fetcher, FetchLimits, decode_rgb, public_uri
 from raymem.outputs import parquet_bytes
-from raymem.schema import CANDIDATES, SPACE_COLUMNS, embedding_array, embedding_matrix, embedding_type
+from raymem.schema import (
+    CANDIDATE_CACHE,
+    CANDIDATES,
+    FETCH_OUTCOMES,
+    SPACE_COLUMNS,
+    embedding_array,
+    embedding_matrix,
+)
 from raymem.sources import TrainingTable
 
 log = logging.getLogger(__name__)
@@ -79,17 +86,6 @@ def copy_detection_mode(cfg: ScanConfig, training: TrainingTable) -> str:
 
 def uri_key(uri: str) -> str:
     return hashlib.sha256(uri.encode()).hexdigest()[:32]
-
-
-def cache_schema(dim: int) -> pa.Schema:
-    return pa.schema(
-        [
-            ("uri_key", pa.string()),
-            ("content_sha256", pa.string()),
-            ("sscd_embedding", embedding_type(dim)),
-            ("computed_at", pa.timestamp("us", tz="UTC")),
-        ]
-    )
 
 
 def read_cache(root: str, keys: set[str]) -> dict[str, tuple[str, np.ndarray]]:
@@ -130,7 +126,7 @@ class FetchEmbed:
             FetchLimits(c.timeout_s, c.retries, c.backoff_s, c.max_bytes, c.max_pixels, c.per_host), threads=c.threads
         )
         self.cache_uri = cache_uri
-        self.schema = outcome_schema(self.detector.dim)
+        self.schema = FETCH_OUTCOMES(self.detector.dim)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         keys = batch.column("uri_key").to_pylist()
@@ -152,7 +148,8 @@ class FetchEmbed:
                     "content_sha256": pa.array([shas[i] for i in ok], pa.string()),
                     "sscd_embedding": embedding_array(matrix[ok], dim),
                     "computed_at": pa.array([now] * len(ok), pa.timestamp("us", tz="UTC")),
-                }
+                },
+                schema=CANDIDATE_CACHE(dim),
             )
             name = f"part-{int(time.time() * 1e3)}-{os.getpid()}-{uuid.uuid4().hex[:6]}.parquet"
             uris.write_bytes_atomic(uris.join(self.cache_uri, name), parquet_bytes(cached))
@@ -169,21 +166,6 @@ class FetchEmbed:
             },
             schema=self.schema,
         )
-
-
-def outcome_schema(dim: int) -> pa.Schema:
-    return pa.schema(
-        [
-            ("uri_key", pa.string()),
-            ("status", pa.string()),
-            ("error", pa.string()),
-            ("http_status", pa.int32()),
-            ("content_sha256", pa.string()),
-            ("attempts", pa.int32()),
-            ("seconds", pa.float32()),
-            ("sscd_embedding", embedding_type(dim)),
-        ]
-    )
 
 
 @dataclass

@@ -23,18 +23,10 @@ from raymem.pixels import PixelEvidence
 from raymem.probes import Probe
 from raymem.schema import PUBLISHED_TABLES, ROLE_SCAN, SPACE_COLUMNS, STATUS_OK, embedding_matrix
 
-# The tables the labeler reads; `labels` and the tallies are its output.
-INPUT_TABLES = (
-    "prompts",
-    "generations",
-    "texts",
-    "neighbors",
-    "candidates",
-    "entities",
-    "background",
-    "pixel_checks",
-)
-assert set(INPUT_TABLES) <= set(PUBLISHED_TABLES)
+# The labeler's output tables; every other published table is its input.
+OUTPUT_TABLES = ("labels", "prompt_tallies", "entity_tallies")
+INPUT_TABLES = tuple(t for t in PUBLISHED_TABLES if t not in OUTPUT_TABLES)
+assert set(OUTPUT_TABLES) <= set(PUBLISHED_TABLES)
 
 
 @dataclass(frozen=True)

@@ -139,6 +139,35 @@ def TEXT_CACHE(dim: int) -> pa.Schema:  # noqa: N802 - reads like the other sche
     )
 
 
+def CANDIDATE_CACHE(dim: int) -> pa.Schema:  # noqa: N802 - reads like the other schema constants
+    """SSCD embeddings of fetched training images, per copy detector, shared by every scan under one
+    output root (raymem.copy_candidates): keyed by the sha256 of the URI."""
+    return pa.schema(
+        [
+            ("uri_key", pa.string()),
+            ("content_sha256", pa.string()),
+            ("sscd_embedding", embedding_type(dim)),
+            ("computed_at", pa.timestamp("us", tz="UTC")),
+        ]
+    )
+
+
+def FETCH_OUTCOMES(dim: int) -> pa.Schema:  # noqa: N802 - reads like the other schema constants
+    """What the fetch + embed stage returns per URI (raymem.copy_candidates.FetchEmbed)."""
+    return pa.schema(
+        [
+            ("uri_key", pa.string()),
+            ("status", pa.string()),
+            ("error", pa.string()),
+            ("http_status", pa.int32()),
+            ("content_sha256", pa.string()),
+            ("attempts", pa.int32()),
+            ("seconds", pa.float32()),
+            ("sscd_embedding", embedding_type(dim)),
+        ]
+    )
+
+
 ASSOCIATION = pa.struct(
     [
         ("element", pa.string()),
