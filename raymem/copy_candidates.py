@@ -122,9 +122,7 @@ class FetchEmbed:
 
         c = copy_detection.candidates
         self.detector = CopyDetector(copy_detection, pick_device(), threads=max(1, int(cpus)))
-        self.fetcher = Fetcher(
-            FetchLimits(c.timeout_s, c.retries, c.backoff_s, c.max_bytes, c.max_pixels, c.per_host), threads=c.threads
-        )
+        self.fetcher = Fetcher(FetchLimits.of(c), threads=c.threads)
         self.cache_uri = cache_uri
         self.schema = FETCH_OUTCOMES(self.detector.dim)
 
@@ -183,7 +181,6 @@ class CandidateQueries:
     """One query set's CLIP candidates: `rows[i]` are query i's neighbours by CLIP rank (train_id, score,
     image_uri, caption, entities, image_hash); `own_uris` (background only) are the queries' own images."""
 
-    name: str
     ids: list[str]
     rows: list[list[dict]]
     embeddings: np.ndarray | None = None  # (n, d) SSCD of the queries (the scan's generations)
@@ -202,10 +199,12 @@ class CandidateResult:
 def resolve(
     cfg: ScanConfig, cache_uri: str | None, uris_: set[str], plan: runtime.StagePlan
 ) -> tuple[dict[str, Outcome], dict]:
-    """An outcome for every URI: from the cache, else fetched and embedded by the FetchEmbed stage."""
+    """An outcome for every URI: from the cache (when `candidates.cache`), else fetched and embedded by
+    the FetchEmbed stage."""
     c = cfg.embedding.copy_detection.candidates
+    cache_uri = cache_uri if c.cache else None
     keys = {uri_key(u): u for u in uris_}
-    cached = read_cache(cache_uri, set(keys)) if cache_uri and c.cache else {}
+    cached = read_cache(cache_uri, set(keys)) if cache_uri else {}
     outcomes = {keys[k]: Outcome("ok", content_sha256=sha, embedding=e, cached=True) for k, (sha, e) in cached.items()}
     todo = [{"uri_key": k, "uri": u} for k, u in sorted(keys.items()) if k not in cached]
     log.info("copy candidates: %d distinct images, %d cached, %d to fetch", len(keys), len(cached), len(todo))
@@ -218,7 +217,7 @@ def resolve(
             plan,
             constructor_kwargs={
                 "copy_detection": cfg.embedding.copy_detection,
-                "cache_uri": cache_uri if c.cache else None,
+                "cache_uri": cache_uri,
                 "cpus": plan.num_cpus,
             },
             batch_size=c.batch_size,
@@ -276,7 +275,7 @@ def rescore(
             score = float(outcome.embedding @ query) if outcome.embedding is not None else None
             table_rows.append(_table_row(scan_id, "units", unit_id, rank, r, outcome, score))
             if score is not None:
-                scored.append({**r, "score": score, "clip_score": r["score"]})
+                scored.append({**r, "score": score})
         scored.sort(key=lambda n: (-n["score"], str(n["train_id"])))
         neighbors[unit_id] = scored[:keep]
     # near-duplicate structure among the kept neighbours (raymem.duplicates), from the fetched embeddings
@@ -323,9 +322,11 @@ def _background_scores(scan_id: str, bg: CandidateQueries, outcomes: dict[str, O
     """Each sampled training image's best SSCD match among its CLIP candidates, itself and its exact
     duplicates (same train_id, image_hash or content) excluded."""
     top1, rows = [], []
+    own_uris = bg.own_uris or [None] * len(bg.ids)
+    own_hashes = bg.own_hashes or [None] * len(bg.ids)
     for qi, train_id in enumerate(bg.ids):
-        own = _outcome(outcomes, (bg.own_uris or [None] * len(bg.ids))[qi])
-        own_hash = (bg.own_hashes or [None] * len(bg.ids))[qi]
+        own = _outcome(outcomes, own_uris[qi])
+        own_hash = own_hashes[qi]
         best = None
         for rank, r in enumerate(bg.rows[qi], start=1):
             outcome = _outcome(outcomes, r.get("image_uri"))

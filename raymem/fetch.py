@@ -32,7 +32,7 @@ import tarfile
 import threading
 import time
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from urllib.parse import urlsplit, urlunsplit
 
 from raymem import uri as uris
@@ -61,6 +61,11 @@ class FetchLimits:
     max_bytes: int = 25_000_000
     max_pixels: int = 100_000_000
     per_host: int = 8
+
+    @classmethod
+    def of(cls, settings) -> FetchLimits:
+        """The limits of a config section with the same field names (`embedding.copy_detection.candidates`)."""
+        return cls(**{f.name: getattr(settings, f.name) for f in fields(cls)})
 
 
 @dataclass

@@ -245,8 +245,7 @@ def _run(cfg: ScanConfig, outputs: ScanOutputs, prompts, training, timer, rerun_
     inputs = LabelInputs.from_tables({**tables, "pixel_checks": pixel_checks_table(scan_id, {})})
     with timer("pixel_confirmation"):
         pairs = pixel_check_pairs(inputs, cfg.thresholds)
-        c = cfg.embedding.copy_detection.candidates
-        limits = FetchLimits(c.timeout_s, c.retries, c.backoff_s, c.max_bytes, c.max_pixels, c.per_host)
+        limits = FetchLimits.of(cfg.embedding.copy_detection.candidates)
         pixels = confirm_pairs(pairs, cfg.signals.pixel_size, cfg.signals.pixel_tiles, limits=limits) if pairs else {}
         tables["pixel_checks"] = pixel_checks_table(scan_id, pixels)
         inputs = replace(inputs, pixels=pixel_evidence(tables["pixel_checks"]))
@@ -416,7 +415,6 @@ def _copy_candidates(cfg: ScanConfig, outputs: ScanOutputs, joined: _Joined, ok:
     """Two-stage copy detection: fetch and SSCD-embed the CLIP candidates (raymem.copy_candidates)."""
     c = cfg.embedding.copy_detection.candidates
     units = CandidateQueries(
-        "units",
         joined.query_ids,
         [rows[: c.k] for rows in joined.units["clip"].rows] if joined.query_ids else [],
         embedding_matrix(ok.column(SPACE_COLUMNS["sscd"])) if joined.query_ids else None,
@@ -426,14 +424,13 @@ def _copy_candidates(cfg: ScanConfig, outputs: ScanOutputs, joined: _Joined, ok:
     if bg is not None and c.background_sample and "clip" in joined.background_topk:
         n = min(c.background_sample, len(bg.ids))
         background = CandidateQueries(
-            "background",
             bg.ids[:n],
             [rows[: c.k] for rows in joined.background_topk["clip"].rows[:n]],
             own_uris=(bg.image_uris or [None] * n)[:n],
             own_hashes=(bg.hashes or [None] * n)[:n],
         )
     plan = runtime.plan_actors(c.actors, cfg.resources.gpus_per_actor, cfg.resources.cpus_per_actor, cluster)
-    return rescore(cfg, outputs.scan_id, units, background, plan, outputs.candidate_cache if c.cache else None)
+    return rescore(cfg, outputs.scan_id, units, background, plan, outputs.candidate_cache)
 
 
 def _collect(outputs: ScanOutputs, units, scan_id: str) -> pa.Table:

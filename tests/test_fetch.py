@@ -180,3 +180,10 @@ def test_fetch_many_keeps_order_and_is_thread_safe(server):
     for got in results:
         assert [g.uri for g in got] == uris_
         assert [g.status for g in got] == ["ok"] * 60 + ["not_found"] * 5
+
+
+def test_the_limits_are_the_configs_by_name_with_the_same_defaults():
+    from raymem.config import CandidatesConfig
+
+    assert FetchLimits.of(CandidatesConfig()) == FetchLimits()
+    assert FetchLimits.of(CandidatesConfig(timeout_s=3.0, per_host=2)) == FetchLimits(timeout_s=3.0, per_host=2)
