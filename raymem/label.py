@@ -220,9 +220,7 @@ def _label_prompt(ctx: PromptContext, indices: list[int], inputs: LabelInputs, t
     for key, values in null.elements.items():
         if key[0] != "explicit":
             prompt_tests[key] = paired_p({seed_of[i]: elements[i][key] for i in ok if key in elements[i]}, values)
-    prompt_p: dict[tuple[str, str], float | None] = {}
-    for group in (IMPLIED_KINDS, ("instance",)):
-        prompt_p |= bh_adjusted({k: (r.p if r else None) for k, r in prompt_tests.items() if k[0] in group})
+    prompt_p = _bh_per_group(prompt_tests)
 
     evidence = {
         i: _image_evidence(ctx, entity[i], elements[i], null, entity_test, prompt_tests, prompt_p, t) for i in ok
@@ -280,16 +278,21 @@ ELEMENT_FIELDS = (
 )
 
 
+def _bh_per_group(tests: dict[tuple[str, str], TestResult | None]) -> dict[tuple[str, str], float | None]:
+    """Benjamini-Hochberg adjusted p-values, separately for the implied and the instance elements (the
+    families an MI and an MU(b) decision are taken over)."""
+    adjusted: dict[tuple[str, str], float | None] = {}
+    for group in (IMPLIED_KINDS, ("instance",)):
+        adjusted |= bh_adjusted({k: (r.p if r else None) for k, r in tests.items() if k[0] in group})
+    return adjusted
+
+
 @dataclass(frozen=True)
 class _Null:
     """The prompt's null images: {seed: logit} of the entity score and of every element probe."""
 
     entity: dict[int, float]
     elements: dict[tuple[str, str], dict[int, float]]
-
-    @property
-    def calibrated(self) -> bool:
-        return len(self.entity) >= 2 or any(len(v) >= 2 for v in self.elements.values())
 
 
 def _why_not(e: dict, t: ThresholdsConfig) -> str:
@@ -327,9 +330,7 @@ def _image_evidence(ctx, ent_logit, element_logits, null: _Null, entity_test, pr
         for key, logit in element_logits.items()
         if key[0] != "explicit" and key in null.elements
     }
-    image_p: dict[tuple[str, str], float | None] = {}
-    for group in (IMPLIED_KINDS, ("instance",)):
-        image_p |= bh_adjusted({k: (r.p if r else None) for k, r in image_tests.items() if k[0] in group})
+    image_p = _bh_per_group(image_tests)
     elements = []
     for (kind, element), logit in sorted(element_logits.items()):
         key = (kind, element)
@@ -369,7 +370,6 @@ def _image_evidence(ctx, ent_logit, element_logits, null: _Null, entity_test, pr
         "entity_z": ent_test.statistic if ent_test else None,
         "entity_p": entity_p,
         "entity_pairs": entity_test.n if entity_test else 0,
-        "calibrated": null.calibrated,
         "elements": elements,
     }
 
