@@ -214,8 +214,8 @@ def _run(cfg: ScanConfig, outputs: ScanOutputs, prompts, training, timer, rerun_
     with timer("join"):
         joined = _join(cfg, training, ok, cluster, copy_mode)
     neighbors = {
-        space: (joined.query_ids, [rows[: cfg.join.k] for rows in running.rows], "join")
-        for space, running in joined.units.items()
+        space: (joined.query_ids, [rows[: cfg.join.k] for rows in per_query], "join")
+        for space, per_query in joined.units.items()
     }
     measured = {s: {**b, "source": joined.background_source} for s, b in joined.background.items()}
     candidates = CANDIDATES.empty_table()
@@ -348,7 +348,7 @@ def _generate(cfg: ScanConfig, outputs: ScanOutputs, units, texts_by_prompt, rer
 @dataclass
 class _Joined:
     query_ids: list[str]  # the scored scan units, in query order
-    units: dict[str, RunningTopK]  # space -> top-k of the units
+    units: dict[str, list[list[dict]]]  # space -> each unit's neighbour rows by rank (built once)
     background_queries: Queries | None  # the sampled training rows, when the scan sampled a background
     background_topk: dict[str, RunningTopK]  # space -> their top-k
     background: dict[str, dict]  # space -> percentiles (from the index, or measured now)
@@ -387,7 +387,7 @@ def _join(cfg: ScanConfig, training: TrainingTable, ok: pa.Table, cluster, copy_
         if query_ids or bg is not None
         else {}
     )
-    units = topk.get("units", {}) if query_ids else {}
+    units = {space: running.rows for space, running in topk.get("units", {}).items()} if query_ids else {}
     background_topk = topk.get("background", {})
     return _Joined(
         query_ids,
@@ -416,7 +416,7 @@ def _copy_candidates(cfg: ScanConfig, outputs: ScanOutputs, joined: _Joined, ok:
     c = cfg.embedding.copy_detection.candidates
     units = CandidateQueries(
         joined.query_ids,
-        [rows[: c.k] for rows in joined.units["clip"].rows] if joined.query_ids else [],
+        [rows[: c.k] for rows in joined.units["clip"]] if joined.query_ids else [],
         embedding_matrix(ok.column(SPACE_COLUMNS["sscd"])) if joined.query_ids else None,
     )
     background = None
