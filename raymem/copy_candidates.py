@@ -36,8 +36,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from raymem import runtime
 from raymem import uri as uris
@@ -56,6 +54,7 @@ from raymem.schema import (
     embedding_matrix,
 )
 from raymem.sources import TrainingTable
+from raymem.store import newest_rows
 
 log = logging.getLogger(__name__)
 
@@ -89,27 +88,16 @@ def uri_key(uri: str) -> str:
 
 
 def read_cache(root: str, keys: set[str]) -> dict[str, tuple[str, np.ndarray]]:
-    """{uri_key: (content sha256, embedding)} for the wanted keys that earlier scans cached."""
-    found: dict[str, tuple[str, np.ndarray]] = {}
+    """{uri_key: (content sha256, embedding)} for the wanted keys that earlier scans cached (the newest
+    entry of a key when several scans fetched it)."""
     if not keys or not uris.exists(root):
-        return found
-    wanted = pa.array(sorted(keys), pa.string())
-    for path in uris.list_files(root, ".parquet"):
-        fs, p = uris.filesystem(path)
-        try:
-            table = pq.read_table(p, filesystem=fs)
-        except (OSError, pa.ArrowInvalid) as err:  # a torn file from a killed writer: ignore it
-            log.warning("candidate cache: skipping unreadable %s: %s", path, err)
-            continue
-        table = table.filter(pc.is_in(table.column("uri_key"), value_set=wanted))
-        if not table.num_rows:
-            continue
-        matrix = embedding_matrix(table.column("sscd_embedding"))
-        for i, (key, sha) in enumerate(
-            zip(table.column("uri_key").to_pylist(), table.column("content_sha256").to_pylist())
-        ):
-            found[key] = (sha, matrix[i])
-    return found
+        return {}
+    table = newest_rows(root, "uri_key", keys)
+    if table is None:
+        return {}
+    matrix = embedding_matrix(table.column("sscd_embedding"))
+    pairs = zip(table.column("uri_key").to_pylist(), table.column("content_sha256").to_pylist())
+    return {key: (sha, matrix[i]) for i, (key, sha) in enumerate(pairs)}
 
 
 class FetchEmbed:

@@ -26,19 +26,11 @@ class UnitStore:
         self.root = root
         self.generations = uris.join(root, "generations")
 
-    def _read(self, path: str, columns: list[str] | None = None) -> pa.Table | None:
-        fs, p = uris.filesystem(path)
-        try:
-            return pq.read_table(p, filesystem=fs, columns=columns)
-        except (OSError, pa.ArrowInvalid) as err:  # a torn file from a killed writer: ignore it
-            log.warning("unit store: skipping unreadable %s: %s", path, err)
-            return None
-
     def status(self, unit_ids: set[str]) -> dict[str, str]:
         """Latest status of each of `unit_ids` that the store holds."""
         latest: dict[str, tuple[int, str]] = {}
         for path in uris.list_files(self.generations, ".parquet"):
-            t = self._read(path, ["unit_id", "status", "computed_at"])
+            t = read_part(path, ["unit_id", "status", "computed_at"])
             if t is None:
                 continue
             ids = t.column("unit_id").to_pylist()
@@ -51,26 +43,39 @@ class UnitStore:
 
     def rows(self, unit_ids: set[str]) -> pa.Table | None:
         """The newest row of each unit in `unit_ids`, as one table."""
-        return self._newest(self.generations, "unit_id", unit_ids)
+        return newest_rows(self.generations, "unit_id", unit_ids)
 
-    def _newest(self, root: str, key: str, unit_ids: set[str]) -> pa.Table | None:
-        parts = []
-        wanted = pa.array(sorted(unit_ids), pa.string())
-        for path in uris.list_files(root, ".parquet"):
-            t = self._read(path)
-            if t is None:
-                continue
-            t = t.filter(pc.is_in(t.column(key), value_set=wanted))
-            if t.num_rows:
-                parts.append(t)
-        if not parts:
-            return None
-        table = pa.concat_tables(parts, promote_options="permissive")
-        order = pc.sort_indices(table, [(key, "ascending"), ("computed_at", "descending")])
-        table = table.take(order)
-        ids = table.column(key).to_pylist()
-        keep = [i for i, uid in enumerate(ids) if i == 0 or uid != ids[i - 1]]
-        return table.take(pa.array(keep, pa.int64()))
+
+def read_part(path: str, columns: list[str] | None = None) -> pa.Table | None:
+    """One file of a store or cache; None (and a warning) for a torn file from a killed writer."""
+    fs, p = uris.filesystem(path)
+    try:
+        return pq.read_table(p, filesystem=fs, columns=columns)
+    except (OSError, pa.ArrowInvalid) as err:
+        log.warning("skipping unreadable %s: %s", path, err)
+        return None
+
+
+def newest_rows(root: str, key: str, wanted: set[str]) -> pa.Table | None:
+    """The newest row (by `computed_at`) of each `key` value in `wanted`, from every Parquet file under
+    `root` (a unit store or a cache: one file per writer call); torn files are skipped."""
+    parts = []
+    values = pa.array(sorted(wanted), pa.string())
+    for path in uris.list_files(root, ".parquet"):
+        t = read_part(path)
+        if t is None:
+            continue
+        t = t.filter(pc.is_in(t.column(key), value_set=values))
+        if t.num_rows:
+            parts.append(t)
+    if not parts:
+        return None
+    table = pa.concat_tables(parts, promote_options="permissive")
+    order = pc.sort_indices(table, [(key, "ascending"), ("computed_at", "descending")])
+    table = table.take(order)
+    ids = table.column(key).to_pylist()
+    keep = [i for i, uid in enumerate(ids) if i == 0 or uid != ids[i - 1]]
+    return table.take(pa.array(keep, pa.int64()))
 
 
 class TextCache:
@@ -82,11 +87,8 @@ class TextCache:
     def embeddings(self, texts: set[str]) -> dict[str, np.ndarray]:
         found: dict[str, np.ndarray] = {}
         for path in uris.list_files(self.root, ".parquet"):
-            fs, p = uris.filesystem(path)
-            try:
-                t = pq.read_table(p, filesystem=fs)
-            except (OSError, pa.ArrowInvalid) as err:
-                log.warning("text cache: skipping unreadable %s: %s", path, err)
+            t = read_part(path)
+            if t is None:
                 continue
             matrix = embedding_matrix(t.column("clip_embedding"))
             for i, text in enumerate(t.column("text").to_pylist()):
