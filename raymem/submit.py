@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import re
 import time
 from pathlib import Path
 
@@ -60,18 +61,9 @@ def project_root() -> Path:
 
 def attempts(jobs, base: str) -> list:
     """The jobs of one scan and day (`base`, then `base-r1`, `base-r2`, ...), oldest attempt first."""
-
-    def number(sid: str) -> int:
-        return 0 if sid == base else int(sid.rsplit("-r", 1)[1])
-
-    mine = [
-        j
-        for j in jobs.list_jobs()
-        if j.submission_id == base
-        or (j.submission_id or "").startswith(f"{base}-r")
-        and j.submission_id.rsplit("-r", 1)[1].isdigit()
-    ]
-    return sorted(mine, key=lambda j: number(j.submission_id))
+    pattern = re.compile(rf"{re.escape(base)}(?:-r(\d+))?")
+    numbered = [(m, j) for j in jobs.list_jobs() if (m := pattern.fullmatch(j.submission_id or ""))]
+    return [j for m, j in sorted(numbered, key=lambda mj: int(mj[0].group(1) or 0))]
 
 
 def submit(

@@ -234,3 +234,27 @@ def test_a_failed_nightly_is_retried_as_a_new_attempt_and_listed(ray_head, proje
     listing = capsys.readouterr().out
     assert f"{sid} " in listing and f"{sid}-r1 " in listing and "nightly" in listing
     assert "FAILED" in listing and "SUCCEEDED" in listing
+
+
+def test_attempts_of_a_scan_and_day_are_found_in_order():
+    from raymem.submit import attempts
+
+    class Job:
+        def __init__(self, sid):
+            self.submission_id = sid
+
+    class Jobs:
+        def list_jobs(self):
+            ids = [
+                "raymem-a-1-r2",
+                "raymem-a-1",
+                "raymem-a-1-r10",
+                "raymem-a-1-rx",
+                "raymem-a-12",
+                None,
+                "raymem-a-1-r1",
+            ]
+            return [Job(i) for i in ids]
+
+    found = [j.submission_id for j in attempts(Jobs(), "raymem-a-1")]
+    assert found == ["raymem-a-1", "raymem-a-1-r1", "raymem-a-1-r2", "raymem-a-1-r10"]
