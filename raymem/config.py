@@ -13,10 +13,19 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, NamedTuple
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from raymem.errors import ConfigError
 from raymem.uri import is_remote
@@ -228,13 +237,54 @@ class OutputConfig(_Strict):
     scan_date: dt.date | None = Field(None, strict=False, description="partition date; default: today (UTC)")
 
 
+class ActorRange(NamedTuple):
+    """How many actors a stage may run: a fixed count (`4`) or an autoscaling pool (`1..8`)."""
+
+    min: int
+    max: int
+
+    def __str__(self) -> str:
+        return str(self.min) if self.min == self.max else f"{self.min}..{self.max}"
+
+
+def _actor_range(value: Any) -> Any:
+    if value is None or isinstance(value, ActorRange):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        low = high = value
+    elif isinstance(value, str) and (m := re.fullmatch(r"\s*(\d+)\s*(?:\.\.\s*(\d+)\s*)?", value)):
+        low, high = int(m.group(1)), int(m.group(2) or m.group(1))
+    else:
+        raise ValueError(f"expected a count (4) or a range min..max (1..8), got {value!r}")
+    if low < 1 or high < low:
+        raise ValueError(f"actors must be >= 1 and min <= max, got {value!r}")
+    return ActorRange(low, high)
+
+
+# A count or "min..max" in YAML; written back the same way (manifest, `raymem validate`).
+ActorCount = Annotated[ActorRange, BeforeValidator(_actor_range), PlainSerializer(str, return_type=str)]
+
+
 class ResourcesConfig(_Strict):
-    generation_actors: int | None = Field(
-        None, ge=1, description="default: one per GPU in the cluster, or 1 on a CPU-only cluster"
+    device: Literal["auto", "cuda", "cpu"] = Field(
+        "auto",
+        description="auto: GPUs when the cluster has them or its autoscaler adds one within gpu_wait_s, else CPU "
+        "(said in the log and the manifest); cuda: GPUs or a one-line error; cpu: never ask for a GPU",
+    )
+    gpu_wait_s: float = Field(
+        600.0,
+        ge=0,
+        description="on a Ray cluster joined by address with no GPU up yet: how long to wait for the autoscaler "
+        "to add one before `auto` falls back to CPU (`cuda` fails)",
+    )
+    generation_actors: ActorCount | None = Field(
+        None,
+        description="a count or min..max (an autoscaling pool: GPU actors beyond the GPUs up now make the "
+        "autoscaler add nodes); default: one per GPU up now (at least one), or 1 on CPU",
     )
     gpus_per_actor: float = Field(1.0, gt=0, le=8)
     cpus_per_actor: float = Field(1.0, gt=0)
-    join_actors: int = Field(1, ge=1)
+    join_actors: ActorCount = Field(ActorRange(1, 1), description="a count or min..max; one GPU each on GPU")
 
 
 class RayConfig(_Strict):

@@ -126,6 +126,6 @@ def faiss_candidates(training, queries_ref, k: int, nprobe: int, actors: int = 1
         "join_faiss",
         [{"file": f} for f in training.files],
         FaissShardSearch,
-        runtime.StagePlan(actors=actors, num_gpus=0.0, num_cpus=1.0),
+        runtime.StagePlan.fixed(actors, num_gpus=0.0, num_cpus=1.0),
         constructor_kwargs={"queries_ref": queries_ref, "k": k, "nprobe": nprobe},
     )

@@ -33,7 +33,7 @@ import pyarrow as pa
 from raymem import runtime
 from raymem import uri as uris
 from raymem.captions import tag_entities
-from raymem.config import FaissConfig, IndexConfig
+from raymem.config import ActorRange, FaissConfig, IndexConfig
 from raymem.errors import InputError
 from raymem.outputs import redacted
 from raymem.schema import embedding_array
@@ -324,7 +324,12 @@ def _index(cfg: IndexConfig, shards: list[dict], entities: list[str]) -> dict:
     t0 = time.perf_counter()
     if todo:
         r = cfg.resources
-        plan = runtime.plan_actors(r.actors, r.gpus_per_actor, r.cpus_per_actor, runtime.ClusterResources.current())
+        plan = runtime.plan_actors(
+            ActorRange(r.actors, r.actors) if r.actors else None,
+            r.gpus_per_actor,
+            r.cpus_per_actor,
+            runtime.ClusterResources.current(),
+        )
         results = runtime.map_stage(
             "index", todo, IndexEmbed, plan, constructor_kwargs={"cfg": cfg, "entities": entities}
         )

@@ -246,7 +246,7 @@ def nearest_neighbours(
     """Top-k for every query set and space: {query_set: {space: RunningTopK}}."""
     import ray
 
-    plan = plan or runtime.JoinPlan(actors=1, num_gpus=0.0, num_cpus=1.0)
+    plan = plan or runtime.JoinPlan.fixed(1, num_gpus=0.0, num_cpus=1.0)
     queries_ref = ray.put(queries)
     if mode == "faiss":
         from raymem.faiss_index import faiss_candidates

@@ -22,7 +22,7 @@ from raymem import runtime
 from raymem.background import background_from, background_sample, background_table
 from raymem.candidates import Queries
 from raymem.captions import caption_terms
-from raymem.config import ScanConfig
+from raymem.config import ActorRange, ScanConfig
 from raymem.copy_candidates import MODE_CANDIDATES, MODE_OFF, CandidateQueries, copy_detection_mode, rescore
 from raymem.duplicates import attach_pair_scores, read_embeddings, rows_to_read
 from raymem.entity_stats import entities_table, entity_stats
@@ -187,6 +187,7 @@ def _run(cfg: ScanConfig, outputs: ScanOutputs, prompts, training, timer, rerun_
     texts_by_prompt = {pid: [p.text for p in ps if p.text not in have] for pid, ps in probes.items()}
     units = expand_units(prompts, cfg, unit_fingerprint(cfg, outputs.identity["model"]), cfg.signals.null_seeds)
     counts = _generate(cfg, outputs, units, texts_by_prompt, rerun_failed, cluster, timer)
+    device = counts.get("resources", {}).get("device")
     texts = text_cache.embeddings(wanted_texts)
     if wanted_texts - texts.keys():  # units were reused but probes changed: encode what is missing
         with timer("encode_texts"):
@@ -212,7 +213,7 @@ def _run(cfg: ScanConfig, outputs: ScanOutputs, prompts, training, timer, rerun_
     with timer("check_train_ids"):
         check_train_ids(training)  # a null or repeated id anywhere in the table is bad input
     with timer("join"):
-        joined = _join(cfg, training, ok, cluster, copy_mode)
+        joined = _join(cfg, training, ok, runtime.ClusterResources.current(), copy_mode, device)
     neighbors = {
         space: (joined.query_ids, [rows[: cfg.join.k] for rows in per_query], "join")
         for space, per_query in joined.units.items()
@@ -221,7 +222,7 @@ def _run(cfg: ScanConfig, outputs: ScanOutputs, prompts, training, timer, rerun_
     candidates = CANDIDATES.empty_table()
     if copy_mode == MODE_CANDIDATES:
         with timer("copy_candidates"):
-            found = _copy_candidates(cfg, outputs, joined, ok, cluster)
+            found = _copy_candidates(cfg, outputs, joined, ok, runtime.ClusterResources.current(), device)
         candidates = found.table
         neighbors["sscd"] = (joined.query_ids, [found.neighbors[u] for u in joined.query_ids], "candidates")
         if found.background is not None and "sscd" not in measured:
@@ -320,7 +321,10 @@ def _generate(cfg: ScanConfig, outputs: ScanOutputs, units, texts_by_prompt, rer
     log.info("%d units: %d already computed, %d to generate", len(units), len(units) - len(todo), len(todo))
     if not todo:
         return {"units_generated": 0, "units_reused": len(units)}
-    plan = runtime.plan_generation(cfg.resources, cluster)
+    with timer("choose_device"):
+        choice = runtime.choose_device(cfg.resources, cluster)
+    plan = runtime.plan_generation(cfg.resources, runtime.ClusterResources.current(), choice.device)
+    log.info("generating on %s (%s): %s", choice.device, choice.reason, plan.describe())
     chunks = work_chunks(todo, cfg.generation.batch_size, texts_by_prompt)
     results = runtime.map_stage(
         "generate",
@@ -342,7 +346,12 @@ def _generate(cfg: ScanConfig, outputs: ScanOutputs, units, texts_by_prompt, rer
             failed += int(pc.sum(pc.equal(batch.column("status"), STATUS_FAILED)).as_py() or 0)
             progress.advance(batch.num_rows, f"{failed} failed" if failed else "")
     progress.finish()
-    return {"units_generated": len(todo), "units_reused": len(units) - len(todo), "units_failed_now": failed}
+    return {
+        "units_generated": len(todo),
+        "units_reused": len(units) - len(todo),
+        "units_failed_now": failed,
+        "resources": {"device": choice.device, "device_reason": choice.reason, "generate": plan.describe()},
+    }
 
 
 @dataclass
@@ -355,7 +364,7 @@ class _Joined:
     background_source: str  # index | scan
 
 
-def _join(cfg: ScanConfig, training: TrainingTable, ok: pa.Table, cluster, copy_mode: str) -> _Joined:
+def _join(cfg: ScanConfig, training: TrainingTable, ok: pa.Table, cluster, copy_mode: str, device) -> _Joined:
     """Top-k neighbours of every scored scan image in every space, and the train-train background
     (the index's precomputed one when `raymem index` wrote it, else sampled in the same pass). With
     two-stage copy detection the CLIP top-k is deep enough to hold the copy candidates."""
@@ -380,7 +389,7 @@ def _join(cfg: ScanConfig, training: TrainingTable, ok: pa.Table, cluster, copy_
             queries,
             k,
             batch_rows=cfg.join.batch_rows,
-            plan=runtime.plan_join(cfg.resources.join_actors, cluster),
+            plan=runtime.plan_join(cfg.resources.join_actors, cluster, device),
             mode=cfg.join.mode,
             nprobe=cfg.join.nprobe,
         )
@@ -411,7 +420,7 @@ def _pair_scores(cfg: ScanConfig, training: TrainingTable, neighbors: dict, copy
     attach_pair_scores(rows, floor, lambda r: found.get((r.get("path"), str(r["train_id"]))))
 
 
-def _copy_candidates(cfg: ScanConfig, outputs: ScanOutputs, joined: _Joined, ok: pa.Table, cluster):
+def _copy_candidates(cfg: ScanConfig, outputs: ScanOutputs, joined: _Joined, ok: pa.Table, cluster, device):
     """Two-stage copy detection: fetch and SSCD-embed the CLIP candidates (raymem.copy_candidates)."""
     c = cfg.embedding.copy_detection.candidates
     units = CandidateQueries(
@@ -429,7 +438,9 @@ def _copy_candidates(cfg: ScanConfig, outputs: ScanOutputs, joined: _Joined, ok:
             own_uris=(bg.image_uris or [None] * n)[:n],
             own_hashes=(bg.hashes or [None] * n)[:n],
         )
-    plan = runtime.plan_actors(c.actors, cfg.resources.gpus_per_actor, cfg.resources.cpus_per_actor, cluster)
+    plan = runtime.plan_actors(
+        ActorRange(c.actors, c.actors), cfg.resources.gpus_per_actor, cfg.resources.cpus_per_actor, cluster, device
+    )
     return rescore(cfg, outputs.scan_id, units, background, plan, outputs.candidate_cache)
 
 

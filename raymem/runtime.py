@@ -13,7 +13,7 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from raymem.config import RayConfig, ResourcesConfig
+from raymem.config import ActorRange, RayConfig, ResourcesConfig
 
 log = logging.getLogger(__name__)
 
@@ -90,9 +90,22 @@ def data_context():
 
 @dataclass(frozen=True)
 class StagePlan:
-    actors: int
+    """A stage's actor pool: `min_actors` start before work is handed out; up to `max_actors` run as the
+    queue asks (Ray Data's autoscaling pool: actors beyond the free GPUs make the cluster's autoscaler
+    add nodes)."""
+
+    min_actors: int
+    max_actors: int
     num_gpus: float
     num_cpus: float
+
+    @classmethod
+    def fixed(cls, actors: int, **kwargs):
+        return cls(actors, actors, **kwargs)
+
+    @property
+    def actors(self) -> int:
+        return self.max_actors
 
     def remote_args(self) -> dict:
         args = {"num_cpus": self.num_cpus}
@@ -100,47 +113,174 @@ class StagePlan:
             args["num_gpus"] = self.num_gpus
         return args
 
+    def compute(self, items: int):
+        """Ray Data's pool for `items` work items: fixed when min == max, autoscaling otherwise."""
+        import ray
+
+        low, high = min(self.min_actors, max(1, items)), min(self.max_actors, max(1, items))
+        if low == high:
+            return ray.data.ActorPoolStrategy(size=high)
+        return ray.data.ActorPoolStrategy(min_size=low, max_size=high)
+
+    def describe(self) -> dict:
+        return {
+            "actors": str(ActorRange(self.min_actors, self.max_actors)),
+            "num_gpus": self.num_gpus,
+            "num_cpus": round(self.num_cpus, 3),
+        }
+
 
 @dataclass(frozen=True)
 class ClusterResources:
-    """What the Ray cluster offers now; sizing functions take it as an argument (unit-testable)."""
+    """What the Ray cluster offers now; sizing functions take it as an argument (unit-testable).
+    `local`: a Ray this process started, which no autoscaler can grow."""
 
     cpus: float
     gpus: float
+    local: bool = False
 
     @classmethod
     def current(cls) -> ClusterResources:
         import ray
 
         total = ray.cluster_resources()
-        return cls(cpus=float(total.get("CPU", 0.0)), gpus=float(total.get("GPU", 0.0)))
+        node = ray._private.worker._global_node  # the head node when this process started Ray itself
+        local = bool(node is not None and node.head)
+        return cls(cpus=float(total.get("CPU", 0.0)), gpus=float(total.get("GPU", 0.0)), local=local)
+
+
+@dataclass(frozen=True)
+class DeviceChoice:
+    device: str  # cuda | cpu
+    reason: str  # why, in words: the log and the manifest say it
+
+
+def choose_device(resources: ResourcesConfig, cluster: ClusterResources, wait_for_gpu=None) -> DeviceChoice:
+    """Where the model-holding stages run. GPUs up now win; on a cluster joined by address with none up
+    yet, the autoscaler is asked for one (`wait_for_gpu(gpus, cpus, seconds)` returns None when one
+    joined, else why not). `auto` falls back to CPU when none comes; `cuda` fails in one line."""
+    from raymem.errors import ClusterError
+
+    want, need = resources.device, resources.gpus_per_actor
+    if want == "cpu":
+        return DeviceChoice("cpu", "resources.device is cpu")
+    if cluster.gpus >= need:
+        return DeviceChoice("cuda", f"{cluster.gpus:g} GPU(s) in the cluster")
+    if cluster.local:
+        why = f"this local Ray has {cluster.gpus:g} GPU(s), {need:g} needed per actor"
+    elif resources.gpu_wait_s <= 0:
+        why = f"the cluster has {cluster.gpus:g} GPU(s) up and resources.gpu_wait_s is 0"
+    else:
+        log.warning(
+            "no GPU in the cluster yet: asking its autoscaler for one, waiting up to %g s "
+            "(resources.device: cpu skips this)",
+            resources.gpu_wait_s,
+        )
+        why = (wait_for_gpu or wait_for_gpus)(need, resources.cpus_per_actor, resources.gpu_wait_s)
+        if why is None:
+            return DeviceChoice("cuda", "a GPU node joined after asking the autoscaler")
+    if want == "cuda":
+        raise ClusterError(f"resources.device is cuda but {why}")
+    log.warning("running on CPU: %s", why)
+    return DeviceChoice("cpu", why)
+
+
+# An autoscaler that can add a GPU node has started one by then (KubeRay's updates every 5-10 s).
+AUTOSCALER_SETTLE_S = float(os.environ.get("RAYMEM_AUTOSCALER_SETTLE_S", "30"))
+
+
+def wait_for_gpus(gpus: float, cpus: float, timeout_s: float, poll_s: float = 1.0) -> str | None:
+    """Ask the autoscaler for one GPU actor's bundle and wait until the cluster has that many GPUs;
+    None when it does, else why not.
+
+    Gives up early when no autoscaler can help: a cluster without one (`ray start` with no autoscaling
+    config), or one that launched no node within AUTOSCALER_SETTLE_S of the request (none of its node
+    types has a GPU). The request is withdrawn afterwards: the actors' own demands keep the nodes up.
+    """
+    import time
+
+    import ray
+    from ray.autoscaler.sdk import request_resources
+
+    started = time.monotonic()
+    request_resources(bundles=[{"GPU": gpus, "CPU": cpus}])
+    try:
+        while (waited := time.monotonic() - started) < timeout_s:
+            if ray.cluster_resources().get("GPU", 0.0) >= gpus:
+                return None
+            launching = autoscaler_launching()
+            if launching is None:
+                return "the cluster has no GPU and no autoscaler that can add nodes"
+            if not launching and waited > AUTOSCALER_SETTLE_S:
+                return f"the cluster's autoscaler launched no node for a GPU within {AUTOSCALER_SETTLE_S:g} s"
+            time.sleep(poll_s)
+        return f"no GPU node joined within {timeout_s:g} s of asking the cluster's autoscaler"
+    finally:
+        request_resources(bundles=[])
+
+
+def autoscaler_launching() -> int | None:
+    """Nodes the cluster's autoscaler is launching now; None when the cluster has no autoscaler that can
+    add nodes. Read from the autoscaler's own status report (v1 monitor, as KubeRay runs it), else from
+    autoscaler v2's cluster status."""
+    import json
+
+    import ray
+    from ray._private import ray_constants
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    raw = _internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS)
+    if raw:
+        report = json.loads(raw).get("autoscaler_report") or {}
+        types = (report.get("node_type_mapping") or {}).items()
+        if types and all(kind == f"node_{node}" for node, kind in types):
+            return None  # the read-only monitor every `ray start --head` runs: nothing to launch with
+        return len(report.get("pending_launches") or {}) + len(report.get("pending_nodes") or [])
+    try:
+        from ray.autoscaler.v2.sdk import get_cluster_status
+
+        status = get_cluster_status(ray.get_runtime_context().gcs_address)
+    except Exception:  # no autoscaler answering: nobody will add a node
+        return None
+    return len(status.pending_launches) + len(status.pending_nodes)
 
 
 def plan_actors(
-    wanted: int | None, gpus_per_actor: float, cpus_per_actor: float, cluster: ClusterResources
+    wanted: ActorRange | None,
+    gpus_per_actor: float,
+    cpus_per_actor: float,
+    cluster: ClusterResources,
+    device: str | None = None,
 ) -> StagePlan:
-    """Model-holding actors (generation, indexing): one per `gpus_per_actor` GPUs when the cluster has
-    GPUs, otherwise CPU actors.
+    """Model-holding actors (generation, indexing, candidate embedding).
 
-    On a CPU-only cluster a GPU request would hang until Ray's no-progress timeout, so the stage is
-    sized from what the cluster reports, not from the config alone. At least one CPU is left free so
-    the read tasks feeding the actors can run.
+    On GPU (`device` cuda, or unset and the cluster has GPUs): the wanted count or range as asked,
+    even beyond the GPUs up now (the autoscaler adds nodes for the pending actors); by default one per
+    GPU up now, at least one. On CPU: sized from what the cluster reports, leaving one CPU free for the
+    read tasks feeding the actors (a GPU request there would wait forever).
     """
     cpus, gpus = cluster.cpus, cluster.gpus
-    if gpus >= gpus_per_actor:
-        most = int(gpus // gpus_per_actor)
-        actors = min(wanted or most, most)
-        return StagePlan(
-            actors=actors, num_gpus=gpus_per_actor, num_cpus=min(cpus_per_actor, max(cpus - 1, 0.5) / actors)
-        )
+    if device is None:
+        device = "cuda" if gpus >= gpus_per_actor else "cpu"
+    if device == "cuda":
+        low, high = wanted or (max(1, int(gpus // gpus_per_actor)),) * 2
+        # Every actor's GPU is already up: share the CPUs that are here. Otherwise the nodes still to
+        # come bring their own CPUs: ask for what the config says.
+        if gpus >= high * gpus_per_actor:
+            num_cpus = min(cpus_per_actor, max(cpus - 1, 0.5) / high)
+        else:
+            num_cpus = cpus_per_actor
+        return StagePlan(low, high, num_gpus=gpus_per_actor, num_cpus=num_cpus)
     room = max(1, int((cpus - 1) // cpus_per_actor)) if cpus > 1 else 1
-    actors = min(wanted or 1, room)
-    num_cpus = cpus_per_actor if cpus - 1 >= cpus_per_actor * actors else max(0.5, (cpus - 1) / actors)
-    return StagePlan(actors=actors, num_gpus=0.0, num_cpus=num_cpus)
+    low, high = wanted or (1, 1)
+    high = min(high, room)
+    low = min(low, high)
+    num_cpus = cpus_per_actor if cpus - 1 >= cpus_per_actor * high else max(0.5, (cpus - 1) / high)
+    return StagePlan(low, high, num_gpus=0.0, num_cpus=num_cpus)
 
 
-def plan_generation(resources: ResourcesConfig, cluster: ClusterResources) -> StagePlan:
-    return plan_actors(resources.generation_actors, resources.gpus_per_actor, resources.cpus_per_actor, cluster)
+def plan_generation(resources: ResourcesConfig, cluster: ClusterResources, device: str | None = None) -> StagePlan:
+    return plan_actors(resources.generation_actors, resources.gpus_per_actor, resources.cpus_per_actor, cluster, device)
 
 
 @dataclass(frozen=True)
@@ -148,19 +288,27 @@ class JoinPlan(StagePlan):
     threads: int = 1  # BLAS threads per scoring actor
 
 
-def plan_join(actors: int, cluster: ClusterResources) -> JoinPlan:
-    """GPU actors when the cluster has GPUs; otherwise CPU actors whose BLAS threads cover the CPUs.
+def plan_join(wanted: ActorRange, cluster: ClusterResources, device: str | None = None) -> JoinPlan:
+    """GPU actors on GPU (`device` cuda, or unset and the cluster has GPUs); otherwise CPU actors whose
+    BLAS threads cover the CPUs.
 
     Logical CPUs: all but one, shared by the actors (Ray Data's file-listing and read tasks need the
     spare one). Threads: the node's CPUs divided by the actors, so one actor on a small box uses every
     core (reads interleave with scoring on the spare one).
     """
-    if cluster.gpus >= 1:
-        return JoinPlan(actors=min(actors, int(cluster.gpus)), num_gpus=1.0, num_cpus=0.5, threads=1)
+    low, high = wanted
+    if device is None:
+        device = "cuda" if cluster.gpus >= 1 else "cpu"
+    if device == "cuda":
+        return JoinPlan(low, high, num_gpus=1.0, num_cpus=0.5, threads=1)
     cpus = cluster.cpus
-    actors = max(1, min(actors, int(cpus)))
+    high = max(1, min(high, int(cpus)))
     return JoinPlan(
-        actors=actors, num_gpus=0.0, num_cpus=max(0.5, (cpus - 1) / actors), threads=max(1, int(cpus // actors))
+        min(low, high),
+        high,
+        num_gpus=0.0,
+        num_cpus=max(0.5, (cpus - 1) / high),
+        threads=max(1, int(cpus // high)),
     )
 
 
@@ -192,7 +340,7 @@ def map_stage(
         fn_constructor_kwargs=constructor_kwargs or {},
         batch_size=batch_size,
         batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=max(1, min(plan.actors, len(items) or 1))),
+        compute=plan.compute(len(items)),
         **plan.remote_args(),
     )
     return named(out, name)

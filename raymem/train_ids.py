@@ -70,7 +70,7 @@ def check_train_ids(training: TrainingTable, *, partition_rows: int = PARTITION_
     items = [{**item, "index": i} for i, item in enumerate(source.fragments(training, FRAGMENT_ROWS))]
     partitions = max(1, -(-training.num_rows // partition_rows))
     cluster = runtime.ClusterResources.current()
-    plan = runtime.StagePlan(actors=max(1, min(len(items), int(max(cluster.cpus - 1, 1)))), num_gpus=0.0, num_cpus=1.0)
+    plan = runtime.StagePlan.fixed(max(1, min(len(items), int(max(cluster.cpus - 1, 1)))), num_gpus=0.0, num_cpus=1.0)
     with tempfile.TemporaryDirectory(prefix="raymem-ids-") as tmp:
         files = [Path(tmp) / f"{p:05d}.bin" for p in range(partitions)]
         handles = [open(f, "wb") for f in files]  # noqa: SIM115 - closed below

@@ -131,7 +131,7 @@ def test_exact_topk_equals_numpy_across_files_and_batches(local_ray, tmp_path):
         {"units": joins.Queries(qids, {"clip": q_clip, "sscd": q_sscd})},
         k,
         batch_rows=64,  # many batches, boundaries inside files and across them
-        plan=runtime.JoinPlan(actors=2, num_gpus=0.0, num_cpus=0.5),
+        plan=runtime.JoinPlan.fixed(2, num_gpus=0.0, num_cpus=0.5),
     )
     for space, q, x in (("clip", q_clip, clip), ("sscd", q_sscd, sscd)):
         expected = brute_force(q, x, ids, k)

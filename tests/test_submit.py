@@ -1,126 +1,23 @@
 """`raymem submit | status | logs | stop` against a real Ray head started by the test on 127.0.0.1
 (own ports and temp dir; stopped by PID afterwards, never with `ray stop`)."""
 
-import os
+import json
 import shutil
-import signal
-import socket
-import subprocess
-import sys
-from pathlib import Path
 
-import psutil
 import pytest
 import yaml
 
 from raymem.cli import main
+from tests.clusters import free_ports, ray_head_on_loopback
 from tests.conftest import REPO, demo_raw_config
 
 pytestmark = pytest.mark.ray
 
 
-def free_ports(n: int, avoid: range = range(0)) -> list[int]:
-    """`n` distinct free ports on loopback, none inside `avoid`."""
-    socks, ports = [], []
-    while len(ports) < n:
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)  # held open until all are picked, so the OS never hands out one twice
-        if s.getsockname()[1] not in avoid:
-            ports.append(s.getsockname()[1])
-    for s in socks:
-        s.close()
-    return ports
-
-
-def worker_port_block(width: int = 200) -> range:
-    """A block of `width` ports with nothing listening, for Ray's worker range."""
-    for _ in range(100):
-        (start,) = free_ports(1)
-        block = range(start, start + width + 1)
-        if block.stop <= 65535 and all(_bindable(p) for p in block):
-            return block
-    raise RuntimeError("no free block of worker ports on 127.0.0.1")
-
-
-def _bindable(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-            return True
-        except OSError:
-            return False
-
-
-def kill_tree_matching(marker: str) -> None:
-    """Stop every process whose command line mentions `marker` (this head's temp dir or port)."""
-    procs = {}
-    for p in psutil.process_iter(["cmdline"]):
-        try:
-            if marker in " ".join(p.info["cmdline"] or []):
-                # Children too: Ray renames its agents (ray::DashboardAgent) so only their parents match.
-                for q in [p, *p.children(recursive=True)]:
-                    procs[q.pid] = q
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            pass
-    procs = list(procs.values())
-    for p in procs:
-        try:
-            p.send_signal(signal.SIGTERM)
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(procs, timeout=5)
-    for p in alive:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-
-
 @pytest.fixture(scope="module")
-def ray_head(tmp_path_factory):
-    temp = Path(f"/tmp/rmh-{os.getpid()}")  # short: Ray's unix sockets live under it
-    # Ray rejects a component port inside the worker range, so pick the range first and the rest outside it.
-    workers = worker_port_block()
-    gcs, dash, agent, agent_grpc, renv, metrics, node, objm, client = free_ports(9, avoid=workers)
-    env = {
-        **os.environ,
-        "RAY_USAGE_STATS_ENABLED": "0",
-        "RAY_AUTH_MODE": "disabled",
-        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-    }
-    env.pop("RAY_ADDRESS", None)
-    cmd = [
-        str(Path(sys.executable).parent / "ray"),
-        "start",
-        "--head",
-        "--node-ip-address=127.0.0.1",
-        f"--port={gcs}",
-        "--dashboard-host=127.0.0.1",
-        f"--dashboard-port={dash}",
-        "--include-dashboard=true",
-        f"--dashboard-agent-listen-port={agent}",
-        f"--dashboard-agent-grpc-port={agent_grpc}",
-        f"--runtime-env-agent-port={renv}",
-        f"--metrics-export-port={metrics}",
-        f"--node-manager-port={node}",
-        f"--object-manager-port={objm}",
-        f"--ray-client-server-port={client}",
-        f"--min-worker-port={workers.start}",
-        f"--max-worker-port={workers.stop - 1}",
-        "--num-cpus=3",
-        f"--temp-dir={temp}",
-        "--disable-usage-stats",
-    ]
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr[-2000:]
-    try:
-        yield f"http://127.0.0.1:{dash}", env
-    finally:
-        kill_tree_matching(str(temp))
-        kill_tree_matching(f"--ray-client-server-port={client}")
-        kill_tree_matching(f"127.0.0.1:{gcs}")
-        shutil.rmtree(temp, ignore_errors=True)
+def ray_head():
+    with ray_head_on_loopback(num_cpus=3) as head:
+        yield head.dashboard, head.env
 
 
 @pytest.fixture
@@ -147,8 +44,14 @@ def test_submit_runs_the_scan_as_a_ray_job(ray_head, project, tmp_path, capsys, 
     out = capsys.readouterr().out
     sid = out.split(":")[0]
     assert sid.startswith("raymem-") and sid.endswith("-20261128") and f"{sid}: SUCCEEDED" in out
-    manifest = next((tmp_path / "out" / "manifests").glob("*.json"))
-    assert '"status": "complete"' in manifest.read_text()
+    manifest = json.loads(next((tmp_path / "out" / "manifests").glob("*.json")).read_text())
+    assert manifest["status"] == "complete"
+    # A head without an autoscaler and without a GPU: CPU at once, and the manifest says why.
+    used = manifest["counts"]["resources"]
+    assert (
+        used["device"] == "cpu"
+        and used["device_reason"] == "the cluster has no GPU and no autoscaler that can add nodes"
+    )
     assert len(list((tmp_path / "out" / "labels").rglob("*.parquet"))) == 1
     # Same config, same day: the nightly re-submit finds the job instead of running it twice.
     assert main(["submit", config, "--address", address, "--working-dir", str(project)]) == 0

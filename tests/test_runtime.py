@@ -1,0 +1,111 @@
+"""Sizing and device choice as pure functions of the config and what the cluster reports
+(raymem.runtime); the same decisions against a real autoscaling cluster are in test_autoscaling.py."""
+
+import pytest
+
+from raymem.config import ActorRange, ResourcesConfig
+from raymem.errors import ClusterError
+from raymem.runtime import ClusterResources, StagePlan, choose_device, plan_actors, plan_generation, plan_join
+
+COLD = ClusterResources(cpus=0.0, gpus=0.0)  # a KubeRay head with num-cpus 0 and no GPU worker up yet
+LAPTOP = ClusterResources(cpus=8.0, gpus=0.0, local=True)
+FOUR_GPUS = ClusterResources(cpus=32.0, gpus=4.0)
+
+
+def resources(**kw) -> ResourcesConfig:
+    return ResourcesConfig.model_validate(kw)
+
+
+def never(*_):
+    raise AssertionError("must not wait for a GPU here")
+
+
+def test_gpus_up_now_are_used_without_waiting():
+    choice = choose_device(resources(), FOUR_GPUS, wait_for_gpu=never)
+    assert choice.device == "cuda" and "4 GPU" in choice.reason
+    plan = plan_generation(resources(), FOUR_GPUS, choice.device)
+    assert (plan.min_actors, plan.max_actors, plan.num_gpus) == (4, 4, 1.0)  # one per GPU, all at once
+
+
+def test_cold_cluster_asks_the_autoscaler_and_plans_gpu_actors_beyond_what_is_up():
+    asked = []
+
+    def joined(gpus, cpus, seconds):
+        asked.append((gpus, cpus, seconds))
+        return None  # one joined
+
+    cfg = resources(generation_actors="1..8", cpus_per_actor=4, gpu_wait_s=300)
+    choice = choose_device(cfg, COLD, wait_for_gpu=joined)
+    assert choice.device == "cuda" and asked == [(1.0, 4.0, 300.0)]
+    one_up = ClusterResources(cpus=4.0, gpus=1.0)
+    plan = plan_generation(cfg, one_up, choice.device)
+    # Seven GPU actors more than the cluster has: their pending demands make the autoscaler add nodes,
+    # and they ask for the CPUs the config names (the nodes to come bring them), not a share of these.
+    assert (plan.min_actors, plan.max_actors, plan.num_gpus, plan.num_cpus) == (1, 8, 1.0, 4.0)
+    assert plan.describe() == {"actors": "1..8", "num_gpus": 1.0, "num_cpus": 4.0}
+
+
+def test_auto_falls_back_to_cpu_only_with_a_reason():
+    choice = choose_device(resources(gpu_wait_s=5), COLD, wait_for_gpu=lambda *_: "no GPU node joined in 5 s")
+    assert choice == choice.__class__("cpu", "no GPU node joined in 5 s")
+    # A Ray this process started has no autoscaler: no wait, and the reason says so.
+    choice = choose_device(resources(), LAPTOP, wait_for_gpu=never)
+    assert choice.device == "cpu" and "local Ray" in choice.reason
+    assert choose_device(resources(gpu_wait_s=0), COLD, wait_for_gpu=never).device == "cpu"
+    assert choose_device(resources(device="cpu"), FOUR_GPUS, wait_for_gpu=never).device == "cpu"
+
+
+def test_cuda_without_a_gpu_is_one_line():
+    with pytest.raises(ClusterError, match=r"^resources.device is cuda but no GPU node joined in 5 s$"):
+        choose_device(resources(device="cuda", gpu_wait_s=5), COLD, wait_for_gpu=lambda *_: "no GPU node joined in 5 s")
+    with pytest.raises(ClusterError, match="local Ray has 0 GPU"):
+        choose_device(resources(device="cuda"), LAPTOP, wait_for_gpu=never)
+    # Two GPUs per actor on a one-GPU cluster is not enough either.
+    with pytest.raises(ClusterError):
+        choose_device(
+            resources(device="cuda", gpus_per_actor=2), ClusterResources(4.0, 1.0, local=True), wait_for_gpu=never
+        )
+
+
+def test_cpu_actors_leave_a_cpu_free_for_reads():
+    plan = plan_generation(resources(generation_actors="2..16", cpus_per_actor=2), LAPTOP, "cpu")
+    assert (plan.min_actors, plan.max_actors, plan.num_gpus, plan.num_cpus) == (2, 3, 0.0, 2.0)
+    tiny = ClusterResources(cpus=2.0, gpus=0.0, local=True)
+    plan = plan_generation(resources(generation_actors=4), tiny, "cpu")
+    assert (plan.max_actors, plan.num_cpus) == (1, 1.0)
+    # On a GPU cluster the user asked for CPU: no GPU is requested.
+    assert plan_generation(resources(), FOUR_GPUS, "cpu").num_gpus == 0.0
+
+
+def test_join_follows_the_device():
+    wanted = ActorRange(1, 4)
+    gpu = plan_join(wanted, ClusterResources(cpus=8.0, gpus=0.0), "cuda")
+    assert (gpu.min_actors, gpu.max_actors, gpu.num_gpus, gpu.threads) == (1, 4, 1.0, 1)
+    cpu = plan_join(wanted, ClusterResources(cpus=2.0, gpus=2.0), "cpu")
+    assert (cpu.max_actors, cpu.num_gpus, cpu.threads) == (2, 0.0, 1)
+    # Unresolved (generation was all reused): whatever the cluster has now.
+    assert plan_join(ActorRange(2, 2), FOUR_GPUS).num_gpus == 1.0
+
+
+def test_pools_are_fixed_or_autoscaling_and_never_larger_than_the_work():
+    import ray
+
+    fixed = StagePlan.fixed(3, num_gpus=0.0, num_cpus=1.0).compute(items=10)
+    assert isinstance(fixed, ray.data.ActorPoolStrategy) and (fixed.min_size, fixed.max_size) == (3, 3)
+    pool = StagePlan(1, 8, num_gpus=1.0, num_cpus=1.0).compute(items=5)
+    assert (pool.min_size, pool.max_size) == (1, 5)
+    assert plan_actors(None, 1.0, 1.0, ClusterResources(cpus=2.0, gpus=0.0), "cuda").max_actors == 1
+
+
+@pytest.mark.parametrize("value", ["0..2", "3..1", "x", True, 2.5, 0])
+def test_actor_counts_are_validated(value):
+    with pytest.raises(ValueError, match="generation_actors"):
+        resources(generation_actors=value)
+
+
+def test_actor_counts_round_trip_through_yaml_text():
+    cfg = resources(generation_actors="2..6", join_actors=3)
+    assert cfg.generation_actors == ActorRange(2, 6) and cfg.join_actors == ActorRange(3, 3)
+    dumped = cfg.model_dump()
+    assert dumped["generation_actors"] == "2..6" and dumped["join_actors"] == "3"
+    assert ResourcesConfig.model_validate(dumped) == cfg
