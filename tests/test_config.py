@@ -95,7 +95,7 @@ def test_load_config_file_errors(tmp_path):
 def test_demo_config_loads():
     from tests.conftest import REPO
 
-    cfg = load_config(REPO / "configs" / "demo.yaml")
+    cfg = load_config(REPO / "configs" / "tiny.yaml")
     assert cfg.model_name == "sd-tiny"
     assert cfg.embedding.copy_detection.model == "immaculate:sscd_distilled"
 

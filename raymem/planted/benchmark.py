@@ -96,31 +96,37 @@ def prepare_models(cfg: PlantedConfig, world_root: Path) -> Path:
 
 
 def prepare_index(cfg: PlantedConfig, world_root: Path, models: Path) -> Path:
+    out = Path(cfg.work) / f"index-{_digest([world_root.name, str(models.resolve())])}"
+    index_world(world_root, models, out)
+    return out
+
+
+def index_world(world_root: Path, models: Path, out: Path) -> None:
+    """`raymem index` over the world's training table with its trained CLIP (skipped when done)."""
     from raymem.config import IndexConfig
     from raymem.index import run_index
     from raymem.planted.world import ENTITIES, POSTERS
 
-    out = Path(cfg.work) / f"index-{_digest([world_root.name, str(models.resolve())])}"
-    if not (out / "_index.json").exists():
-        entities = [e.name for e in ENTITIES] + [f"{title} poster" for title, _, _ in POSTERS]
-        run_index(
-            IndexConfig.model_validate(
-                {
-                    "input": {
-                        "kind": "table",
-                        "path": str(world_root / "world.jsonl"),
-                        "image_column": "image",
-                        "id_column": "train_id",
-                    },
-                    "output": str(out),
-                    "embedding": embedding(models),
-                    "entities": entities,
-                    "shard_size": 600,
-                    "background_sample": 600,
-                }
-            )
+    if (out / "_index.json").exists():
+        return
+    entities = [e.name for e in ENTITIES] + [f"{title} poster" for title, _, _ in POSTERS]
+    run_index(
+        IndexConfig.model_validate(
+            {
+                "input": {
+                    "kind": "table",
+                    "path": str(world_root / "world.jsonl"),
+                    "image_column": "image",
+                    "id_column": "train_id",
+                },
+                "output": str(out),
+                "embedding": embedding(models),
+                "entities": entities,
+                "shard_size": 600,
+                "background_sample": 600,
+            }
         )
-    return out
+    )
 
 
 def embedding(models: Path) -> dict:
