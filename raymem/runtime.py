@@ -45,12 +45,27 @@ def connect_ray(ray_cfg: RayConfig) -> bool:
         kwargs["runtime_env"] = ray_cfg.runtime_env
     if address == "local":
         kwargs["include_dashboard"] = False
+        # Ray 2.60 turns token auth on for the local Ray it starts and says so at WARNING each time;
+        # that is the safe default raymem wants, not news. (A warning that auth is *off* still shows.)
+        logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(_TOKEN_AUTH_ON_NOTICE)
     ray.init(**kwargs)
     ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
     return True
 
 
 CONNECT_TIMEOUT_S = 10.0
+
+
+class _DropMessages(logging.Filter):
+    def __init__(self, *prefixes: str):
+        super().__init__()
+        self.prefixes = prefixes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefixes)
+
+
+_TOKEN_AUTH_ON_NOTICE = _DropMessages("Token authentication is enabled for this Ray cluster")
 
 
 def check_reachable(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
@@ -78,9 +93,13 @@ def data_context():
     and Ray Data's per-dataset INFO lines kept out of the console unless raymem logs at INFO (`-v`):
     raymem's own progress lines say what runs; Ray Data's log file keeps everything."""
     import ray
+    from ray.util.debug import log_once
 
     ctx = ray.data.DataContext.get_current()
     ctx.raise_original_map_exception = True
+    # Off a terminal Ray Data draws no bars and warns once that it does not; raymem's own progress
+    # lines stand in for them, so the warning is spent here.
+    log_once("ray_data_progress_manager_disabled")
     verbose = logging.getLogger("raymem").getEffectiveLevel() <= logging.INFO
     for handler in logging.getLogger("ray.data").handlers:
         if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
@@ -144,9 +163,15 @@ class ClusterResources:
         import ray
 
         total = ray.cluster_resources()
-        node = ray._private.worker._global_node  # the head node when this process started Ray itself
-        local = bool(node is not None and node.head)
-        return cls(cpus=float(total.get("CPU", 0.0)), gpus=float(total.get("GPU", 0.0)), local=local)
+        return cls(cpus=float(total.get("CPU", 0.0)), gpus=float(total.get("GPU", 0.0)), local=started_here())
+
+
+def started_here() -> bool:
+    """This process started the Ray it is attached to (a local Ray: one node, no autoscaler)."""
+    import ray
+
+    node = ray._private.worker._global_node  # the head node when this process started Ray itself
+    return bool(node is not None and node.head)
 
 
 @dataclass(frozen=True)
@@ -181,7 +206,8 @@ def choose_device(resources: ResourcesConfig, cluster: ClusterResources, wait_fo
             return DeviceChoice("cuda", "a GPU node joined after asking the autoscaler")
     if want == "cuda":
         raise ClusterError(f"resources.device is cuda but {why}")
-    log.warning("running on CPU: %s", why)
+    # Expected on a laptop; worth a warning where a GPU was hoped for.
+    (log.info if cluster.local else log.warning)("running on CPU: %s", why)
     return DeviceChoice("cpu", why)
 
 
@@ -314,6 +340,7 @@ def plan_join(wanted: ActorRange, cluster: ClusterResources, device: str | None 
 
 def named(ds, name: str) -> Iterator:
     """Run a dataset under a name (in Ray's logs and dashboard) and yield its output as Arrow batches."""
+    data_context()  # every stage, whichever entry point started it (scan, index, bench)
     ds.set_name(name)
     yield from ds.iter_batches(batch_format="pyarrow", batch_size=None)
 
@@ -332,17 +359,29 @@ def map_stage(
     `plan.actors` instances of the callable class `fn`, each built once with `constructor_kwargs` (models
     load there) and called with Arrow batches of `batch_size` items. Yields the output Arrow batches as
     they complete; the same code runs on a laptop's local Ray and on a cluster."""
+    import warnings
+
     import ray
 
     ds = ray.data.from_items(items, override_num_blocks=blocks or max(1, len(items)))
-    out = ds.map_batches(
-        fn,
-        fn_constructor_kwargs=constructor_kwargs or {},
-        batch_size=batch_size,
-        batch_format="pyarrow",
-        compute=plan.compute(len(items)),
-        **plan.remote_args(),
-    )
+    extra = {}
+    if started_here():
+        # On a local Ray there is no node to lose, and restartable actors make Ray 2.60 print an error
+        # line per pool (ray-project/ray#57733). On a cluster actors stay restartable (node loss).
+        # max_restarts has no named parameter yet; the generic form is deprecated from Ray 2.64 (we
+        # pin below it).
+        extra["max_restarts"] = 0
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        out = ds.map_batches(
+            fn,
+            fn_constructor_kwargs=constructor_kwargs or {},
+            batch_size=batch_size,
+            batch_format="pyarrow",
+            compute=plan.compute(len(items)),
+            **plan.remote_args(),
+            **extra,
+        )
     return named(out, name)
 
 
