@@ -444,7 +444,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="output root of the scan (local or s3://)")
     p.add_argument("--config", help="take the output root from this scan config")
     p.add_argument("--out", help="report directory (default: reports/<scan_id>)")
-    p.add_argument("--top", type=int, default=12, help="findings shown with their images")
+    p.add_argument(
+        "--top", type=int, default=12, help="examples shown per category (MU, MI, ME), with all their neighbours"
+    )
     p.set_defaults(fn=cmd_report)
 
     p = command("bench", help="benchmarks; `raymem bench planted`: the labeler on a world of known truth")

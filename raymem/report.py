@@ -1,51 +1,40 @@
 """`raymem report`: one static HTML page per scan, for the morning after a nightly run.
 
-Per-entity and per-prompt tables, a histogram of replication scores against the train-train
-background and the thresholds, and for the top findings each generated image beside its nearest
-training image with the scores and the labeler's reasons. Images are copied next to the page
-(local, s3:// or WebDataset members alike), so the report is a self-contained folder to open, archive
-or upload.
+What each image was asked for and what it got: per-entity label shares and tallies, MU / MI / ME
+examples with the prompt text and every stored neighbour (training image, caption, score), the
+replication scores against the train-train background and the thresholds, the under-memorization
+chart, and sortable, filterable tables (their state lives in the URL: `#sort=entities:rate_MU:desc`).
+The page comes from Jinja templates (raymem/templates); this module computes the rows and the charts'
+geometry. Images are copied next to the page (local, s3:// or WebDataset members alike), so the report
+is a self-contained folder to open, archive or upload.
 """
 
 from __future__ import annotations
 
-import html
-import json
+import hashlib
 import logging
 from pathlib import Path
 
 import numpy as np
+from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
 
+from raymem import __version__
 from raymem import uri as uris
+from raymem.column_docs import description
 from raymem.outputs import read_manifest, resolve_scan
 from raymem.results import scan_table
 
 log = logging.getLogger(__name__)
 
-CSS = """
-body{font-family:system-ui,sans-serif;margin:2rem;color:#222;max-width:1200px}
-h1{font-size:1.5rem}h2{font-size:1.2rem;margin-top:2rem;border-bottom:1px solid #ddd}
-table{border-collapse:collapse;font-size:.85rem}
-td,th{padding:.25rem .6rem;border-bottom:1px solid #eee;text-align:right}
-td:first-child,th:first-child{text-align:left}.mu{color:#b00020;font-weight:600}
-.finding{display:flex;gap:1rem;margin:1rem 0;padding:.75rem;border:1px solid #eee;border-radius:6px}
-.finding img{width:192px;height:192px;object-fit:contain;background:#f4f4f4;
-image-rendering:pixelated}
-.finding figure{margin:0;text-align:center;font-size:.75rem}.reasons{font-size:.8rem;flex:1}
-.meta{color:#666;font-size:.85rem}
-"""
+CATEGORIES = ["MU", "MI", "ME", "none"]
+CATEGORY_TITLES = {
+    "MU": "unintended: copied content nobody asked for",
+    "MI": "implicit intended: unnamed but expected elements",
+    "ME": "explicit intended: the named entity, rendered from training",
+}
+COLORS = {"MU": "#b00020", "MI": "#e08000", "ME": "#2a7d2a", "none": "#bbbbbb", "failed": "#444444"}
 
-CHECK_SCRIPT = """
-window.addEventListener('load', () => {
-  const imgs = Array.from(document.images);
-  const ok = imgs.filter(i => i.complete && i.naturalWidth > 0).length;
-  document.title = `raymem report: images ${ok}/${imgs.length}`;
-});
-"""
-
-
-# The category counts both tally tables (per entity, per prompt) show.
-TALLY_COLUMNS = [
+TALLY = [
     ("n_units", "images"),
     ("n_MU", "MU"),
     ("n_MI", "MI"),
@@ -53,235 +42,325 @@ TALLY_COLUMNS = [
     ("n_none", "none"),
     ("n_failed", "failed"),
 ]
+ENTITY_COLUMNS = [
+    ("entity", "entity"),
+    *TALLY,
+    ("rate_MU", "MU rate"),
+    ("n_any_MU", "showing MU"),
+    ("n_any_ME", "showing ME"),
+    ("n_ME_and_MU", "ME and MU"),
+    ("n_MI_and_MU", "MI and MU"),
+    ("n_memorized_prompts", "memorized prompts"),
+    ("train_frequency", "training images"),
+    ("render_rate", "render rate"),
+    ("entity_not_rendered", "not rendered"),
+]
+PROMPT_COLUMNS = [
+    ("prompt_id", "prompt id"),
+    ("prompt", "prompt"),
+    ("entity", "entity"),
+    *TALLY,
+    ("consistency", "consistency"),
+    ("max_replication_score", "max replication"),
+    ("memorized_prompt", "memorized"),
+]
 
 
-def _fmt(v, digits: int = 2) -> str:
-    if v is None:
-        return "–"
-    if isinstance(v, float):
-        return f"{v:.{digits}f}"
-    return html.escape(str(v))
-
-
-def _table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
-    head = "".join(f"<th>{html.escape(title)}</th>" for _, title in columns)
-    body = []
-    for r in rows:
-        cells = []
-        for key, _ in columns:
-            cls = ' class="mu"' if key in ("n_MU", "rate_MU") and (r.get(key) or 0) > 0 else ""
-            cells.append(f"<td{cls}>{_fmt(r.get(key))}</td>")
-        body.append(f"<tr>{''.join(cells)}</tr>")
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
-
-
-def histogram_svg(scores: list[float], marks: dict[str, float], width: int = 640, height: int = 180) -> str:
-    """Replication scores as an SVG histogram, with vertical lines at the given marks."""
-    values = np.asarray([s for s in scores if s is not None], dtype=float)
-    lo, hi = min(-0.1, float(values.min()) if len(values) else 0.0), 1.0
-    counts, edges = np.histogram(values, bins=40, range=(lo, hi))
-    top = max(1, int(counts.max()) if len(counts) else 1)
-    pad, bw = 30, (width - 40) / len(counts)
-    bars = "".join(
-        f'<rect x="{pad + i * bw:.1f}" y="{height - 20 - (c / top) * (height - 40):.1f}" width="{bw - 1:.1f}" '
-        f'height="{(c / top) * (height - 40):.1f}" fill="#4a78c2">'
-        f"<title>{edges[i]:.2f}-{edges[i + 1]:.2f}: {c}</title></rect>"
-        for i, c in enumerate(counts)
+def _environment() -> Environment:
+    return Environment(
+        loader=PackageLoader("raymem", "templates"),
+        autoescape=select_autoescape(["html", "j2"]),
+        undefined=StrictUndefined,  # a missing field is a bug, not an empty cell
+        trim_blocks=True,
+        lstrip_blocks=True,
     )
+
+
+def _columns(table: str, columns: list[tuple[str, str]]) -> list[tuple[str, str, str]]:
+    """(key, title, help) per column; the help is the column's documentation (docs/schema.md)."""
+    return [(key, title, description(table, key) or "") for key, title in columns]
+
+
+# -- chart geometry ------------------------------------------------------------------------------------
+def histogram_geometry(
+    scores: list[float], marks: dict[str, float | None], background: dict | None, width: int = 680, height: int = 230
+) -> dict:
+    """Bars of the replication scores on a 0..1 axis (lower when scores go below 0), y ticks in images,
+    the background's percentiles as a box under the axis top, dashed lines at the thresholds."""
+    values = np.asarray([s for s in scores if s is not None], dtype=float)
+    lo = min(0.0, float(np.floor(values.min() * 10) / 10) if len(values) else 0.0)
+    hi = 1.0
+    counts, edges = np.histogram(values, bins=40, range=(lo, hi))
+    top_count = max(1, int(counts.max()) if len(counts) else 1)
+    left, right, top, base = 48, width - 12, 34, height - 34
 
     def x(v: float) -> float:
-        return pad + (v - lo) / (hi - lo) * (width - 40)
+        return round(left + (v - lo) / (hi - lo) * (right - left), 1)
 
+    def y(c: float) -> float:
+        return round(base - c / top_count * (base - top), 1)
+
+    bars = [
+        {
+            "x": x(edges[i]),
+            "y": y(c),
+            "w": round(max(0.5, x(edges[i + 1]) - x(edges[i]) - 1), 1),
+            "h": round(base - y(c), 1),
+            "label": f"{edges[i]:.3f}–{edges[i + 1]:.3f}: {c} images",
+        }
+        for i, c in enumerate(counts)
+        if c
+    ]
+    step = 0.1 if hi - lo <= 1.2 else 0.2
+    xticks = [{"x": x(v), "label": f"{v:.1f}"} for v in np.arange(lo, hi + 1e-9, step)]
+    ystep = max(1, int(np.ceil(top_count / 4)))
+    yticks = [{"y": y(c), "label": str(c)} for c in range(0, top_count + 1, ystep)]
     colors = ["#b00020", "#e08000", "#2a9d2a", "#555"]
-    lines = []
-    for i, (name, v) in enumerate(marks.items()):
-        if v is None:
-            continue
-        color, right = colors[i % 4], x(v) > 0.75 * width  # labels near the right edge go left of the line
-        anchor, dx = ("end", -3) if right else ("start", 3)
-        lines.append(
-            f'<line x1="{x(v):.1f}" x2="{x(v):.1f}" y1="10" y2="{height - 20}" stroke="{color}" '
-            f'stroke-dasharray="4 3"/>'
-            f'<text x="{x(v) + dx:.1f}" y="{20 + 12 * i}" font-size="10" fill="{color}" text-anchor="{anchor}">'
-            f"{html.escape(name)} {v:.2f}</text>"
+    shown = [(n, v) for n, v in marks.items() if v is not None]
+    marks_out = []
+    for i, (name, v) in enumerate(shown):
+        right_side = x(v) > left + 0.75 * (right - left)  # labels near the right edge go left of the line
+        marks_out.append(
+            {
+                "name": name,
+                "value": v,
+                "x": x(v),
+                "color": colors[i % 4],
+                "anchor": "end" if right_side else "start",
+                "dx": -3 if right_side else 3,
+            }
         )
-    axis = (
-        f'<line x1="{pad}" x2="{width - 10}" y1="{height - 20}" y2="{height - 20}" stroke="#999"/>'
-        f'<text x="{pad}" y="{height - 5}" font-size="10">{lo:.1f}</text>'
-        f'<text x="{width - 25}" y="{height - 5}" font-size="10">1.0</text>'
-    )
-    return (
-        f'<svg width="{width}" height="{height}" role="img" aria-label="replication scores">{bars}{lines}{axis}</svg>'
-    )
+    box = None
+    if background and all(background.get(p) is not None for p in ("p50", "p90", "p95", "p99")):
+        box = {
+            "x50": x(background["p50"]),
+            "x90": x(background["p90"]),
+            "x95": x(background["p95"]),
+            "x99": x(background["p99"]),
+            "y": top - 22,
+            "n": background.get("n"),
+        }
+    return {
+        "width": width,
+        "height": height,
+        "left": left,
+        "right": right,
+        "top": top,
+        "base": base,
+        "bars": bars,
+        "xticks": xticks,
+        "yticks": yticks,
+        "marks": marks_out,
+        "box": box,
+    }
 
 
-def render_rate_svg(entities: list[dict], width: int = 640, height: int = 220) -> str:
-    """Under-memorization: each entity's measured render rate against its training frequency (log
-    scale), with the 200-image line (MIMETIC2) and the one-half line below which it is 'not rendered'."""
+def shares_geometry(entities: list[dict], width: int = 680) -> dict:
+    """One stacked bar per entity: the shares of its images by primary label (and failed)."""
+    left, right, row_h = 170, width - 12, 20
+    keys = [("MU", "n_MU"), ("MI", "n_MI"), ("ME", "n_ME"), ("none", "n_none"), ("failed", "n_failed")]
+    rows = []
+    for i, e in enumerate(sorted(entities, key=lambda e: (-(e.get("rate_MU") or 0), str(e["entity"])))):
+        total = sum(e.get(k) or 0 for _, k in keys)
+        pos, segments = float(left), []
+        for category, key in keys:
+            n = e.get(key) or 0
+            if not n or not total:
+                continue
+            w = n / total * (right - left)
+            segments.append(
+                {"x": round(pos, 1), "w": round(w, 1), "color": COLORS[category], "category": category, "count": n}
+            )
+            pos += w
+        rows.append({"entity": e["entity"], "y": 6 + i * row_h, "total": total, "segments": segments})
+    height = 6 + len(rows) * row_h + 32
+    ticks = [{"x": round(left + f * (right - left), 1), "label": f"{f:.0%}"} for f in (0, 0.25, 0.5, 0.75, 1.0)]
+    legend = [
+        {"x": left + i * 70, "color": COLORS[c], "category": c}
+        for i, c in enumerate(["MU", "MI", "ME", "none", "failed"])
+    ]
+    return {"width": width, "height": height, "left": left, "rows": rows, "ticks": ticks, "legend": legend}
+
+
+def render_rate_geometry(entities: list[dict], width: int = 680, height: int = 230) -> dict:
+    """Under-memorization: render rate against training frequency (log scale)."""
     points = [e for e in entities if e.get("render_rate") is not None and e.get("train_frequency") is not None]
-    if not points:
-        return "<p>No entity has both a training frequency (entity tags) and scored images.</p>"
-    left, bottom, top_pad = 45, 35, 10
-    xmax = max(3.0, float(np.log10(max(e["train_frequency"] for e in points) + 1)) + 0.2)
+    left, right, top, base = 45, width - 15, 10, height - 35
+    xmax = max(3.0, float(np.log10(max((e["train_frequency"] for e in points), default=1) + 1)) + 0.2)
 
     def x(freq: float) -> float:
-        return left + np.log10(freq + 1) / xmax * (width - left - 15)
+        return round(left + np.log10(freq + 1) / xmax * (right - left), 1)
 
     def y(rate: float) -> float:
-        return top_pad + (1 - rate) * (height - bottom - top_pad)
+        return round(top + (1 - rate) * (base - top), 1)
 
-    dots = "".join(
-        f'<circle cx="{x(e["train_frequency"]):.1f}" cy="{y(e["render_rate"]):.1f}" r="5" '
-        f'fill="{"#b00020" if e.get("entity_not_rendered") else "#4a78c2"}">'
-        f"<title>{html.escape(str(e['entity']))}: rendered in {e['render_rate']:.0%} of images, "
-        f"{e['train_frequency']} training images</title></circle>"
-        for e in points
-    )
-    ticks = "".join(
-        f'<text x="{x(10**k - 1):.1f}" y="{height - bottom + 14}" font-size="10" text-anchor="middle">{10**k:,}</text>'
-        for k in range(0, int(xmax) + 1)
-    )
-    guides = (
-        f'<line x1="{x(200):.1f}" x2="{x(200):.1f}" y1="{top_pad}" y2="{height - bottom}" stroke="#e08000" '
-        f'stroke-dasharray="4 3"/><text x="{x(200) + 3:.1f}" y="{top_pad + 10}" font-size="10" fill="#e08000">'
-        f"200 images</text>"
-        f'<line x1="{left}" x2="{width - 15}" y1="{y(0.5):.1f}" y2="{y(0.5):.1f}" stroke="#999" '
-        f'stroke-dasharray="4 3"/>'
-    )
-    axes = (
-        f'<line x1="{left}" x2="{width - 15}" y1="{height - bottom}" y2="{height - bottom}" stroke="#555"/>'
-        f'<line x1="{left}" x2="{left}" y1="{top_pad}" y2="{height - bottom}" stroke="#555"/>'
-        f'<text x="{left - 5}" y="{y(1) + 4:.1f}" font-size="10" text-anchor="end">100%</text>'
-        f'<text x="{left - 5}" y="{y(0.5) + 4:.1f}" font-size="10" text-anchor="end">50%</text>'
-        f'<text x="{left - 5}" y="{y(0) + 4:.1f}" font-size="10" text-anchor="end">0%</text>'
-        f'<text x="{(width + left) / 2:.1f}" y="{height - 5}" font-size="11" text-anchor="middle">'
-        f"tagged training images (log scale)</text>"
-    )
-    return (
-        f'<svg width="{width}" height="{height}" role="img" aria-label="render rate against training frequency">'
-        f"{guides}{axes}{ticks}{dots}</svg>"
-    )
+    return {
+        "width": width,
+        "height": height,
+        "left": left,
+        "right": right,
+        "top": top,
+        "base": base,
+        "x200": x(200),
+        "y50": y(0.5),
+        "yticks": [{"y": y(r), "label": f"{r:.0%}"} for r in (0.0, 0.5, 1.0)],
+        "xticks": [{"x": x(10**k - 1), "label": f"{10**k:,}"} for k in range(0, int(xmax) + 1)],
+        "points": [
+            {
+                "entity": e["entity"],
+                "x": x(e["train_frequency"]),
+                "y": y(e["render_rate"]),
+                "rate": e["render_rate"],
+                "freq": e["train_frequency"],
+                "not_rendered": bool(e.get("entity_not_rendered")),
+            }
+            for e in points
+        ],
+    }
 
 
-def _copy_image(uri: str | None, target: Path) -> str | None:
-    """Copy an image next to the report as PNG; None when it cannot be read (the page says so)."""
-    if not uri:
-        return None
-    try:
-        import io
+# -- rows ---------------------------------------------------------------------------------------------
+class _Images:
+    """Copies images next to the page once each, as PNG; None when one cannot be read (the page says so)."""
 
-        from PIL import Image
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.copied: dict[str, str | None] = {}
 
-        image = Image.open(io.BytesIO(uris.read_bytes(uri))).convert("RGB")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        image.save(target, format="PNG")
-        return f"images/{target.name}"
-    except Exception as err:  # noqa: BLE001 - a missing training image should not sink the report
-        log.warning("report: cannot read %s: %s", uri, err)
-        return None
+    def __call__(self, uri: str | None, prefix: str) -> str | None:
+        if not uri:
+            return None
+        if uri not in self.copied:
+            name = f"{prefix}-{hashlib.sha1(uri.encode()).hexdigest()[:16]}.png"
+            self.copied[uri] = self._copy(uri, self.folder / name)
+        return self.copied[uri]
+
+    @staticmethod
+    def _copy(uri: str, target: Path) -> str | None:
+        try:
+            import io
+
+            from PIL import Image
+
+            image = Image.open(io.BytesIO(uris.read_bytes(uri))).convert("RGB")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            image.save(target, format="PNG")
+            return f"images/{target.name}"
+        except Exception as err:  # noqa: BLE001 - a missing training image should not sink the report
+            log.warning("report: cannot read %s: %s", uri, err)
+            return None
+
+
+def _findings(labels, gens, prompts, neighbors, thresholds, images: _Images, top: int) -> dict[str, list[dict]]:
+    """Up to `top` examples per category: MU by replication score, MI by consistency, ME by the entity
+    test's p-value; each with its prompt text and every stored neighbour of its copy-detection space."""
+    by_unit: dict[str, dict[str, list[dict]]] = {}
+    for n in neighbors:
+        by_unit.setdefault(n["unit_id"], {}).setdefault(n["space"], []).append(n)
+    order = {
+        "MU": lambda r: -(r["replication_score"] if r["replication_score"] is not None else -9),
+        "MI": lambda r: -(r["consistency"] or 0),
+        "ME": lambda r: r["entity_p"] if r["entity_p"] is not None else 9,
+    }
+    out = {}
+    for c in CATEGORIES[:-1]:
+        ranked = sorted((r for r in labels if r["status"] == "ok" and r["label"] == c), key=order[c])
+        # Every prompt's best image before any prompt's second: the examples show breadth, not one prompt.
+        seen: dict[str, int] = {}
+        depth = [
+            seen.__setitem__(r["prompt_id"], seen.get(r["prompt_id"], -1) + 1) or seen[r["prompt_id"]] for r in ranked
+        ]
+        chosen = [r for _, _, r in sorted(zip(depth, range(len(ranked)), ranked, strict=True))][:top]
+        out[c] = []
+        for r in chosen:
+            spaces = by_unit.get(r["unit_id"], {})
+            space = "sscd" if "sscd" in spaces else "clip"
+            floor = thresholds.get("replication") if space == "sscd" else thresholds.get("clip_replication")
+            rows = sorted(spaces.get(space, []), key=lambda n: n["rank"])
+            out[c].append(
+                {
+                    **{k: r.get(k) for k in ("unit_id", "prompt_id", "seed", "entity", "reasons", "copy_evidence")},
+                    **{k: r.get(k) for k in ("replication_score", "background_p95", "consistency", "entity_p")},
+                    "null_images": r.get("null_images"),
+                    "label": r["label"] + (f" / {r['subtype']}" if r.get("subtype") else ""),
+                    "prompt": prompts.get(r["prompt_id"], {}).get("prompt", ""),
+                    "image": images(gens.get(r["unit_id"], {}).get("image_uri"), "generated"),
+                    "neighbors": [
+                        {
+                            "rank": n["rank"],
+                            "score": n["score"],
+                            "space": space,
+                            "train_id": n["train_id"],
+                            "caption": n.get("caption"),
+                            "image": images(n.get("image_uri"), "training"),
+                            # outlined on MU findings only: there, above the threshold means the copied image
+                            "outlined": c == "MU"
+                            and floor is not None
+                            and n["score"] is not None
+                            and n["score"] >= floor,
+                        }
+                        for n in rows
+                    ],
+                }
+            )
+    return out
+
+
+def report_context(root: str, scan_id: str, out: Path, top: int = 12) -> dict:
+    manifest = read_manifest(root, scan_id)
+    labels = scan_table(root, scan_id, "labels").to_pylist()
+    gens = {g["unit_id"]: g for g in scan_table(root, scan_id, "generations").to_pylist()}
+    prompts = {p["prompt_id"]: p for p in scan_table(root, scan_id, "prompts").to_pylist()}
+    neighbors = scan_table(root, scan_id, "neighbors").to_pylist()
+    entities = scan_table(root, scan_id, "entity_tallies").to_pylist()
+    tallies = [
+        {**p, "prompt": prompts.get(p["prompt_id"], {}).get("prompt")}
+        for p in scan_table(root, scan_id, "prompt_tallies").to_pylist()
+    ]
+    backgrounds = {b["space"]: b for b in scan_table(root, scan_id, "background").to_pylist()}
+    thresholds = manifest.get("config", {}).get("thresholds", {})
+    counts = manifest.get("counts", {})
+    scored = [r for r in labels if r["status"] == "ok"]
+    space = "sscd" if "sscd" in backgrounds else "clip"
+    charts = _environment().get_template("charts.svg.j2").module
+    return {
+        "scan": {
+            "id": scan_id,
+            "root": root,
+            "model": manifest.get("model_id"),
+            "date": manifest.get("scan_date"),
+            "status": manifest.get("status"),
+            "units": counts.get("units", len(labels)),
+            "failed": counts.get("units_failed", 0),
+            "labels": {c: counts.get(f"label_{c}", sum(1 for r in labels if r["label"] == c)) for c in CATEGORIES},
+        },
+        "version": __version__,
+        "categories": CATEGORIES,
+        "category_titles": CATEGORY_TITLES,
+        "thresholds": {k: v for k, v in sorted(thresholds.items()) if not isinstance(v, (dict, list))},
+        "entities": entities,
+        "entity_columns": _columns("entity_tallies", ENTITY_COLUMNS),
+        "prompts": tallies,
+        "prompt_columns": _columns("prompt_tallies", PROMPT_COLUMNS),
+        "findings": _findings(labels, gens, prompts, neighbors, thresholds, _Images(out / "images"), top),
+        "entity_chart": charts.shares(shares_geometry(entities)),
+        "histogram": charts.histogram(
+            histogram_geometry(
+                [r["replication_score"] for r in scored],
+                {"replication": thresholds.get("replication"), "verbatim": thresholds.get("verbatim")}
+                if space == "sscd"
+                else {"clip replication": thresholds.get("clip_replication")},
+                backgrounds.get(space),
+            )
+        ),
+        "render_rate": charts.render_rate(render_rate_geometry(entities)),
+    }
 
 
 def write_report(root: str, scan_id: str, out_dir: str, top: int = 12) -> Path:
     scan_id = resolve_scan(root, scan_id)  # `latest` works too
-    manifest = read_manifest(root, scan_id)
-    labels = scan_table(root, scan_id, "labels").to_pylist()
-    gens = {g["unit_id"]: g for g in scan_table(root, scan_id, "generations").to_pylist()}
-    neighbors = scan_table(root, scan_id, "neighbors").to_pylist()
-    entity = scan_table(root, scan_id, "entity_tallies").to_pylist()
-    prompts = scan_table(root, scan_id, "prompt_tallies").to_pylist()
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
-
-    cfg = manifest.get("config", {})
-    t = cfg.get("thresholds", {})
-    background = next((r["background_p95"] for r in labels if r.get("background_p95") is not None), None)
-    scored = [r for r in labels if r["status"] == "ok"]
-    svg = histogram_svg(
-        [r["replication_score"] for r in scored],
-        {"background p95": background, "replication": t.get("replication"), "verbatim": t.get("verbatim")},
-    )
-    space_of = {n["unit_id"]: n["space"] for n in neighbors if n["rank"] == 1 and n["space"] == "sscd"}
-    top_neighbor = {}
-    for n in neighbors:
-        if n["rank"] == 1 and (n["space"] == space_of.get(n["unit_id"], "clip")):
-            top_neighbor[n["unit_id"]] = n
-    order = {"MU": 0, "MI": 1, "ME": 2, "none": 3}
-    findings = sorted(scored, key=lambda r: (order.get(r["label"], 9), -(r["replication_score"] or -1)))[:top]
-    cards = []
-    for i, r in enumerate(findings):
-        g, n = gens.get(r["unit_id"], {}), top_neighbor.get(r["unit_id"], {})
-        gen_src = _copy_image(g.get("image_uri"), out / "images" / f"finding-{i:03d}-generated.png")
-        train_src = _copy_image(n.get("image_uri"), out / "images" / f"finding-{i:03d}-training.png")
-
-        def figure(src, caption):
-            img = f'<img src="{src}" alt="{html.escape(caption)}">' if src else "<p>(image not readable)</p>"
-            return f"<figure>{img}<figcaption>{html.escape(caption)}</figcaption></figure>"
-
-        label = r["label"] + (" / " + r["subtype"] if r.get("subtype") else "")
-        css = "mu" if r["label"] == "MU" else ""
-        scores = (
-            f"replication {_fmt(r['replication_score'], 3)} &nbsp; pixel l2 {_fmt(r.get('pixel_l2'), 3)}"
-            f" &nbsp; consistency {_fmt(r['consistency'])}"
-        )
-        cards.append(
-            '<div class="finding">'
-            + figure(gen_src, f"generated: {r['prompt_id']} seed {r['seed']}")
-            + figure(train_src, f"nearest training: {n.get('train_id', '-')}")
-            + f'<div class="reasons"><b class="{css}">{html.escape(label)}</b> &nbsp; {scores}'
-            + f"<p>{html.escape(r['reasons'] or '')}</p>"
-            + f'<p class="meta">{html.escape(n.get("caption") or "")}</p></div></div>'
-        )
-    counts = manifest.get("counts", {})
-    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>raymem report</title>
-<style>{CSS}</style><script>{CHECK_SCRIPT}</script></head><body>
-<h1>raymem scan {html.escape(scan_id)}</h1>
-<p class="meta">model {html.escape(str(manifest.get("model_id")))} · date {manifest.get("scan_date")} · config
-{html.escape(str(manifest.get("config_hash", ""))[:12])} · status {manifest.get("status")} ·
-{counts.get("units", "?")} images ({counts.get("units_failed", 0)} failed) · MU {counts.get("label_MU", 0)} ·
-MI {counts.get("label_MI", 0)} · ME {counts.get("label_ME", 0)} · none {counts.get("label_none", 0)}</p>
-<h2>Entities</h2>{
-        _table(
-            entity,
-            [
-                ("entity", "entity"),
-                *TALLY_COLUMNS,
-                ("rate_MU", "MU rate"),
-                ("n_any_MU", "showing MU"),
-                ("n_any_ME", "showing ME"),
-                ("n_ME_and_MU", "ME and MU"),
-                ("n_MI_and_MU", "MI and MU"),
-                ("n_memorized_prompts", "memorized prompts"),
-                ("train_frequency", "training images"),
-                ("render_rate", "render rate"),
-                ("entity_not_rendered", "not rendered"),
-            ],
-        )
-    }
-<p class="meta">MU / MI / ME / none count each image once, by its primary label (MU &gt; MI &gt; ME);
-"showing" counts every image that shows a category at all, and "ME and MU" those that show both
-(the requested entity on copied content).</p>
-<h2>Under-memorization: render rate against training frequency</h2>{render_rate_svg(entity)}
-<p class="meta">Share of each entity's images that render it (tested against the null images), against
-its tagged training images; red: rendered in fewer than half (not rendered). The dashed line at 200
-images is MIMETIC2's imitation threshold.</p>
-<h2>Replication scores against the background</h2>{svg}
-<p class="meta">Top-1 copy-detection similarity of every scored image; dashed lines: the train–train
-nearest-neighbour background (95th percentile) and the replication / verbatim thresholds.</p>
-<h2>Top findings</h2>{"".join(cards) or "<p>No scored images.</p>"}
-<h2>Prompts</h2>{
-        _table(
-            prompts,
-            [
-                ("prompt_id", "prompt"),
-                ("entity", "entity"),
-                *TALLY_COLUMNS,
-                ("consistency", "consistency"),
-                ("max_replication_score", "max replication"),
-                ("memorized_prompt", "memorized"),
-            ],
-        )
-    }
-<p class="meta">Generated by raymem. Thresholds: {html.escape(json.dumps(t))}</p>
-</body></html>"""
+    page = _environment().get_template("report.html.j2").render(**report_context(root, scan_id, out, top))
     (out / "index.html").write_text(page)
     return out / "index.html"
