@@ -340,7 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
         return sub.add_parser(name, parents=[common], **kwargs)
 
     p = command("scan", help="run a memorization scan described by a YAML config")
-    p.add_argument("config", help="scan config YAML (see configs/demo.yaml and the README's Config reference)")
+    p.add_argument("config", help="scan config YAML (see configs/sd15.yaml and docs/config.md)")
     p.add_argument("--rerun-failed", action="store_true", help="recompute units that failed in earlier runs")
     p.set_defaults(fn=cmd_scan)
 

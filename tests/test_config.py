@@ -100,6 +100,15 @@ def test_demo_config_loads():
     assert cfg.embedding.copy_detection.model == "immaculate:sscd_distilled"
 
 
+def test_the_hub_model_example_config_loads():
+    """configs/sd15.yaml, the README's "scan your own model" config: valid as shipped."""
+    from tests.conftest import REPO
+
+    cfg = load_config(REPO / "configs" / "sd15.yaml")
+    assert cfg.model.id == "stable-diffusion-v1-5/stable-diffusion-v1-5" and cfg.output.uri.startswith("s3://")
+    assert str(cfg.resources.generation_actors) == "1..8" and cfg.resources.device == "auto"
+
+
 def test_index_config_example_and_errors(tmp_path, monkeypatch):
     from raymem.config import load_index_config
     from tests.conftest import REPO
