@@ -130,17 +130,19 @@ def _run_and_commit(cfg, outputs, prompts, training, timer, rerun_failed: bool, 
     except BaseException as err:
         inner = runtime.user_error(err)
         message = str(inner) if inner is not None else runtime.summarize_error(err)
-        outputs.record_failure(
+        where = outputs.record_failure(
             started_at=started_at,
             error=message,
             timings=timer.timings,
             failed_stage=timer.failed_stage or (f"after {timer.last}" if timer.last else "setup"),
+            # Bad input is one line; anything else keeps its whole (uncoloured) traceback for whoever debugs.
+            traceback=None if inner is not None else runtime.plain_traceback(err),
         )
         if inner is not None and inner is not err:
             raise inner from None
         if isinstance(err, RaymemError) or not isinstance(err, Exception):
             raise
-        raise ScanFailed(f"scan {outputs.scan_id} failed: {message} (details in the Ray worker logs)") from err
+        raise ScanFailed(f"scan {outputs.scan_id} failed: {message} (traceback in {where})") from err
     outputs.remove_unlisted(manifest)  # committed: what follows never changes what readers see
     result.timings = manifest["timings"]
     return result

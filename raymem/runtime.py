@@ -401,6 +401,16 @@ def user_error(err: BaseException) -> BaseException | None:
     return None
 
 
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def plain_traceback(err: BaseException) -> str:
+    """The full traceback as text without Ray's colour codes (for the failure record)."""
+    import traceback
+
+    return ANSI_ESCAPE.sub("", "".join(traceback.format_exception(err)))
+
+
 def summarize_error(err: BaseException) -> str:
     """One line for an unexpected failure: the exception a Ray task raised (its `cause`), not Ray's
     wrapper with the remote traceback; otherwise the first and last lines of the message."""
@@ -408,7 +418,7 @@ def summarize_error(err: BaseException) -> str:
     while isinstance(getattr(err, "cause", None), BaseException) and id(err) not in seen:
         seen.add(id(err))
         err = err.cause
-    text = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", str(err))  # Ray colours its tracebacks
+    text = ANSI_ESCAPE.sub("", str(err))  # Ray colours its tracebacks
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     head = f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
     if len(lines) > 1 and lines[-1] not in head:

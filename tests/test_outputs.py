@@ -138,12 +138,19 @@ def test_a_failed_rerun_never_replaces_a_complete_scan(complete_scan, monkeypatc
         raise RuntimeError("disk on fire")
 
     monkeypatch.setattr(raymem.pipeline, "label_units", broken)
-    with pytest.raises(ScanFailed, match="disk on fire"):
+    with pytest.raises(ScanFailed, match="disk on fire") as raised:
         run_scan(parse_config(raw))
     assert visible(out) == before  # counts, timings, table list: all still the complete attempt's
     attempts = [json.loads(p.read_text()) for p in (out / "_attempts" / first.scan_id).glob("*.json")]
     failed = [a for a in attempts if a["status"] == "failed"]
     assert failed and "disk on fire" in failed[-1]["error"]  # the failure is recorded in the history
+    # One line for the console, naming where the whole traceback is; the record holds it, uncoloured.
+    message = str(raised.value)
+    assert "\n" not in message and message.endswith(
+        f"(traceback in {out / '_attempts' / first.scan_id}/{failed[-1]['attempt']}.json)"
+    )
+    trace = failed[-1]["traceback"]
+    assert trace.startswith("Traceback") and "RuntimeError: disk on fire" in trace and "\x1b[" not in trace
 
 
 def scan_held_at(raw: dict, tmp_path: Path, step: str):
