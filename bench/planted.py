@@ -3,8 +3,9 @@
     python bench/planted.py                 # config-default thresholds
     python bench/planted.py --calibrate     # thresholds fitted on the world's calibration split
 
-The first run draws the world and trains its models on the CPU (about 20 minutes on 2 cores; cached
-under --work afterwards); `--models DIR` uses already-trained models instead.
+The development world's trained models are committed (assets/planted-models) and used when the world
+and training configs are the defaults; `--retrain` trains them again on the CPU (about 20 minutes on 2
+cores; cached under --work afterwards); `--models DIR` uses other trained models.
 """
 
 import argparse
@@ -23,10 +24,13 @@ def main() -> int:
     parser.add_argument("--work", default="build/planted")
     parser.add_argument("--calibrate", action="store_true")
     parser.add_argument("--models")
+    parser.add_argument("--retrain", action="store_true")
     parser.add_argument("--json", help="write the summary here too")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    result = run_benchmark(PlantedConfig(work=args.work, calibrate=args.calibrate, models=args.models))
+    result = run_benchmark(
+        PlantedConfig(work=args.work, calibrate=args.calibrate, models=args.models, retrain=args.retrain)
+    )
     print("\n".join(targets_report(result)))
     if args.json:
         Path(args.json).write_text(json.dumps(result["summary"], indent=2, default=str))

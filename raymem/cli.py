@@ -314,7 +314,7 @@ def cmd_bench_planted(args) -> int:
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     preset = PlantedConfig.quick if args.quick else PlantedConfig
-    cfg = preset(work=args.work, calibrate=args.calibrate, models=args.models)
+    cfg = preset(work=args.work, calibrate=args.calibrate, models=args.models, retrain=args.retrain)
     result = run_benchmark(cfg)
     how = "thresholds calibrated on the calibration split" if cfg.calibrate else "config-default thresholds"
     print(f"planted-memorization benchmark ({how})")
@@ -458,6 +458,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibrate", action="store_true", help="fit thresholds on the world's calibration split first")
     p.add_argument("--models", help="use these trained models (pipeline/, clip/) instead of training")
     p.add_argument("--quick", action="store_true", help="reduced world and training (minutes, no targets)")
+    p.add_argument(
+        "--retrain",
+        action="store_true",
+        help="train the models even when the committed ones (assets/planted-models) match the configs",
+    )
     p.set_defaults(fn=cmd_bench_planted)
 
     p = command("validate", help="check a config, its prompt set and training table without running")

@@ -1,6 +1,7 @@
 """The planted-memorization benchmark: its scoring, and a reduced end-to-end run (training included)."""
 
 import dataclasses
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -79,3 +80,17 @@ def test_reduced_benchmark_end_to_end(local_ray, tmp_path):
     assert all(
         m["recall_ci"] is None or 0 <= m["recall_ci"][0] <= m["recall_ci"][1] <= 1 for m in calibrated["metrics"]
     )
+
+
+def test_the_committed_models_are_the_default_worlds():
+    """assets/planted-models belongs to the default world and training configs: the benchmark and the
+    demo use it instead of training. A change to either config makes this fail until the models are
+    retrained (`python bench/planted.py --retrain`) and committed with their new DIGEST."""
+    from dataclasses import asdict
+
+    from raymem.planted.benchmark import COMMITTED_MODELS, PlantedConfig, _digest, prepare_models
+
+    cfg = PlantedConfig()
+    world = Path("build/planted") / f"world-{_digest(asdict(cfg.world))}"
+    assert prepare_models(cfg, world) == COMMITTED_MODELS
+    assert (COMMITTED_MODELS / "pipeline" / "model_index.json").exists()

@@ -46,6 +46,7 @@ class PlantedConfig:
     calibrate: bool = False
     target_precision: float = 0.9
     models: str | None = None  # use these trained models (pipeline/ and clip/) instead of training
+    retrain: bool = False  # train even when the committed models match the world and training configs
 
     @classmethod
     def quick(cls, **kwargs) -> PlantedConfig:
@@ -83,12 +84,22 @@ def check_models(models: Path) -> None:
             raise InputError(str(models), f"not a trained-models directory: {needed} is missing")
 
 
+# The development world's models as trained by prepare_models at the default configs (assets/, with
+# how they were made); DIGEST names the world and training configs they belong to.
+COMMITTED_MODELS = Path(__file__).resolve().parents[2] / "assets" / "planted-models"
+
+
 def prepare_models(cfg: PlantedConfig, world_root: Path) -> Path:
     if cfg.models:
         return Path(cfg.models)
     from raymem.planted.training import train_world_models
 
-    root = Path(cfg.work) / f"models-{_digest([world_root.name, asdict(cfg.train)])}"
+    name = f"models-{_digest([world_root.name, asdict(cfg.train)])}"
+    committed = COMMITTED_MODELS / "DIGEST"
+    if not cfg.retrain and committed.exists() and committed.read_text().strip() == name:
+        log.info("using the committed models of this world and training config (%s)", COMMITTED_MODELS)
+        return COMMITTED_MODELS
+    root = Path(cfg.work) / name
     if not (root / "training.json").exists():
         log.info("training the world's models into %s (CPU; minutes)", root)
         train_world_models(world_root, root, cfg.train)
