@@ -52,6 +52,17 @@ class ModelConfig(_Strict):
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
         "auto", description="auto: float16 on GPU, float32 on CPU"
     )
+    scheduler: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9]+Scheduler$",
+        description="a diffusers scheduler class to sample with, built from the pipeline's own scheduler config "
+        "(e.g. EulerDiscreteScheduler, DPMSolverMultistepScheduler); default: the pipeline's",
+    )
+    offload: Literal["none", "model", "sequential"] = Field(
+        "none",
+        description="large models on one GPU: 'model' keeps each component on the GPU only while it runs, "
+        "'sequential' each layer (slowest, least memory); ignored on CPU",
+    )
 
 
 class GenerationConfig(_Strict):

@@ -177,7 +177,11 @@ class GenerateEmbed:
     def _sample(self, units: list[Unit]):
         from raymem.diffusion import sample
 
-        return sample(self.pipe, self.recorder, [u.prompt for u in units], [u.seed for u in units], self.cfg.generation)
+        out = sample(self.pipe, self.recorder, [u.prompt for u in units], [u.seed for u in units], self.cfg.generation)
+        if self.recorder.reason and not getattr(self, "_told_noise_norm", False):
+            log.warning("noise norm not measured: %s", self.recorder.reason)  # once per actor
+            self._told_noise_norm = True
+        return out
 
     def _run_chunk(self, units: list[Unit]) -> list[dict]:
         start = time.perf_counter()

@@ -123,7 +123,7 @@ def scan_identity(cfg: ScanConfig, prompts, training) -> dict:
             "output": True,
             "prompts": True,
             "training": True,
-            "model": {"id"},
+            "model": {"id", "offload"},  # offloading moves weights, not results
             # how candidates are fetched is operations, like `resources`; what is fetched (k, limits) is not
             "embedding": {"copy_detection": {"candidates": set(OPERATIONAL_FETCH_SETTINGS)}},
         },

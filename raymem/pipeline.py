@@ -205,6 +205,7 @@ def _run(cfg: ScanConfig, outputs: ScanOutputs, prompts, training, timer, rerun_
         units_ok=ok.num_rows,
         units_failed=scan_rows.num_rows - ok.num_rows,
         null_units=generations.num_rows - scan_rows.num_rows,
+        noise_norm=_noise_norm_status(ok),
     )
     clip_dim = generations.schema.field("clip_embedding").type.list_size
     sscd_type = generations.schema.field("sscd_embedding").type
@@ -283,6 +284,20 @@ def _run(cfg: ScanConfig, outputs: ScanOutputs, prompts, training, timer, rerun_
     }
     return ScanResult(
         scan_id=scan_id, manifest_uri=outputs.manifest_uri, tables=published, counts=counts, entity_tallies=e_tallies
+    )
+
+
+def _noise_norm_status(ok: pa.Table) -> str:
+    """Whether Wen et al.'s noise norm was measured: null norms on every image mean the pipeline ran no
+    classifier-free-guidance batch, and the manifest says so instead of leaving bare nulls."""
+    measured = pc.sum(
+        pc.or_(pc.is_valid(ok.column("noise_norm")), pc.is_valid(ok.column("noise_norm_negative")))
+    ).as_py()
+    if not ok.num_rows or measured:
+        return "measured"
+    return (
+        "not measured: the pipeline ran no classifier-free-guidance batch (a guidance-distilled model such "
+        "as Flux, or guidance_scale <= 1), so there is no unconditional prediction to compare with"
     )
 
 
