@@ -82,6 +82,11 @@ def _columns(table: str, columns: list[tuple[str, str]]) -> list[tuple[str, str,
 
 
 # -- chart geometry ------------------------------------------------------------------------------------
+def _frame(width: int, height: int, left: float, right: float, top: float, base: float) -> dict:
+    """A chart's size and plotting area (x from left to right, y from top down to the base line)."""
+    return {"width": width, "height": height, "left": left, "right": right, "top": top, "base": base}
+
+
 def histogram_geometry(
     scores: list[float], marks: dict[str, float | None], background: dict | None, width: int = 680, height: int = 230
 ) -> dict:
@@ -141,12 +146,7 @@ def histogram_geometry(
             "n": background.get("n"),
         }
     return {
-        "width": width,
-        "height": height,
-        "left": left,
-        "right": right,
-        "top": top,
-        "base": base,
+        **_frame(width, height, left, right, top, base),
         "bars": bars,
         "xticks": xticks,
         "yticks": yticks,
@@ -195,12 +195,7 @@ def render_rate_geometry(entities: list[dict], width: int = 680, height: int = 2
         return round(top + (1 - rate) * (base - top), 1)
 
     return {
-        "width": width,
-        "height": height,
-        "left": left,
-        "right": right,
-        "top": top,
-        "base": base,
+        **_frame(width, height, left, right, top, base),
         "x200": x(200),
         "y50": y(0.5),
         "yticks": [{"y": y(r), "label": f"{r:.0%}"} for r in (0.0, 0.5, 1.0)],
