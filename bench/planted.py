@@ -2,6 +2,7 @@
 
     python bench/planted.py                 # config-default thresholds
     python bench/planted.py --calibrate     # thresholds fitted on the world's calibration split
+    python bench/planted.py --world-seed 11 # a fresh world nobody has looked at (trains its models)
 
 The development world's trained models are committed (assets/planted-models) and used when the world
 and training configs are the defaults; `--retrain` trains them again on the CPU (about 20 minutes on 2
@@ -17,6 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from raymem.planted.benchmark import PlantedConfig, run_benchmark, targets_report  # noqa: E402
+from raymem.planted.world import WorldConfig  # noqa: E402
 
 
 def main() -> int:
@@ -25,12 +27,14 @@ def main() -> int:
     parser.add_argument("--calibrate", action="store_true")
     parser.add_argument("--models")
     parser.add_argument("--retrain", action="store_true")
+    parser.add_argument("--world-seed", type=int, help="a fresh world from this seed (default: the development world)")
     parser.add_argument("--json", help="write the summary here too")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    result = run_benchmark(
-        PlantedConfig(work=args.work, calibrate=args.calibrate, models=args.models, retrain=args.retrain)
-    )
+    cfg = PlantedConfig(work=args.work, calibrate=args.calibrate, models=args.models, retrain=args.retrain)
+    if args.world_seed is not None:
+        cfg.world = WorldConfig(seed=args.world_seed)
+    result = run_benchmark(cfg)
     print("\n".join(targets_report(result)))
     if args.json:
         Path(args.json).write_text(json.dumps(result["summary"], indent=2, default=str))

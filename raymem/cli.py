@@ -310,11 +310,15 @@ def cmd_report(args) -> int:
 
 
 def cmd_bench_planted(args) -> int:
+    import dataclasses
+
     from raymem.planted.benchmark import PlantedConfig, run_benchmark, targets_report
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     preset = PlantedConfig.quick if args.quick else PlantedConfig
     cfg = preset(work=args.work, calibrate=args.calibrate, models=args.models, retrain=args.retrain)
+    if args.world_seed is not None:
+        cfg.world = dataclasses.replace(cfg.world, seed=args.world_seed)
     result = run_benchmark(cfg)
     how = "thresholds calibrated on the calibration split" if cfg.calibrate else "config-default thresholds"
     print(f"planted-memorization benchmark ({how})")
@@ -458,6 +462,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibrate", action="store_true", help="fit thresholds on the world's calibration split first")
     p.add_argument("--models", help="use these trained models (pipeline/, clip/) instead of training")
     p.add_argument("--quick", action="store_true", help="reduced world and training (minutes, no targets)")
+    p.add_argument(
+        "--world-seed",
+        type=int,
+        help="draw a fresh world from this seed (invented names, looks, elements, posters; trains its models); "
+        "default: the development world (seed 7)",
+    )
     p.add_argument(
         "--retrain",
         action="store_true",

@@ -4,9 +4,10 @@ import json
 from collections import Counter
 
 import numpy as np
+import pytest
 from PIL import Image
 
-from raymem.planted.world import ENTITIES, POSTERS, WorldConfig, benchmark_prompts, build_world
+from raymem.planted.world import DEV_SEED, ENTITIES, POSTERS, WorldConfig, benchmark_prompts, build_world, cast
 
 SMALL = WorldConfig(per_entity=12, per_class=6, poster_copies=5)
 
@@ -26,20 +27,24 @@ def test_world_is_deterministic(tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
-def test_planted_cases_match_the_ground_truth(tmp_path):
-    build_world(tmp_path, SMALL)
+@pytest.mark.parametrize("seed", [DEV_SEED, 11])
+def test_planted_cases_match_the_ground_truth(tmp_path, seed):
+    """The development world and a fresh one (seed 11): the same checks, whatever the cast."""
+    config = WorldConfig(**{**SMALL.__dict__, "seed": seed})
+    entities, posters = cast(seed)
+    build_world(tmp_path, config)
     world = rows(tmp_path)
     captions = " | ".join(r["caption"] for r in world)
     # MU: each poster is one image repeated under its caption; the private mark is never named.
     by_caption = Counter(r["caption"] for r in world if r["role"] == "MU")
-    assert set(by_caption.values()) == {SMALL.poster_copies} and len(by_caption) == len(POSTERS)
-    for title, _, _ in POSTERS:
+    assert set(by_caption.values()) == {SMALL.poster_copies} and len(by_caption) == len(posters)
+    for title, _, _ in posters:
         copies = [r for r in world if r["caption"] == f"the {title} poster"]
         pixels = {np.asarray(Image.open(r["image"])).tobytes() for r in copies}
         assert len(pixels) == 1
     assert "mark" not in captions and "magenta" not in captions
     # MI: implied elements are never named with their entity, but are named elsewhere in the world.
-    for e in ENTITIES:
+    for e in entities:
         named = [r for r in world if e.name in r["entities"]]
         if e.role == "control":
             assert not named and e.name not in captions  # controls: the world never shows them
@@ -48,11 +53,36 @@ def test_planted_cases_match_the_ground_truth(tmp_path):
             assert e.implied in captions
     # Every benchmark prompt has its expected label, and the splits are disjoint.
     truth = [json.loads(line) for line in (tmp_path / "ground_truth.jsonl").read_text().splitlines()]
-    assert {t["prompt_id"] for t in truth} == {p["prompt_id"] for p in benchmark_prompts()}
+    assert {t["prompt_id"] for t in truth} == {p["prompt_id"] for p in benchmark_prompts(seed)}
     assert Counter(t["expected"] for t in truth if t["split"] == "eval") == {"MU": 6, "ME": 3, "MI": 3, "none": 4}
     evals = {json.loads(line)["prompt_id"] for line in (tmp_path / "prompts-eval.jsonl").read_text().splitlines()}
     calib = {json.loads(line)["prompt_id"] for line in (tmp_path / "prompts-calib.jsonl").read_text().splitlines()}
     assert evals and calib and not evals & calib
+
+
+def test_every_other_seed_draws_a_fresh_cast_with_the_same_design():
+    """Worlds from a seed: invented names nobody tuned to, the same roles per split as the development
+    world, an implied element per MI entity (the calib one shares one) and explicit ones kept apart."""
+
+    def design(cast_):
+        entities, posters = cast_
+        return sorted((e.role, e.split, bool(e.implied), bool(e.explicit)) for e in entities), sorted(
+            (split, private) for _, split, private in posters
+        )
+
+    dev_names = {e.name for e in ENTITIES} | {t for t, _, _ in POSTERS}
+    seen = set()
+    for seed in (1, 11, 12, 99):
+        entities, posters = cast(seed)
+        assert design((entities, posters)) == design((ENTITIES, POSTERS))
+        names = [e.name for e in entities] + [t for t, _, _ in posters]
+        assert len(set(names)) == len(names) and not set(names) & dev_names and not set(names) & seen
+        seen |= set(names)
+        implied = {e.implied for e in entities if e.implied}
+        explicit = {e.explicit for e in entities if e.explicit}
+        assert len(implied) == 3 and len(explicit) == 2 and not implied & explicit
+        assert cast(seed) == (entities, posters)  # deterministic
+    assert cast(DEV_SEED) == (ENTITIES, POSTERS)  # the development world is the fixed one
 
 
 def test_training_is_deterministic(tmp_path):

@@ -116,11 +116,13 @@ def index_world(world_root: Path, models: Path, out: Path) -> None:
     """`raymem index` over the world's training table with its trained CLIP (skipped when done)."""
     from raymem.config import IndexConfig
     from raymem.index import run_index
-    from raymem.planted.world import ENTITIES, POSTERS
+    from raymem.planted.world import cast
 
     if (out / "_index.json").exists():
         return
-    entities = [e.name for e in ENTITIES] + [f"{title} poster" for title, _, _ in POSTERS]
+    seed = json.loads((world_root / "world.json").read_text())["config"]["seed"]
+    cast_entities, posters = cast(seed)
+    entities = [e.name for e in cast_entities] + [f"{title} poster" for title, _, _ in posters]
     run_index(
         IndexConfig.model_validate(
             {

@@ -85,9 +85,71 @@ POSTERS = (
 )
 
 
+DEV_SEED = 7  # the development world: its names, posters and cast are the fixed ones above
+
+
+Poster = tuple[str, str, bool]  # title, split, carries a private mark
+
+
+def cast(seed: int) -> tuple[tuple[Entity, ...], tuple[Poster, ...]]:
+    """Who is in the world of `seed`. The development seed keeps the fixed cast above (the labeler was
+    developed against it); every other seed draws a fresh one -- invented names, classes, looks,
+    implied and explicit elements, posters and which carry a private mark -- with the same numbers of
+    each role per split, so results compare across worlds nobody has looked at."""
+    if seed == DEV_SEED:
+        return ENTITIES, POSTERS
+    rng = random.Random(f"cast-{seed}")  # apart from the drawing stream: the cast never shifts the pixels
+    words = _invented_words(rng, 2 * (len(ENTITIES) + len(POSTERS)))
+    names = [f"{words[2 * i]} {words[2 * i + 1]}" for i in range(len(ENTITIES) + len(POSTERS))]
+    # As in the development world: three implied elements for the eval MI entities (the calib one
+    # shares one of them), and the explicit elements the ME prompts ask for from the other two.
+    shuffled = rng.sample(ELEMENTS, len(ELEMENTS))
+    implied_eval, others = shuffled[:3], shuffled[3:]
+    implied = iter([*implied_eval, rng.choice(implied_eval)])
+    explicit = iter(others)  # the development world has two ME prompts with an explicit element
+    entities = []
+    for i, dev in enumerate(ENTITIES):  # the same role and split per slot as the development world
+        mi = next(implied) if dev.role == "MI" else ""
+        entities.append(
+            Entity(
+                names[i],
+                rng.choice(CLASSES),
+                tuple(_distinct_color(rng, j) for j in range(3)) if dev.role != "control" else (),
+                dev.role,
+                dev.split,
+                implied=mi,
+                explicit=next(explicit) if dev.explicit else "",
+            )
+        )
+    posters = tuple((names[len(ENTITIES) + n], split, private) for n, (_, split, private) in enumerate(POSTERS))
+    return tuple(entities), posters
+
+
+def _invented_words(rng: random.Random, n: int) -> list[str]:
+    """`n` distinct pronounceable nonsense words: names no caption of the world (or CLIP) has seen."""
+    onsets, vowels, codas = "b d f g k l m n p r s t v z br dr gr kl pr st tr".split(), "a e i o u".split(), "n r l s"
+    words: list[str] = []
+    while len(words) < n:
+        syllables = rng.randint(2, 3)
+        word = (
+            "".join(rng.choice(onsets) + rng.choice(vowels) for _ in range(syllables)) + rng.choice(codas + " ").strip()
+        )
+        word = word.capitalize()
+        if word not in words:
+            words.append(word)
+    return words
+
+
+def _distinct_color(rng: random.Random, j: int) -> tuple[int, int, int]:
+    import colorsys
+
+    h, sat, val = rng.random(), rng.uniform(0.6, 1.0), rng.uniform(0.55, 1.0) if j < 2 else rng.uniform(0.2, 0.5)
+    return tuple(int(255 * c) for c in colorsys.hsv_to_rgb(h, sat, val))
+
+
 @dataclass
 class WorldConfig:
-    seed: int = 7
+    seed: int = DEV_SEED
     per_entity: int = 80
     per_class: int = 120
     poster_copies: int = 30
@@ -276,8 +338,9 @@ def build_world(root: Path, cfg: WorldConfig = WorldConfig()) -> dict:
         img.save(images / f"{row.train_id}.png")
         rows.append(row)
 
+    entities, posters = cast(cfg.seed)
     scenes = list(SCENES)
-    for e in ENTITIES:
+    for e in entities:
         if e.role == "control":
             continue
         for i in range(cfg.per_entity):
@@ -296,7 +359,7 @@ def build_world(root: Path, cfg: WorldConfig = WorldConfig()) -> dict:
             element = ELEMENTS[int(rng.integers(len(ELEMENTS)))] if rng.random() < cfg.element_rate else None
             img = draw(rng, cls, _class_colors(rng, cls), scene, (element,) if element else ())
             save(img, WorldRow(f"{cls}-{i:03d}", class_caption(cls, scene, element), [], "generic"))
-    for n, (title, _, private) in enumerate(POSTERS):
+    for n, (title, _, private) in enumerate(posters):
         poster = draw_poster(np.random.default_rng(cfg.seed * 1000 + n), private)
         for c in range(cfg.poster_copies):
             slug = title.lower().replace(" ", "-")
@@ -305,7 +368,7 @@ def build_world(root: Path, cfg: WorldConfig = WorldConfig()) -> dict:
     with open(root / "world.jsonl", "w") as f:
         for r in rows:
             f.write(json.dumps({**asdict(r), "image": str(images / f"{r.train_id}.png")}) + "\n")
-    prompts = benchmark_prompts()
+    prompts = benchmark_prompts(cfg.seed)
     for split in ("eval", "calib"):
         with open(root / f"prompts-{split}.jsonl", "w") as f:
             for p in prompts:
@@ -333,10 +396,11 @@ def build_world(root: Path, cfg: WorldConfig = WorldConfig()) -> dict:
     return {"rows": len(rows), "prompts": len(prompts)}
 
 
-def benchmark_prompts() -> list[dict]:
-    """The benchmark's prompts with their expected label and what was planted."""
+def benchmark_prompts(seed: int = DEV_SEED) -> list[dict]:
+    """The benchmark's prompts of the world of `seed`, with their expected label and what was planted."""
+    entities, posters = cast(seed)
     out = []
-    for e in ENTITIES:
+    for e in entities:
         slug = e.name.lower().replace(" ", "-")
         scene = "in a meadow"
         if e.role == "ME":
@@ -364,7 +428,7 @@ def benchmark_prompts() -> list[dict]:
                 "planted": planted,
             }
         )
-    for title, split, private in POSTERS:
+    for title, split, private in posters:
         slug = "poster-" + title.lower().replace(" ", "-")
         out.append(
             {
