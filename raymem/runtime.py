@@ -359,29 +359,20 @@ def map_stage(
     `plan.actors` instances of the callable class `fn`, each built once with `constructor_kwargs` (models
     load there) and called with Arrow batches of `batch_size` items. Yields the output Arrow batches as
     they complete; the same code runs on a laptop's local Ray and on a cluster."""
-    import warnings
-
     import ray
 
     ds = ray.data.from_items(items, override_num_blocks=blocks or max(1, len(items)))
-    extra = {}
-    if started_here():
-        # On a local Ray there is no node to lose, and restartable actors make Ray 2.60 print an error
-        # line per pool (ray-project/ray#57733). On a cluster actors stay restartable (node loss).
-        # max_restarts has no named parameter yet; the generic form is deprecated from Ray 2.64 (we
-        # pin below it).
-        extra["max_restarts"] = 0
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
-        out = ds.map_batches(
-            fn,
-            fn_constructor_kwargs=constructor_kwargs or {},
-            batch_size=batch_size,
-            batch_format="pyarrow",
-            compute=plan.compute(len(items)),
-            **plan.remote_args(),
-            **extra,
-        )
+    # Actors stay restartable (Ray Data's default) even on a local Ray: a worker killed by the OOM
+    # killer is replaced and its chunk re-run. The price is one Ray 2.60 error line per pool
+    # (ray-project/ray#57733: Ray Data's own constructor arguments live in the object store).
+    out = ds.map_batches(
+        fn,
+        fn_constructor_kwargs=constructor_kwargs or {},
+        batch_size=batch_size,
+        batch_format="pyarrow",
+        compute=plan.compute(len(items)),
+        **plan.remote_args(),
+    )
     return named(out, name)
 
 

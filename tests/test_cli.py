@@ -154,7 +154,9 @@ def test_a_scan_reports_progress_per_stage_and_closes_with_a_summary(demo_raw, d
     assert "\x1b[" not in stdout  # no colour codes in a log
     assert "streaming_executor" not in out.stderr  # Ray Data's per-dataset INFO lines stay in its log file
     # A normal run on a laptop's local Ray: raymem's own lines and nothing of Ray's (no token-auth
-    # notice, no "progress bars disabled", no core_worker error line, no deprecation warning).
-    assert [line for line in out.stderr.splitlines() if "raymem." not in line] == []
+    # notice, no "progress bars disabled", no deprecation warning) but the one known Ray 2.60 line per
+    # actor pool (ray-project/ray#57733; README, Commands), kept because actors must stay restartable.
+    known = "has constructor arguments in the object store and max_restarts > 0"
+    assert [line for line in out.stderr.splitlines() if "raymem." not in line and known not in line] == []
     quiet = raymem("scan", str(path), "-q")
     assert quiet.returncode == 0 and "raymem.progress" not in quiet.stderr
