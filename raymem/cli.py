@@ -96,7 +96,8 @@ def cmd_demo(args) -> int:
 
         labels = read_scan_table(cfg.output.uri, result.scan_id, "labels").to_pylist()
         rows, lines = truth_table(labels, world)
-        print("\nWhat was planted in the training set, and what the scan found (per prompt, 8 seeds each):")
+        seeds = cfg.generation.seeds_per_prompt
+        print(f"\nWhat was planted in the training set, and what the scan found (per prompt, {seeds} seeds each):")
         sys.stdout.write(format_table(pa.Table.from_pylist(rows), "table"))
         print("\n".join(lines))
         print(

@@ -218,14 +218,16 @@ def prepare_planted_demo(cfg: ScanConfig) -> Path:
 
 def truth_table(labels: list[dict], world: Path) -> tuple[list[dict], list[str]]:
     """Per prompt: what was planted, the label it should get, and the labels its images got; plus one
-    line per category (images labelled as planted / images planted)."""
-    import json
+    line per category (images labelled as planted / images planted), scored as the benchmark scores."""
     from collections import Counter
 
-    truth = {r["prompt_id"]: r for r in map(json.loads, (world / "ground_truth.jsonl").read_text().splitlines())}
+    from raymem.planted.benchmark import evaluate, ground_truth
+
+    truth = ground_truth(world)
+    result = evaluate(labels, truth)
     found: dict[str, Counter] = {}
-    for r in labels:
-        found.setdefault(r["prompt_id"], Counter())[r["label"] or "failed"] += 1
+    for image in result["images"]:
+        found.setdefault(image["prompt_id"], Counter())[image["predicted"]] += 1
     rows = [
         {
             "prompt_id": pid,
@@ -235,10 +237,9 @@ def truth_table(labels: list[dict], world: Path) -> tuple[list[dict], list[str]]
         }
         for pid in sorted(found, key=lambda p: (truth[p]["expected"], p))
     ]
-    lines = []
-    for category in ("MU", "MI", "ME", "none"):
-        mine = [r for r in labels if truth[r["prompt_id"]]["expected"] == category]
-        hit = sum(1 for r in mine if r["label"] == category)
-        if mine:
-            lines.append(f"{category:4s} {hit:3d} of {len(mine):3d} images labelled as planted")
+    lines = [
+        f"{m['category']:4s} {m['true_positives']:3d} of {m['expected']:3d} images labelled as planted"
+        for m in result["metrics"]
+        if m["expected"]
+    ]
     return rows, lines

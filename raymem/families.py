@@ -96,7 +96,7 @@ def _flat_vae(latent_channels: int):
     )
 
 
-def build_sdxl(target: Path):
+def build_sdxl():
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
 
     unet = UNet2DConditionModel(
@@ -129,20 +129,21 @@ def build_sdxl(target: Path):
     scheduler = EulerDiscreteScheduler(
         beta_start=0.00085, beta_end=0.012, steps_offset=1, beta_schedule="scaled_linear", timestep_spacing="leading"
     )
+    tokenizer = clip_tokenizer()  # both text encoders read the same CLIP vocabulary
     return StableDiffusionXLPipeline(
         unet=unet,
         vae=vae,
         scheduler=scheduler,
         text_encoder=_clip_text(False),
-        tokenizer=clip_tokenizer(),
+        tokenizer=tokenizer,
         text_encoder_2=_clip_text(True),
-        tokenizer_2=clip_tokenizer(),
+        tokenizer_2=tokenizer,
         image_encoder=None,
         feature_extractor=None,
     )
 
 
-def build_sd3(target: Path):
+def build_sd3():
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 
     t5_tok = unigram_tokenizer("t5")
@@ -158,14 +159,15 @@ def build_sd3(target: Path):
         pooled_projection_dim=64,  # the two CLIP encoders' pooled outputs (32 + 32)
         out_channels=4,
     )
+    tokenizer = clip_tokenizer()  # both CLIP encoders read the same vocabulary
     return StableDiffusion3Pipeline(
         transformer=transformer,
         vae=_flat_vae(4),
         scheduler=FlowMatchEulerDiscreteScheduler(),
         text_encoder=_clip_text(True),
-        tokenizer=clip_tokenizer(),
+        tokenizer=tokenizer,
         text_encoder_2=_clip_text(True),
-        tokenizer_2=clip_tokenizer(),
+        tokenizer_2=tokenizer,
         text_encoder_3=_t5_encoder(len(t5_tok)),
         tokenizer_3=t5_tok,
         image_encoder=None,
@@ -173,7 +175,7 @@ def build_sd3(target: Path):
     )
 
 
-def build_pixart_sigma(target: Path):
+def build_pixart_sigma():
     from diffusers import DPMSolverMultistepScheduler, PixArtSigmaPipeline, PixArtTransformer2DModel
 
     t5_tok = unigram_tokenizer("t5")
@@ -203,7 +205,7 @@ def build_pixart_sigma(target: Path):
     )
 
 
-def build_flux(target: Path):
+def build_flux():
     """Flux as schnell / dev are: guidance-distilled, so the pipeline runs no unconditional branch."""
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 
@@ -230,7 +232,7 @@ def build_flux(target: Path):
     )
 
 
-def build_sana(target: Path):
+def build_sana():
     from diffusers import AutoencoderDC, FlowMatchEulerDiscreteScheduler, SanaPipeline, SanaTransformer2DModel
     from transformers import Gemma2Config, Gemma2Model
 
@@ -306,6 +308,6 @@ def build_family(family: str, target: Path, seed: int = TINY_SEED) -> Path:
     if family not in _BUILDERS:
         raise ValueError(f"unknown family {family!r}; one of {', '.join(FAMILIES)}")
     torch.manual_seed(seed)
-    pipe = _BUILDERS[family](target)
+    pipe = _BUILDERS[family]()
     pipe.save_pretrained(target)
     return target

@@ -145,6 +145,7 @@ class GenerateEmbed:
             torch.set_num_threads(max(1, int(cfg.resources.cpus_per_actor)))
         self.pipe = load_pipeline(cfg.model, self.device)
         self.recorder = NoiseNormRecorder(self.pipe, cfg.generation.noise_norm_steps)
+        self._told_noise_norm = False  # why the noise norm is not measured is logged once per actor
         self.clip = ClipEncoder(cfg.embedding.clip, self.device)
         cd = cfg.embedding.copy_detection
         self.sscd = (
@@ -178,8 +179,8 @@ class GenerateEmbed:
         from raymem.diffusion import sample
 
         out = sample(self.pipe, self.recorder, [u.prompt for u in units], [u.seed for u in units], self.cfg.generation)
-        if self.recorder.reason and not getattr(self, "_told_noise_norm", False):
-            log.warning("noise norm not measured: %s", self.recorder.reason)  # once per actor
+        if self.recorder.reason and not self._told_noise_norm:
+            log.warning("noise norm not measured: %s", self.recorder.reason)
             self._told_noise_norm = True
         return out
 

@@ -178,7 +178,6 @@ def scan_id_for(cfg: ScanConfig) -> str:
 def _run(cfg: ScanConfig, outputs: ScanOutputs, prompts, training, timer, rerun_failed: bool) -> ScanResult:
     scan_id = outputs.scan_id
     runtime.data_context()
-    cluster = runtime.ClusterResources.current()
     associations = _mine(cfg, prompts, training, timer)
     probes = {p.prompt_id: _probes(p, associations.get(p.entity)) for p in prompts}
 
@@ -188,7 +187,7 @@ def _run(cfg: ScanConfig, outputs: ScanOutputs, prompts, training, timer, rerun_
         have = text_cache.embeddings(wanted_texts)
     texts_by_prompt = {pid: [p.text for p in ps if p.text not in have] for pid, ps in probes.items()}
     units = expand_units(prompts, cfg, unit_fingerprint(cfg, outputs.identity["model"]), cfg.signals.null_seeds)
-    counts = _generate(cfg, outputs, units, texts_by_prompt, rerun_failed, cluster, timer)
+    counts = _generate(cfg, outputs, units, texts_by_prompt, rerun_failed, timer)
     device = counts.get("resources", {}).get("device")
     texts = text_cache.embeddings(wanted_texts)
     if wanted_texts - texts.keys():  # units were reused but probes changed: encode what is missing
@@ -330,7 +329,7 @@ def _probes(p: Prompt, assoc: EntityAssociations | None) -> list[Probe]:
     return probes_for(p.prompt, p.entity, p.entity_class, p.explicit_elements, p.implicit_elements, mined, instance)
 
 
-def _generate(cfg: ScanConfig, outputs: ScanOutputs, units, texts_by_prompt, rerun_failed: bool, cluster, timer):
+def _generate(cfg: ScanConfig, outputs: ScanOutputs, units, texts_by_prompt, rerun_failed: bool, timer):
     store = UnitStore(outputs.unit_store)
     with timer("resume_check"):
         known = store.status({u.unit_id for u in units})
@@ -339,7 +338,8 @@ def _generate(cfg: ScanConfig, outputs: ScanOutputs, units, texts_by_prompt, rer
     if not todo:
         return {"units_generated": 0, "units_reused": len(units)}
     with timer("choose_device"):
-        choice = runtime.choose_device(cfg.resources, cluster)
+        choice = runtime.choose_device(cfg.resources, runtime.ClusterResources.current())
+    # Read again: a GPU node the autoscaler added while choose_device waited is part of the plan.
     plan = runtime.plan_generation(cfg.resources, runtime.ClusterResources.current(), choice.device)
     log.info("generating on %s (%s): %s", choice.device, choice.reason, plan.describe())
     chunks = work_chunks(todo, cfg.generation.batch_size, texts_by_prompt)
