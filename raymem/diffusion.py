@@ -48,12 +48,7 @@ def load_pipeline(cfg: ModelConfig, device: torch.device):
     pipe = DiffusionPipeline.from_pretrained(source, **kwargs)
     pipe.set_progress_bar_config(disable=True)
     if cfg.scheduler:
-        scheduler_class = getattr(diffusers, cfg.scheduler, None)
-        if scheduler_class is None:
-            from raymem.errors import ConfigError
-
-            raise ConfigError(f"model.scheduler: diffusers has no scheduler {cfg.scheduler!r}")
-        pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config)
+        pipe.scheduler = scheduler_class(cfg.scheduler).from_config(pipe.scheduler.config)
     if device.type == "cuda" and cfg.offload != "none":
         # Offloading places each component on the GPU itself; moving the whole pipeline first would
         # defeat it. The GPU is the one Ray assigned (CUDA_VISIBLE_DEVICES narrows it to index 0).
@@ -63,6 +58,19 @@ def load_pipeline(cfg: ModelConfig, device: torch.device):
             pipe.enable_sequential_cpu_offload(gpu_id=device.index or 0)
         return pipe
     return pipe.to(device)
+
+
+def scheduler_class(name: str):
+    """The diffusers scheduler class `model.scheduler` names; a one-line ConfigError when there is none
+    (checked before Ray starts by `check_model_sources`, and again where the pipeline loads)."""
+    import diffusers
+
+    from raymem.errors import ConfigError
+
+    cls = getattr(diffusers, name, None)
+    if cls is None or not hasattr(cls, "from_config"):
+        raise ConfigError(f"model.scheduler: diffusers has no scheduler {name!r}")
+    return cls
 
 
 def _has_safety_checker(source: str, kwargs: dict) -> bool:

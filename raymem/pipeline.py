@@ -535,6 +535,10 @@ def check_model_sources(cfg: ScanConfig) -> None:
         raise InputError(model, "not a diffusers pipeline prefix: model_index.json is missing (from model.id)")
     if not model.startswith("/") and not uris.is_remote(model) and os.environ.get("HF_HUB_OFFLINE") == "1":
         _check_hub_cache(model, cfg.model.revision)
+    if cfg.model.scheduler:
+        from raymem.diffusion import scheduler_class
+
+        scheduler_class(cfg.model.scheduler)
 
 
 def _check_hub_cache(repo_id: str, revision: str | None) -> None:

@@ -99,6 +99,23 @@ def test_scheduler_and_offload_settings(family_dirs):
         ModelConfig(id="x", scheduler="not a scheduler")
 
 
+def test_an_unknown_scheduler_is_one_line_before_ray_starts(demo_raw, tmp_path):
+    """A name that looks like a scheduler but is none: `raymem validate` exits 2 with one line."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    path = tmp_path / "scan.yaml"
+    path.write_text(yaml.safe_dump({**demo_raw, "model": {**demo_raw["model"], "scheduler": "NoSuchScheduler"}}))
+    out = subprocess.run(
+        [str(Path(sys.executable).parent / "raymem"), "validate", str(path)], capture_output=True, text=True
+    )
+    assert out.returncode == 2
+    assert out.stderr.strip() == "raymem: error: model.scheduler: diffusers has no scheduler 'NoSuchScheduler'"
+
+
 @pytest.mark.ray
 @pytest.mark.parametrize("family", FAMILIES)
 def test_each_family_scans(family, family_dirs, demo_root, tmp_path, local_ray):
