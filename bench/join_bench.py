@@ -52,7 +52,7 @@ def make_table(root: Path, rows: int, dim: int, seed: int = 0) -> Path:
     from raymem.outputs import parquet_options
     from raymem.schema import embedding_array
 
-    done = root / "_COMPLETE_v2"
+    done = root / "_COMPLETE_v3"  # v3: embedding columns uncompressed, as raymem writes them since
     if done.exists():
         return root
     root.mkdir(parents=True, exist_ok=True)
@@ -107,11 +107,12 @@ class MemorySampler:
 
 def run_join(root: Path, queries: np.ndarray, k: int, mode: str = "exact", nprobe: int = 16):
     from raymem import runtime
+    from raymem.config import ActorRange
     from raymem.join import Queries, nearest_neighbours
     from raymem.sources import inspect_training
 
     training = inspect_training(str(root), {"clip": queries.shape[1]})
-    plan = runtime.plan_join(1, runtime.ClusterResources.current())
+    plan = runtime.plan_join(ActorRange(1, 1), runtime.ClusterResources.current())
     q = {"q": Queries([f"q{i}" for i in range(len(queries))], {"clip": queries})}
     with MemorySampler() as mem:
         start = time.perf_counter()
@@ -126,6 +127,18 @@ def run_join(root: Path, queries: np.ndarray, k: int, mode: str = "exact", nprob
         )
         seconds = time.perf_counter() - start
     return result["q"]["clip"], seconds, mem, training
+
+
+def sgemm_seconds(queries: np.ndarray, rows: int, dim: int, rng) -> float:
+    """numpy sgemm of the join's multiply-adds, in 65,536-row blocks already in memory."""
+    block = rng.standard_normal((65_536, dim), dtype=np.float32)
+    full, rest = divmod(rows, 65_536)
+    start = time.perf_counter()
+    for _ in range(full):
+        queries @ block.T
+    if rest:
+        queries @ block[:rest].T
+    return time.perf_counter() - start
 
 
 def main() -> int:
@@ -162,6 +175,7 @@ def main() -> int:
 
     ray.init(address="local", num_cpus=args.threads, include_dashboard=False, logging_level="ERROR")
     ray.data.DataContext.get_current().enable_progress_bars = False
+    t_np_before = sgemm_seconds(queries, args.rows, args.dim, rng)
     exact, t_ray, mem_small, training = run_join(small, queries, args.k)
     out["raymem_seconds"] = t_ray
     out["raymem_rows_per_s"] = args.rows / t_ray
@@ -169,16 +183,14 @@ def main() -> int:
     print(f"raymem exact join: {t_ray:.2f}s = {args.rows / t_ray:,.0f} rows/s", flush=True)
 
     # J2: numpy sgemm for the same multiply-adds, in the same 65,536-row blocks, data already in memory.
-    block = rng.standard_normal((65_536, args.dim), dtype=np.float32)
-    full, rest = divmod(args.rows, 65_536)
-    start = time.perf_counter()
-    for _ in range(full):
-        queries @ block.T
-    if rest:
-        queries @ block[:rest].T
-    t_np = time.perf_counter() - start
+    # Timed before and after the join and averaged: on a shared VM the GEMM speed drifts over minutes.
+    t_np = (sgemm_seconds(queries, args.rows, args.dim, rng) + t_np_before) / 2
     out["numpy_sgemm_seconds"], out["J2_ratio"] = t_np, t_np / t_ray
-    print(f"numpy sgemm, same multiply-adds: {t_np:.2f}s -> J2 = {t_np / t_ray:.2f} (target >= 0.7)", flush=True)
+    print(
+        f"numpy sgemm, same multiply-adds: {t_np:.2f}s (before the join {t_np_before:.2f}s) -> "
+        f"J2 = {t_np / t_ray:.2f} (target >= 0.7)",
+        flush=True,
+    )
 
     # J1: FAISS IndexFlatIP on the same rows held in memory, same thread count.
     import pyarrow.parquet as pq

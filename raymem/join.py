@@ -20,6 +20,7 @@ import logging
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from threadpoolctl import threadpool_limits
 
 from raymem import runtime
 from raymem.candidates import Queries, candidates_table
@@ -36,25 +37,37 @@ MAX_SCORE_ELEMENTS = 64 * 1024 * 1024
 
 
 class TopKScorer:
-    """Ray Data callable class: a batch of training rows in, that batch's top-k per query out."""
+    """Ray Data callable class: a batch of training rows in, the rows of that batch that can still be in
+    some query's top-k out (at most the batch's top-k per query, ties kept)."""
 
     def __init__(self, queries_ref, k: int, threads: int = 1):
         import ray
-        import torch
 
         queries = ray.get(queries_ref) if isinstance(queries_ref, ray.ObjectRef) else queries_ref
-        gpu = bool(ray.get_gpu_ids()) and torch.cuda.is_available() if ray.is_initialized() else False
-        self.device = torch.device("cuda", 0) if gpu else torch.device("cpu")
+        self.device = "cpu"
+        if ray.is_initialized() and ray.get_gpu_ids():
+            import torch  # only GPU actors pay for importing torch
+
+            if torch.cuda.is_available():
+                self.device = "cuda"
         self.threads = threads
         self.k = k
 
         def place(m):
             m = np.ascontiguousarray(m, dtype=np.float32)
-            return torch.from_numpy(m).to(self.device) if gpu else m
+            if self.device == "cuda":
+                import torch
+
+                return torch.from_numpy(m).to("cuda")
+            return m
 
         self.query_sets = [
             (name, {s: place(m) for s, m in qs.matrices.items()}, self._self_keys(qs)) for name, qs in queries.items()
         ]
+        # Per (query set, space): the k best scores this actor has seen per query. Their k-th is a floor
+        # below which no later row can enter that query's top-k, so most scores are discarded by one
+        # compare instead of a top-k selection (CPU path).
+        self.best: dict[tuple[str, str], np.ndarray] = {}
 
     @staticmethod
     def _self_keys(qs: Queries) -> dict[str, list[int]] | None:
@@ -90,33 +103,76 @@ class TopKScorer:
                     continue
                 x = checked_matrix(batch, col, q.shape[1])
                 k = min(self.k, n)
+                best = self.best.setdefault((name, space), np.full((q.shape[0], self.k), -np.inf, np.float32))
                 tile = max(1, MAX_SCORE_ELEMENTS // n)
                 for start in range(0, q.shape[0], tile):
                     tile_masks = [(qi - start, j) for qi, j in masks if start <= qi < start + tile]
-                    vals, idx = self._topk(q[start : start + tile], x, k, tile_masks)
-                    rows = np.repeat(np.arange(start, start + vals.shape[0], dtype=np.int32), k)
-                    parts.append((name, space, rows, vals.reshape(-1), idx.reshape(-1)))
+                    if self.device == "cuda":
+                        rows, vals, idx = self._topk_cuda(q[start : start + tile], x, k, tile_masks)
+                    else:
+                        with threadpool_limits(limits=self.threads, user_api="blas"):
+                            scores = q[start : start + tile] @ x.T
+                        for qi, j in tile_masks:
+                            scores[qi, j] = -np.inf
+                        rows, idx, vals = top_rows(scores, k, best[start : start + tile])
+                    parts.append((name, space, rows + start, vals, idx))
         return candidates_table(batch, parts)
 
-    def _topk(self, q, x: np.ndarray, k: int, masks=()) -> tuple[np.ndarray, np.ndarray]:
+    def _topk_cuda(self, q, x: np.ndarray, k: int, masks=()) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         import torch
 
-        if self.device.type == "cuda":
-            scores = q @ torch.from_numpy(x).to(self.device).T
-            for qi, j in masks:
-                scores[qi, j] = -float("inf")
-            vals, idx = torch.topk(scores, k, dim=1)
-            return vals.cpu().numpy(), idx.cpu().numpy()
-        from threadpoolctl import threadpool_limits
-
-        # On CPUs numpy's sgemm (OpenBLAS) is the fast one; Ray starts actors at one BLAS thread.
-        with threadpool_limits(limits=self.threads, user_api="blas"):
-            scores = q @ x.T
+        scores = q @ torch.from_numpy(x).to(q.device).T
         for qi, j in masks:
-            scores[qi, j] = -np.inf
-        torch.set_num_threads(self.threads)
-        vals, idx = torch.topk(torch.from_numpy(scores), k, dim=1)
-        return vals.numpy(), idx.numpy()
+            scores[qi, j] = -float("inf")
+        vals, idx = torch.topk(scores, k, dim=1)
+        rows = np.repeat(np.arange(vals.shape[0], dtype=np.int32), k)
+        return rows, vals.cpu().numpy().reshape(-1), idx.cpu().numpy().reshape(-1)
+
+
+def top_rows(scores: np.ndarray, k: int, best: np.ndarray, block: int = 1024) -> tuple[np.ndarray, ...]:
+    """(query row, column, score) of every score that can be in its row's top-k: at most the top-k
+    of each row of `scores`, ties at the k-th kept, and only scores at or above the row's floor.
+
+    `best` (rows, >= k) holds the best scores seen so far per row (updated in place); its k-th is the
+    floor. Exact: the floor, and the k-th largest of this matrix's block maxima (k distinct entries
+    reach it), are each at most the row's true k-th best, so nothing dropped could be in the top-k.
+    Costs about one pass over `scores` (block maxima) plus work on the few blocks that reach the floor.
+    """
+    q, n = scores.shape
+    kk = best.shape[1]
+    floor = best[:, kk - 1].copy()
+    block = max(1, min(block, n // k))
+    nb = n // block
+    body = scores[:, : nb * block].reshape(q, nb, block)
+    maxima = body.max(axis=2)
+    if nb >= k:  # the k-th largest block maximum: k distinct scores reach it
+        floor = np.maximum(floor, np.partition(maxima, nb - k, axis=1)[:, nb - k])
+    qi, bi = np.nonzero(maxima >= floor[:, None])
+    sub = body[qi, bi]
+    r, c = np.nonzero(sub >= floor[qi][:, None])
+    rows, cols = qi[r], bi[r] * block + c
+    if nb * block < n:  # the columns past the last full block
+        tr, tc = np.nonzero(scores[:, nb * block :] >= floor[:, None])
+        rows, cols = np.concatenate([rows, tr]), np.concatenate([cols, tc + nb * block])
+    vals = scores[rows, cols]
+    # keep each row's top k, with ties at the k-th
+    order = np.lexsort((-vals, rows))
+    rows, cols, vals = rows[order], cols[order], vals[order]
+    starts = np.searchsorted(rows, np.arange(q))
+    rank = np.arange(len(rows)) - starts[rows]
+    counts = np.bincount(rows, minlength=q)
+    kth = np.full(q, -np.inf, np.float32)
+    full = counts >= k
+    kth[full] = vals[starts[full] + k - 1]
+    keep = vals >= kth[rows]
+    rows, cols, vals = rows[keep], cols[keep], vals[keep]
+    # fold the kept scores into `best`
+    top = rank[keep] < kk
+    merged = np.full((q, kk), -np.inf, np.float32)
+    merged[rows[top], rank[keep][top]] = vals[top]
+    both = np.concatenate([best, merged], axis=1)
+    best[:] = -np.sort(-both, axis=1)[:, :kk]
+    return rows.astype(np.int32), cols.astype(np.int64), vals.astype(np.float32)
 
 
 class RunningTopK:

@@ -91,10 +91,14 @@ def package_versions() -> dict[str, str | None]:
 
 
 def parquet_options(schema: pa.Schema) -> dict:
-    """Write options: no dictionary for embedding columns (random floats never repeat, and decoding a
-    failed dictionary costs ~25 % of the read), zstd for the rest."""
-    dictionary = [f.name for f in schema if not pa.types.is_fixed_size_list(f.type)]
-    return {"compression": "zstd", "use_dictionary": dictionary}
+    """Write options: embedding columns PLAIN and uncompressed, so a reader hands their pages to the
+    matrix product without a decode pass (random floats never repeat, and zstd saves ~8 % of their bytes
+    for twice the read time); zstd and dictionaries for the rest."""
+    embeddings = {f.name for f in schema if pa.types.is_fixed_size_list(f.type)}
+    return {
+        "compression": {f.name: "none" if f.name in embeddings else "zstd" for f in schema},
+        "use_dictionary": [f.name for f in schema if f.name not in embeddings],
+    }
 
 
 def parquet_bytes(table: pa.Table) -> bytes:

@@ -113,6 +113,70 @@ def test_bad_embedding_values_name_the_file_and_row():
     np.testing.assert_allclose(m, [[0.6, 0.8], [0, 1]])
 
 
+@pytest.mark.parametrize("tied", [False, True])
+def test_top_rows_streamed_over_batches_keeps_the_exact_top_k_and_every_tie(tied):
+    rng = np.random.default_rng(11 + tied)
+    for _ in range(40):
+        q, k, total = int(rng.integers(1, 9)), int(rng.integers(1, 12)), int(rng.integers(1, 4000))
+        scores = (
+            rng.integers(0, 30, size=(q, total)).astype(np.float32)  # many ties at the k-th
+            if tied
+            else rng.standard_normal((q, total)).astype(np.float32)
+        )
+        best = np.full((q, k), -np.inf, np.float32)
+        emitted = [dict() for _ in range(q)]
+        start = 0
+        while start < total:
+            n = int(rng.integers(1, 1500))
+            part = scores[:, start : start + n]
+            rows, cols, vals = joins.top_rows(part.copy(), min(k, part.shape[1]), best, block=int(rng.choice([1, 7, 256])))
+            np.testing.assert_array_equal(vals, part[rows, cols])
+            for r, c, v in zip(rows, cols, vals):
+                emitted[r][start + int(c)] = v
+            start += n
+        for i in range(q):
+            kth = np.sort(scores[i])[::-1][: k][-1]
+            # every score at or above the true k-th was emitted (ties included) ...
+            assert set(np.flatnonzero(scores[i] >= kth)) <= set(emitted[i]), (i, kth)
+            # ... and the running best is the true top k
+            np.testing.assert_array_equal(best[i], np.sort(scores[i])[::-1][:k])
+
+
+def test_top_rows_discards_batches_below_the_floor():
+    high = np.array([[0.9, 0.8, 0.95, 0.7]], np.float32)
+    best = np.full((1, 2), -np.inf, np.float32)
+    rows, cols, _ = joins.top_rows(high, 2, best, block=1)
+    assert sorted(cols) == [0, 2] and best.tolist() == [[np.float32(0.95), np.float32(0.9)]]
+    low = np.array([[0.5, 0.85, 0.1, 0.89]], np.float32)  # nothing reaches 0.9 any more
+    rows, cols, _ = joins.top_rows(low, 2, best, block=2)
+    assert len(rows) == 0
+    tie = np.array([[0.9, 0.2]], np.float32)  # a tie with the k-th is kept: the driver orders ties by id
+    rows, cols, _ = joins.top_rows(tie, 2, best, block=1)
+    assert cols.tolist() == [0]
+
+
+def test_scorer_results_do_not_depend_on_batch_order_ties_included():
+    rng = np.random.default_rng(5)
+    x = l2_normalize(rng.standard_normal((40, 8)))
+    x = np.concatenate([x, x[:20]])  # 20 exact ties under other ids
+    ids = [f"t{i:03d}" for i in range(len(x))]
+    q = l2_normalize(rng.standard_normal((6, 8)))
+    table = pa.table({"train_id": ids, "clip_embedding": embedding_array(x, 8), "path": ["p"] * len(ids)})
+
+    def joined(order):
+        scorer = joins.TopKScorer({"u": joins.Queries([f"q{i}" for i in range(6)], {"clip": q})}, 5)
+        result = {"u": {"clip": joins.RunningTopK(6, 5)}}
+        for start in order:
+            joins.fold(scorer(table.slice(start, 15)), result)
+        return [[r["train_id"] for r in rows] for rows in result["u"]["clip"].rows]
+
+    forward = joined([0, 15, 30, 45])
+    assert forward == joined([45, 30, 15, 0]) == joined([30, 0, 45, 15])
+    # the same scores by brute force (per slice, as BLAS rounds a slice), sorted by (-score, train_id)
+    s = np.concatenate([q @ x[start : start + 15].T for start in (0, 15, 30, 45)], axis=1)
+    assert forward == [[ids[j] for j in sorted(range(len(ids)), key=lambda j: (-row[j], ids[j]))[:5]] for row in s]
+
+
 @pytest.mark.ray
 def test_exact_topk_equals_numpy_across_files_and_batches(local_ray, tmp_path):
     rng = np.random.default_rng(7)

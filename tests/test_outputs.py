@@ -312,3 +312,20 @@ def test_two_scans_racing_on_one_root_the_second_exits_with_a_clear_message(demo
         assert time.time() - start < 60  # refused before generating anything
     finally:
         kill_process_tree(proc)
+
+
+def test_embedding_columns_are_written_plain_and_uncompressed_the_rest_zstd(tmp_path):
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from raymem.outputs import parquet_bytes
+    from raymem.schema import embedding_array
+
+    table = pa.table({"train_id": ["a", "b"], "clip_embedding": embedding_array(np.eye(2, 4, dtype=np.float32), 4)})
+    (tmp_path / "t.parquet").write_bytes(parquet_bytes(table))
+    meta = pq.ParquetFile(tmp_path / "t.parquet").metadata.row_group(0)
+    by_name = {meta.column(i).path_in_schema: meta.column(i) for i in range(meta.num_columns)}
+    embedding = by_name["clip_embedding.list.element"]
+    assert embedding.compression == "UNCOMPRESSED" and "PLAIN" in embedding.encodings
+    assert embedding.dictionary_page_offset is None
+    assert by_name["train_id"].compression == "ZSTD"
