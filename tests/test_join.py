@@ -129,13 +129,15 @@ def test_top_rows_streamed_over_batches_keeps_the_exact_top_k_and_every_tie(tied
         while start < total:
             n = int(rng.integers(1, 1500))
             part = scores[:, start : start + n]
-            rows, cols, vals = joins.top_rows(part.copy(), min(k, part.shape[1]), best, block=int(rng.choice([1, 7, 256])))
+            rows, cols, vals = joins.top_rows(
+                part.copy(), min(k, part.shape[1]), best, block=int(rng.choice([1, 7, 256]))
+            )
             np.testing.assert_array_equal(vals, part[rows, cols])
             for r, c, v in zip(rows, cols, vals):
                 emitted[r][start + int(c)] = v
             start += n
         for i in range(q):
-            kth = np.sort(scores[i])[::-1][: k][-1]
+            kth = np.sort(scores[i])[::-1][:k][-1]
             # every score at or above the true k-th was emitted (ties included) ...
             assert set(np.flatnonzero(scores[i] >= kth)) <= set(emitted[i]), (i, kth)
             # ... and the running best is the true top k
