@@ -15,7 +15,7 @@ from raymem.sources.clip_retrieval import inspect_clip_retrieval
 pytestmark = pytest.mark.ray
 
 
-def write_layout(root, sizes, dim=12, dtype=np.float16, seed=0):
+def write_layout(root, sizes, dim=12, dtype=np.float16, seed=0, row_group_size=None):
     rng = np.random.default_rng(seed)
     (root / "img_emb").mkdir(parents=True)
     (root / "metadata").mkdir()
@@ -34,6 +34,7 @@ def write_layout(root, sizes, dim=12, dtype=np.float16, seed=0):
                 }
             ),
             root / "metadata" / f"metadata_{n}.parquet",
+            row_group_size=row_group_size,
         )
         all_emb.append(emb.astype(np.float32))
         keys += k
@@ -55,6 +56,26 @@ def test_in_place_join_equals_brute_force(local_ray, tmp_path):
         expected = keys[np.argsort(-scores[i], kind="stable")[:4]]
         assert [r["train_id"] for r in rows] == list(expected)
         assert rows[0]["caption"] == f"caption {expected[0]}" and rows[0]["image_uri"].startswith("https://x/")
+
+
+def test_a_row_range_reads_only_its_metadata_row_groups(tmp_path, monkeypatch):
+    from raymem.sources import clip_retrieval
+
+    x, keys = write_layout(tmp_path / "laion", [100], row_group_size=16)
+    meta, npy = tmp_path / "laion" / "metadata" / "metadata_0.parquet", tmp_path / "laion" / "img_emb" / "img_emb_0.npy"
+    read = []
+    original = pq.ParquetFile.read_row_groups
+    monkeypatch.setattr(
+        pq.ParquetFile,
+        "read_row_groups",
+        lambda self, groups, **kw: read.append(list(groups)) or original(self, groups, **kw),
+    )
+    for start, stop in ((0, 16), (10, 40), (95, 100), (33, 34)):
+        read.clear()
+        table = clip_retrieval.read_pair_rows(str(meta), str(npy), start, stop)
+        assert table.column("train_id").to_pylist() == list(keys[start:stop])
+        np.testing.assert_allclose(sources.checked_matrix(table, "clip_embedding", 12), x[start:stop], atol=1e-3)
+        assert read == [list(range(start // 16, (stop - 1) // 16 + 1))]
 
 
 def test_convert_writes_raymem_parquet(local_ray, tmp_path):

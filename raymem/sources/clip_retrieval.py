@@ -155,11 +155,26 @@ def read_pair(meta_path: str, npy_path: str, chunk_rows: int = CHUNK_ROWS):
         start += batch.num_rows
 
 
+def _metadata_rows(pf: pq.ParquetFile, columns: list[str], start: int, stop: int) -> pa.Table:
+    """Rows [start, stop) of a metadata file, reading only the row groups that hold them (a LAION
+    metadata shard has a million rows; a join item wants 65,536 of them)."""
+    first, groups, offset = None, [], 0
+    for g in range(pf.metadata.num_row_groups):
+        rows = pf.metadata.row_group(g).num_rows
+        if offset < stop and offset + rows > start:
+            first = offset if first is None else first
+            groups.append(g)
+        offset += rows
+    if not groups:
+        return pf.schema_arrow.empty_table().select(columns)
+    return pf.read_row_groups(groups, columns=columns, use_threads=False).slice(start - first, stop - start)
+
+
 def read_pair_rows(meta_path: str, npy_path: str, start: int, stop: int) -> pa.Table:
     """Rows [start, stop) of a pair, in raymem's schema (with the `path` column)."""
     header = read_npy_header(npy_path)
     pf, id_col, uri_col, wanted = _open_metadata(meta_path)
-    meta = pf.read(columns=wanted).slice(start, stop - start) if wanted else None
+    meta = _metadata_rows(pf, wanted, start, stop) if wanted else None
     return _pair_table(meta_path, npy_path, header, meta, id_col, uri_col, start, stop - start)
 
 
