@@ -143,7 +143,9 @@ def top_rows(scores: np.ndarray, k: int, best: np.ndarray, block: int = 1024) ->
     floor = best[:, kk - 1].copy()
     block = max(1, min(block, n // k))
     nb = n // block
-    body = scores[:, : nb * block].reshape(q, nb, block)
+    # a view of the full blocks (a reshape of the column slice would copy the matrix)
+    s0, s1 = scores.strides
+    body = np.lib.stride_tricks.as_strided(scores, (q, nb, block), (s0, block * s1, s1), writeable=False)
     maxima = body.max(axis=2)
     if nb >= k:  # the k-th largest block maximum: k distinct scores reach it
         floor = np.maximum(floor, np.partition(maxima, nb - k, axis=1)[:, nb - k])

@@ -130,7 +130,7 @@ def test_top_rows_streamed_over_batches_keeps_the_exact_top_k_and_every_tie(tied
             n = int(rng.integers(1, 1500))
             part = scores[:, start : start + n]
             rows, cols, vals = joins.top_rows(
-                part.copy(), min(k, part.shape[1]), best, block=int(rng.choice([1, 7, 256]))
+                part if n % 2 else part.copy(), min(k, part.shape[1]), best, block=int(rng.choice([1, 7, 256]))
             )
             np.testing.assert_array_equal(vals, part[rows, cols])
             for r, c, v in zip(rows, cols, vals):
