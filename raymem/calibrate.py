@@ -32,12 +32,15 @@ GRID = {
     # scans without a copy detector: CLIP image-image cosines of copies sit near 1
     "clip_replication": [round(x, 2) for x in np.arange(0.80, 1.0, 0.01)],
     "pixel_l2": [0.03, 0.04, 0.05, 0.06, 0.08, 0.10, 0.12, 0.15, 0.20],
+    "region_l2": [0.02, 0.03, 0.04, 0.05, 0.06, 0.08, 0.10, 0.12, 0.15],
+    "region_tiles": [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 4096],  # 4096 (REGION_OFF): none at all
     "consistency": [0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0],
     "element_presence": [round(x, 2) for x in np.arange(0.30, 0.91, 0.05)],
     "null_alpha": [0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5],
 }
+REGION_OFF = 4096  # more tiles than the largest grid has (64 x 64)
 FIT_ORDER = (
-    ("MU", ("replication", "pixel_l2")),
+    ("MU", ("replication", "pixel_l2", "region_l2", "region_tiles")),
     ("MI", ("consistency", "element_presence")),
     ("ME", ("null_alpha",)),
 )
@@ -115,6 +118,12 @@ def fit_order(inputs: LabelInputs) -> tuple[tuple[str, tuple[str, ...]], ...]:
     return tuple((c, tuple("clip_replication" if n == "replication" else n for n in names)) for c, names in FIT_ORDER)
 
 
+def _score(pr: dict, target: float) -> tuple:
+    """Order of preference: precision at the target first, then recall (or precision below it)."""
+    p, r = pr["precision"] or 0.0, pr["recall"] or 0.0
+    return (p >= target, r if p >= target else p, p if p >= target else r)
+
+
 def fit(inputs: LabelInputs, pilot: dict[str, str], start: ThresholdsConfig, target: float):
     """Coordinate-wise fit; returns (fitted thresholds, {category: met target?})."""
     prompts = {g["parent_prompt_id"] for g in inputs.generations if g["unit_id"] in pilot}
@@ -125,12 +134,16 @@ def fit(inputs: LabelInputs, pilot: dict[str, str], start: ThresholdsConfig, tar
         if not any(h == category for h in pilot.values()):
             continue
         for name in names:
-            best_key, best_value = None, getattr(t, name)
+            # Whole-image copies are fitted with region copies off: an image that is no longer a copy
+            # at a stricter `replication` must not count as a region copy before the region thresholds
+            # are fitted in turn. A value replaces the current one only when it does strictly better.
+            off = {"region_tiles": REGION_OFF} if category == "MU" and not name.startswith("region_") else {}
+            best_value = getattr(t, name)
+            best_key = _score(precision_recall(label_units(ev, t.model_copy(update=off)), pilot)[category], target)
             for value in _candidates(name, ev, pilot):
-                pr = precision_recall(label_units(ev, _with(t, name, value)), pilot)[category]
-                p, r = pr["precision"] or 0.0, pr["recall"] or 0.0
-                key = (p >= target, r if p >= target else p, p if p >= target else r)
-                if best_key is None or key > best_key:
+                trial = _with(t, name, value).model_copy(update=off)
+                key = _score(precision_recall(label_units(ev, trial), pilot)[category], target)
+                if key > best_key:
                     best_key, best_value = key, value
             t = _with(t, name, best_value)
         precision = precision_recall(label_units(ev, t), pilot)[category]["precision"]

@@ -151,13 +151,24 @@ TABLES: dict[str, tuple[str, dict[str, str]]] = {
             "error": "why the training image could not be read, else null",
         },
     ),
+    "region_checks": (
+        "one row per (scan image, neighbouring training image) compared region by region: tiles at the "
+        "same position, whatever the global similarity (raymem.regions)",
+        {
+            "grid": "tiles per side of the region grid",
+            "tile_l2": "l2 distance of every tile, row-major (null when an image could not be read)",
+            "tile_texture": "per tile, the smaller pixel standard deviation of the two tiles (flat tiles never count)",
+            "error": "why an image could not be read, else null",
+        },
+    ),
     "labels": (
         "one row per scan unit: its category and every number and reason behind it",
         {
             "label": "MU, MI, ME or none (precedence in that order); null when the unit failed",
-            "subtype": "MU: verbatim, template, partial or instance_element; ME: requested_copy",
-            "is_MU": "the image shows MU (a copy or an instance-specific element), whatever the primary label",
-            "mu_subtypes": "every MU kind it shows: verbatim, template, partial, instance_element",
+            "subtype": "MU: verbatim, template, partial, region or instance_element; ME: requested_copy",
+            "is_MU": "the image shows MU (a copy, a copied region or an instance-specific element), "
+            "whatever the primary label",
+            "mu_subtypes": "every MU kind it shows: verbatim, template, partial, region, instance_element",
             "is_MI": "an implied element is shown consistently (MI), whatever the primary label",
             "is_ME": "the entity is rendered with every explicit element (ME), whatever the primary label",
             "webster": "Webster's MV (caption matches the prompt), RV or TV, for verbatim and template copies",
@@ -177,6 +188,9 @@ TABLES: dict[str, tuple[str, dict[str, str]]] = {
             "pixel_l2": "largest tile l2 to the top-1 training image, when checked",
             "pixel_tile_share": "share of tiles within the pixel_l2 threshold",
             "pixel_tile_l2": "every tile's l2, so thresholds can be refit",
+            "region_train_id": "the training image a region was copied from (most copied tiles), when one was",
+            "region_tiles": "the copied tiles, row-major on the region grid (region_checks has every tile)",
+            "region_l2": "the largest l2 among the copied tiles",
             "consistency": "share of the prompt's seeds in the largest near-duplicate cluster",
             "cluster_member": "whether this image is in that cluster",
             "clip_prompt_score": "CLIP cosine between the image and its prompt",
@@ -244,6 +258,7 @@ def render() -> str:
         "entities": schema.entities_schema(512),
         "background": schema.BACKGROUND,
         "pixel_checks": schema.PIXEL_CHECKS,
+        "region_checks": schema.REGION_CHECKS,
         "labels": schema.LABELS_TABLE,
         "prompt_tallies": schema.PROMPT_TALLIES,
         "entity_tallies": schema.ENTITY_TALLIES,

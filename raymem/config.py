@@ -191,6 +191,17 @@ class ThresholdsConfig(_Strict):
     template_tiles: float = Field(
         0.5, gt=0, le=1, description="share of tiles within pixel_l2 for a template copy (Webster's TV)"
     )
+    region_l2: float = Field(
+        0.1, gt=0, le=1, description="tile l2 at or below which a textured tile is copied (region-level copies)"
+    )
+    region_texture: float = Field(
+        0.1,
+        ge=0,
+        le=1,
+        description="pixel std both tiles need for a tile to count as copied: flat tiles (sky, plain walls) "
+        "match without copying; independent tiles of this std are ~1.41x it apart",
+    )
+    region_tiles: int = Field(2, ge=1, description="copied tiles that make a region copy (MU subtype region)")
     min_lift: float = Field(2.0, ge=1, description="lift P(a|e)/P(a) in training captions for an implied element")
     min_support: int = Field(50, ge=1, description="training images of e mentioning a, for an implied element")
     instance_support: int = Field(
@@ -241,6 +252,14 @@ class SignalsConfig(_Strict):
     mined_per_entity: int = Field(5, ge=0, le=50, description="mined elements kept per entity and kind")
     pixel_size: int = Field(256, ge=16, le=2048, description="side images are resized to for tiled l2")
     pixel_tiles: int = Field(4, ge=1, le=32, description="tiles per side for tiled l2")
+    region_neighbours: int = Field(
+        3,
+        ge=0,
+        le=100,
+        description="training images per scan image (top in the copy space and in CLIP space) compared "
+        "region by region, whatever their global score; 0 disables region-level copy detection",
+    )
+    region_grid: int = Field(8, ge=2, le=64, description="tiles per side for region-level copy detection")
 
 
 class OutputConfig(_Strict):

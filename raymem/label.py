@@ -10,6 +10,10 @@ Primary label by precedence MU > MI > ME > none (docs/labeler.md has the sources
           prompt. A copy of the very work the prompt asks for (`requests_work`, and the copied image
           is tagged with the entity or captioned with the prompt) is what the user expected: ME,
           subtype `requested_copy` -- unless it also shows an instance element (b).
+      (r) region: no whole-image copy, but >= `region_tiles` textured tiles of one of the image's
+          nearest training images are reproduced at the same position (tile l2 <= `region_l2`, both
+          tiles' pixel std >= `region_texture`; raymem.regions) -- a copied background, watermark or
+          mark. Not MU when that training image is the work the prompt names (`requested_region`).
       (b) instance element: an unprompted element that the training captions tie to fewer than
           `instance_support` images of the entity (and to no other image) is shown -- only when the
           prompt has null images, and only past the corrected tests below.
@@ -41,6 +45,7 @@ from raymem.duplicates import groups
 from raymem.label_inputs import Background, EntityStats, LabelInputs, PromptContext
 from raymem.pixels import PixelEvidence
 from raymem.probes import LOGIT_SCALE, sigmoid, two_way_logit
+from raymem.regions import RegionEvidence
 from raymem.schema import ROLE_NULL, ROLE_SCAN, STATUS_OK
 from raymem.stats import TestResult, bh_adjusted, paired_p, prediction_p
 
@@ -51,6 +56,7 @@ __all__ = [
     "PromptContext",
     "label_units",
     "pixel_check_pairs",
+    "region_check_pairs",
     "copy_thresholds",
 ]
 
@@ -174,6 +180,41 @@ def pixel_check_pairs(inputs: LabelInputs, t: ThresholdsConfig) -> dict[str, tup
     return pairs
 
 
+def region_check_pairs(inputs: LabelInputs, neighbours: int) -> dict[str, tuple[str, list[tuple[str, str | None]]]]:
+    """Every scored scan image and its nearest training images (the top `neighbours` in the copy space
+    and in CLIP space, whatever their score): the pairs to compare region by region,
+    {unit_id: (generated image uri, [(train_id, training image uri), ...])}."""
+    pairs = {}
+    if neighbours <= 0:
+        return pairs
+    for g in inputs.generations:
+        if g["role"] != ROLE_SCAN or g["status"] != STATUS_OK or not g["image_uri"]:
+            continue
+        by_space = inputs.neighbors.get(g["unit_id"], {})
+        seen: dict[str, str | None] = {}
+        for space in dict.fromkeys((inputs.copy_space, "clip")):
+            for n in (by_space.get(space) or [])[:neighbours]:
+                seen.setdefault(n["train_id"], n.get("image_uri"))
+        if seen:
+            pairs[g["unit_id"]] = (g["image_uri"], list(seen.items()))
+    return pairs
+
+
+def _region_copy(evidence: list[RegionEvidence], t: ThresholdsConfig) -> tuple[RegionEvidence, list[int]] | None:
+    """The training image with the most copied tiles (ties: the smaller worst l2), if it reaches
+    `region_tiles`."""
+    best = None
+    for ev in evidence:
+        tiles = ev.copied_tiles(t.region_l2, t.region_texture)
+        if len(tiles) < t.region_tiles:
+            continue
+        worst = max(ev.tile_l2[i] for i in tiles)
+        key = (-len(tiles), worst, ev.train_id)
+        if best is None or key < best[0]:
+            best = (key, ev, tiles)
+    return (best[1], best[2]) if best else None
+
+
 def _label_prompt(ctx: PromptContext, indices: list[int], inputs: LabelInputs, t: ThresholdsConfig) -> list[dict]:
     gens = inputs.generations
     texts, neighbors, background, pixels = inputs.texts, inputs.neighbors, inputs.background, inputs.pixels
@@ -256,7 +297,11 @@ def _label_prompt(ctx: PromptContext, indices: list[int], inputs: LabelInputs, t
             continue
         nbrs = neighbors.get(r["unit_id"], {}).get(space, [])
         copy = _CopyEvidence(space, inputs.copy_evidence, inputs.missing.get(r["unit_id"]), bg)
-        decision = _decide(ctx, r, nbrs, copy, evidence[i], member_of[i], pixels.get(r["unit_id"]), t)
+        regions = _region_copy(inputs.regions.get(r["unit_id"], []), t)
+        rows_by_id = {n["train_id"]: n for sp in neighbors.get(r["unit_id"], {}).values() for n in sp}
+        decision = _decide(
+            ctx, r, nbrs, copy, evidence[i], member_of[i], pixels.get(r["unit_id"]), t, regions, rows_by_id
+        )
         out.append({**base, **decision})
     return out
 
@@ -391,7 +436,9 @@ class _CopyEvidence:
         return self.space.upper()
 
 
-def _decide(ctx, r, nbrs, copy: _CopyEvidence, ev, cluster_member, pixel: PixelEvidence | None, t) -> dict:
+def _decide(
+    ctx, r, nbrs, copy: _CopyEvidence, ev, cluster_member, pixel: PixelEvidence | None, t, regions=None, rows_by_id=None
+) -> dict:
     flags: list[str] = []
     reasons: list[str] = []
 
@@ -541,13 +588,39 @@ def _decide(ctx, r, nbrs, copy: _CopyEvidence, ev, cluster_member, pixel: PixelE
     if requested:
         flags.append("requested_copy")
         reasons.append(f"requested copy: {requested}")
+    # A region of a training image reproduced where the whole image is not a copy (a background behind
+    # a new foreground, a shared watermark): content nobody asked for, unless that training image is
+    # the very work the prompt names.
+    region = None
+    if regions is not None and not replicated:
+        region_ev, region_tiles = regions
+        region_row = (rows_by_id or {}).get(region_ev.train_id, {"train_id": region_ev.train_id})
+        region_l2 = max(region_ev.tile_l2[i] for i in region_tiles)
+        region_text = (
+            f"{len(region_tiles)} of {region_ev.grid * region_ev.grid} tiles of training image "
+            f"'{region_ev.train_id}' copied at the same position (tiles {region_tiles}, l2 <= {_fmt(region_l2)} "
+            f"<= region_l2 {t.region_l2}, texture >= {t.region_texture})"
+        )
+        if _names_copied_work(ctx, region_row):
+            flags.append("requested_region")
+            reasons.append(f"region of the requested work: {region_text}")
+        else:
+            region = {"train_id": region_ev.train_id, "tiles": region_tiles, "l2": region_l2}
+            flags.append("region")
+            reasons.append(f"region copy: {region_text}")
     # Every category the image shows, beside the one primary label (the paper's categories co-occur:
     # a requested entity rendered on a copied training background is ME and MU).
-    mu_kinds = ([subtype] if replicated and not requested else []) + (["instance_element"] if instance else [])
+    mu_kinds = (
+        ([subtype] if replicated and not requested else [])
+        + (["region"] if region else [])
+        + (["instance_element"] if instance else [])
+    )
     is_mi = bool(implied)
     is_me = bool(rendered and explicit_ok) or bool(requested and not instance)
     if replicated and not requested:
         label = "MU"
+    elif region:
+        label, subtype = "MU", "region"
     elif instance:
         label, subtype = "MU", "instance_element"
         flags.append("instance_element")
@@ -567,7 +640,7 @@ def _decide(ctx, r, nbrs, copy: _CopyEvidence, ev, cluster_member, pixel: PixelE
         label = "none"
         if explicit and not explicit_ok:
             reasons.append("missing: " + ", ".join(f"'{e['element']}'" for e in explicit if not e["present"]))
-    if replicated and instance and not requested:
+    if (replicated and not requested or region) and instance:
         reasons.append("also instance-specific unprompted element shown: " + "; ".join(describe(e) for e in instance))
     if is_mi and label != "MI":
         reasons.append("also MI: implied element(s) shown consistently: " + "; ".join(describe(e) for e in implied))
@@ -600,6 +673,9 @@ def _decide(ctx, r, nbrs, copy: _CopyEvidence, ev, cluster_member, pixel: PixelE
         "pixel_l2": pixel_max,
         "pixel_tile_share": tile_share,
         "pixel_tile_l2": list(pixel.tile_l2) if pixel_max is not None else None,
+        "region_train_id": region["train_id"] if region else None,
+        "region_tiles": region["tiles"] if region else None,
+        "region_l2": region["l2"] if region else None,
         "cluster_member": cluster_member,
         "entity_presence": (ent_logit / LOGIT_SCALE if _has_reference(ctx) else sigmoid(ent_logit))
         if ent_logit is not None

@@ -21,6 +21,7 @@ import pyarrow.compute as pc
 from raymem.mining import Association, EntityAssociations
 from raymem.pixels import PixelEvidence
 from raymem.probes import Probe
+from raymem.regions import RegionEvidence, region_evidence
 from raymem.schema import PUBLISHED_TABLES, ROLE_SCAN, SPACE_COLUMNS, STATUS_OK, embedding_matrix
 
 # The labeler's output tables; every other published table is its input.
@@ -78,6 +79,8 @@ class LabelInputs:
     # CLIP candidates). Empty when the SSCD neighbours came from a join.
     missing: dict[str, tuple[int, int]] = field(default_factory=dict)
     two_stage: bool = False
+    # Region-level copy detection: unit_id -> one comparison per neighbouring training image.
+    regions: dict[str, list[RegionEvidence]] = field(default_factory=dict)
 
     @property
     def copy_space(self) -> str:
@@ -107,6 +110,7 @@ class LabelInputs:
             self.pixels,
             self.missing,
             self.two_stage,
+            self.regions,
         )
 
     def scored_scan_units(self) -> list[str]:
@@ -136,6 +140,7 @@ class LabelInputs:
             pixels=pixel_evidence(tables["pixel_checks"]),
             missing=missing_evidence(tables["candidates"]),
             two_stage=bool(tables["candidates"].num_rows),
+            regions=region_evidence(tables.get("region_checks")),
         )
 
     @classmethod
@@ -148,7 +153,7 @@ class LabelInputs:
         tables = {
             name: read_scan_table(root, scan_id, name)
             for name in INPUT_TABLES
-            if name in listed or name != "candidates"
+            if name in listed or name not in ("candidates", "region_checks")  # both are newer than some scans
         }
         tables.setdefault("candidates", CANDIDATES.empty_table())  # scans published before two-stage copy detection
         return cls.from_tables(tables)

@@ -31,7 +31,7 @@ from raymem.fetch import FetchLimits
 from raymem.generate import GenerateEmbed, encode_missing_texts, expand_units, unit_fingerprint, work_chunks
 from raymem.identity import scan_id_of, scan_identity
 from raymem.join import RunningTopK, nearest_neighbours, neighbors_table
-from raymem.label import label_units, pixel_check_pairs
+from raymem.label import label_units, pixel_check_pairs, region_check_pairs
 from raymem.label_inputs import LabelInputs, pixel_evidence
 from raymem.mining import EntityAssociations, excluded_terms, mine_associations
 from raymem.outputs import ScanOutputs, one_line_os_error
@@ -39,6 +39,7 @@ from raymem.pixels import confirm_pairs, pixel_checks_table
 from raymem.probes import Probe, probes_for
 from raymem.prompts import Prompt, prompts_table, read_prompts
 from raymem.reduce import entity_tallies, prompt_tallies
+from raymem.regions import check_regions, region_checks_table, region_evidence
 from raymem.schema import (
     CANDIDATES,
     ENTITY_TALLIES,
@@ -252,6 +253,15 @@ def _run(cfg: ScanConfig, outputs: ScanOutputs, prompts, training, timer, rerun_
         pixels = confirm_pairs(pairs, cfg.signals.pixel_size, cfg.signals.pixel_tiles, limits=limits) if pairs else {}
         tables["pixel_checks"] = pixel_checks_table(scan_id, pixels)
         inputs = replace(inputs, pixels=pixel_evidence(tables["pixel_checks"]))
+    with timer("region_checks"):
+        region_pairs = region_check_pairs(inputs, cfg.signals.region_neighbours)
+        regions = (
+            check_regions(region_pairs, cfg.signals.pixel_size, cfg.signals.region_grid, limits=limits)
+            if region_pairs
+            else {}
+        )
+        tables["region_checks"] = region_checks_table(scan_id, regions)
+        inputs = replace(inputs, regions=region_evidence(tables["region_checks"]))
     with timer("label"):
         labels = label_units(inputs, cfg.thresholds)
         freq = {e: st.count for e, st in stats.items()}
@@ -271,6 +281,7 @@ def _run(cfg: ScanConfig, outputs: ScanOutputs, prompts, training, timer, rerun_
         prompts=len(prompts),
         background_sample=background[next(iter(background))].n if background else 0,
         pixel_checks=len(pixels),
+        region_checks=tables["region_checks"].num_rows,
         training_files_skipped=training.skipped,
         background_source=joined.background_source,
         copy_detection=copy_mode,

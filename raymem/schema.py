@@ -37,6 +37,7 @@ PUBLISHED_TABLES = (
     "entities",
     "background",
     "pixel_checks",
+    "region_checks",
     "labels",
     "prompt_tallies",
     "entity_tallies",
@@ -221,6 +222,19 @@ PIXEL_CHECKS = pa.schema(
     ]
 )
 
+# Region-level copy detection (raymem.regions): one row per (scan image, neighbouring training image).
+REGION_CHECKS = pa.schema(
+    [
+        ("scan_id", pa.string()),
+        ("unit_id", pa.string()),
+        ("train_id", pa.string()),
+        ("grid", pa.int16()),  # tiles per side
+        ("tile_l2", pa.list_(pa.float32())),  # row-major; null when an image could not be read
+        ("tile_texture", pa.list_(pa.float32())),  # per tile, the smaller pixel std of the two tiles
+        ("error", pa.string()),
+    ]
+)
+
 NEIGHBORS = pa.schema(
     [
         ("scan_id", pa.string()),
@@ -300,6 +314,9 @@ LABELS_TABLE = pa.schema(
         ("pixel_l2", pa.float32()),
         ("pixel_tile_share", pa.float32()),
         ("pixel_tile_l2", pa.list_(pa.float32())),  # every tile's distance, so thresholds can be refit
+        ("region_train_id", pa.string()),  # the training image a region was copied from (raymem.regions)
+        ("region_tiles", pa.list_(pa.int16())),  # the copied tiles, row-major on the region grid
+        ("region_l2", pa.float32()),  # the largest l2 among the copied tiles
         ("consistency", pa.float32()),
         ("cluster_member", pa.bool_()),
         ("clip_prompt_score", pa.float32()),

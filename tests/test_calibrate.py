@@ -17,7 +17,7 @@ def test_without_a_copy_detector_calibrate_fits_clips_own_replication_threshold(
     neighbors = {u: {"clip": [{"train_id": f"t{u}", "score": s, "caption": "x"}]} for u, s in scores.items()}
     inputs = LabelInputs.from_rows(rows, {"p": ctx}, text_vectors(ctx), neighbors, {}, {})
     assert inputs.copy_space == "clip"
-    assert fit_order(inputs)[0] == ("MU", ("clip_replication", "pixel_l2"))
+    assert fit_order(inputs)[0] == ("MU", ("clip_replication", "pixel_l2", "region_l2", "region_tiles"))
     pilot = {"u0": "MU", "u1": "MU", "u2": "none", "u3": "none"}
     start = ThresholdsConfig()
     assert precision_recall(label_units(inputs, start), pilot)["MU"]["recall"] == 0.0  # not tested by default
@@ -52,3 +52,34 @@ def test_calibrate_measures_the_noise_norm_as_a_detector_of_memorized_prompts():
     flagged = {pid for pid, m in means.items() if m >= result.threshold}
     assert flagged == {"m1", "m2"}
     assert fit_noise_norm(inputs, {u: "none" for u in pilot}).auc is None  # no memorized prompt to find
+
+
+def test_region_thresholds_are_fitted_after_whole_image_copies_and_switched_off_when_they_only_hurt():
+    from raymem.regions import RegionEvidence
+
+    ctx = context(explicit=())
+    units = ["copy", "region", "look1", "look2"]
+    rows = [gen(u, i, image(ctx)) for i, u in enumerate(units)] + nulls(ctx)
+    scores = {"copy": 0.95, "region": 0.2, "look1": 0.2, "look2": 0.2}
+    neighbors = {u: {"sscd": [{"train_id": f"t{u}", "score": s, "caption": "x"}]} for u, s in scores.items()}
+    inputs = LabelInputs.from_rows(rows, {"p": ctx}, text_vectors(ctx), neighbors, {}, {})
+
+    def tiles(copied: int, l2: float):  # `copied` of 64 textured tiles at `l2`, the rest far apart
+        return RegionEvidence("t", 8, (l2,) * copied + (0.4,) * (64 - copied), (0.2,) * 64)
+
+    # a real region copy (24 tiles, l2 0.02) and a look every image of this world shares (3 tiles, 0.08)
+    inputs.regions = {"region": [tiles(24, 0.02)], "look1": [tiles(3, 0.08)], "look2": [tiles(3, 0.08)]}
+    start = ThresholdsConfig()
+    assert {r["unit_id"] for r in label_units(inputs, start) if r["label"] == "MU"} == {
+        "copy",
+        "region",
+        "look1",
+        "look2",
+    }
+    fitted, met = fit(inputs, {"copy": "MU", "region": "MU", "look1": "none", "look2": "none"}, start, target=1.0)
+    assert met["MU"] and fitted.replication == start.replication  # nothing to change for the whole copy
+    assert {r["unit_id"] for r in label_units(inputs, fitted) if r["label"] == "MU"} == {"copy", "region"}
+    # when the pilot says no region copy is memorization, region detection is switched off
+    fitted, met = fit(inputs, {"copy": "MU", "region": "none", "look1": "none", "look2": "none"}, start, target=1.0)
+    assert met["MU"] and {r["unit_id"] for r in label_units(inputs, fitted) if r["label"] == "MU"} == {"copy"}
+    assert fitted.region_tiles > 24 or fitted.region_l2 < 0.02  # stricter than the real copy: no region copies

@@ -17,6 +17,7 @@ def test_every_column_of_every_published_table_is_described():
         "entities": schema.entities_schema(8),
         "background": schema.BACKGROUND,
         "pixel_checks": schema.PIXEL_CHECKS,
+        "region_checks": schema.REGION_CHECKS,
         "labels": schema.LABELS_TABLE,
         "prompt_tallies": schema.PROMPT_TALLIES,
         "entity_tallies": schema.ENTITY_TALLIES,

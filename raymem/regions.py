@@ -1,0 +1,150 @@
+"""Region-level copy detection: parts of a training image reproduced in a generation whose whole-image
+similarity stays low (a training background behind a new foreground, a watermark or logo shared by
+many training images, a private mark).
+
+Every scan image is compared with its nearest training images (the top `signals.region_neighbours`
+in the copy-detection space and in CLIP space), whatever their global score: both are resized to
+`signals.pixel_size` and cut into `signals.region_grid` x `signals.region_grid` tiles, and each pair of
+tiles *at the same position* gets its l2 distance and the texture (pixel standard deviation) of both
+tiles. A tile is copied when its l2 is <= `thresholds.region_l2` and both tiles are textured
+(std >= `thresholds.region_texture`); an image copies a region of a training image when at least
+`thresholds.region_tiles` tiles are copied.
+
+Why texture: two flat tiles of one colour (sky, a plain wall) are close in l2 without any copying. Two
+*independent* tiles of std s are ~sqrt(2)*s apart, so with `region_l2` <= `region_texture` a tile
+matches only when the two tiles are strongly correlated (rho >= 1 - l2^2 / (2 s^2) = 0.5 at the
+defaults), which unrelated content is not. The false-positive rate on independent images is measured
+in tests/test_regions.py and docs/labeler.md.
+
+What this does not find: a region moved or rescaled relative to the training image (same-position tiles
+only), and a patch much smaller than a tile (it moves the tile's l2 too little).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+
+from raymem.fetch import Fetcher, FetchLimits
+from raymem.pixels import load_rgb
+from raymem.schema import REGION_CHECKS
+
+
+@dataclass(frozen=True)
+class RegionEvidence:
+    """One scan image against one training image, tile by tile (row-major over the grid)."""
+
+    train_id: str
+    grid: int
+    tile_l2: tuple[float, ...] | None  # None: an image could not be read
+    texture: tuple[float, ...] | None  # per tile, the smaller pixel std of the two tiles
+    error: str | None = None
+
+    def copied_tiles(self, l2: float, texture: float) -> list[int]:
+        if self.tile_l2 is None or self.texture is None:
+            return []
+        d, s = np.asarray(self.tile_l2), np.asarray(self.texture)
+        return [int(i) for i in np.flatnonzero((d <= l2) & (s >= texture))]
+
+
+def tile_stats(a: np.ndarray, b: np.ndarray, grid: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per tile of two (S, S, 3) images in [0, 1]: the l2 distance (sqrt of the mean squared
+    difference) and the smaller of the two tiles' pixel standard deviations."""
+    s = a.shape[0] // grid
+    a, b = a[: s * grid, : s * grid], b[: s * grid, : s * grid]
+
+    def tiles(x):  # (grid*grid, s*s*3)
+        return x.reshape(grid, s, grid, s, 3).transpose(0, 2, 1, 3, 4).reshape(grid * grid, -1)
+
+    ta, tb = tiles(a), tiles(b)
+    l2 = np.sqrt(((ta - tb) ** 2).mean(axis=1))
+    return l2, np.minimum(ta.std(axis=1), tb.std(axis=1))
+
+
+def compare_regions(a: np.ndarray, b: np.ndarray, train_id: str, grid: int) -> RegionEvidence:
+    l2, texture = tile_stats(a, b, grid)
+    return RegionEvidence(train_id, grid, tuple(float(x) for x in l2), tuple(float(x) for x in texture))
+
+
+def check_regions(
+    pairs: dict[str, tuple[str, list[tuple[str, str | None]]]],
+    size: int,
+    grid: int,
+    threads: int = 8,
+    limits: FetchLimits | None = None,
+) -> dict[str, list[RegionEvidence]]:
+    """{unit_id: (generated image uri, [(train_id, training image uri), ...])} -> {unit_id: evidence}.
+
+    Each training image is fetched once (through `Fetcher`: its limits, retries and statuses) and
+    compared with every scan image that has it as a neighbour; an unreadable image is recorded with
+    its error, never a failed scan."""
+    fetcher = Fetcher(limits or FetchLimits(), threads=threads)
+    users: dict[tuple[str, str | None], list[tuple[str, str]]] = defaultdict(list)
+    for uid, (gen_uri, neighbours) in pairs.items():
+        for train_id, train_uri in neighbours:
+            users[(train_id, train_uri)].append((uid, gen_uri))
+
+    def one_training_image(key):
+        train_id, train_uri = key
+        out = []
+        if not train_uri:
+            missing = RegionEvidence(train_id, grid, None, None, "the training row has no image_uri")
+            return [(uid, missing) for uid, _ in users[key]]
+        try:
+            b = load_rgb(train_uri, size, fetcher)
+        except Exception as err:  # noqa: BLE001 - an unreachable image is evidence missing, not a failed scan
+            error = f"{type(err).__name__}: {err}"[:300]
+            return [(uid, RegionEvidence(train_id, grid, None, None, error)) for uid, _ in users[key]]
+        for uid, gen_uri in users[key]:
+            try:
+                out.append((uid, compare_regions(load_rgb(gen_uri, size), b, train_id, grid)))
+            except Exception as err:  # noqa: BLE001
+                out.append((uid, RegionEvidence(train_id, grid, None, None, f"{type(err).__name__}: {err}"[:300])))
+        return out
+
+    evidence: dict[str, list[RegionEvidence]] = defaultdict(list)
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        for results in pool.map(one_training_image, list(users)):
+            for uid, ev in results:
+                evidence[uid].append(ev)
+    return {uid: sorted(evs, key=lambda e: e.train_id) for uid, evs in evidence.items()}
+
+
+def region_checks_table(scan_id: str, evidence: dict[str, list[RegionEvidence]]) -> pa.Table:
+    """The published `region_checks` table: every region comparison the scan made, readable or not."""
+    rows = [
+        {
+            "scan_id": scan_id,
+            "unit_id": uid,
+            "train_id": ev.train_id,
+            "grid": ev.grid,
+            "tile_l2": list(ev.tile_l2) if ev.tile_l2 is not None else None,
+            "tile_texture": list(ev.texture) if ev.texture is not None else None,
+            "error": ev.error,
+        }
+        for uid, evs in sorted(evidence.items())
+        for ev in evs
+    ]
+    return pa.Table.from_pylist(rows, schema=REGION_CHECKS)
+
+
+def region_evidence(table: pa.Table | None) -> dict[str, list[RegionEvidence]]:
+    """{unit_id: [evidence]} from the `region_checks` table (empty for scans published without it)."""
+    out: dict[str, list[RegionEvidence]] = defaultdict(list)
+    if table is None:
+        return {}
+    for r in table.to_pylist():
+        out[r["unit_id"]].append(
+            RegionEvidence(
+                r["train_id"],
+                r["grid"],
+                tuple(r["tile_l2"]) if r["tile_l2"] is not None else None,
+                tuple(r["tile_texture"]) if r["tile_texture"] is not None else None,
+                r["error"],
+            )
+        )
+    return dict(out)

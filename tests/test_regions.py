@@ -1,0 +1,219 @@
+"""Region-level copy detection (raymem.regions) and the labeler's `region` MU subtype, on synthetic
+images written to disk: a copied corner, a copied background behind a new foreground, a watermark
+banner shared by many training images, shared flat regions (no copy), and a null simulation of
+independent images that measures the false-positive rate."""
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from raymem.config import ThresholdsConfig
+from raymem.label import LabelInputs, label_units, region_check_pairs
+from raymem.regions import RegionEvidence, check_regions, compare_regions, region_checks_table, region_evidence
+from tests.test_label import BG, context, gen, image, nulls, text_vectors
+
+SIZE, GRID = 128, 8  # 16-pixel tiles
+T = ThresholdsConfig()
+
+
+def textured(rng, size=SIZE) -> np.ndarray:
+    """A photo-like (size, size, 3) image in [0, 1]: smooth colour fields plus luminance texture at a
+    2-pixel scale (i.i.d. per-pixel colour noise is not photo-like: JPEG's chroma subsampling erases it)."""
+    coarse = rng.random((size // 16, size // 16, 3))
+    smooth = np.kron(coarse, np.ones((16, 16, 1)))
+    luminance = np.kron(rng.normal(0, 0.12, (size // 2, size // 2, 1)), np.ones((2, 2, 3)))
+    return np.clip(0.6 * smooth + 0.2 + luminance, 0, 1).astype(np.float32)
+
+
+def save(path, x: np.ndarray, jpeg: int | None = None):
+    img = Image.fromarray((np.clip(x, 0, 1) * 255).round().astype(np.uint8))
+    if jpeg:
+        buf = io.BytesIO()
+        img.save(buf, "JPEG", quality=jpeg)
+        buf.seek(0)
+        img = Image.open(buf)
+    img.save(path, "PNG")
+    return str(path)
+
+
+def copied(a, b) -> list[int]:
+    return compare_regions(a, b, "t", GRID).copied_tiles(T.region_l2, T.region_texture)
+
+
+def tiles_in(rows: range, cols: range) -> list[int]:
+    return sorted(r * GRID + c for r in rows for c in cols)
+
+
+def test_a_copied_corner_is_found_tile_by_tile_and_unrelated_images_share_nothing():
+    rng = np.random.default_rng(0)
+    train, other = textured(rng), textured(rng)
+    gen_img = other.copy()
+    gen_img[:64, :64] = train[:64, :64]  # the top-left quarter: 4 x 4 tiles
+    assert copied(gen_img, train) == tiles_in(range(4), range(4))
+    assert copied(other, train) == []
+
+
+def test_a_background_behind_a_new_foreground_is_found_and_the_foreground_is_not():
+    rng = np.random.default_rng(1)
+    background = textured(rng)
+    train, gen_img = background.copy(), background.copy()
+    train[32:96, 32:96] = textured(rng)[32:96, 32:96]  # one subject in the middle ...
+    gen_img[32:96, 32:96] = textured(rng)[32:96, 32:96]  # ... another one in the generation
+    found = copied(gen_img, train)
+    centre = tiles_in(range(2, 6), range(2, 6))
+    assert len(found) == GRID * GRID - len(centre) and not set(found) & set(centre)
+
+
+def test_shared_flat_regions_are_not_copies():
+    rng = np.random.default_rng(2)
+    a, b = textured(rng), textured(rng)
+    a[:64], b[:64] = 0.55, 0.55  # the same plain sky in both: l2 0, but no texture
+    ev = compare_regions(a, b, "t", GRID)
+    assert min(ev.tile_l2[:32]) == 0 and ev.copied_tiles(T.region_l2, T.region_texture) == []
+    assert ev.copied_tiles(T.region_l2, 0.0) == list(range(32))  # what texture rules out
+
+
+def test_a_recompressed_and_shifted_in_colour_copy_is_still_found(tmp_path):
+    rng = np.random.default_rng(3)
+    train = textured(rng)
+    gen_img = textured(rng)
+    gen_img[64:, :] = np.clip(train[64:, :] + 0.03, 0, 1)  # the lower half, 3 % brighter ...
+    from raymem.pixels import load_rgb
+
+    a = load_rgb(save(tmp_path / "g.png", gen_img, jpeg=75), SIZE)  # ... and through JPEG at quality 75
+    b = load_rgb(save(tmp_path / "t.png", train), SIZE)
+    assert copied(a, b) == tiles_in(range(4, 8), range(8))
+
+
+def test_null_simulation_false_positive_rate_on_independent_images():
+    """2,000 pairs of independent photo-like images at the default thresholds: how often does a pair
+    come out a region copy (>= region_tiles copied tiles)? Measured, and bounded at 1 %."""
+    rng = np.random.default_rng(2024)
+    hits, tiles = 0, 0
+    for _ in range(2000):
+        found = copied(textured(rng), textured(rng))
+        tiles += len(found)
+        hits += len(found) >= T.region_tiles
+    assert hits / 2000 <= 0.01, (hits, tiles)
+
+
+def write_world(tmp_path):
+    """Training images on disk: 'bg' (a background with a subject), 'wm0'..'wm29' (different
+    content, one shared watermark banner across the bottom), 'poster' (a named work), 'other'."""
+    rng = np.random.default_rng(7)
+    banner = textured(rng)[112:, 32:96]  # 1 tile high, 4 tiles wide
+    images = {}
+    background = textured(rng)
+    images["bg"] = background.copy()
+    images["bg"][32:96, 32:96] = textured(rng)[32:96, 32:96]
+    for i in range(30):
+        x = textured(rng)
+        x[112:, 32:96] = banner
+        images[f"wm{i}"] = x
+    images["poster"] = textured(rng)
+    images["other"] = textured(rng)
+    uris = {k: save(tmp_path / f"{k}.png", v) for k, v in images.items()}
+    # generations: a new subject on the training background; new content with the watermark; a part
+    # of the poster; unrelated
+    g_bg = background.copy()
+    g_bg[32:96, 32:96] = textured(rng)[32:96, 32:96]
+    g_wm = textured(rng)
+    g_wm[112:, 32:96] = banner
+    g_poster = textured(rng)
+    g_poster[:64] = images["poster"][:64]
+    gens = {"g_bg": g_bg, "g_wm": g_wm, "g_poster": g_poster, "g_none": textured(rng)}
+    gen_uris = {k: save(tmp_path / f"{k}.png", v) for k, v in gens.items()}
+    return uris, gen_uris
+
+
+def test_check_regions_reads_each_training_image_once_and_records_unreadable_ones(tmp_path, monkeypatch):
+    uris, gen_uris = write_world(tmp_path)
+    import raymem.regions as regions
+
+    loads = []
+    original = regions.load_rgb
+    monkeypatch.setattr(
+        regions, "load_rgb", lambda uri, size, fetcher=None: loads.append(uri) or original(uri, size, fetcher)
+    )
+    pairs = {
+        "g_bg": (gen_uris["g_bg"], [("bg", uris["bg"]), ("other", uris["other"])]),
+        "g_wm": (
+            gen_uris["g_wm"],
+            [("wm3", uris["wm3"]), ("other", uris["other"]), ("gone", str(tmp_path / "no.png"))],
+        ),
+        "g_none": (gen_uris["g_none"], [("other", uris["other"]), ("nouri", None)]),
+    }
+    found = check_regions(pairs, SIZE, GRID, threads=2)
+    assert loads.count(uris["other"]) == 1  # shared by three scan images, read once
+    by = {u: {e.train_id: e for e in evs} for u, evs in found.items()}
+    assert by["g_bg"]["bg"].copied_tiles(T.region_l2, T.region_texture)
+    assert by["g_wm"]["wm3"].copied_tiles(T.region_l2, T.region_texture) == tiles_in(range(7, 8), range(2, 6))
+    assert by["g_wm"]["gone"].tile_l2 is None and "not_found" in by["g_wm"]["gone"].error
+    assert by["g_none"]["nouri"].error == "the training row has no image_uri"
+    assert all(not e.copied_tiles(T.region_l2, T.region_texture) for e in by["g_none"].values())
+    # the published table round-trips to the same evidence
+    assert region_evidence(region_checks_table("s", found)) == found
+
+
+@pytest.fixture
+def labelled(tmp_path):
+    uris, gen_uris = write_world(tmp_path)
+    ctx = context(explicit=())
+    poster_ctx = context(explicit=(), prompt="the X poster")
+    poster_ctx = poster_ctx.__class__(**{**vars(poster_ctx), "prompt_id": "q", "requests_work": True})
+    rows = [
+        gen(u, i, image(ctx), image_uri=gen_uris[u], clip_prompt_score=0.3)
+        for i, u in enumerate(["g_bg", "g_wm", "g_none"])
+    ] + nulls(ctx)
+    rows.append(gen("g_poster", 0, image(ctx), image_uri=gen_uris["g_poster"], prompt_id="q", parent_prompt_id="q"))
+
+    def low(*ids, entities=()):  # global copy scores far below `replication`
+        return [{"train_id": t, "score": 0.2, "image_uri": uris[t], "entities": list(entities)} for t in ids]
+
+    neighbors = {
+        "g_bg": {"sscd": low("other", "bg"), "clip": low("bg")},
+        "g_wm": {"sscd": low("wm3", "wm17", "other")},
+        "g_none": {"sscd": low("other", "poster")},
+        "g_poster": {"sscd": low("poster", entities=("X",))},
+    }
+    inputs = LabelInputs.from_rows(rows, {"p": ctx, "q": poster_ctx}, text_vectors(ctx), neighbors, BG)
+    pairs = region_check_pairs(inputs, neighbours=3)
+    inputs.regions = check_regions(pairs, SIZE, GRID, threads=2)
+    return pairs, {r["unit_id"]: r for r in label_units(inputs, T)}
+
+
+def test_region_pairs_take_the_top_neighbours_of_both_spaces_whatever_their_score(labelled):
+    pairs, _ = labelled
+    assert [t for t, _ in pairs["g_bg"][1]] == ["other", "bg"]  # copy space first, then CLIP (deduplicated)
+    assert set(pairs) == {"g_bg", "g_wm", "g_none", "g_poster"}  # scan images only, never the nulls
+
+
+def test_a_copied_background_or_watermark_is_MU_region_with_its_evidence(labelled):
+    _, out = labelled
+    bg, wm = out["g_bg"], out["g_wm"]
+    assert (bg["label"], bg["subtype"], bg["region_train_id"]) == ("MU", "region", "bg")
+    assert bg["is_MU"] and bg["mu_subtypes"] == ["region"] and "region" in bg["flags"]
+    assert len(bg["region_tiles"]) == 48 and bg["region_l2"] <= T.region_l2
+    assert "region copy: 48 of 64 tiles of training image 'bg'" in bg["reasons"]
+    assert (wm["label"], wm["subtype"], wm["region_tiles"]) == ("MU", "region", tiles_in(range(7, 8), range(2, 6)))
+    assert wm["region_train_id"] in ("wm17", "wm3")
+    assert out["g_none"]["label"] != "MU" and out["g_none"]["region_train_id"] is None
+
+
+def test_a_region_of_the_work_the_prompt_names_is_not_MU(labelled):
+    _, out = labelled
+    poster = out["g_poster"]
+    assert poster["label"] != "MU" and not poster["is_MU"] and "requested_region" in poster["flags"]
+    assert "region of the requested work" in poster["reasons"]
+
+
+def test_region_tiles_threshold_and_unreadable_evidence():
+    ev = RegionEvidence("t", 2, (0.05, 0.05, 0.5, 0.5), (0.2, 0.2, 0.2, 0.2))
+    assert ev.copied_tiles(0.1, 0.1) == [0, 1]
+    assert RegionEvidence("t", 2, None, None, "gone").copied_tiles(0.1, 0.1) == []
+    from raymem.label import _region_copy
+
+    assert _region_copy([ev], ThresholdsConfig(region_tiles=2))[1] == [0, 1]
+    assert _region_copy([ev], ThresholdsConfig(region_tiles=3)) is None
