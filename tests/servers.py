@@ -30,7 +30,7 @@ class ImageServer:
     /html/...        a text/html page          /redirect/<name> 302 to /files/<name>
     /huge/...        claims a Content-Length of 10 GB
 
-    It counts requests per path and the most requests in flight at once, per server.
+    It counts requests per path and the most requests in flight at once (until their response starts).
     """
 
     def __init__(self, root: Path, stall_s: float = 5.0, delay_s: float = 0.0):
@@ -53,15 +53,18 @@ class ImageServer:
                     server.requests[path] = server.requests.get(path, 0) + 1
                     server.in_flight += 1
                     server.max_in_flight = max(server.max_in_flight, server.in_flight)
+                # In flight until the response starts: a client that has read the whole response may
+                # send its next request before this thread runs again, which is not concurrency.
                 try:
                     if server.delay_s:
                         time.sleep(server.delay_s)
-                    server._route(self, path)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass
                 finally:
                     with server._lock:
                         server.in_flight -= 1
+                try:
+                    server._route(self, path)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
 
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
