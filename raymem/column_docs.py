@@ -155,6 +155,9 @@ TABLES: dict[str, tuple[str, dict[str, str]]] = {
         "one row per (scan image, neighbouring training image) compared region by region: tiles at the "
         "same position, whatever the global similarity (raymem.regions)",
         {
+            "query_set": "units: a scan image; background: a sampled training image against its nearest other "
+            "training images (what distinct training images share at the same position)",
+            "unit_id": "the scan image, or for the background the sampled training image's train_id",
             "grid": "tiles per side of the region grid",
             "tile_l2": "l2 distance of every tile, row-major (null when an image could not be read)",
             "tile_texture": "per tile, the smaller pixel standard deviation of the two tiles (flat tiles never count)",
@@ -191,6 +194,8 @@ TABLES: dict[str, tuple[str, dict[str, str]]] = {
             "region_train_id": "the training image a region was copied from (most copied tiles), when one was",
             "region_tiles": "the copied tiles, row-major on the region grid (region_checks has every tile)",
             "region_l2": "the largest l2 among the copied tiles",
+            "region_background_p99": "99th percentile of the copied tiles a sampled training image shares with its "
+            "nearest other training images; a region copy must exceed it",
             "consistency": "share of the prompt's seeds in the largest near-duplicate cluster",
             "cluster_member": "whether this image is in that cluster",
             "clip_prompt_score": "CLIP cosine between the image and its prompt",

@@ -260,6 +260,13 @@ class SignalsConfig(_Strict):
         "region by region, whatever their global score; 0 disables region-level copy detection",
     )
     region_grid: int = Field(8, ge=2, le=64, description="tiles per side for region-level copy detection")
+    region_background: int = Field(
+        400,
+        ge=0,
+        le=10_000,
+        description="sampled training images compared region by region with their own nearest training "
+        "images: what distinct training images share at the same position, which a region copy must exceed",
+    )
 
 
 class OutputConfig(_Strict):

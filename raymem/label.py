@@ -12,8 +12,10 @@ Primary label by precedence MU > MI > ME > none (docs/labeler.md has the sources
           subtype `requested_copy` -- unless it also shows an instance element (b).
       (r) region: no whole-image copy, but >= `region_tiles` textured tiles of one of the image's
           nearest training images are reproduced at the same position (tile l2 <= `region_l2`, both
-          tiles' pixel std >= `region_texture`; raymem.regions) -- a copied background, watermark or
-          mark. Not MU when that training image is the work the prompt names (`requested_region`).
+          tiles' pixel std >= `region_texture`; raymem.regions), and more tiles than the region
+          background p99 (what sampled training images share with their own nearest training images)
+          -- a copied background, watermark or mark. Not MU when that training image is the work the
+          prompt names (`requested_region`).
       (b) instance element: an unprompted element that the training captions tie to fewer than
           `instance_support` images of the entity (and to no other image) is shown -- only when the
           prompt has null images, and only past the corrected tests below.
@@ -45,7 +47,7 @@ from raymem.duplicates import groups
 from raymem.label_inputs import Background, EntityStats, LabelInputs, PromptContext
 from raymem.pixels import PixelEvidence
 from raymem.probes import LOGIT_SCALE, sigmoid, two_way_logit
-from raymem.regions import RegionEvidence
+from raymem.regions import background_p99, most_copied
 from raymem.schema import ROLE_NULL, ROLE_SCAN, STATUS_OK
 from raymem.stats import TestResult, bh_adjusted, paired_p, prediction_p
 
@@ -200,21 +202,6 @@ def region_check_pairs(inputs: LabelInputs, neighbours: int) -> dict[str, tuple[
     return pairs
 
 
-def _region_copy(evidence: list[RegionEvidence], t: ThresholdsConfig) -> tuple[RegionEvidence, list[int]] | None:
-    """The training image with the most copied tiles (ties: the smaller worst l2), if it reaches
-    `region_tiles`."""
-    best = None
-    for ev in evidence:
-        tiles = ev.copied_tiles(t.region_l2, t.region_texture)
-        if len(tiles) < t.region_tiles:
-            continue
-        worst = max(ev.tile_l2[i] for i in tiles)
-        key = (-len(tiles), worst, ev.train_id)
-        if best is None or key < best[0]:
-            best = (key, ev, tiles)
-    return (best[1], best[2]) if best else None
-
-
 def _label_prompt(ctx: PromptContext, indices: list[int], inputs: LabelInputs, t: ThresholdsConfig) -> list[dict]:
     gens = inputs.generations
     texts, neighbors, background, pixels = inputs.texts, inputs.neighbors, inputs.background, inputs.pixels
@@ -276,6 +263,7 @@ def _label_prompt(ctx: PromptContext, indices: list[int], inputs: LabelInputs, t
             e["share"] = shown_share.get((e["kind"], e["element"]), 0.0)
 
     bg = background.get(space)
+    region_bg = background_p99(inputs.region_background, t.region_l2, t.region_texture)
     out = []
     for i in scan:
         r = gens[i]
@@ -297,10 +285,10 @@ def _label_prompt(ctx: PromptContext, indices: list[int], inputs: LabelInputs, t
             continue
         nbrs = neighbors.get(r["unit_id"], {}).get(space, [])
         copy = _CopyEvidence(space, inputs.copy_evidence, inputs.missing.get(r["unit_id"]), bg)
-        regions = _region_copy(inputs.regions.get(r["unit_id"], []), t)
+        regions = most_copied(inputs.regions.get(r["unit_id"], []), t.region_l2, t.region_texture)
         rows_by_id = {n["train_id"]: n for sp in neighbors.get(r["unit_id"], {}).values() for n in sp}
         decision = _decide(
-            ctx, r, nbrs, copy, evidence[i], member_of[i], pixels.get(r["unit_id"]), t, regions, rows_by_id
+            ctx, r, nbrs, copy, evidence[i], member_of[i], pixels.get(r["unit_id"]), t, regions, rows_by_id, region_bg
         )
         out.append({**base, **decision})
     return out
@@ -437,7 +425,17 @@ class _CopyEvidence:
 
 
 def _decide(
-    ctx, r, nbrs, copy: _CopyEvidence, ev, cluster_member, pixel: PixelEvidence | None, t, regions=None, rows_by_id=None
+    ctx,
+    r,
+    nbrs,
+    copy: _CopyEvidence,
+    ev,
+    cluster_member,
+    pixel: PixelEvidence | None,
+    t,
+    regions=None,
+    rows_by_id=None,
+    region_bg: float | None = None,
 ) -> dict:
     flags: list[str] = []
     reasons: list[str] = []
@@ -591,17 +589,28 @@ def _decide(
     # A region of a training image reproduced where the whole image is not a copy (a background behind
     # a new foreground, a shared watermark): content nobody asked for, unless that training image is
     # the very work the prompt names.
+    # Only beyond what distinct training images already share at the same position (the region
+    # background, like R above the train-train p95): in a world of look-alikes a shared layout is no copy.
     region = None
     if regions is not None and not replicated:
         region_ev, region_tiles = regions
         region_row = (rows_by_id or {}).get(region_ev.train_id, {"train_id": region_ev.train_id})
         region_l2 = max(region_ev.tile_l2[i] for i in region_tiles)
+        beyond = region_bg is None or len(region_tiles) > region_bg
+        bg_text = (
+            f"; the region background p99 is {region_bg:g} tiles"
+            if region_bg is not None
+            else "; no region background (no sampled training image could be compared)"
+        )
         region_text = (
             f"{len(region_tiles)} of {region_ev.grid * region_ev.grid} tiles of training image "
             f"'{region_ev.train_id}' copied at the same position (tiles {region_tiles}, l2 <= {_fmt(region_l2)} "
-            f"<= region_l2 {t.region_l2}, texture >= {t.region_texture})"
+            f"<= region_l2 {t.region_l2}, texture >= {t.region_texture}){bg_text}"
         )
-        if _names_copied_work(ctx, region_row):
+        if len(region_tiles) < t.region_tiles or not beyond:
+            if len(region_tiles) >= t.region_tiles:
+                reasons.append(f"no region copy: {region_text} (not above it: distinct training images share as much)")
+        elif _names_copied_work(ctx, region_row):
             flags.append("requested_region")
             reasons.append(f"region of the requested work: {region_text}")
         else:
@@ -676,6 +685,7 @@ def _decide(
         "region_train_id": region["train_id"] if region else None,
         "region_tiles": region["tiles"] if region else None,
         "region_l2": region["l2"] if region else None,
+        "region_background_p99": region_bg,
         "cluster_member": cluster_member,
         "entity_presence": (ent_logit / LOGIT_SCALE if _has_reference(ctx) else sigmoid(ent_logit))
         if ent_logit is not None

@@ -79,8 +79,10 @@ class LabelInputs:
     # CLIP candidates). Empty when the SSCD neighbours came from a join.
     missing: dict[str, tuple[int, int]] = field(default_factory=dict)
     two_stage: bool = False
-    # Region-level copy detection: unit_id -> one comparison per neighbouring training image.
+    # Region-level copy detection: unit_id -> one comparison per neighbouring training image; and the
+    # same for sampled training images against their own neighbours (train_id -> comparisons).
     regions: dict[str, list[RegionEvidence]] = field(default_factory=dict)
+    region_background: dict[str, list[RegionEvidence]] = field(default_factory=dict)
 
     @property
     def copy_space(self) -> str:
@@ -111,6 +113,7 @@ class LabelInputs:
             self.missing,
             self.two_stage,
             self.regions,
+            self.region_background,
         )
 
     def scored_scan_units(self) -> list[str]:
@@ -141,6 +144,7 @@ class LabelInputs:
             missing=missing_evidence(tables["candidates"]),
             two_stage=bool(tables["candidates"].num_rows),
             regions=region_evidence(tables.get("region_checks")),
+            region_background=region_evidence(tables.get("region_checks"), "background"),
         )
 
     @classmethod

@@ -254,14 +254,23 @@ def _run(cfg: ScanConfig, outputs: ScanOutputs, prompts, training, timer, rerun_
         tables["pixel_checks"] = pixel_checks_table(scan_id, pixels)
         inputs = replace(inputs, pixels=pixel_evidence(tables["pixel_checks"]))
     with timer("region_checks"):
-        region_pairs = region_check_pairs(inputs, cfg.signals.region_neighbours)
-        regions = (
-            check_regions(region_pairs, cfg.signals.pixel_size, cfg.signals.region_grid, limits=limits)
-            if region_pairs
-            else {}
+        # Scan images, and sampled training images against their own nearest training images (what
+        # distinct training images share), in one pass: each training image is fetched once.
+        pairs = {
+            **{("units", u): p for u, p in region_check_pairs(inputs, cfg.signals.region_neighbours).items()},
+            **{("background", u): p for u, p in _region_background_pairs(cfg, joined).items()},
+        }
+        found = check_regions(pairs, cfg.signals.pixel_size, cfg.signals.region_grid, limits=limits) if pairs else {}
+        tables["region_checks"] = region_checks_table(
+            scan_id,
+            {u: evs for (qs, u), evs in found.items() if qs == "units"},
+            {u: evs for (qs, u), evs in found.items() if qs == "background"},
         )
-        tables["region_checks"] = region_checks_table(scan_id, regions)
-        inputs = replace(inputs, regions=region_evidence(tables["region_checks"]))
+        inputs = replace(
+            inputs,
+            regions=region_evidence(tables["region_checks"]),
+            region_background=region_evidence(tables["region_checks"], "background"),
+        )
     with timer("label"):
         labels = label_units(inputs, cfg.thresholds)
         freq = {e: st.count for e, st in stats.items()}
@@ -405,6 +414,8 @@ def _join(cfg: ScanConfig, training: TrainingTable, ok: pa.Table, cluster, copy_
     two_stage = copy_mode == MODE_CANDIDATES
     stored = (training.index or {}).get("background") or {}
     sample = 0 if stored else BACKGROUND_SAMPLE
+    if cfg.signals.region_neighbours:  # region copies are measured against sampled training images too
+        sample = max(sample, cfg.signals.region_background)
     if two_stage and "sscd" not in stored:  # the SSCD background comes from the sample's own candidates
         sample = max(sample, cfg.embedding.copy_detection.candidates.background_sample)
     bg = background_sample(training, sample, list(training.dims)) if sample else None
@@ -436,6 +447,27 @@ def _join(cfg: ScanConfig, training: TrainingTable, ok: pa.Table, cluster, copy_
     )
 
 
+def _region_background_pairs(cfg: ScanConfig, joined: _Joined) -> dict[str, tuple[str, list]]:
+    """The first `signals.region_background` sampled training images and their own top
+    `region_neighbours` other training images per space (the copy space first, as for scan images)."""
+    bg, n, per = joined.background_queries, cfg.signals.region_background, cfg.signals.region_neighbours
+    if bg is None or not n or not per or not bg.image_uris:
+        return {}
+    spaces = [s for s in ("sscd", "clip") if s in joined.background_topk]
+    rows = {s: joined.background_topk[s].rows for s in spaces}
+    pairs = {}
+    for i, (train_id, uri) in enumerate(zip(bg.ids[:n], bg.image_uris[:n])):
+        if not uri:
+            continue
+        seen: dict[str, str | None] = {}
+        for s in spaces:
+            for r in rows[s][i][:per]:
+                seen.setdefault(r["train_id"], r.get("image_uri"))
+        if seen:
+            pairs[train_id] = (uri, list(seen.items()))
+    return pairs
+
+
 def _pair_scores(cfg: ScanConfig, training: TrainingTable, neighbors: dict, copy_mode: str) -> None:
     """Neighbours above the replication threshold get their similarity to each other (raymem.duplicates),
     read back from the training table (two-stage copy detection sets them from the fetched candidates)."""
@@ -458,7 +490,9 @@ def _copy_candidates(cfg: ScanConfig, outputs: ScanOutputs, joined: _Joined, ok:
     )
     background = None
     bg = joined.background_queries
-    if bg is not None and c.background_sample and "clip" in joined.background_topk:
+    # (the sample may exist only for region copies when the index already stored an SSCD background)
+    stored_sscd = joined.background_source == "index" and "sscd" in joined.background
+    if bg is not None and c.background_sample and "clip" in joined.background_topk and not stored_sscd:
         n = min(c.background_sample, len(bg.ids))
         background = CandidateQueries(
             bg.ids[:n],

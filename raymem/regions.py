@@ -114,11 +114,17 @@ def check_regions(
     return {uid: sorted(evs, key=lambda e: e.train_id) for uid, evs in evidence.items()}
 
 
-def region_checks_table(scan_id: str, evidence: dict[str, list[RegionEvidence]]) -> pa.Table:
-    """The published `region_checks` table: every region comparison the scan made, readable or not."""
+def region_checks_table(
+    scan_id: str,
+    evidence: dict[str, list[RegionEvidence]],
+    background: dict[str, list[RegionEvidence]] | None = None,
+) -> pa.Table:
+    """The published `region_checks` table: every region comparison the scan made, readable or not --
+    scan images (`units`) and sampled training images against their own neighbours (`background`)."""
     rows = [
         {
             "scan_id": scan_id,
+            "query_set": query_set,
             "unit_id": uid,
             "train_id": ev.train_id,
             "grid": ev.grid,
@@ -126,18 +132,22 @@ def region_checks_table(scan_id: str, evidence: dict[str, list[RegionEvidence]])
             "tile_texture": list(ev.texture) if ev.texture is not None else None,
             "error": ev.error,
         }
-        for uid, evs in sorted(evidence.items())
+        for query_set, by_unit in (("units", evidence), ("background", background or {}))
+        for uid, evs in sorted(by_unit.items())
         for ev in evs
     ]
     return pa.Table.from_pylist(rows, schema=REGION_CHECKS)
 
 
-def region_evidence(table: pa.Table | None) -> dict[str, list[RegionEvidence]]:
-    """{unit_id: [evidence]} from the `region_checks` table (empty for scans published without it)."""
+def region_evidence(table: pa.Table | None, query_set: str = "units") -> dict[str, list[RegionEvidence]]:
+    """{unit_id: [evidence]} of one query set from the `region_checks` table (empty for scans published
+    without it)."""
     out: dict[str, list[RegionEvidence]] = defaultdict(list)
     if table is None:
         return {}
     for r in table.to_pylist():
+        if r["query_set"] != query_set:
+            continue
         out[r["unit_id"]].append(
             RegionEvidence(
                 r["train_id"],
@@ -148,3 +158,30 @@ def region_evidence(table: pa.Table | None) -> dict[str, list[RegionEvidence]]:
             )
         )
     return dict(out)
+
+
+def most_copied(evidence: list[RegionEvidence], l2: float, texture: float) -> tuple[RegionEvidence, list[int]] | None:
+    """The training image with the most copied tiles (ties: the smaller worst l2, then the id)."""
+    best = None
+    for ev in evidence:
+        tiles = ev.copied_tiles(l2, texture)
+        if not tiles:
+            continue
+        key = (-len(tiles), max(ev.tile_l2[i] for i in tiles), ev.train_id)
+        if best is None or key < best[0]:
+            best = (key, ev, tiles)
+    return (best[1], best[2]) if best else None
+
+
+def background_p99(background: dict[str, list[RegionEvidence]], l2: float, texture: float) -> float | None:
+    """99th percentile, over the sampled training images, of the most tiles one shares with one of its
+    nearest other training images: what distinct training images already share at the same position
+    (a class's layout, a world of look-alikes). The 99th, not the 95th: by construction a share q of
+    look-alike pairs exceeds the q-quantile, and an MU rule may fire on at most ~1 % of them. None
+    without a readable background."""
+    counts = [
+        len(best[1]) if (best := most_copied(evs, l2, texture)) else 0
+        for evs in background.values()
+        if any(e.tile_l2 is not None for e in evs)
+    ]
+    return float(np.percentile(counts, 99)) if counts else None

@@ -226,7 +226,8 @@ PIXEL_CHECKS = pa.schema(
 REGION_CHECKS = pa.schema(
     [
         ("scan_id", pa.string()),
-        ("unit_id", pa.string()),
+        ("query_set", pa.string()),  # units: a scan image | background: a sampled training image
+        ("unit_id", pa.string()),  # the scan image, or the sampled training image's train_id
         ("train_id", pa.string()),
         ("grid", pa.int16()),  # tiles per side
         ("tile_l2", pa.list_(pa.float32())),  # row-major; null when an image could not be read
@@ -317,6 +318,7 @@ LABELS_TABLE = pa.schema(
         ("region_train_id", pa.string()),  # the training image a region was copied from (raymem.regions)
         ("region_tiles", pa.list_(pa.int16())),  # the copied tiles, row-major on the region grid
         ("region_l2", pa.float32()),  # the largest l2 among the copied tiles
+        ("region_background_p99", pa.float32()),  # copied tiles distinct training images reach (p99)
         ("consistency", pa.float32()),
         ("cluster_member", pa.bool_()),
         ("clip_prompt_score", pa.float32()),

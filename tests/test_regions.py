@@ -11,7 +11,15 @@ from PIL import Image
 
 from raymem.config import ThresholdsConfig
 from raymem.label import LabelInputs, label_units, region_check_pairs
-from raymem.regions import RegionEvidence, check_regions, compare_regions, region_checks_table, region_evidence
+from raymem.regions import (
+    RegionEvidence,
+    background_p99,
+    check_regions,
+    compare_regions,
+    most_copied,
+    region_checks_table,
+    region_evidence,
+)
 from tests.test_label import BG, context, gen, image, nulls, text_vectors
 
 SIZE, GRID = 128, 8  # 16-pixel tiles
@@ -154,11 +162,12 @@ def test_check_regions_reads_each_training_image_once_and_records_unreadable_one
     assert by["g_none"]["nouri"].error == "the training row has no image_uri"
     assert all(not e.copied_tiles(T.region_l2, T.region_texture) for e in by["g_none"].values())
     # the published table round-trips to the same evidence
-    assert region_evidence(region_checks_table("s", found)) == found
+    table = region_checks_table("s", found, {"b0": found["g_none"]})
+    assert region_evidence(table) == found and region_evidence(table, "background") == {"b0": found["g_none"]}
 
 
 @pytest.fixture
-def labelled(tmp_path):
+def labelled_inputs(tmp_path):
     uris, gen_uris = write_world(tmp_path)
     ctx = context(explicit=())
     poster_ctx = context(explicit=(), prompt="the X poster")
@@ -179,9 +188,14 @@ def labelled(tmp_path):
         "g_poster": {"sscd": low("poster", entities=("X",))},
     }
     inputs = LabelInputs.from_rows(rows, {"p": ctx, "q": poster_ctx}, text_vectors(ctx), neighbors, BG)
-    pairs = region_check_pairs(inputs, neighbours=3)
-    inputs.regions = check_regions(pairs, SIZE, GRID, threads=2)
-    return pairs, {r["unit_id"]: r for r in label_units(inputs, T)}
+    inputs.pairs = region_check_pairs(inputs, neighbours=3)
+    inputs.regions = check_regions(inputs.pairs, SIZE, GRID, threads=2)
+    return inputs
+
+
+@pytest.fixture
+def labelled(labelled_inputs):
+    return labelled_inputs.pairs, {r["unit_id"]: r for r in label_units(labelled_inputs, T)}
 
 
 def test_region_pairs_take_the_top_neighbours_of_both_spaces_whatever_their_score(labelled):
@@ -209,11 +223,31 @@ def test_a_region_of_the_work_the_prompt_names_is_not_MU(labelled):
     assert "region of the requested work" in poster["reasons"]
 
 
-def test_region_tiles_threshold_and_unreadable_evidence():
+def test_most_copied_and_the_region_background():
     ev = RegionEvidence("t", 2, (0.05, 0.05, 0.5, 0.5), (0.2, 0.2, 0.2, 0.2))
     assert ev.copied_tiles(0.1, 0.1) == [0, 1]
     assert RegionEvidence("t", 2, None, None, "gone").copied_tiles(0.1, 0.1) == []
-    from raymem.label import _region_copy
+    other = RegionEvidence("u", 2, (0.05, 0.5, 0.5, 0.5), (0.2, 0.2, 0.2, 0.2))
+    assert most_copied([other, ev], 0.1, 0.1) == (ev, [0, 1])
+    assert most_copied([other, ev], 0.01, 0.1) is None
+    # the background: per sampled training image, the most tiles it shares with one neighbour
+    background = {f"b{i}": [ev if i < 5 else other] for i in range(100)}
+    assert background_p99(background, 0.1, 0.1) == pytest.approx(np.percentile([2] * 5 + [1] * 95, 99))
+    assert background_p99({"b": [RegionEvidence("t", 2, None, None, "gone")]}, 0.1, 0.1) is None
 
-    assert _region_copy([ev], ThresholdsConfig(region_tiles=2))[1] == [0, 1]
-    assert _region_copy([ev], ThresholdsConfig(region_tiles=3)) is None
+
+def test_in_a_world_of_look_alikes_a_shared_layout_is_not_a_region_copy(labelled_inputs):
+    """When sampled training images share as many tiles with their own neighbours as a scan image
+    shares with its training image, the region is the world's layout, not a copy (like R above the
+    train-train p95)."""
+    inputs = labelled_inputs
+    look = RegionEvidence("x", GRID, (0.05,) * 50 + (0.4,) * 14, (0.2,) * 64)  # 50 shared tiles
+    inputs.region_background = {f"b{i}": [look] for i in range(20)}
+    out = {r["unit_id"]: r for r in label_units(inputs, T)}
+    bg = out["g_bg"]  # 48 copied tiles, fewer than the world's look-alikes share
+    assert bg["label"] != "MU" and bg["region_train_id"] is None and bg["region_background_p99"] == 50
+    assert "no region copy: 48 of 64 tiles" in bg["reasons"] and "not above it" in bg["reasons"]
+    inputs.region_background = {f"b{i}": [RegionEvidence("x", GRID, (0.4,) * 64, (0.2,) * 64)] for i in range(20)}
+    out = {r["unit_id"]: r for r in label_units(inputs, T)}
+    assert out["g_bg"]["label"] == "MU" and out["g_bg"]["region_background_p99"] == 0
+    assert "the region background p99 is 0 tiles" in out["g_bg"]["reasons"]
