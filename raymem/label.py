@@ -10,9 +10,10 @@ Primary label by precedence MU > MI > ME > none (docs/labeler.md has the sources
           prompt. A copy of the very work the prompt asks for (`requests_work`, and the copied image
           is tagged with the entity or captioned with the prompt) is what the user expected: ME,
           subtype `requested_copy` -- unless it also shows an instance element (b).
-      (r) region: no whole-image copy, but >= `region_tiles` textured tiles of one of the image's
-          nearest training images are reproduced at the same position (tile l2 <= `region_l2`, both
-          tiles' pixel std >= `region_texture`; raymem.regions), and more tiles than the region
+      (r) region (off unless `signals.region_neighbours` > 0): no whole-image copy, but >=
+          `region_tiles` textured tiles of one of the image's nearest training images are reproduced
+          at the same position (tile l2 <= `region_l2`, both tiles' pixel std >= `region_texture`;
+          raymem.regions), and more tiles than the region
           background p99 (what sampled training images share with their own nearest training images)
           -- a copied background, watermark or mark. Not MU when that training image is the work the
           prompt names (`requested_region`).

@@ -298,6 +298,11 @@ def test_re_deciding_a_published_scan_from_its_tables_reproduces_every_label(fir
     # the paths that drifted before: the entity's training-image centroid, pixel checks, the background
     assert all(c.reference is not None and c.reference.centroid is not None for c in inputs.contexts.values())
     assert inputs.pixels and inputs.background and inputs.sscd is not None
+    # region-level copy detection (on in the test world): scan images and the sampled training images
+    assert len(inputs.regions) == 24 and len(inputs.region_background) >= 10
+    assert result.counts["region_checks"] == sum(
+        len(v) for v in (*inputs.regions.values(), *inputs.region_background.values())
+    )
     stored = read_scan_table(root, result.scan_id, "labels")
     again = pa.Table.from_pylist(label_units(inputs, thresholds), schema=LABELS_TABLE)
     assert again.num_rows == stored.num_rows == 28
