@@ -153,9 +153,11 @@ def label_units(inputs: LabelInputs, thresholds: ThresholdsConfig) -> list[dict]
     by_prompt: dict[str, list[int]] = defaultdict(list)
     for i, g in enumerate(inputs.generations):
         by_prompt[g.get("parent_prompt_id") or g["prompt_id"]].append(i)
+    # what distinct training images share region by region: once per decision, not per prompt
+    region_bg = background_p99(inputs.region_background, thresholds.region_l2, thresholds.region_texture)
     out = []
     for prompt_id, rows in by_prompt.items():
-        out += _label_prompt(inputs.contexts[prompt_id], rows, inputs, thresholds)
+        out += _label_prompt(inputs.contexts[prompt_id], rows, inputs, thresholds, region_bg)
     return out
 
 
@@ -203,7 +205,9 @@ def region_check_pairs(inputs: LabelInputs, neighbours: int) -> dict[str, tuple[
     return pairs
 
 
-def _label_prompt(ctx: PromptContext, indices: list[int], inputs: LabelInputs, t: ThresholdsConfig) -> list[dict]:
+def _label_prompt(
+    ctx: PromptContext, indices: list[int], inputs: LabelInputs, t: ThresholdsConfig, region_bg: float | None = None
+) -> list[dict]:
     gens = inputs.generations
     texts, neighbors, background, pixels = inputs.texts, inputs.neighbors, inputs.background, inputs.pixels
     scan = [i for i in indices if gens[i].get("role", ROLE_SCAN) != ROLE_NULL]
@@ -264,7 +268,6 @@ def _label_prompt(ctx: PromptContext, indices: list[int], inputs: LabelInputs, t
             e["share"] = shown_share.get((e["kind"], e["element"]), 0.0)
 
     bg = background.get(space)
-    region_bg = background_p99(inputs.region_background, t.region_l2, t.region_texture)
     out = []
     for i in scan:
         r = gens[i]
