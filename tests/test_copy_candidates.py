@@ -93,6 +93,9 @@ def config(demo_root, world, name="two-stage", **candidates):
     raw["output"] = {"uri": str(world["root"] / "out"), "scan_date": "2026-11-30"}
     raw["generation"]["seeds_per_prompt"] = 2
     raw["signals"]["null_seeds"] = 2
+    # Region checks read pixels on every scan (they keep no cache); these tests count the candidate
+    # cache's fetches, so region detection (on in the test world) is off here.
+    raw["signals"]["region_neighbours"] = 0
     raw["embedding"]["copy_detection"]["candidates"] = {
         "k": 400,  # more than the 362 training rows: every image is a candidate of every unit
         "background_sample": 24,
