@@ -52,7 +52,7 @@ def make_table(root: Path, rows: int, dim: int, seed: int = 0) -> Path:
     from raymem.outputs import parquet_options
     from raymem.schema import embedding_array
 
-    done = root / "_COMPLETE_v3"  # v3: embedding columns uncompressed, as raymem writes them since
+    done = root / "_COMPLETE_v3"  # v3: embedding columns uncompressed, as raymem writes them now
     if done.exists():
         return root
     root.mkdir(parents=True, exist_ok=True)
@@ -105,15 +105,14 @@ class MemorySampler:
         self._thread.join()
 
 
-def run_join(root: Path, queries: np.ndarray, k: int, mode: str = "exact", nprobe: int = 16):
+def run_join(uri: str | Path, queries: np.ndarray, k: int, mode: str = "exact", nprobe: int = 16):
+    """Join `queries` against the training table at `uri` (a path, or `clip-retrieval:<root>`)."""
     from raymem import runtime
     from raymem.config import ActorRange
     from raymem.join import Queries, nearest_neighbours
     from raymem.sources import inspect_training
 
-    training = inspect_training(
-        str(root) if (root / "_COMPLETE_v3").exists() else f"clip-retrieval:{root}", {"clip": queries.shape[1]}
-    )
+    training = inspect_training(str(uri), {"clip": queries.shape[1]})
     plan = runtime.plan_join(ActorRange(1, 1), runtime.ClusterResources.current())
     q = {"q": Queries([f"q{i}" for i in range(len(queries))], {"clip": queries})}
     with MemorySampler() as mem:
@@ -232,7 +231,7 @@ def main() -> int:
     # The same rows in the clip-retrieval layout: .npy embeddings, no Parquet decode.
     for dtype in filter(None, args.npy.split(",")):
         root = clip_retrieval_copy(small, work / f"rows-{args.rows}-npy-{dtype}", dtype)
-        got, t_npy, _, _ = run_join(root, queries, args.k)
+        got, t_npy, _, _ = run_join(f"clip-retrieval:{root}", queries, args.k)
         same = np.mean([list(got.ids[i]) == list(exact.ids[i]) for i in range(args.queries)])
         out[f"npy_{dtype}_seconds"], out[f"npy_{dtype}_J2_ratio"] = t_npy, t_np / t_npy
         print(

@@ -13,10 +13,9 @@ Primary label by precedence MU > MI > ME > none (docs/labeler.md has the sources
       (r) region (off unless `signals.region_neighbours` > 0): no whole-image copy, but >=
           `region_tiles` textured tiles of one of the image's nearest training images are reproduced
           at the same position (tile l2 <= `region_l2`, both tiles' pixel std >= `region_texture`;
-          raymem.regions), and more tiles than the region
-          background p99 (what sampled training images share with their own nearest training images)
-          -- a copied background, watermark or mark. Not MU when that training image is the work the
-          prompt names (`requested_region`).
+          raymem.regions), and more tiles than the region background p99 (what sampled training
+          images share with their own nearest training images) -- a copied background, watermark or
+          mark. Not MU when that training image is the work the prompt names (`requested_region`).
       (b) instance element: an unprompted element that the training captions tie to fewer than
           `instance_support` images of the entity (and to no other image) is shown -- only when the
           prompt has null images, and only past the corrected tests below.
@@ -48,7 +47,7 @@ from raymem.duplicates import groups
 from raymem.label_inputs import Background, EntityStats, LabelInputs, PromptContext
 from raymem.pixels import PixelEvidence
 from raymem.probes import LOGIT_SCALE, sigmoid, two_way_logit
-from raymem.regions import background_p99, most_copied
+from raymem.regions import background_p99, most_copied, neighbours_to_compare
 from raymem.schema import ROLE_NULL, ROLE_SCAN, STATUS_OK
 from raymem.stats import TestResult, bh_adjusted, paired_p, prediction_p
 
@@ -192,16 +191,13 @@ def region_check_pairs(inputs: LabelInputs, neighbours: int) -> dict[str, tuple[
     pairs = {}
     if neighbours <= 0:
         return pairs
+    spaces = dict.fromkeys((inputs.copy_space, "clip"))
     for g in inputs.generations:
         if g["role"] != ROLE_SCAN or g["status"] != STATUS_OK or not g["image_uri"]:
             continue
-        by_space = inputs.neighbors.get(g["unit_id"], {})
-        seen: dict[str, str | None] = {}
-        for space in dict.fromkeys((inputs.copy_space, "clip")):
-            for n in (by_space.get(space) or [])[:neighbours]:
-                seen.setdefault(n["train_id"], n.get("image_uri"))
-        if seen:
-            pairs[g["unit_id"]] = (g["image_uri"], list(seen.items()))
+        compare = neighbours_to_compare(inputs.neighbors.get(g["unit_id"], {}), spaces, neighbours)
+        if compare:
+            pairs[g["unit_id"]] = (g["image_uri"], compare)
     return pairs
 
 
@@ -290,7 +286,9 @@ def _label_prompt(
         nbrs = neighbors.get(r["unit_id"], {}).get(space, [])
         copy = _CopyEvidence(space, inputs.copy_evidence, inputs.missing.get(r["unit_id"]), bg)
         regions = most_copied(inputs.regions.get(r["unit_id"], []), t.region_l2, t.region_texture)
-        rows_by_id = {n["train_id"]: n for sp in neighbors.get(r["unit_id"], {}).values() for n in sp}
+        rows_by_id = (
+            {n["train_id"]: n for sp in neighbors.get(r["unit_id"], {}).values() for n in sp} if regions else None
+        )
         decision = _decide(
             ctx, r, nbrs, copy, evidence[i], member_of[i], pixels.get(r["unit_id"]), t, regions, rows_by_id, region_bg
         )
@@ -592,15 +590,14 @@ def _decide(
         reasons.append(f"requested copy: {requested}")
     # A region of a training image reproduced where the whole image is not a copy (a background behind
     # a new foreground, a shared watermark): content nobody asked for, unless that training image is
-    # the very work the prompt names.
-    # Only beyond what distinct training images already share at the same position (the region
-    # background, like R above the train-train p95): in a world of look-alikes a shared layout is no copy.
+    # the very work the prompt names -- and only beyond what distinct training images already share at
+    # the same position (the region background, like R above the train-train p95): in a world of
+    # look-alikes a shared layout is no copy.
     region = None
-    if regions is not None and not replicated:
+    if regions is not None and not replicated and len(regions[1]) >= t.region_tiles:
         region_ev, region_tiles = regions
         region_row = (rows_by_id or {}).get(region_ev.train_id, {"train_id": region_ev.train_id})
         region_l2 = max(region_ev.tile_l2[i] for i in region_tiles)
-        beyond = region_bg is None or len(region_tiles) > region_bg
         bg_text = (
             f"; the region background p99 is {region_bg:g} tiles"
             if region_bg is not None
@@ -611,9 +608,8 @@ def _decide(
             f"'{region_ev.train_id}' copied at the same position (tiles {region_tiles}, l2 <= {_fmt(region_l2)} "
             f"<= region_l2 {t.region_l2}, texture >= {t.region_texture}){bg_text}"
         )
-        if len(region_tiles) < t.region_tiles or not beyond:
-            if len(region_tiles) >= t.region_tiles:
-                reasons.append(f"no region copy: {region_text} (not above it: distinct training images share as much)")
+        if region_bg is not None and len(region_tiles) <= region_bg:
+            reasons.append(f"no region copy: {region_text} (not above it: distinct training images share as much)")
         elif _names_copied_work(ctx, region_row):
             flags.append("requested_region")
             reasons.append(f"region of the requested work: {region_text}")

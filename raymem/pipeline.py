@@ -39,7 +39,7 @@ from raymem.pixels import confirm_pairs, pixel_checks_table
 from raymem.probes import Probe, probes_for
 from raymem.prompts import Prompt, prompts_table, read_prompts
 from raymem.reduce import entity_tallies, prompt_tallies
-from raymem.regions import check_regions, region_checks_table, region_evidence
+from raymem.regions import check_regions, neighbours_to_compare, region_checks_table, region_evidence
 from raymem.schema import (
     CANDIDATES,
     ENTITY_TALLIES,
@@ -457,14 +457,9 @@ def _region_background_pairs(cfg: ScanConfig, joined: _Joined) -> dict[str, tupl
     rows = {s: joined.background_topk[s].rows for s in spaces}
     pairs = {}
     for i, (train_id, uri) in enumerate(zip(bg.ids[:n], bg.image_uris[:n])):
-        if not uri:
-            continue
-        seen: dict[str, str | None] = {}
-        for s in spaces:
-            for r in rows[s][i][:per]:
-                seen.setdefault(r["train_id"], r.get("image_uri"))
-        if seen:
-            pairs[train_id] = (uri, list(seen.items()))
+        compare = neighbours_to_compare({s: rows[s][i] for s in spaces}, spaces, per) if uri else []
+        if compare:
+            pairs[train_id] = (uri, compare)
     return pairs
 
 

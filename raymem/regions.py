@@ -27,6 +27,7 @@ only), and a patch much smaller than a tile (it moves the tile's l2 too little).
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -34,7 +35,7 @@ import numpy as np
 import pyarrow as pa
 
 from raymem.fetch import Fetcher, FetchLimits
-from raymem.pixels import load_rgb
+from raymem.pixels import load_rgb, tile_distances
 from raymem.schema import REGION_CHECKS
 
 
@@ -56,17 +57,26 @@ class RegionEvidence:
 
 
 def tile_stats(a: np.ndarray, b: np.ndarray, grid: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per tile of two (S, S, 3) images in [0, 1]: the l2 distance (sqrt of the mean squared
-    difference) and the smaller of the two tiles' pixel standard deviations."""
+    """Per tile of two (S, S, 3) images in [0, 1], row-major: the l2 distance (Carlini's, as
+    `pixels.tile_distances`) and the smaller of the two tiles' pixel standard deviations."""
     s = a.shape[0] // grid
-    a, b = a[: s * grid, : s * grid], b[: s * grid, : s * grid]
 
-    def tiles(x):  # (grid*grid, s*s*3)
-        return x.reshape(grid, s, grid, s, 3).transpose(0, 2, 1, 3, 4).reshape(grid * grid, -1)
+    def texture(x):  # (grid*grid,) pixel std of each tile
+        return x[: s * grid, : s * grid].reshape(grid, s, grid, s, 3).std(axis=(1, 3, 4)).reshape(-1)
 
-    ta, tb = tiles(a), tiles(b)
-    l2 = np.sqrt(((ta - tb) ** 2).mean(axis=1))
-    return l2, np.minimum(ta.std(axis=1), tb.std(axis=1))
+    return tile_distances(a, b, grid), np.minimum(texture(a), texture(b))
+
+
+def neighbours_to_compare(
+    by_space: Mapping[str, list[dict]], spaces: Iterable[str], per_space: int
+) -> list[tuple[str, str | None]]:
+    """(train_id, image_uri) of the top `per_space` neighbours of each space, in the order of `spaces`,
+    each training image once: the same choice for scan images and for the background sample."""
+    seen: dict[str, str | None] = {}
+    for space in spaces:
+        for n in (by_space.get(space) or [])[:per_space]:
+            seen.setdefault(n["train_id"], n.get("image_uri"))
+    return list(seen.items())
 
 
 def compare_regions(a: np.ndarray, b: np.ndarray, train_id: str, grid: int) -> RegionEvidence:

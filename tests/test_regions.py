@@ -188,14 +188,14 @@ def labelled_inputs(tmp_path):
         "g_poster": {"sscd": low("poster", entities=("X",))},
     }
     inputs = LabelInputs.from_rows(rows, {"p": ctx, "q": poster_ctx}, text_vectors(ctx), neighbors, BG)
-    inputs.pairs = region_check_pairs(inputs, neighbours=3)
-    inputs.regions = check_regions(inputs.pairs, SIZE, GRID, threads=2)
+    inputs.regions = check_regions(region_check_pairs(inputs, neighbours=3), SIZE, GRID, threads=2)
     return inputs
 
 
 @pytest.fixture
 def labelled(labelled_inputs):
-    return labelled_inputs.pairs, {r["unit_id"]: r for r in label_units(labelled_inputs, T)}
+    pairs = region_check_pairs(labelled_inputs, neighbours=3)  # pure: the same pairs the fixture compared
+    return pairs, {r["unit_id"]: r for r in label_units(labelled_inputs, T)}
 
 
 def test_region_pairs_take_the_top_neighbours_of_both_spaces_whatever_their_score(labelled):
