@@ -99,7 +99,7 @@ def config(demo_root, world, name="two-stage", **candidates):
     raw["embedding"]["copy_detection"]["candidates"] = {
         "k": 400,  # more than the 362 training rows: every image is a candidate of every unit
         "background_sample": 24,
-        "timeout_s": 1.0,
+        "timeout_s": 2.5,  # below the stall route's 4 s; 1 s timed out a healthy image on a loaded 2-core CI box
         "retries": 0,
         **candidates,
     }
