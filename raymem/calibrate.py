@@ -34,13 +34,14 @@ GRID = {
     "pixel_l2": [0.03, 0.04, 0.05, 0.06, 0.08, 0.10, 0.12, 0.15, 0.20],
     "region_l2": [0.02, 0.03, 0.04, 0.05, 0.06, 0.08, 0.10, 0.12, 0.15],
     "region_tiles": [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 4096],  # 4096 (REGION_OFF): none at all
+    "region_breadth": [1, 2, 3, 5, 10],
     "consistency": [0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0],
     "element_presence": [round(x, 2) for x in np.arange(0.30, 0.91, 0.05)],
     "null_alpha": [0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5],
 }
 REGION_OFF = 4096  # more tiles than the largest grid has (64 x 64)
 FIT_ORDER = (
-    ("MU", ("replication", "pixel_l2", "region_l2", "region_tiles")),
+    ("MU", ("replication", "pixel_l2", "region_l2", "region_tiles", "region_breadth")),
     ("MI", ("consistency", "element_presence")),
     ("ME", ("null_alpha",)),
 )

@@ -196,6 +196,9 @@ TABLES: dict[str, tuple[str, dict[str, str]]] = {
             "region_l2": "the largest l2 among the copied tiles",
             "region_background_p99": "99th percentile of the copied tiles a sampled training image shares with its "
             "nearest other training images; a region copy must exceed it",
+            "region_breadth": "distinct regions of the compared training images that would each be a region "
+            "copy (copies of one patch, e.g. a shared watermark, count once); a region copy needs <= "
+            "region_breadth (1), more is a look; null when no tile matched or the whole image is a copy",
             "consistency": "share of the prompt's seeds in the largest near-duplicate cluster",
             "cluster_member": "whether this image is in that cluster",
             "clip_prompt_score": "CLIP cosine between the image and its prompt",

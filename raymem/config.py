@@ -202,6 +202,13 @@ class ThresholdsConfig(_Strict):
         "match without copying; independent tiles of this std are ~1.41x it apart",
     )
     region_tiles: int = Field(2, ge=1, description="copied tiles that make a region copy (MU subtype region)")
+    region_breadth: int = Field(
+        1,
+        ge=1,
+        description="distinct regions matching a scan image at most, for a region copy: compared training "
+        "images that would each be one (copies of one patch, such as a shared watermark, count once); more "
+        "is a look the world has, not one training image's content",
+    )
     min_lift: float = Field(2.0, ge=1, description="lift P(a|e)/P(a) in training captions for an implied element")
     min_support: int = Field(50, ge=1, description="training images of e mentioning a, for an implied element")
     instance_support: int = Field(

@@ -47,7 +47,7 @@ from raymem.duplicates import groups
 from raymem.label_inputs import Background, EntityStats, LabelInputs, PromptContext
 from raymem.pixels import PixelEvidence
 from raymem.probes import LOGIT_SCALE, sigmoid, two_way_logit
-from raymem.regions import background_p99, most_copied, neighbours_to_compare
+from raymem.regions import RegionMatch, background_p99, neighbours_to_compare, region_match
 from raymem.schema import ROLE_NULL, ROLE_SCAN, STATUS_OK
 from raymem.stats import TestResult, bh_adjusted, paired_p, prediction_p
 
@@ -285,7 +285,9 @@ def _label_prompt(
             continue
         nbrs = neighbors.get(r["unit_id"], {}).get(space, [])
         copy = _CopyEvidence(space, inputs.copy_evidence, inputs.missing.get(r["unit_id"]), bg)
-        regions = most_copied(inputs.regions.get(r["unit_id"], []), t.region_l2, t.region_texture)
+        regions = region_match(
+            inputs.regions.get(r["unit_id"], []), t.region_l2, t.region_texture, t.region_tiles, region_bg
+        )
         rows_by_id = (
             {n["train_id"]: n for sp in neighbors.get(r["unit_id"], {}).values() for n in sp} if regions else None
         )
@@ -435,7 +437,7 @@ def _decide(
     cluster_member,
     pixel: PixelEvidence | None,
     t,
-    regions=None,
+    regions: RegionMatch | None = None,
     rows_by_id=None,
     region_bg: float | None = None,
 ) -> dict:
@@ -594,8 +596,8 @@ def _decide(
     # the same position (the region background, like R above the train-train p95): in a world of
     # look-alikes a shared layout is no copy.
     region = None
-    if regions is not None and not replicated and len(regions[1]) >= t.region_tiles:
-        region_ev, region_tiles = regions
+    if regions is not None and not replicated and len(regions.tiles) >= t.region_tiles:
+        region_ev, region_tiles = regions.evidence, regions.tiles
         region_row = (rows_by_id or {}).get(region_ev.train_id, {"train_id": region_ev.train_id})
         region_l2 = max(region_ev.tile_l2[i] for i in region_tiles)
         bg_text = (
@@ -610,13 +612,28 @@ def _decide(
         )
         if region_bg is not None and len(region_tiles) <= region_bg:
             reasons.append(f"no region copy: {region_text} (not above it: distinct training images share as much)")
+        elif regions.breadth > t.region_breadth:
+            reasons.append(
+                f"no region copy: {region_text}; {regions.breadth} distinct training regions match as much "
+                f"(> region_breadth {t.region_breadth}): a look, not one image's content"
+            )
         elif _names_copied_work(ctx, region_row):
             flags.append("requested_region")
             reasons.append(f"region of the requested work: {region_text}")
         else:
-            region = {"train_id": region_ev.train_id, "tiles": region_tiles, "l2": region_l2}
+            region = {
+                "train_id": region_ev.train_id,
+                "tiles": region_tiles,
+                "l2": region_l2,
+                "breadth": regions.breadth,
+            }
             flags.append("region")
-            reasons.append(f"region copy: {region_text}")
+            shared = (
+                f"; the same patch is in {regions.duplicates} of the compared training images"
+                if regions.duplicates > 1
+                else ""
+            )
+            reasons.append(f"region copy: {region_text}{shared}")
     # Every category the image shows, beside the one primary label (the paper's categories co-occur:
     # a requested entity rendered on a copied training background is ME and MU).
     mu_kinds = (
@@ -686,6 +703,7 @@ def _decide(
         "region_tiles": region["tiles"] if region else None,
         "region_l2": region["l2"] if region else None,
         "region_background_p99": region_bg,
+        "region_breadth": regions.breadth if regions is not None and not replicated else None,
         "cluster_member": cluster_member,
         "entity_presence": (ent_logit / LOGIT_SCALE if _has_reference(ctx) else sigmoid(ent_logit))
         if ent_logit is not None

@@ -16,9 +16,12 @@ matches only when the two tiles are strongly correlated (rho >= 1 - l2^2 / (2 s^
 defaults), which unrelated content is not. The false-positive rate on independent images is measured
 in tests/test_regions.py and docs/labeler.md.
 
-Off by default (`signals.region_neighbours: 0`): on a planted world held out for this rule, 5 of 80
-images without a copy matched several distinct training images region by region (a look, not one
-image); docs/labeler.md has the measurements and what is missing (a breadth test for regions).
+A region copy must come from one training image: when several *distinct* compared training images
+each share as many tiles (its breadth, `region_match`; copies of one patch, such as a watermark pasted
+into many images, count once), the scan image has a look the world has, not one image's content.
+
+Off by default (`signals.region_neighbours: 0`): docs/labeler.md has the false positives measured on
+planted worlds.
 
 What this does not find: a region moved or rescaled relative to the training image (same-position tiles
 only), and a patch much smaller than a tile (it moves the tile's l2 too little).
@@ -185,6 +188,63 @@ def most_copied(evidence: list[RegionEvidence], l2: float, texture: float) -> tu
         if best is None or key < best[0]:
             best = (key, ev, tiles)
     return (best[1], best[2]) if best else None
+
+
+@dataclass(frozen=True)
+class RegionMatch:
+    """A scan image's region copy candidate: the training image with the most copied tiles, and how
+    many distinct regions of the compared training images match as much (its breadth)."""
+
+    evidence: RegionEvidence
+    tiles: list[int]
+    breadth: int  # distinct regions above the floor; provable duplicates of one patch count once
+    duplicates: int  # compared training images in the best match's group (a shared watermark: many)
+
+
+def same_region(
+    a: RegionEvidence, b: RegionEvidence, tiles_a: list[int], tiles_b: list[int], l2: float, min_tiles: int
+) -> bool:
+    """Whether two training images carry one duplicated patch where the scan image matches both: on at
+    least `min_tiles` tiles copied from both, and on every one of them, the scan image's distances to
+    the two sum to <= `l2` -- so by the triangle inequality the two training tiles are within `l2` of
+    each other (a watermark banner pasted into many images, resized or recompressed copies). Two
+    training images that only resemble the scan image in the same way (a look) do not pass."""
+    common = sorted(set(tiles_a) & set(tiles_b))
+    return len(common) >= min_tiles and all(a.tile_l2[i] + b.tile_l2[i] <= l2 for i in common)
+
+
+def region_match(
+    evidence: list[RegionEvidence], l2: float, texture: float, min_tiles: int, floor: float | None
+) -> RegionMatch | None:
+    """The most-copied training image (as `most_copied`) and the breadth of the match: the compared
+    training images that would each be a region copy (>= `min_tiles` copied tiles, more than `floor`,
+    the region background), grouped by `same_region`, one group per distinct region. A region of one
+    training image (or of copies of one patch) has breadth 1; several distinct training images each
+    sharing as many tiles is a look the world has, not content copied from one of them."""
+    best = most_copied(evidence, l2, texture)
+    if best is None:
+        return None
+    passing = [
+        (ev, tiles)
+        for ev in evidence
+        if len(tiles := ev.copied_tiles(l2, texture)) >= min_tiles and (floor is None or len(tiles) > floor)
+    ]
+    group = list(range(len(passing)))  # union-find over the passing images
+
+    def root(i):
+        while group[i] != i:
+            group[i] = group[group[i]]
+            i = group[i]
+        return i
+
+    for i in range(len(passing)):
+        for j in range(i):
+            if same_region(passing[i][0], passing[j][0], passing[i][1], passing[j][1], l2, min_tiles):
+                group[root(i)] = root(j)
+    roots = [root(i) for i in range(len(passing))]
+    best_index = next((i for i, (ev, _) in enumerate(passing) if ev is best[0]), None)
+    duplicates = roots.count(roots[best_index]) if best_index is not None else 1
+    return RegionMatch(best[0], best[1], len(set(roots)), duplicates)
 
 
 def background_p99(background: dict[str, list[RegionEvidence]], l2: float, texture: float) -> float | None:

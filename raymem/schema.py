@@ -319,6 +319,7 @@ LABELS_TABLE = pa.schema(
         ("region_tiles", pa.list_(pa.int16())),  # the copied tiles, row-major on the region grid
         ("region_l2", pa.float32()),  # the largest l2 among the copied tiles
         ("region_background_p99", pa.float32()),  # copied tiles distinct training images reach (p99)
+        ("region_breadth", pa.int16()),  # distinct training regions matching as much as the best (1: one image's)
         ("consistency", pa.float32()),
         ("cluster_member", pa.bool_()),
         ("clip_prompt_score", pa.float32()),

@@ -13,12 +13,15 @@ from raymem.config import ThresholdsConfig
 from raymem.label import LabelInputs, label_units, region_check_pairs
 from raymem.regions import (
     RegionEvidence,
+    RegionMatch,
     background_p99,
     check_regions,
     compare_regions,
     most_copied,
     region_checks_table,
     region_evidence,
+    region_match,
+    same_region,
 )
 from tests.test_label import BG, context, gen, image, nulls, text_vectors
 
@@ -251,3 +254,50 @@ def test_in_a_world_of_look_alikes_a_shared_layout_is_not_a_region_copy(labelled
     out = {r["unit_id"]: r for r in label_units(inputs, T)}
     assert out["g_bg"]["label"] == "MU" and out["g_bg"]["region_background_p99"] == 0
     assert "the region background p99 is 0 tiles" in out["g_bg"]["reasons"]
+
+
+def test_breadth_counts_distinct_regions_and_copies_of_one_patch_once():
+    def ev(train_id, near: dict[int, float]):  # 16 tiles; the listed ones at the given l2, the rest far
+        return RegionEvidence(train_id, 4, tuple(near.get(i, 0.5) for i in range(16)), (0.2,) * 16)
+
+    copy = ev("a", {i: 0.02 for i in range(8)})  # 8 tiles of one training image, nearly exact
+    resized = ev("a2", {i: 0.03 for i in range(8)})  # a resized copy of it: provably the same patch
+    look1 = ev("b", {i: 0.08 for i in range(6, 14)})  # distinct images resembling the scan image ...
+    look2 = ev("c", {i: 0.09 for i in range(6, 14)})  # ... in the same way: 0.08 + 0.09 > 0.1, not provable
+    assert region_match([copy], 0.1, 0.1, 2, None) == RegionMatch(copy, list(range(8)), 1, 1)
+    assert region_match([copy, resized], 0.1, 0.1, 2, None) == RegionMatch(copy, list(range(8)), 1, 2)
+    # "b" shares tiles 6 and 7 with "a" at 0.02 + 0.08 <= 0.1: provably one patch there, one group ...
+    assert same_region(copy, look1, list(range(8)), list(range(6, 14)), 0.1, 2)
+    assert region_match([copy, look1], 0.1, 0.1, 2, None).breadth == 1
+    # ... but not on one common tile (fewer than region_tiles), nor when the sum exceeds region_l2
+    assert not same_region(copy, look1, list(range(8)), list(range(7, 14)), 0.1, 2)
+    assert region_match([copy, ev("b", {i: 0.09 for i in range(6, 14)})], 0.1, 0.1, 2, None).breadth == 2
+    assert not same_region(look1, look2, list(range(6, 14)), list(range(6, 14)), 0.1, 2)
+    assert region_match([look1, look2], 0.1, 0.1, 2, None).breadth == 2
+    # only the images that would each be a region copy count: above the floor (the region background)
+    assert region_match([copy, look1, look2], 0.1, 0.1, 2, 8.0) is not None
+    assert region_match([copy, ev("d", {0: 0.01, 1: 0.01})], 0.1, 0.1, 2, 2.0).breadth == 1
+    assert region_match([ev("far", {})], 0.1, 0.1, 2, None) is None
+
+
+def test_a_region_several_distinct_training_images_share_is_a_look_not_MU(labelled_inputs):
+    """The scan image resembles its training background tile by tile, and as many tiles of two other,
+    distinct training images, each within region_l2 but none provably a copy of another (the distances
+    sum past region_l2): no single image's content was copied (breadth 3 > region_breadth 1)."""
+    inputs = labelled_inputs
+    tiles = {e.train_id: e for e in inputs.regions["g_bg"]}["bg"].copied_tiles(T.region_l2, T.region_texture)
+    inputs.regions["g_bg"] = [
+        RegionEvidence(name, GRID, tuple(l2 if i in tiles else 0.5 for i in range(64)), (0.2,) * 64)
+        for name, l2 in (("bg", 0.06), ("look1", 0.07), ("look2", 0.08))
+    ]
+    out = {r["unit_id"]: r for r in label_units(inputs, T)}["g_bg"]
+    assert out["label"] != "MU" and out["region_train_id"] is None and out["region_breadth"] == 3
+    assert "3 distinct training regions match as much (> region_breadth 1)" in out["reasons"]
+    wide = {r["unit_id"]: r for r in label_units(inputs, T.model_copy(update={"region_breadth": 3}))}["g_bg"]
+    assert (wide["label"], wide["region_train_id"], wide["region_breadth"]) == ("MU", "bg", 3)
+
+
+def test_a_watermark_shared_by_many_training_images_is_one_region(labelled):
+    _, out = labelled
+    wm = out["g_wm"]  # the banner is in wm3 and wm17, both compared: one patch, not two regions
+    assert wm["region_breadth"] == 1 and "the same patch is in 2 of the compared training images" in wm["reasons"]
