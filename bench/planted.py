@@ -29,9 +29,18 @@ def main() -> int:
     parser.add_argument("--retrain", action="store_true")
     parser.add_argument("--world-seed", type=int, help="a fresh world from this seed (default: the development world)")
     parser.add_argument("--json", help="write the summary here too")
+    parser.add_argument(
+        "--region-neighbours", type=int, default=0, help="region-level copy detection on (default 0: off)"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    cfg = PlantedConfig(work=args.work, calibrate=args.calibrate, models=args.models, retrain=args.retrain)
+    cfg = PlantedConfig(
+        work=args.work,
+        calibrate=args.calibrate,
+        models=args.models,
+        retrain=args.retrain,
+        region_neighbours=args.region_neighbours,
+    )
     if args.world_seed is not None:
         cfg.world = WorldConfig(seed=args.world_seed)
     result = run_benchmark(cfg)

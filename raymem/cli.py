@@ -317,7 +317,13 @@ def cmd_bench_planted(args) -> int:
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     preset = PlantedConfig.quick if args.quick else PlantedConfig
-    cfg = preset(work=args.work, calibrate=args.calibrate, models=args.models, retrain=args.retrain)
+    cfg = preset(
+        work=args.work,
+        calibrate=args.calibrate,
+        models=args.models,
+        retrain=args.retrain,
+        region_neighbours=args.region_neighbours,
+    )
     if args.world_seed is not None:
         cfg.world = dataclasses.replace(cfg.world, seed=args.world_seed)
     result = run_benchmark(cfg)
@@ -473,6 +479,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--retrain",
         action="store_true",
         help="train the models even when the committed ones (assets/planted-models) match the configs",
+    )
+    p.add_argument(
+        "--region-neighbours",
+        type=int,
+        default=0,
+        help="switch region-level copy detection on with this many neighbours per space (default 0: off, "
+        "as the scan config's default)",
     )
     p.set_defaults(fn=cmd_bench_planted)
 

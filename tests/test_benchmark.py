@@ -3,6 +3,7 @@
 import dataclasses
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -36,6 +37,34 @@ def test_evaluate_counts_precision_recall_and_confusion():
     assert any("MISSED" in line for line in targets_report(r))
 
 
+def test_runs_pool_over_worlds_with_prompts_of_each_world_as_clusters(tmp_path):
+    from raymem.planted.benchmark import pool_results
+
+    truth = {"a": {"expected": "MU", "planted": "x"}, "c": {"expected": "none", "planted": "nothing: never shown"}}
+    dirs = []
+    for seed, mu_label in ((7, "MU"), (11, "none"), (12, "MU")):  # world 11 misses its copy
+        labels = [
+            {"unit_id": f"{p}{s}", "prompt_id": p, "seed": s, "label": mu_label if p == "a" else "none", "reasons": ""}
+            for p in "ac"
+            for s in range(4)
+        ]
+        d = tmp_path / f"world{seed}-default"
+        d.mkdir()
+        pq.write_table(pa.Table.from_pylist(evaluate(labels, truth, seed)["images"]), d / "images.parquet")
+        dirs.append(d)
+    pooled = pool_results(dirs)
+    mu = {m["category"]: m for m in pooled["metrics"]}["MU"]
+    assert pooled["world_seeds"] == [7, 11, 12] and (mu["true_positives"], mu["expected"]) == (8, 12)
+    assert pooled["control_none_rate"] == 1.0
+    # 3 MU prompts (one per world) resampled as clusters: the interval is wider than over 12 images
+    lo, hi = mu["recall_ci_prompts"]
+    assert lo == 0.0 and hi == 1.0 and mu["recall_ci"][0] > 0.3
+    with pytest.raises(ValueError, match="world seed 7 is already pooled"):
+        pool_results([dirs[0], dirs[0]])
+    with pytest.raises(ValueError, match="no images.parquet"):
+        pool_results([tmp_path])
+
+
 def test_models_directory_without_trained_models_is_one_line(tmp_path, capsys):
     from raymem.cli import main
 
@@ -60,19 +89,22 @@ def test_reduced_benchmark_end_to_end(local_ray, tmp_path):
         train=TrainConfig(vae_steps=20, unet_steps=30, clip_steps=20, batch_size=16, clip_batch_size=32),
     )
     result = run_benchmark(cfg)
-    images = pq.read_table(tmp_path / "results" / "images.parquet").to_pylist()
+    results = Path(result["results_dir"])
+    assert results == tmp_path / "results" / "world7-default"  # one directory per world and setting
+    images = pq.read_table(results / "images.parquet").to_pylist()
     assert len(images) == 16 * 2  # 16 evaluation prompts x 2 seeds
     assert {i["expected"] for i in images} == {"MU", "MI", "ME", "none"}
-    metrics = pq.read_table(tmp_path / "results" / "metrics.parquet").to_pylist()
+    metrics = pq.read_table(results / "metrics.parquet").to_pylist()
     assert [m["category"] for m in metrics] == ["MU", "MI", "ME", "none"]
-    confusion = pq.read_table(tmp_path / "results" / "confusion.parquet").to_pylist()
+    confusion = pq.read_table(results / "confusion.parquet").to_pylist()
     assert sum(v for row in confusion for k, v in row.items() if k.startswith("predicted_")) == len(images)
-    assert (tmp_path / "results" / "summary.json").exists() and result["summary"]["thresholds"] == "config defaults"
+    assert (results / "summary.json").exists() and result["summary"]["thresholds"] == "config defaults"
     # The trained pipeline was loaded by the scan through from_pretrained, like any diffusers model.
     assert (tmp_path / result["summary"]["models"].split("/")[-1] / "pipeline" / "model_index.json").exists()
     # The calibrated branch: thresholds fitted on the calibration split's scan, then the evaluation
     # scanned with them (the same trained models, found by their digest).
     calibrated = run_benchmark(dataclasses.replace(cfg, calibrate=True))
+    assert calibrated["results_dir"].endswith("world7-calibrated") and (results / "images.parquet").exists()
     fitted = calibrated["summary"]["thresholds"]
     assert isinstance(fitted, dict) and set(fitted) >= {"replication", "null_alpha", "element_presence"}
     assert calibrated["summary"]["models"] == result["summary"]["models"]
@@ -94,3 +126,17 @@ def test_the_committed_models_are_the_default_worlds():
     world = Path("build/planted") / f"world-{_digest(asdict(cfg.world))}"
     assert prepare_models(cfg, world) == COMMITTED_MODELS
     assert (COMMITTED_MODELS / "pipeline" / "model_index.json").exists()
+
+
+def test_region_detection_is_off_in_the_benchmark_unless_asked_for(tmp_path):
+    """`bench planted --region-neighbours N` scans with region copies on; the default is the scan
+    config's (off), so the benchmark measures what ships."""
+    from raymem.planted.benchmark import scan_config
+
+    (tmp_path / "prompts-eval.jsonl").write_text('{"prompt_id": "p", "prompt": "a photo"}\n')
+    (tmp_path / "clip").mkdir()
+    made = {
+        n: scan_config(PlantedConfig(region_neighbours=n), tmp_path, tmp_path, tmp_path / "index", "eval", {})
+        for n in (0, 3)
+    }
+    assert made[0].signals.region_neighbours == 0 and made[3].signals.region_neighbours == 3

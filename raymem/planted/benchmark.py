@@ -47,6 +47,7 @@ class PlantedConfig:
     target_precision: float = 0.9
     models: str | None = None  # use these trained models (pipeline/ and clip/) instead of training
     retrain: bool = False  # train even when the committed models match the world and training configs
+    region_neighbours: int = 0  # region-level copy detection: off, as the config default (docs/planted.md)
 
     @classmethod
     def quick(cls, **kwargs) -> PlantedConfig:
@@ -170,7 +171,13 @@ def scan_config(cfg: PlantedConfig, world_root: Path, models: Path, index: Path,
             "training": {"embeddings": str(index)},
             "join": {"k": 20},
             "thresholds": thresholds,
-            "signals": {"null_seeds": cfg.null_seeds, "mine_elements": False, "pixel_size": 32, "pixel_tiles": 4},
+            "signals": {
+                "null_seeds": cfg.null_seeds,
+                "mine_elements": False,
+                "pixel_size": 32,
+                "pixel_tiles": 4,
+                "region_neighbours": cfg.region_neighbours,
+            },
             # One output tree per trained model, so a retrained model never shares tables with an old one.
             "output": {"uri": str(Path(cfg.work) / "scans" / models.resolve().name), "scan_date": "2026-01-01"},
         }
@@ -181,30 +188,38 @@ def ground_truth(world_root: Path) -> dict[str, dict]:
     return {r["prompt_id"]: r for r in map(json.loads, (world_root / "ground_truth.jsonl").read_text().splitlines())}
 
 
-def evaluate(labels: list[dict], truth: dict[str, dict]) -> dict:
+def evaluate(labels: list[dict], truth: dict[str, dict], world_seed: int | None = None) -> dict:
     """Per image: its label against its prompt's expected label."""
-    images = []
-    for r in labels:
-        gt = truth[r["prompt_id"]]
-        images.append(
-            {
-                "unit_id": r["unit_id"],
-                "prompt_id": r["prompt_id"],
-                "seed": r["seed"],
-                "expected": gt["expected"],
-                "predicted": r["label"] or "failed",
-                "reasons": r["reasons"],
-            }
-        )
+    images = [
+        {
+            "world_seed": world_seed,
+            "unit_id": r["unit_id"],
+            "prompt_id": r["prompt_id"],
+            "seed": r["seed"],
+            "expected": truth[r["prompt_id"]]["expected"],
+            "predicted": r["label"] or "failed",
+            "control": truth[r["prompt_id"]]["planted"].startswith("nothing"),
+            "reasons": r["reasons"],
+        }
+        for r in labels
+    ]
+    return score_images(images)
+
+
+def score_images(images: list[dict]) -> dict:
+    """Precision, recall and the confusion matrix of image rows (`evaluate`'s), from one world or
+    pooled over several; intervals resample whole prompts of whole worlds."""
     metrics = []
-    prompts = sorted({i["prompt_id"] for i in images})
+    prompts = sorted({(i.get("world_seed") or 0, i["prompt_id"]) for i in images})
     for c in LABELS:
         tp = sum(1 for i in images if i["expected"] == c and i["predicted"] == c)
         predicted = sum(1 for i in images if i["predicted"] == c)
         expected = sum(1 for i in images if i["expected"] == c)
 
         def per_prompt(keep, c=c):
-            return [sum(1 for i in images if i["prompt_id"] == p and keep(i)) for p in prompts]
+            return [
+                sum(1 for i in images if (i.get("world_seed") or 0, i["prompt_id"]) == p and keep(i)) for p in prompts
+            ]
 
         tp_p = per_prompt(lambda i, c=c: i["expected"] == c and i["predicted"] == c)
         metrics.append(
@@ -231,9 +246,39 @@ def evaluate(labels: list[dict], truth: dict[str, dict]) -> dict:
         }
         for e in LABELS
     ]
-    controls = [i for i in images if truth[i["prompt_id"]]["planted"].startswith("nothing")]
+    controls = [i for i in images if i["control"]]
     control_none = sum(1 for i in controls if i["predicted"] == "none") / len(controls) if controls else None
     return {"images": images, "metrics": metrics, "confusion": confusion, "control_none_rate": control_none}
+
+
+def pool_results(results_dirs: list[str | Path]) -> dict:
+    """One score over several benchmark runs (`images.parquet` of each results directory): the
+    issue's "over >= 3 world seeds", each prompt of each world one cluster. Each world at most once,
+    so a world scanned twice (defaults and calibrated) cannot be pooled with itself."""
+    images, seen = [], {}
+    for d in map(Path, results_dirs):
+        path = d / "images.parquet"
+        if not path.exists():
+            raise ValueError(f"{path}: no images.parquet (not a `raymem bench planted` results directory)")
+        rows = pq.read_table(path).to_pylist()
+        for seed in {r.get("world_seed") for r in rows}:
+            if seed is None:
+                raise ValueError(
+                    f"{path}: rows without world_seed (written before pooling existed; re-run the benchmark)"
+                )
+            if seed in seen:
+                raise ValueError(f"{path}: world seed {seed} is already pooled from {seen[seed]}")
+            seen[seed] = d
+        images += rows
+    result = score_images(images)
+    result["world_seeds"] = sorted(seen)
+    return result
+
+
+def run_name(cfg: PlantedConfig) -> str:
+    """The results directory of one benchmark run: its world, thresholds and region setting."""
+    name = f"world{cfg.world.seed}-{'calibrated' if cfg.calibrate else 'default'}"
+    return name + (f"-regions{cfg.region_neighbours}" if cfg.region_neighbours else "")
 
 
 def targets_report(result: dict) -> list[str]:
@@ -316,8 +361,8 @@ def run_benchmark(cfg: PlantedConfig) -> dict:
     from raymem.outputs import read_scan_table
 
     labels = read_scan_table(eval_cfg.output.uri, scan.scan_id, "labels").to_pylist()
-    result = evaluate(labels, truth)
-    out = Path(cfg.work) / "results"
+    result = evaluate(labels, truth, cfg.world.seed)
+    out = Path(cfg.work) / "results" / run_name(cfg)
     out.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.Table.from_pylist(result["metrics"]), out / "metrics.parquet")
     pq.write_table(pa.Table.from_pylist(result["confusion"]), out / "confusion.parquet")
