@@ -140,3 +140,39 @@ def test_region_detection_is_off_in_the_benchmark_unless_asked_for(tmp_path):
         for n in (0, 3)
     }
     assert made[0].signals.region_neighbours == 0 and made[3].signals.region_neighbours == 3
+
+
+def test_negative_probes_ask_every_prompt_without_an_implied_element_about_one_it_never_shows(tmp_path):
+    import json
+
+    from raymem.planted.benchmark import negative_probes, probed_prompts
+    from raymem.planted.world import ELEMENTS
+
+    prompts = [
+        {"prompt_id": "mi", "prompt": "a", "entity": "A", "explicit_elements": [], "implicit_elements": ["seagulls"]},
+        {"prompt_id": "me", "prompt": "b", "entity": "B", "explicit_elements": ["a moon"], "implicit_elements": []},
+        {"prompt_id": "ctl", "prompt": "c", "entity": "C", "explicit_elements": [], "implicit_elements": []},
+    ]
+    (tmp_path / "prompts-eval.jsonl").write_text("".join(json.dumps(p) + "\n" for p in prompts))
+    path = probed_prompts(tmp_path, "eval", 12)
+    rows = {r["prompt_id"]: r for r in map(json.loads, path.read_text().splitlines())}
+    probes = negative_probes(tmp_path, "eval")
+    assert rows["mi"]["implicit_elements"] == ["seagulls"] and "mi" not in probes  # a real MI prompt: unchanged
+    assert set(probes) == {"me", "ctl"} and all(rows[p]["implicit_elements"] == [probes[p]] for p in probes)
+    assert probes["me"] != "a moon" and set(probes.values()) <= set(ELEMENTS)  # never its own explicit element
+    assert rows["me"]["explicit_elements"] == ["a moon"] and "negative_probe" not in rows["me"]
+    path.unlink()
+    assert negative_probes(tmp_path, "eval") == probes == negative_probes(tmp_path, "eval")
+    assert probed_prompts(tmp_path, "eval", 12).read_text() == "".join(json.dumps(r) + "\n" for r in rows.values())
+    # scored: an MI label on a probed prompt is a false positive of the MI rule
+    truth = {p["prompt_id"]: {"expected": e, "planted": "x"} for p, e in zip(prompts, ["MI", "ME", "none"])}
+    labels = [
+        {"unit_id": f"{p}{s}", "prompt_id": p, "seed": s, "label": "MI", "reasons": ""} for p in truth for s in (0, 1)
+    ]
+    result = evaluate(labels, truth, 12, probes)
+    assert {k: result["probe_negatives"][k] for k in ("images", "not_MI", "rate")} == {
+        "images": 4,
+        "not_MI": 0,
+        "rate": 0.0,
+    }
+    assert any("negative implied-element probes not labelled MI: 0.000" in line for line in targets_report(result))

@@ -48,6 +48,9 @@ class PlantedConfig:
     models: str | None = None  # use these trained models (pipeline/ and clip/) instead of training
     retrain: bool = False  # train even when the committed models match the world and training configs
     region_neighbours: int = 0  # region-level copy detection: off, as the config default (docs/planted.md)
+    # every prompt whose entity implies no element is asked about one its training images never show
+    # (a negative for the MI rule; `probed_prompts`)
+    negative_probes: bool = True
 
     @classmethod
     def quick(cls, **kwargs) -> PlantedConfig:
@@ -74,6 +77,38 @@ def prepare_world(cfg: PlantedConfig) -> Path:
         log.info("drawing the planted world into %s", root)
         build_world(root, cfg.world)
     return root
+
+
+def probed_prompts(world_root: Path, split: str, seed: int) -> Path:
+    """The split's prompts with an implied-element probe on every prompt that has none: an element the
+    entity's training images never show (not its explicit one; an entity's images show only its own
+    elements). MI must not fire on them -- issue 12's negatives for the MI rule, which otherwise only
+    ever probes the entities that do imply an element. The expected labels stay as they are."""
+    from raymem.planted.world import ELEMENTS
+
+    out = world_root / f"prompts-{split}-probed.jsonl"
+    if out.exists():
+        return out
+    rows = [json.loads(line) for line in (world_root / f"prompts-{split}.jsonl").read_text().splitlines()]
+    for r in rows:
+        if not r.get("implicit_elements"):
+            allowed = [e for e in ELEMENTS if e not in r.get("explicit_elements", [])]
+            pick = int(hashlib.sha256(f"{seed}:{r['prompt_id']}".encode()).hexdigest(), 16) % len(allowed)
+            r["implicit_elements"] = [allowed[pick]]
+            r["negative_probe"] = allowed[pick]
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "negative_probe"}) + "\n" for r in rows))
+    (world_root / f"negative-probes-{split}.json").write_text(
+        json.dumps({r["prompt_id"]: r["negative_probe"] for r in rows if "negative_probe" in r}, indent=1)
+    )
+    tmp.replace(out)  # written last: its presence means both files are complete
+    return out
+
+
+def negative_probes(world_root: Path, split: str) -> dict[str, str]:
+    """{prompt_id: the probed element} of a split's negative probes (empty when none were made)."""
+    path = world_root / f"negative-probes-{split}.json"
+    return json.loads(path.read_text()) if path.exists() else {}
 
 
 def check_models(models: Path) -> None:
@@ -158,7 +193,11 @@ def scan_config(cfg: PlantedConfig, world_root: Path, models: Path, index: Path,
         {
             "name": f"planted-{split}",
             "model": {"id": str((models / "pipeline").resolve()), "name": "planted"},
-            "prompts": str(world_root / f"prompts-{split}.jsonl"),
+            "prompts": str(
+                probed_prompts(world_root, split, cfg.world.seed)
+                if cfg.negative_probes
+                else world_root / f"prompts-{split}.jsonl"
+            ),
             "generation": {
                 "seeds_per_prompt": cfg.seeds_per_prompt,
                 "num_inference_steps": cfg.num_inference_steps,
@@ -188,8 +227,11 @@ def ground_truth(world_root: Path) -> dict[str, dict]:
     return {r["prompt_id"]: r for r in map(json.loads, (world_root / "ground_truth.jsonl").read_text().splitlines())}
 
 
-def evaluate(labels: list[dict], truth: dict[str, dict], world_seed: int | None = None) -> dict:
-    """Per image: its label against its prompt's expected label."""
+def evaluate(
+    labels: list[dict], truth: dict[str, dict], world_seed: int | None = None, probes: dict[str, str] | None = None
+) -> dict:
+    """Per image: its label against its prompt's expected label (`probes`: the prompts asked about an
+    element their entity does not imply, `probed_prompts`)."""
     images = [
         {
             "world_seed": world_seed,
@@ -199,6 +241,7 @@ def evaluate(labels: list[dict], truth: dict[str, dict], world_seed: int | None 
             "expected": truth[r["prompt_id"]]["expected"],
             "predicted": r["label"] or "failed",
             "control": truth[r["prompt_id"]]["planted"].startswith("nothing"),
+            "negative_probe": (probes or {}).get(r["prompt_id"]),
             "reasons": r["reasons"],
         }
         for r in labels
@@ -248,7 +291,22 @@ def score_images(images: list[dict]) -> dict:
     ]
     controls = [i for i in images if i["control"]]
     control_none = sum(1 for i in controls if i["predicted"] == "none") / len(controls) if controls else None
-    return {"images": images, "metrics": metrics, "confusion": confusion, "control_none_rate": control_none}
+    # the MI rule's negatives: images of prompts asked about an element their entity never shows
+    probed = [i for i in images if i.get("negative_probe")]
+    not_mi = sum(1 for i in probed if i["predicted"] != "MI")
+    probe_negatives = {
+        "images": len(probed),
+        "not_MI": not_mi,
+        "rate": not_mi / len(probed) if probed else None,
+        "ci": clopper_pearson(not_mi, len(probed)),
+    }
+    return {
+        "images": images,
+        "metrics": metrics,
+        "confusion": confusion,
+        "control_none_rate": control_none,
+        "probe_negatives": probe_negatives,
+    }
 
 
 def pool_results(results_dirs: list[str | Path]) -> dict:
@@ -306,6 +364,13 @@ def targets_report(result: dict) -> list[str]:
     lines.append(
         f"controls labelled none: {_f(cn)} ({'target met' if ok else f'target {CONTROL_NONE_TARGET}: MISSED'})"
     )
+    probes = result.get("probe_negatives") or {}
+    if probes.get("images"):
+        verdict = "target met" if probes["rate"] >= CONTROL_NONE_TARGET else f"target {CONTROL_NONE_TARGET}: MISSED"
+        lines.append(
+            f"negative implied-element probes not labelled MI: {_f(probes['rate'])} {_ci(probes['ci'])} "
+            f"({probes['not_MI']}/{probes['images']}; {verdict})"
+        )
     header = "expected \\ predicted  " + "  ".join(f"{c:>6s}" for c in [*LABELS, "failed"])
     lines.append(header)
     for row in result["confusion"]:
@@ -361,7 +426,7 @@ def run_benchmark(cfg: PlantedConfig) -> dict:
     from raymem.outputs import read_scan_table
 
     labels = read_scan_table(eval_cfg.output.uri, scan.scan_id, "labels").to_pylist()
-    result = evaluate(labels, truth, cfg.world.seed)
+    result = evaluate(labels, truth, cfg.world.seed, negative_probes(world_root, "eval") if cfg.negative_probes else {})
     out = Path(cfg.work) / "results" / run_name(cfg)
     out.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.Table.from_pylist(result["metrics"]), out / "metrics.parquet")
@@ -373,6 +438,7 @@ def run_benchmark(cfg: PlantedConfig) -> dict:
         "timings": timings,
         "metrics": result["metrics"],
         "control_none_rate": result["control_none_rate"],
+        "probe_negatives": result["probe_negatives"],
         "models": str(models),
         "world": str(world_root),
     }
