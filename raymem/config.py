@@ -265,8 +265,8 @@ class SignalsConfig(_Strict):
         le=100,
         description="training images per scan image (top in the copy space and in CLIP space) compared "
         "region by region, whatever their global score (3 is a good start); 0, the default, switches "
-        "region-level copy detection off: on a fresh planted world 5 of 80 images without a copy came "
-        "out region copies (docs/labeler.md)",
+        "region-level copy detection off: on a fresh planted world 1 of 80 images without a copy came "
+        "out a region copy, and no planted world has a region copy to measure recall on (docs/labeler.md)",
     )
     region_grid: int = Field(8, ge=2, le=64, description="tiles per side for region-level copy detection")
     region_background: int = Field(
