@@ -79,6 +79,11 @@ def prepare_world(cfg: PlantedConfig) -> Path:
     return root
 
 
+def prompts_path(world_root: Path, split: str, probed: bool) -> Path:
+    """A split's prompt file: as drawn, or with the negative probes (`probed_prompts` writes it)."""
+    return world_root / (f"prompts-{split}-probed.jsonl" if probed else f"prompts-{split}.jsonl")
+
+
 def probed_prompts(world_root: Path, split: str, seed: int) -> Path:
     """The split's prompts with an implied-element probe on every prompt that has none: an element the
     entity's training images never show (not its explicit one; an entity's images show only its own
@@ -86,10 +91,10 @@ def probed_prompts(world_root: Path, split: str, seed: int) -> Path:
     ever probes the entities that do imply an element. The expected labels stay as they are."""
     from raymem.planted.world import ELEMENTS
 
-    out = world_root / f"prompts-{split}-probed.jsonl"
+    out = prompts_path(world_root, split, probed=True)
     if out.exists():
         return out
-    rows = [json.loads(line) for line in (world_root / f"prompts-{split}.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in prompts_path(world_root, split, probed=False).read_text().splitlines()]
     for r in rows:
         if not r.get("implicit_elements"):
             allowed = [e for e in ELEMENTS if e not in r.get("explicit_elements", [])]
@@ -193,11 +198,7 @@ def scan_config(cfg: PlantedConfig, world_root: Path, models: Path, index: Path,
         {
             "name": f"planted-{split}",
             "model": {"id": str((models / "pipeline").resolve()), "name": "planted"},
-            "prompts": str(
-                probed_prompts(world_root, split, cfg.world.seed)
-                if cfg.negative_probes
-                else world_root / f"prompts-{split}.jsonl"
-            ),
+            "prompts": str(prompts_path(world_root, split, cfg.negative_probes)),
             "generation": {
                 "seeds_per_prompt": cfg.seeds_per_prompt,
                 "num_inference_steps": cfg.num_inference_steps,
@@ -408,6 +409,9 @@ def run_benchmark(cfg: PlantedConfig) -> dict:
         index = prepare_index(cfg, world_root, models)
         timings["index_s"] = time.perf_counter() - t0
         truth = ground_truth(world_root)
+        if cfg.negative_probes:  # the prompt files scan_config names
+            for split in ("calib", "eval"):
+                probed_prompts(world_root, split, cfg.world.seed)
         thresholds: dict = {}
         if cfg.calibrate:
             t0 = time.perf_counter()
