@@ -31,6 +31,7 @@ def test_evaluate_counts_precision_recall_and_confusion():
     assert (m["ME"]["precision"], m["ME"]["recall"]) == (0.5, 1.0)
     assert m["MI"]["precision"] is None and m["MI"]["recall"] is None
     assert r["control_none_rate"] == 0.5  # the failed unit counts against it
+    assert (r["controls"]["correct"], r["controls"]["images"]) == (1, 2) and r["controls"]["ci"][0] < 0.5
     conf = {row["expected"]: row for row in r["confusion"]}
     assert conf["MU"]["predicted_ME"] == 1 and conf["none"]["predicted_failed"] == 1
     assert sum(v for row in r["confusion"] for k, v in row.items() if k.startswith("predicted_")) == 5
@@ -55,7 +56,7 @@ def test_runs_pool_over_worlds_with_prompts_of_each_world_as_clusters(tmp_path):
     pooled = pool_results(dirs)
     mu = {m["category"]: m for m in pooled["metrics"]}["MU"]
     assert pooled["world_seeds"] == [7, 11, 12] and (mu["true_positives"], mu["expected"]) == (8, 12)
-    assert pooled["control_none_rate"] == 1.0
+    assert pooled["control_none_rate"] == 1.0 and pooled["controls"]["ci_prompts"] == (1.0, 1.0)
     # 3 MU prompts (one per world) resampled as clusters: the interval is wider than over 12 images
     lo, hi = mu["recall_ci_prompts"]
     assert lo == 0.0 and hi == 1.0 and mu["recall_ci"][0] > 0.3
@@ -170,9 +171,7 @@ def test_negative_probes_ask_every_prompt_without_an_implied_element_about_one_i
         {"unit_id": f"{p}{s}", "prompt_id": p, "seed": s, "label": "MI", "reasons": ""} for p in truth for s in (0, 1)
     ]
     result = evaluate(labels, truth, 12, probes)
-    assert {k: result["probe_negatives"][k] for k in ("images", "not_MI", "rate")} == {
-        "images": 4,
-        "not_MI": 0,
-        "rate": 0.0,
-    }
+    probed = result["probe_negatives"]
+    assert {k: probed[k] for k in ("images", "correct", "rate")} == {"images": 4, "correct": 0, "rate": 0.0}
+    assert probed["ci"][0] == 0.0 and probed["ci_prompts"] == (0.0, 0.0)
     assert any("negative implied-element probes not labelled MI: 0.000" in line for line in targets_report(result))

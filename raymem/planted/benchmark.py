@@ -290,22 +290,32 @@ def score_images(images: list[dict]) -> dict:
         }
         for e in LABELS
     ]
-    controls = [i for i in images if i["control"]]
-    control_none = sum(1 for i in controls if i["predicted"] == "none") / len(controls) if controls else None
+
+    def negatives(rows: list[dict], correct) -> dict:
+        """A share of negatives labelled correctly: exact interval over images, and by prompt."""
+        keys = sorted({(i.get("world_seed") or 0, i["prompt_id"]) for i in rows})
+        ok = sum(1 for i in rows if correct(i))
+        by_prompt = [
+            [sum(1 for i in rows if (i.get("world_seed") or 0, i["prompt_id"]) == k and keep(i)) for k in keys]
+            for keep in (correct, lambda i: True)
+        ]
+        return {
+            "images": len(rows),
+            "correct": ok,
+            "rate": ok / len(rows) if rows else None,
+            "ci": clopper_pearson(ok, len(rows)),
+            "ci_prompts": cluster_bootstrap(*by_prompt),
+        }
+
+    controls = negatives([i for i in images if i["control"]], lambda i: i["predicted"] == "none")
     # the MI rule's negatives: images of prompts asked about an element their entity never shows
-    probed = [i for i in images if i.get("negative_probe")]
-    not_mi = sum(1 for i in probed if i["predicted"] != "MI")
-    probe_negatives = {
-        "images": len(probed),
-        "not_MI": not_mi,
-        "rate": not_mi / len(probed) if probed else None,
-        "ci": clopper_pearson(not_mi, len(probed)),
-    }
+    probe_negatives = negatives([i for i in images if i.get("negative_probe")], lambda i: i["predicted"] != "MI")
     return {
         "images": images,
         "metrics": metrics,
         "confusion": confusion,
-        "control_none_rate": control_none,
+        "control_none_rate": controls["rate"],
+        "controls": controls,
         "probe_negatives": probe_negatives,
     }
 
@@ -360,17 +370,17 @@ def targets_report(result: dict) -> list[str]:
             f"{met}; by prompt: precision {_ci(m.get('precision_ci_prompts'))}, "
             f"recall {_ci(m.get('recall_ci_prompts'))}"
         )
-    cn = result["control_none_rate"]
-    ok = cn is not None and cn >= CONTROL_NONE_TARGET
-    lines.append(
-        f"controls labelled none: {_f(cn)} ({'target met' if ok else f'target {CONTROL_NONE_TARGET}: MISSED'})"
-    )
-    probes = result.get("probe_negatives") or {}
-    if probes.get("images"):
-        verdict = "target met" if probes["rate"] >= CONTROL_NONE_TARGET else f"target {CONTROL_NONE_TARGET}: MISSED"
+    for name, what in (
+        ("controls", "controls labelled none"),
+        ("probe_negatives", "negative implied-element probes not labelled MI"),
+    ):
+        neg = result.get(name) or {}
+        if not neg.get("images"):
+            continue
+        verdict = "target met" if neg["rate"] >= CONTROL_NONE_TARGET else f"target {CONTROL_NONE_TARGET}: MISSED"
         lines.append(
-            f"negative implied-element probes not labelled MI: {_f(probes['rate'])} {_ci(probes['ci'])} "
-            f"({probes['not_MI']}/{probes['images']}; {verdict})"
+            f"{what}: {_f(neg['rate'])} {_ci(neg['ci'])} ({neg['correct']}/{neg['images']}; {verdict}); "
+            f"by prompt {_ci(neg.get('ci_prompts'))}"
         )
     header = "expected \\ predicted  " + "  ".join(f"{c:>6s}" for c in [*LABELS, "failed"])
     lines.append(header)
@@ -442,6 +452,7 @@ def run_benchmark(cfg: PlantedConfig) -> dict:
         "timings": timings,
         "metrics": result["metrics"],
         "control_none_rate": result["control_none_rate"],
+        "controls": result["controls"],
         "probe_negatives": result["probe_negatives"],
         "models": str(models),
         "world": str(world_root),
