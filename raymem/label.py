@@ -29,8 +29,9 @@ seeds), by small-sample tests at level `null_alpha` (raymem.stats): the prompt's
 null images seed for seed (paired t; Benjamini-Hochberg across the prompt's implied elements, and
 across its instance elements), and one image against the null images (t prediction interval; BH
 across the image's elements). The entity needs both; implied elements the prompt's; instance
-elements both. Without null images the zero-shot test alone is used ("uncalibrated"), and instance
-elements are never shown. On scan and null images drawn from one distribution (tests/test_label.py),
+elements both. Without null images the entity gets the zero-shot test alone ("uncalibrated"), and
+implied and instance elements are never shown (zero-shot alone fires on elements an entity never
+shows: docs/planted.md, negative probes). On scan and null images drawn from one distribution (tests/test_label.py),
 3-5 % of images get any label and none MU; the z-test this replaced labelled 40 % MU.
 """
 
@@ -336,7 +337,9 @@ def _why_not(e: dict, t: ThresholdsConfig) -> str:
     """Why an implied element did not make the image MI: not beyond the null, not shown here, or
     not in enough seeds."""
     shown = f"P={_fmt(e['presence'])}"
-    if e.get("prompt_p") is not None and e["prompt_p"] > t.null_alpha:
+    if e.get("prompt_p") is None and e.get("image_p") is None:
+        why = "no null images to test it against (the prompt has no class noun for a null prompt)"
+    elif e.get("prompt_p") is not None and e["prompt_p"] > t.null_alpha:
         why = (
             f"not beyond the null images (paired over {e['pairs']} seeds: mean logit difference "
             f"{e['effect']:.2f}, p={e['prompt_p']:.3f} after BH > null_alpha {t.null_alpha})"
@@ -377,9 +380,10 @@ def _image_evidence(ctx, ent_logit, element_logits, null: _Null, entity_test, pr
             beyond_null = True
         elif kind in IMPLIED_KINDS:
             # the prompt's paired test; with fewer than two seed pairs the image's own; with no null
-            # images at all, zero-shot only (uncalibrated)
+            # images at all, never: zero-shot alone called elements MI that the entity never shows
+            # (the planted benchmark's negative probes on prompts without a class noun)
             decisive = pp if pp is not None else ip
-            beyond_null = decisive is None or decisive <= t.null_alpha
+            beyond_null = decisive is not None and decisive <= t.null_alpha
             ip = ip if pp is None else None  # recorded only when it decided
         else:  # instance: never without null images; the image's test, and the prompt's when it has one
             beyond_null = ip is not None and ip <= t.null_alpha and (pp is None or pp <= t.null_alpha)

@@ -250,6 +250,20 @@ def test_element_the_null_shows_as_well_is_not_MI():
     assert {r["label"] for r in out.values()} == {"ME"}
 
 
+def test_implied_element_without_null_images_is_not_MI():
+    """Zero-shot alone cannot say an element goes beyond what the prompt's class brings: on the planted
+    benchmark it called never-shown elements MI (P 0.999) on prompts without a class noun."""
+    ctx = context(explicit=(), implicit=("minarets",))
+    rows = [gen(f"u{i}", i, image(ctx, elements={"minarets": 0.05})) for i in range(4)]
+    out = run(ctx, rows, {f"u{i}": nbrs(0.1) for i in range(4)})
+    assert {r["label"] for r in out.values()} == {"ME"} and not any(r["is_MI"] for r in out.values())
+    assert out["u0"]["null_images"] == 0 and out["u0"]["elements"][0]["presence"] > 0.9
+    assert "'minarets' P=" in out["u0"]["reasons"] and "no null images to test it against" in out["u0"]["reasons"]
+    # the same images with null images that do not show it: MI
+    out = run(ctx, rows + nulls(ctx), {f"u{i}": nbrs(0.1) for i in range(4)})
+    assert {r["label"] for r in out.values()} == {"MI"}
+
+
 def test_implied_element_in_too_few_seeds_is_not_MI():
     ctx = context(explicit=(), implicit=("minarets",))
     # beyond the null in every seed (logit -1 vs the null's -5), but shown (P >= 0.5) in one only
