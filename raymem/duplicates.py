@@ -80,6 +80,24 @@ def rows_to_read(rows_per_query: list[list[dict]], floor: float) -> dict[str, se
     return wanted
 
 
+def components(items: list, same: Callable[[object, object], bool]) -> list[int]:
+    """Connected components of `items` under the pairwise relation `same` (union-find over every
+    pair): per item, the position of its component's representative -- equal labels, one group."""
+    parent = list(range(len(items)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for i in range(len(items)):
+        for j in range(i + 1, len(items)):
+            if same(items[i], items[j]):
+                parent[root(i)] = root(j)
+    return [root(i) for i in range(len(items))]
+
+
 def groups(nbrs: list[dict], threshold: float, link: float | None) -> tuple[int, int, bool]:
     """(breadth, duplication, exact) for one generation's neighbours in the copy space.
 
@@ -99,18 +117,6 @@ def groups(nbrs: list[dict], threshold: float, link: float | None) -> tuple[int,
         scores = nbrs[a].get("pair_scores")
         return bool(exact and scores is not None and scores[b] is not None and scores[b] >= link)
 
-    parent = {j: j for j in above}
-
-    def root(j: int) -> int:
-        while parent[j] != j:
-            parent[j] = parent[parent[j]]
-            j = parent[j]
-        return j
-
-    for i, a in enumerate(above):
-        for b in above[i + 1 :]:
-            if same(a, b):
-                parent[root(a)] = root(b)
-    breadth = len({root(j) for j in above})
+    breadth = len(set(components(above, same)))
     duplication = 1 + sum(1 for b in range(1, len(nbrs)) if same(0, b))
     return breadth, duplication, exact

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
+from raymem.duplicates import components
 from raymem.fetch import Fetcher, FetchLimits
 from raymem.pixels import load_rgb, tile_distances
 from raymem.schema import REGION_CHECKS
@@ -229,22 +230,10 @@ def region_match(
         for ev in evidence
         if len(tiles := ev.copied_tiles(l2, texture)) >= min_tiles and (floor is None or len(tiles) > floor)
     ]
-    group = list(range(len(passing)))  # union-find over the passing images
-
-    def root(i):
-        while group[i] != i:
-            group[i] = group[group[i]]
-            i = group[i]
-        return i
-
-    for i in range(len(passing)):
-        for j in range(i):
-            if same_region(passing[i][0], passing[j][0], passing[i][1], passing[j][1], l2, min_tiles):
-                group[root(i)] = root(j)
-    roots = [root(i) for i in range(len(passing))]
+    labels = components(passing, lambda a, b: same_region(a[0], b[0], a[1], b[1], l2, min_tiles))
     best_index = next((i for i, (ev, _) in enumerate(passing) if ev is best[0]), None)
-    duplicates = roots.count(roots[best_index]) if best_index is not None else 1
-    return RegionMatch(best[0], best[1], len(set(roots)), duplicates)
+    duplicates = labels.count(labels[best_index]) if best_index is not None else 1
+    return RegionMatch(best[0], best[1], len(set(labels)), duplicates)
 
 
 def background_p99(background: dict[str, list[RegionEvidence]], l2: float, texture: float) -> float | None:

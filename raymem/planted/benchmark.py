@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -250,20 +251,29 @@ def evaluate(
     return score_images(images)
 
 
+def _cluster(image: dict) -> tuple[int, str]:
+    """The resampling unit of the intervals: one prompt of one world."""
+    return (image.get("world_seed") or 0, image["prompt_id"])
+
+
+def _counts(images: list[dict], clusters: list[tuple[int, str]], keep) -> list[int]:
+    """Per cluster, in the given order, how many of its images `keep` accepts."""
+    counts = Counter(_cluster(i) for i in images if keep(i))
+    return [counts[c] for c in clusters]
+
+
 def score_images(images: list[dict]) -> dict:
     """Precision, recall and the confusion matrix of image rows (`evaluate`'s), from one world or
     pooled over several; intervals resample whole prompts of whole worlds."""
     metrics = []
-    prompts = sorted({(i.get("world_seed") or 0, i["prompt_id"]) for i in images})
+    prompts = sorted({_cluster(i) for i in images})
     for c in LABELS:
         tp = sum(1 for i in images if i["expected"] == c and i["predicted"] == c)
         predicted = sum(1 for i in images if i["predicted"] == c)
         expected = sum(1 for i in images if i["expected"] == c)
 
-        def per_prompt(keep, c=c):
-            return [
-                sum(1 for i in images if (i.get("world_seed") or 0, i["prompt_id"]) == p and keep(i)) for p in prompts
-            ]
+        def per_prompt(keep):
+            return _counts(images, prompts, keep)
 
         tp_p = per_prompt(lambda i, c=c: i["expected"] == c and i["predicted"] == c)
         metrics.append(
@@ -293,12 +303,9 @@ def score_images(images: list[dict]) -> dict:
 
     def negatives(rows: list[dict], correct) -> dict:
         """A share of negatives labelled correctly: exact interval over images, and by prompt."""
-        keys = sorted({(i.get("world_seed") or 0, i["prompt_id"]) for i in rows})
+        keys = sorted({_cluster(i) for i in rows})
         ok = sum(1 for i in rows if correct(i))
-        by_prompt = [
-            [sum(1 for i in rows if (i.get("world_seed") or 0, i["prompt_id"]) == k and keep(i)) for k in keys]
-            for keep in (correct, lambda i: True)
-        ]
+        by_prompt = [_counts(rows, keys, keep) for keep in (correct, lambda i: True)]
         return {
             "images": len(rows),
             "correct": ok,
