@@ -17,8 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from raymem.planted.benchmark import PlantedConfig, run_benchmark, targets_report  # noqa: E402
-from raymem.planted.world import WorldConfig  # noqa: E402
+from raymem.planted.benchmark import planted_config, run_benchmark, targets_report  # noqa: E402
 
 
 def main() -> int:
@@ -34,15 +33,14 @@ def main() -> int:
     )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    cfg = PlantedConfig(
+    cfg = planted_config(
         work=args.work,
         calibrate=args.calibrate,
         models=args.models,
         retrain=args.retrain,
         region_neighbours=args.region_neighbours,
+        world_seed=args.world_seed,
     )
-    if args.world_seed is not None:
-        cfg.world = WorldConfig(seed=args.world_seed)
     result = run_benchmark(cfg)
     print("\n".join(targets_report(result)))
     if args.json:

@@ -311,21 +311,18 @@ def cmd_report(args) -> int:
 
 
 def cmd_bench_planted(args) -> int:
-    import dataclasses
-
-    from raymem.planted.benchmark import PlantedConfig, run_benchmark, targets_report
+    from raymem.planted.benchmark import planted_config, run_benchmark, targets_report
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    preset = PlantedConfig.quick if args.quick else PlantedConfig
-    cfg = preset(
+    cfg = planted_config(
         work=args.work,
         calibrate=args.calibrate,
         models=args.models,
         retrain=args.retrain,
         region_neighbours=args.region_neighbours,
+        world_seed=args.world_seed,
+        quick=args.quick,
     )
-    if args.world_seed is not None:
-        cfg.world = dataclasses.replace(cfg.world, seed=args.world_seed)
     result = run_benchmark(cfg)
     how = "thresholds calibrated on the calibration split" if cfg.calibrate else "config-default thresholds"
     print(f"planted-memorization benchmark ({how})")

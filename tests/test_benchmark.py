@@ -175,3 +175,15 @@ def test_negative_probes_ask_every_prompt_without_an_implied_element_about_one_i
     assert {k: probed[k] for k in ("images", "correct", "rate")} == {"images": 4, "correct": 0, "rate": 0.0}
     assert probed["ci"][0] == 0.0 and probed["ci_prompts"] == (0.0, 0.0)
     assert any("negative implied-element probes not labelled MI: 0.000" in line for line in targets_report(result))
+
+
+def test_both_entry_points_build_the_config_one_way():
+    """`raymem bench planted` and bench/planted.py share `planted_config`: a world seed replaces only
+    the seed (a quick world keeps its reduced size)."""
+    from raymem.planted.benchmark import planted_config
+
+    full = planted_config(work="w", world_seed=12, region_neighbours=3)
+    quick = planted_config(work="w", world_seed=12, quick=True)
+    assert full.world == WorldConfig(seed=12) and full.region_neighbours == 3 and full.negative_probes
+    assert quick.world == dataclasses.replace(PlantedConfig.quick().world, seed=12) and quick.seeds_per_prompt == 4
+    assert planted_config(work="w").world == WorldConfig()

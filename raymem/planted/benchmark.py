@@ -18,7 +18,7 @@ import json
 import logging
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import pyarrow as pa
@@ -64,6 +64,24 @@ class PlantedConfig:
             "train": TrainConfig(vae_steps=60, unet_steps=120, clip_steps=60),
         }
         return cls(**{**preset, **kwargs})
+
+
+def planted_config(
+    *,
+    work: str,
+    calibrate: bool = False,
+    models: str | None = None,
+    retrain: bool = False,
+    region_neighbours: int = 0,
+    world_seed: int | None = None,
+    quick: bool = False,
+) -> PlantedConfig:
+    """The benchmark's config from its command-line options (`raymem bench planted`, bench/planted.py)."""
+    preset = PlantedConfig.quick if quick else PlantedConfig
+    cfg = preset(work=work, calibrate=calibrate, models=models, retrain=retrain, region_neighbours=region_neighbours)
+    if world_seed is not None:
+        cfg.world = replace(cfg.world, seed=world_seed)
+    return cfg
 
 
 def _digest(obj) -> str:
