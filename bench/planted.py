@@ -17,6 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from raymem.errors import RaymemError  # noqa: E402
 from raymem.planted.benchmark import planted_config, run_benchmark, targets_report  # noqa: E402
 
 
@@ -33,14 +34,18 @@ def main() -> int:
     )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    cfg = planted_config(
-        work=args.work,
-        calibrate=args.calibrate,
-        models=args.models,
-        retrain=args.retrain,
-        region_neighbours=args.region_neighbours,
-        world_seed=args.world_seed,
-    )
+    try:
+        cfg = planted_config(
+            work=args.work,
+            calibrate=args.calibrate,
+            models=args.models,
+            retrain=args.retrain,
+            region_neighbours=args.region_neighbours,
+            world_seed=args.world_seed,
+        )
+    except RaymemError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
     result = run_benchmark(cfg)
     print("\n".join(targets_report(result)))
     if args.json:

@@ -187,3 +187,13 @@ def test_both_entry_points_build_the_config_one_way():
     assert full.world == WorldConfig(seed=12) and full.region_neighbours == 3 and full.negative_probes
     assert quick.world == dataclasses.replace(PlantedConfig.quick().world, seed=12) and quick.seeds_per_prompt == 4
     assert planted_config(work="w").world == WorldConfig()
+
+
+def test_a_region_setting_out_of_bounds_is_one_line_before_anything_is_drawn(tmp_path, capsys):
+    from raymem.cli import main
+
+    code = main(["bench", "planted", "--work", str(tmp_path / "work"), "--region-neighbours", "-1"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "--region-neighbours" in err and "greater than or equal to 0" in err
+    assert not (tmp_path / "work").exists()

@@ -76,7 +76,17 @@ def planted_config(
     world_seed: int | None = None,
     quick: bool = False,
 ) -> PlantedConfig:
-    """The benchmark's config from its command-line options (`raymem bench planted`, bench/planted.py)."""
+    """The benchmark's config from its command-line options (`raymem bench planted`, bench/planted.py),
+    checked against the scan config's own bounds before anything is drawn or trained."""
+    from pydantic import ValidationError
+
+    from raymem.config import SignalsConfig, format_validation_error
+    from raymem.errors import ConfigError
+
+    try:
+        SignalsConfig(region_neighbours=region_neighbours)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error("--region-neighbours", err)) from None
     preset = PlantedConfig.quick if quick else PlantedConfig
     cfg = preset(work=work, calibrate=calibrate, models=models, retrain=retrain, region_neighbours=region_neighbours)
     if world_seed is not None:
