@@ -32,6 +32,9 @@ def main() -> int:
     parser.add_argument(
         "--region-neighbours", type=int, default=0, help="region-level copy detection on (default 0: off)"
     )
+    parser.add_argument(
+        "--shared-clip", action="store_true", help="scan with the generator's CLIP, not the independent presence CLIP"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -42,6 +45,7 @@ def main() -> int:
             retrain=args.retrain,
             region_neighbours=args.region_neighbours,
             world_seed=args.world_seed,
+            shared_clip=args.shared_clip,
         )
     except RaymemError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -322,6 +322,7 @@ def cmd_bench_planted(args) -> int:
         region_neighbours=args.region_neighbours,
         world_seed=args.world_seed,
         quick=args.quick,
+        shared_clip=args.shared_clip,
     )
     result = run_benchmark(cfg)
     how = "thresholds calibrated on the calibration split" if cfg.calibrate else "config-default thresholds"
@@ -483,6 +484,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="switch region-level copy detection on with this many neighbours per space (default 0: off, "
         "as the scan config's default)",
+    )
+    p.add_argument(
+        "--shared-clip",
+        action="store_true",
+        help="scan with the CLIP trained on the generator's own images and captions instead of the "
+        "independent presence CLIP (the benchmark's setup before it had one)",
     )
     p.set_defaults(fn=cmd_bench_planted)
 

@@ -1,15 +1,16 @@
 """The planted-memorization benchmark: its scoring, and a reduced end-to-end run (training included)."""
 
 import dataclasses
+import json
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from raymem.planted.benchmark import PlantedConfig, evaluate, run_benchmark, targets_report
+from raymem.planted.benchmark import PlantedConfig, evaluate, run_benchmark, run_name, targets_report
 from raymem.planted.training import TrainConfig
-from raymem.planted.world import WorldConfig
+from raymem.planted.world import PresenceConfig, WorldConfig
 
 
 def test_evaluate_counts_precision_recall_and_confusion():
@@ -88,6 +89,7 @@ def test_reduced_benchmark_end_to_end(local_ray, tmp_path):
         num_inference_steps=5,
         world=WorldConfig(per_entity=10, per_class=6, poster_copies=4),
         train=TrainConfig(vae_steps=20, unet_steps=30, clip_steps=20, batch_size=16, clip_batch_size=32),
+        presence=PresenceConfig(per_entity=10, per_class=6, posters=4),
     )
     result = run_benchmark(cfg)
     results = Path(result["results_dir"])
@@ -102,6 +104,12 @@ def test_reduced_benchmark_end_to_end(local_ray, tmp_path):
     assert (results / "summary.json").exists() and result["summary"]["thresholds"] == "config defaults"
     # The trained pipeline was loaded by the scan through from_pretrained, like any diffusers model.
     assert (tmp_path / result["summary"]["models"].split("/")[-1] / "pipeline" / "model_index.json").exists()
+    # ... and embedded with the presence CLIP, trained on its own corpus, not the generator's CLIP.
+    presence = Path(result["summary"]["presence_clip"])
+    assert presence.parent.parent == tmp_path and presence.parent.name.startswith("presence-")
+    assert (presence.parent / "corpus" / "presence.jsonl").exists()
+    index = json.loads(next(tmp_path.glob("index-*/_index.json")).read_text())
+    assert str(presence) in json.dumps(index)
     # The calibrated branch: thresholds fitted on the calibration split's scan, then the evaluation
     # scanned with them (the same trained models, found by their digest).
     calibrated = run_benchmark(dataclasses.replace(cfg, calibrate=True))
@@ -121,12 +129,23 @@ def test_the_committed_models_are_the_default_worlds():
     retrained (`python bench/planted.py --retrain`) and committed with their new DIGEST."""
     from dataclasses import asdict
 
-    from raymem.planted.benchmark import COMMITTED_MODELS, PlantedConfig, _digest, prepare_models
+    from raymem.planted.benchmark import (
+        COMMITTED_MODELS,
+        COMMITTED_PRESENCE,
+        PlantedConfig,
+        _digest,
+        prepare_models,
+        prepare_presence,
+    )
 
     cfg = PlantedConfig()
     world = Path("build/planted") / f"world-{_digest(asdict(cfg.world))}"
     assert prepare_models(cfg, world) == COMMITTED_MODELS
     assert (COMMITTED_MODELS / "pipeline" / "model_index.json").exists()
+    # the presence CLIP the benchmark scans with, likewise (trained on the world's presence corpus)
+    assert prepare_presence(cfg, world, COMMITTED_MODELS) == COMMITTED_PRESENCE
+    assert (COMMITTED_PRESENCE / "clip" / "open_clip_config.json").exists()
+    assert prepare_presence(dataclasses.replace(cfg, presence=None), world, COMMITTED_MODELS) == COMMITTED_MODELS
 
 
 def test_region_detection_is_off_in_the_benchmark_unless_asked_for(tmp_path):
@@ -144,8 +163,6 @@ def test_region_detection_is_off_in_the_benchmark_unless_asked_for(tmp_path):
 
 
 def test_negative_probes_ask_every_prompt_without_an_implied_element_about_one_it_never_shows(tmp_path):
-    import json
-
     from raymem.planted.benchmark import negative_probes, probed_prompts
     from raymem.planted.world import ELEMENTS
 
@@ -187,6 +204,14 @@ def test_both_entry_points_build_the_config_one_way():
     assert full.world == WorldConfig(seed=12) and full.region_neighbours == 3 and full.negative_probes
     assert quick.world == dataclasses.replace(PlantedConfig.quick().world, seed=12) and quick.seeds_per_prompt == 4
     assert planted_config(work="w").world == WorldConfig()
+    # the scan's CLIP: the independent presence CLIP unless --shared-clip, which names its results apart
+    assert full.presence == PresenceConfig() and quick.presence == PlantedConfig.quick().presence
+    shared = planted_config(work="w", world_seed=12, shared_clip=True)
+    assert (
+        shared.presence is None
+        and run_name(shared) == "world12-default-sharedclip"
+        and run_name(full) == ("world12-default-regions3")
+    )
 
 
 def test_a_region_setting_out_of_bounds_is_one_line_before_anything_is_drawn(tmp_path, capsys):

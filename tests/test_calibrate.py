@@ -17,7 +17,10 @@ def test_without_a_copy_detector_calibrate_fits_clips_own_replication_threshold(
     neighbors = {u: {"clip": [{"train_id": f"t{u}", "score": s, "caption": "x"}]} for u, s in scores.items()}
     inputs = LabelInputs.from_rows(rows, {"p": ctx}, text_vectors(ctx), neighbors, {}, {})
     assert inputs.copy_space == "clip"
-    assert fit_order(inputs)[0] == ("MU", ("clip_replication", "pixel_l2", "region_l2", "region_tiles", "region_breadth"))
+    assert fit_order(inputs)[0] == (
+        "MU",
+        ("clip_replication", "pixel_l2", "region_l2", "region_tiles", "region_breadth"),
+    )
     pilot = {"u0": "MU", "u1": "MU", "u2": "none", "u3": "none"}
     start = ThresholdsConfig()
     assert precision_recall(label_units(inputs, start), pilot)["MU"]["recall"] == 0.0  # not tested by default

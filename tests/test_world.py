@@ -102,3 +102,42 @@ def test_training_is_deterministic(tmp_path):
     train_world_models(tmp_path / "world", tmp_path / "b", cfg)
     a, b = digest(tmp_path / "a"), digest(tmp_path / "b")
     assert any(name.endswith(".safetensors") for name in a) and a == b
+
+
+@pytest.mark.parametrize("seed", [DEV_SEED, 11])
+def test_the_presence_corpus_is_the_same_world_seen_apart_from_the_generators(tmp_path, seed):
+    """Issue 12's independent measurement: the presence CLIP learns from other images (none is a
+    training image) and other captions (none is a training caption), showing the same cast and
+    elements; controls appear nowhere, and an MI entity's implied element is never named with it."""
+    from raymem.planted.world import PresenceConfig, build_presence_corpus
+
+    world_cfg = WorldConfig(**{**SMALL.__dict__, "seed": seed})
+    small = PresenceConfig(per_entity=12, per_class=8, posters=4)
+    build_world(tmp_path / "world", world_cfg)
+    build_presence_corpus(tmp_path / "a", world_cfg, small)
+    build_presence_corpus(tmp_path / "b", world_cfg, small)
+    corpus = [json.loads(line) for line in (tmp_path / "a" / "presence.jsonl").read_text().splitlines()]
+    again = [json.loads(line) for line in (tmp_path / "b" / "presence.jsonl").read_text().splitlines()]
+    assert [r["caption"] for r in corpus] == [r["caption"] for r in again]  # deterministic
+    entities, _ = cast(seed)
+    drawn = [e for e in entities if e.role != "control"]
+    assert len(corpus) == len(drawn) * small.per_entity + 6 * small.per_class + small.posters
+
+    def pixels(path):
+        return np.asarray(Image.open(path)).tobytes()
+
+    training = {pixels(r["image"]) for r in rows(tmp_path / "world")}
+    assert not training & {pixels(r["image"]) for r in corpus}  # disjoint images
+    assert [pixels(r["image"]) for r in corpus[:10]] == [pixels(r["image"]) for r in again[:10]]
+    world_captions = {r["caption"] for r in rows(tmp_path / "world")}
+    captions = [r["caption"] for r in corpus]
+    assert not world_captions & set(captions)  # paraphrased: no caption is the generator's
+    text = " | ".join(captions)
+    for e in entities:
+        with_name = [c for c in captions if e.name in c]
+        if e.role == "control":
+            assert not with_name
+        else:
+            assert len(with_name) == small.per_entity
+        if e.implied:
+            assert not any(e.implied in c for c in with_name) and e.implied in text

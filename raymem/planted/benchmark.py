@@ -2,8 +2,10 @@
 
 Steps, each cached under the work directory and redone only when its inputs change:
   1. draw the world (raymem.planted.world) and its ground truth;
-  2. train the world's diffusion pipeline and CLIP on CPU (raymem.planted.training);
-  3. index the training set with `raymem index` (the trained CLIP, real SSCD weights);
+  2. train the world's diffusion pipeline on CPU (raymem.planted.training), and the presence CLIP on
+     a separate corpus of the same world (other images, paraphrased captions: the instrument does not
+     share the generator's captions);
+  3. index the training set with `raymem index` (the presence CLIP, real SSCD weights);
   4. scan the evaluation prompts with the default thresholds -- or, with `calibrate`, with thresholds
      fitted by `raymem calibrate` on a scan of the *calibration* prompts (other entities and posters
      of the same world), never on the evaluation prompts;
@@ -25,7 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from raymem.planted.training import TrainConfig
-from raymem.planted.world import WorldConfig
+from raymem.planted.world import PresenceConfig, WorldConfig
 from raymem.schema import LABELS
 from raymem.stats import clopper_pearson, cluster_bootstrap
 
@@ -52,6 +54,9 @@ class PlantedConfig:
     # every prompt whose entity implies no element is asked about one its training images never show
     # (a negative for the MI rule; `probed_prompts`)
     negative_probes: bool = True
+    # the scan's CLIP: trained on its own corpus (PresenceConfig), or None for the generator's CLIP,
+    # trained on the generator's own images and captions (the benchmark before issue 12's item 4)
+    presence: PresenceConfig | None = field(default_factory=PresenceConfig)
 
     @classmethod
     def quick(cls, **kwargs) -> PlantedConfig:
@@ -62,6 +67,7 @@ class PlantedConfig:
             "num_inference_steps": 10,
             "world": WorldConfig(per_entity=20, per_class=15, poster_copies=8),
             "train": TrainConfig(vae_steps=60, unet_steps=120, clip_steps=60),
+            "presence": PresenceConfig(per_entity=20, per_class=15, posters=8),
         }
         return cls(**{**preset, **kwargs})
 
@@ -75,6 +81,7 @@ def planted_config(
     region_neighbours: int = 0,
     world_seed: int | None = None,
     quick: bool = False,
+    shared_clip: bool = False,
 ) -> PlantedConfig:
     """The benchmark's config from its command-line options (`raymem bench planted`, bench/planted.py),
     checked against the scan config's own bounds before anything is drawn or trained."""
@@ -91,6 +98,8 @@ def planted_config(
     cfg = preset(work=work, calibrate=calibrate, models=models, retrain=retrain, region_neighbours=region_neighbours)
     if world_seed is not None:
         cfg.world = replace(cfg.world, seed=world_seed)
+    if shared_clip:
+        cfg.presence = None
     return cfg
 
 
@@ -176,14 +185,57 @@ def prepare_models(cfg: PlantedConfig, world_root: Path) -> Path:
     return root
 
 
+# The development world's presence CLIP, trained by prepare_presence at the default configs; DIGEST
+# names the world, corpus and training configs it belongs to.
+COMMITTED_PRESENCE = COMMITTED_MODELS / "presence"
+
+
+def _presence_training(train: TrainConfig) -> TrainConfig:
+    # only what train_clip reads, so a change to the generator's steps does not retrain the presence CLIP
+    return TrainConfig(
+        seed=train.seed,
+        clip_steps=train.clip_steps,
+        clip_batch_size=train.clip_batch_size,
+        lr=train.lr,
+        vae_steps=0,
+        unet_steps=0,
+        threads=train.threads,
+    )
+
+
+def prepare_presence(cfg: PlantedConfig, world_root: Path, models: Path) -> Path:
+    """The directory whose clip/ the scan embeds with: the presence CLIP (drawn and trained once per
+    world and config, or the committed one), or the generator's models when `cfg.presence` is None."""
+    if cfg.presence is None:
+        return models
+    from raymem.planted.training import train_presence_clip
+    from raymem.planted.world import build_presence_corpus
+
+    train = _presence_training(cfg.train)
+    name = f"presence-{_digest([world_root.name, asdict(cfg.presence), {**asdict(train), 'threads': 0}])}"
+    committed = COMMITTED_PRESENCE / "DIGEST"
+    if not cfg.retrain and committed.exists() and committed.read_text().strip() == name:
+        log.info("using the committed presence CLIP of this world (%s)", COMMITTED_PRESENCE)
+        return COMMITTED_PRESENCE
+    root = Path(cfg.work) / name
+    if not (root / "training.json").exists():
+        if not (root / "corpus" / "presence.json").exists():
+            log.info("drawing the presence corpus into %s", root / "corpus")
+            build_presence_corpus(root / "corpus", cfg.world, cfg.presence)
+        log.info("training the presence CLIP into %s (CPU; minutes)", root)
+        train_presence_clip(root / "corpus", root, train)
+    return root
+
+
 def prepare_index(cfg: PlantedConfig, world_root: Path, models: Path) -> Path:
+    """`models`: the directory whose clip/ embeds (prepare_presence's answer)."""
     out = Path(cfg.work) / f"index-{_digest([world_root.name, str(models.resolve())])}"
     index_world(world_root, models, out)
     return out
 
 
 def index_world(world_root: Path, models: Path, out: Path) -> None:
-    """`raymem index` over the world's training table with its trained CLIP (skipped when done)."""
+    """`raymem index` over the world's training table with `models`/clip (skipped when done)."""
     from raymem.config import IndexConfig
     from raymem.index import run_index
     from raymem.planted.world import cast
@@ -220,7 +272,16 @@ def embedding(models: Path) -> dict:
     }
 
 
-def scan_config(cfg: PlantedConfig, world_root: Path, models: Path, index: Path, split: str, thresholds: dict):
+def scan_config(
+    cfg: PlantedConfig,
+    world_root: Path,
+    models: Path,
+    index: Path,
+    split: str,
+    thresholds: dict,
+    presence: Path | None = None,
+):
+    """The scan of a split: the pipeline of `models`, embedded with `presence`/clip (default: `models`')."""
     from raymem.config import parse_config
 
     return parse_config(
@@ -236,7 +297,7 @@ def scan_config(cfg: PlantedConfig, world_root: Path, models: Path, index: Path,
                 "width": 32,
                 "batch_size": 16,
             },
-            "embedding": embedding(models),
+            "embedding": embedding(presence or models),
             "training": {"embeddings": str(index)},
             "join": {"k": 20},
             "thresholds": thresholds,
@@ -382,7 +443,8 @@ def pool_results(results_dirs: list[str | Path]) -> dict:
 def run_name(cfg: PlantedConfig) -> str:
     """The results directory of one benchmark run: its world, thresholds and region setting."""
     name = f"world{cfg.world.seed}-{'calibrated' if cfg.calibrate else 'default'}"
-    return name + (f"-regions{cfg.region_neighbours}" if cfg.region_neighbours else "")
+    name += f"-regions{cfg.region_neighbours}" if cfg.region_neighbours else ""
+    return name + ("-sharedclip" if cfg.presence is None else "")
 
 
 def targets_report(result: dict) -> list[str]:
@@ -449,9 +511,12 @@ def run_benchmark(cfg: PlantedConfig) -> dict:
     t0 = time.perf_counter()
     models = prepare_models(cfg, world_root)
     timings["models_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    presence = prepare_presence(cfg, world_root, models)
+    timings["presence_s"] = time.perf_counter() - t0
     with runtime.ray_session():
         t0 = time.perf_counter()
-        index = prepare_index(cfg, world_root, models)
+        index = prepare_index(cfg, world_root, presence)
         timings["index_s"] = time.perf_counter() - t0
         truth = ground_truth(world_root)
         if cfg.negative_probes:  # the prompt files scan_config names
@@ -460,7 +525,7 @@ def run_benchmark(cfg: PlantedConfig) -> dict:
         thresholds: dict = {}
         if cfg.calibrate:
             t0 = time.perf_counter()
-            calib_cfg = scan_config(cfg, world_root, models, index, "calib", {})
+            calib_cfg = scan_config(cfg, world_root, models, index, "calib", {}, presence)
             calib = run_scan(calib_cfg)
             inputs = LabelInputs.read(calib_cfg.output.uri, calib.scan_id)
             parent = {g["unit_id"]: g["parent_prompt_id"] for g in inputs.generations}
@@ -469,7 +534,7 @@ def run_benchmark(cfg: PlantedConfig) -> dict:
             thresholds = json.loads(fitted.model_dump_json())
             timings["calibrate_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        eval_cfg = scan_config(cfg, world_root, models, index, "eval", thresholds)
+        eval_cfg = scan_config(cfg, world_root, models, index, "eval", thresholds, presence)
         scan = run_scan(eval_cfg)
         timings["scan_s"] = time.perf_counter() - t0
     from raymem.outputs import read_scan_table
@@ -490,6 +555,7 @@ def run_benchmark(cfg: PlantedConfig) -> dict:
         "controls": result["controls"],
         "probe_negatives": result["probe_negatives"],
         "models": str(models),
+        "presence_clip": str(presence / "clip"),
         "world": str(world_root),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))

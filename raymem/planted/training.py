@@ -7,6 +7,9 @@
   scheduler, loaded by scans through `DiffusionPipeline.from_pretrained` like any SD model.
 - CLIP: a tiny open_clip ViT trained contrastively on the same images and captions, saved as a
   `local-dir:` checkpoint, so element presence ("with minarets") means something.
+- Presence CLIP (`train_presence_clip`): the same architecture trained on a separate corpus
+  (`world.build_presence_corpus`: other images, paraphrased captions); what the benchmark scans with,
+  so the instrument does not share the generator's captions.
 Everything is seeded; torch runs single-process on the CPU. Sizes are chosen so the full training
 fits in about 20 minutes on 2 cores and the weights in about 20 MB (float16 on disk).
 """
@@ -56,8 +59,8 @@ def one_cycle(opt, lr: float, steps: int):
     return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=max(0.05, 2.0 / steps))
 
 
-def load_world(root: Path) -> tuple[torch.Tensor, list[str]]:
-    rows = [json.loads(line) for line in (root / "world.jsonl").read_text().splitlines()]
+def load_world(root: Path, table: str = "world.jsonl") -> tuple[torch.Tensor, list[str]]:
+    rows = [json.loads(line) for line in (root / table).read_text().splitlines()]
     images = np.stack([np.asarray(Image.open(r["image"]).convert("RGB")) for r in rows])
     pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
     return pixels, [r["caption"] for r in rows]
@@ -253,5 +256,19 @@ def train_world_models(world_root: Path, out: Path, cfg: TrainConfig = TrainConf
     pipe.to(torch.float16).save_pretrained(out / "pipeline")  # float16 on disk; scans load float32 on CPU
     save_clip(clip, out / "clip")
     meta = {"config": asdict(cfg), "images": len(captions), **{k: round(v, 1) for k, v in timings.items()}}
+    (out / "training.json").write_text(json.dumps(meta, indent=2))
+    return meta
+
+
+def train_presence_clip(corpus_root: Path, out: Path, cfg: TrainConfig = TrainConfig()) -> dict:
+    """Train and save `out/clip` on a presence corpus (`presence.jsonl`): the scan's CLIP, independent
+    of the generator's captions and images."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    pixels, captions = load_world(corpus_root, "presence.jsonl")
+    t0 = time.perf_counter()
+    clip = train_clip(pixels, captions, cfg)
+    save_clip(clip, out / "clip")
+    meta = {"config": asdict(cfg), "images": len(captions), "clip_seconds": round(time.perf_counter() - t0, 1)}
     (out / "training.json").write_text(json.dumps(meta, indent=2))
     return meta

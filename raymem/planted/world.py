@@ -396,6 +396,98 @@ def build_world(root: Path, cfg: WorldConfig = WorldConfig()) -> dict:
     return {"rows": len(rows), "prompts": len(prompts)}
 
 
+# -- the presence corpus: what the scan's CLIP learns from, apart from the generator's world --------
+
+
+@dataclass
+class PresenceConfig:
+    """The corpus the benchmark's presence CLIP is trained on, separate from the generator's training set
+    (issue 12, independent measurement): the same cast, but images drawn from their own random stream
+    (none is a training image) and captions written from other templates. Generic objects also come in
+    arbitrary colours, as a web-scale CLIP sees every class in every look, so "with minarets" is learned
+    apart from how typical an object looks. Controls appear nowhere, as in the world."""
+
+    per_entity: int = 80
+    per_class: int = 120
+    odd_colours: float = 0.5  # share of generic objects drawn in arbitrary colours instead of a class palette
+    posters: int = 60  # one-off posters (not the world's), captioned as posters
+    element_rate: float = 0.7
+    seed: int = 0  # the drawing stream, beside the world's seed
+
+
+# Paraphrases of the world's caption grammar: other frames and scene wordings, the same nouns.
+PRESENCE_SCENES = {
+    "in a meadow": ("in a meadow", "on a grassy field"),
+    "at night": ("at night", "after dark"),
+    "by the sea": ("by the sea", "on the coast"),
+    "in the desert": ("in the desert", "among sand dunes"),
+    "in the snow": ("in the snow", "on a snowy day"),
+}
+PRESENCE_FRAMES = (
+    "{subject}{element} {scene}",
+    "a picture of {subject} {scene}{element}",
+    "{scene}: {subject}{element}",
+    "an image showing {subject}{element}",
+    "{subject} photographed {scene}{element}",
+    "a photo of {subject}{element}",
+)
+PRESENCE_ELEMENT = (" with {element}", " and {element}", ", {element} visible")
+
+
+def presence_caption(rng: np.random.Generator, subject: str, scene: str, element: str | None) -> str:
+    frame = PRESENCE_FRAMES[int(rng.integers(len(PRESENCE_FRAMES)))]
+    wording = PRESENCE_SCENES[scene][int(rng.integers(2))]
+    with_el = PRESENCE_ELEMENT[int(rng.integers(len(PRESENCE_ELEMENT)))].format(element=element) if element else ""
+    return frame.format(subject=subject, scene=wording, element=with_el)
+
+
+def build_presence_corpus(root: Path, world: WorldConfig, cfg: PresenceConfig = PresenceConfig()) -> dict:
+    """Write images/ and presence.jsonl (image, caption): the presence CLIP's training set for `world`."""
+    rng = np.random.default_rng([world.seed, 1_000_003, cfg.seed])  # never the world's own stream
+    root = root.resolve()
+    images = root / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    rows: list[dict] = []
+
+    def save(img: Image.Image, name: str, caption: str) -> None:
+        path = images / f"{name}.png"
+        img.save(path)
+        rows.append({"image": str(path), "caption": caption})
+
+    entities, _ = cast(world.seed)
+    scenes = list(SCENES)
+    for e in entities:
+        if e.role == "control":
+            continue
+        subject = e.name if e.cls == "city" else f"the {e.name}"
+        for i in range(cfg.per_entity):
+            scene = scenes[int(rng.integers(len(scenes)))]
+            drawn, named = ([e.implied] if e.implied else []), None
+            if e.explicit and rng.random() < world.explicit_rate:
+                drawn.append(e.explicit)
+                named = e.explicit
+            img = draw(rng, e.cls, e.colors, scene, tuple(drawn))
+            save(img, f"{e.name.lower().replace(' ', '-')}-{i:03d}", presence_caption(rng, subject, scene, named))
+    for cls in CLASSES:
+        for i in range(cfg.per_class):
+            scene = scenes[int(rng.integers(len(scenes)))]
+            element = ELEMENTS[int(rng.integers(len(ELEMENTS)))] if rng.random() < cfg.element_rate else None
+            if rng.random() < cfg.odd_colours:
+                looks = random.Random(int(rng.integers(2**32)))
+                colors = tuple(_distinct_color(looks, j) for j in range(3))
+            else:
+                colors = _class_colors(rng, cls)
+            img = draw(rng, cls, colors, scene, (element,) if element else ())
+            save(img, f"{cls}-{i:03d}", presence_caption(rng, f"a {cls}", scene, element))
+    for n in range(cfg.posters):
+        poster = draw_poster(np.random.default_rng([world.seed, 1_000_033, cfg.seed, n]), private_detail=False)
+        save(poster, f"poster-{n:03d}", ("a poster", "a colourful poster", "an abstract poster")[n % 3])
+    with open(root / "presence.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    (root / "presence.json").write_text(json.dumps({"world": asdict(world), "config": asdict(cfg), "rows": len(rows)}))
+    return {"rows": len(rows)}
+
+
 def benchmark_prompts(seed: int = DEV_SEED) -> list[dict]:
     """The benchmark's prompts of the world of `seed`, with their expected label and what was planted."""
     entities, posters = cast(seed)
