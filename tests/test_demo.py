@@ -28,11 +28,13 @@ def demo_config_under(tmp_path) -> str:
 
 
 def test_the_demo_scans_the_benchmarks_world_with_the_benchmarks_settings(tmp_path):
-    """Everything but names and paths equals the planted benchmark's evaluation scan, so the demo shows
-    what docs/planted.md measures."""
+    """Everything but names and paths equals the planted benchmark's evaluation scan with the
+    generator's own CLIP (`bench planted --shared-clip`), so the demo shows what docs/planted.md
+    measures for that setup (the benchmark's default scans with the presence CLIP)."""
     demo = load_config(demo_config_under(tmp_path))
     models = REPO / "assets" / "planted-models"
-    bench = scan_config(PlantedConfig(), tmp_path / "world", models, tmp_path / "index", "eval", {})
+    shared = PlantedConfig(presence=None)
+    bench = scan_config(shared, tmp_path / "world", models, tmp_path / "index", "eval", {})
 
     def settings(cfg):
         d = json.loads(cfg.model_dump_json())
