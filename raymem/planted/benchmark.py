@@ -173,16 +173,21 @@ def prepare_models(cfg: PlantedConfig, world_root: Path) -> Path:
         return Path(cfg.models)
     from raymem.planted.training import train_world_models
 
-    name = f"models-{_digest([world_root.name, asdict(cfg.train)])}"
-    committed = COMMITTED_MODELS / "DIGEST"
-    if not cfg.retrain and committed.exists() and committed.read_text().strip() == name:
-        log.info("using the committed models of this world and training config (%s)", COMMITTED_MODELS)
-        return COMMITTED_MODELS
-    root = Path(cfg.work) / name
+    root = _trained(cfg, f"models-{_digest([world_root.name, asdict(cfg.train)])}", COMMITTED_MODELS)
     if not (root / "training.json").exists():
         log.info("training the world's models into %s (CPU; minutes)", root)
         train_world_models(world_root, root, cfg.train)
     return root
+
+
+def _trained(cfg: PlantedConfig, name: str, committed: Path) -> Path:
+    """Where trained models named `name` live: the committed directory when its DIGEST is `name` (and
+    no retraining was asked for), else `name` under the work directory (trained there when missing)."""
+    digest = committed / "DIGEST"
+    if not cfg.retrain and digest.exists() and digest.read_text().strip() == name:
+        log.info("using the committed models of this world and configs (%s)", committed)
+        return committed
+    return Path(cfg.work) / name
 
 
 # The development world's presence CLIP, trained by prepare_presence at the default configs; DIGEST
@@ -213,11 +218,7 @@ def prepare_presence(cfg: PlantedConfig, world_root: Path, models: Path) -> Path
 
     train = _presence_training(cfg.train)
     name = f"presence-{_digest([world_root.name, asdict(cfg.presence), {**asdict(train), 'threads': 0}])}"
-    committed = COMMITTED_PRESENCE / "DIGEST"
-    if not cfg.retrain and committed.exists() and committed.read_text().strip() == name:
-        log.info("using the committed presence CLIP of this world (%s)", COMMITTED_PRESENCE)
-        return COMMITTED_PRESENCE
-    root = Path(cfg.work) / name
+    root = _trained(cfg, name, COMMITTED_PRESENCE)
     if not (root / "training.json").exists():
         if not (root / "corpus" / "presence.json").exists():
             log.info("drawing the presence corpus into %s", root / "corpus")
