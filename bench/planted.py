@@ -18,35 +18,22 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from raymem.errors import RaymemError  # noqa: E402
-from raymem.planted.benchmark import planted_config, run_benchmark, targets_report  # noqa: E402
+from raymem.planted.benchmark import run_benchmark, targets_report  # noqa: E402
+from raymem.planted.options import add_planted_options, planted_config_from_args  # noqa: E402
 
 
-def main() -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--work", default="build/planted")
-    parser.add_argument("--calibrate", action="store_true")
-    parser.add_argument("--models")
-    parser.add_argument("--retrain", action="store_true")
-    parser.add_argument("--world-seed", type=int, help="a fresh world from this seed (default: the development world)")
+    add_planted_options(parser)  # the same options as `raymem bench planted`
     parser.add_argument("--json", help="write the summary here too")
-    parser.add_argument(
-        "--region-neighbours", type=int, default=0, help="region-level copy detection on (default 0: off)"
-    )
-    parser.add_argument(
-        "--shared-clip", action="store_true", help="scan with the generator's CLIP, not the independent presence CLIP"
-    )
-    args = parser.parse_args()
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        cfg = planted_config(
-            work=args.work,
-            calibrate=args.calibrate,
-            models=args.models,
-            retrain=args.retrain,
-            region_neighbours=args.region_neighbours,
-            world_seed=args.world_seed,
-            shared_clip=args.shared_clip,
-        )
+        cfg = planted_config_from_args(args)
     except RaymemError as err:
         print(f"error: {err}", file=sys.stderr)
         return err.exit_code

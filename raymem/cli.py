@@ -8,6 +8,7 @@ import os
 import sys
 
 from raymem.errors import ConfigError, RaymemError
+from raymem.planted.options import add_planted_options, planted_config_from_args
 
 DEFAULT_DEMO_CONFIG = "configs/demo.yaml"
 TINY_DEMO_CONFIG = "configs/tiny.yaml"
@@ -311,19 +312,10 @@ def cmd_report(args) -> int:
 
 
 def cmd_bench_planted(args) -> int:
-    from raymem.planted.benchmark import planted_config, run_benchmark, targets_report
+    from raymem.planted.benchmark import run_benchmark, targets_report
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    cfg = planted_config(
-        work=args.work,
-        calibrate=args.calibrate,
-        models=args.models,
-        retrain=args.retrain,
-        region_neighbours=args.region_neighbours,
-        world_seed=args.world_seed,
-        quick=args.quick,
-        shared_clip=args.shared_clip,
-    )
+    cfg = planted_config_from_args(args)
     result = run_benchmark(cfg)
     how = "thresholds calibrated on the calibration split" if cfg.calibrate else "config-default thresholds"
     print(f"planted-memorization benchmark ({how})")
@@ -463,34 +455,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = bench.add_parser(
         "planted", parents=[common], help="planted-memorization benchmark: precision/recall per category"
     )
-    p.add_argument("--work", default="build/planted", help="cache and results directory")
-    p.add_argument("--calibrate", action="store_true", help="fit thresholds on the world's calibration split first")
-    p.add_argument("--models", help="use these trained models (pipeline/, clip/) instead of training")
-    p.add_argument("--quick", action="store_true", help="reduced world and training (minutes, no targets)")
-    p.add_argument(
-        "--world-seed",
-        type=int,
-        help="draw a fresh world from this seed (invented names, looks, elements, posters; trains its models); "
-        "default: the development world (seed 7)",
-    )
-    p.add_argument(
-        "--retrain",
-        action="store_true",
-        help="train the models even when the committed ones (assets/planted-models) match the configs",
-    )
-    p.add_argument(
-        "--region-neighbours",
-        type=int,
-        default=0,
-        help="switch region-level copy detection on with this many neighbours per space (default 0: off, "
-        "as the scan config's default)",
-    )
-    p.add_argument(
-        "--shared-clip",
-        action="store_true",
-        help="scan with the CLIP trained on the generator's own images and captions instead of the "
-        "independent presence CLIP (the benchmark's setup before it had one)",
-    )
+    add_planted_options(p)
     p.set_defaults(fn=cmd_bench_planted)
 
     p = command("validate", help="check a config, its prompt set and training table without running")

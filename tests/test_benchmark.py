@@ -214,6 +214,27 @@ def test_both_entry_points_build_the_config_one_way():
     )
 
 
+def test_the_script_and_the_cli_parse_the_same_options_into_the_same_config():
+    """bench/planted.py and `raymem bench planted` declare their options once (raymem.planted.options)."""
+    import importlib.util
+
+    from raymem.cli import build_parser
+    from raymem.planted.options import planted_config_from_args
+
+    spec = importlib.util.spec_from_file_location("planted_script", Path(__file__).parents[1] / "bench/planted.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    for argv in (
+        [],
+        ["--world-seed", "12", "--calibrate", "--shared-clip"],
+        ["--quick", "--region-neighbours", "3", "--work", "w2", "--models", "m", "--retrain"],
+    ):
+        from_script = planted_config_from_args(script.build_parser().parse_args(argv))
+        from_cli = planted_config_from_args(build_parser().parse_args(["bench", "planted", *argv]))
+        assert from_script == from_cli
+    assert from_cli.work == "w2" and from_cli.retrain and from_cli.seeds_per_prompt == 4
+
+
 def test_a_region_setting_out_of_bounds_is_one_line_before_anything_is_drawn(tmp_path, capsys):
     from raymem.cli import main
 

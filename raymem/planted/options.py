@@ -1,0 +1,60 @@
+"""The planted benchmark's command-line options, declared once for `raymem bench planted` and
+bench/planted.py. Kept apart from raymem.planted.benchmark so that building the CLI's parser imports
+neither torch nor the world builder."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from raymem.planted.benchmark import PlantedConfig
+
+
+def add_planted_options(parser) -> None:
+    """The benchmark's command-line options, declared once for `raymem bench planted` and bench/planted.py."""
+    parser.add_argument("--work", default="build/planted", help="cache and results directory")
+    parser.add_argument(
+        "--calibrate", action="store_true", help="fit thresholds on the world's calibration split first"
+    )
+    parser.add_argument("--models", help="use these trained models (pipeline/, clip/) instead of training")
+    parser.add_argument("--quick", action="store_true", help="reduced world and training (minutes, no targets)")
+    parser.add_argument(
+        "--world-seed",
+        type=int,
+        help="draw a fresh world from this seed (invented names, looks, elements, posters; trains its models); "
+        "default: the development world (seed 7)",
+    )
+    parser.add_argument(
+        "--retrain",
+        action="store_true",
+        help="train the models even when the committed ones (assets/planted-models) match the configs",
+    )
+    parser.add_argument(
+        "--region-neighbours",
+        type=int,
+        default=0,
+        help="switch region-level copy detection on with this many neighbours per space (default 0: off, "
+        "as the scan config's default)",
+    )
+    parser.add_argument(
+        "--shared-clip",
+        action="store_true",
+        help="scan with the CLIP trained on the generator's own images and captions instead of the "
+        "independent presence CLIP (the benchmark's setup before it had one)",
+    )
+
+
+def planted_config_from_args(args) -> PlantedConfig:
+    """`planted_config` from the options `add_planted_options` declared."""
+    from raymem.planted.benchmark import planted_config
+
+    return planted_config(
+        work=args.work,
+        calibrate=args.calibrate,
+        models=args.models,
+        retrain=args.retrain,
+        region_neighbours=args.region_neighbours,
+        world_seed=args.world_seed,
+        quick=args.quick,
+        shared_clip=args.shared_clip,
+    )
