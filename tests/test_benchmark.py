@@ -8,7 +8,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from raymem.planted.benchmark import PlantedConfig, evaluate, run_benchmark, run_name, targets_report
+from raymem.planted.benchmark import (
+    PlantedConfig,
+    _presence_training,
+    evaluate,
+    run_benchmark,
+    run_name,
+    targets_report,
+)
 from raymem.planted.training import TrainConfig
 from raymem.planted.world import PresenceConfig, WorldConfig
 
@@ -212,6 +219,11 @@ def test_both_entry_points_build_the_config_one_way():
         and run_name(shared) == "world12-default-sharedclip"
         and run_name(full) == ("world12-default-regions3")
     )
+    # another training seed retrains the generator only: the presence CLIP (the instrument) is kept
+    reseeded = planted_config(work="w", world_seed=12, train_seed=3)
+    assert reseeded.train == dataclasses.replace(full.train, seed=3) and reseeded.world == full.world
+    assert run_name(reseeded) == "world12-train3-default"
+    assert _presence_training(reseeded.train, reseeded.presence) == _presence_training(full.train, full.presence)
 
 
 def test_the_script_and_the_cli_parse_the_same_options_into_the_same_config():
@@ -227,12 +239,12 @@ def test_the_script_and_the_cli_parse_the_same_options_into_the_same_config():
     for argv in (
         [],
         ["--world-seed", "12", "--calibrate", "--shared-clip"],
-        ["--quick", "--region-neighbours", "3", "--work", "w2", "--models", "m", "--retrain"],
+        ["--quick", "--region-neighbours", "3", "--work", "w2", "--models", "m", "--retrain", "--train-seed", "2"],
     ):
         from_script = planted_config_from_args(script.build_parser().parse_args(argv))
         from_cli = planted_config_from_args(build_parser().parse_args(["bench", "planted", *argv]))
         assert from_script == from_cli
-    assert from_cli.work == "w2" and from_cli.retrain and from_cli.seeds_per_prompt == 4
+    assert from_cli.work == "w2" and from_cli.retrain and from_cli.seeds_per_prompt == 4 and from_cli.train.seed == 2
 
 
 def test_a_region_setting_out_of_bounds_is_one_line_before_anything_is_drawn(tmp_path, capsys):

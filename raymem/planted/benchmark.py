@@ -82,6 +82,7 @@ def planted_config(
     world_seed: int | None = None,
     quick: bool = False,
     shared_clip: bool = False,
+    train_seed: int | None = None,
 ) -> PlantedConfig:
     """The benchmark's config from its command-line options (`raymem bench planted`, bench/planted.py),
     checked against the scan config's own bounds before anything is drawn or trained."""
@@ -100,6 +101,8 @@ def planted_config(
         cfg.world = replace(cfg.world, seed=world_seed)
     if shared_clip:
         cfg.presence = None
+    if train_seed is not None:
+        cfg.train = replace(cfg.train, seed=train_seed)
     return cfg
 
 
@@ -195,10 +198,12 @@ def _trained(cfg: PlantedConfig, name: str, committed: Path) -> Path:
 COMMITTED_PRESENCE = COMMITTED_MODELS / "presence"
 
 
-def _presence_training(train: TrainConfig) -> TrainConfig:
-    # only what train_clip reads, so a change to the generator's steps does not retrain the presence CLIP
+def _presence_training(train: TrainConfig, presence: PresenceConfig) -> TrainConfig:
+    # only what train_clip reads, so a change to the generator's steps does not retrain the presence CLIP;
+    # seeded by the presence corpus, not the generator's training seed: the instrument stays the same
+    # while the generator is trained again with other seeds (`--train-seed`)
     return TrainConfig(
-        seed=train.seed,
+        seed=presence.seed,
         clip_steps=train.clip_steps,
         clip_batch_size=train.clip_batch_size,
         lr=train.lr,
@@ -216,7 +221,7 @@ def prepare_presence(cfg: PlantedConfig, world_root: Path, models: Path) -> Path
     from raymem.planted.training import train_presence_clip
     from raymem.planted.world import build_presence_corpus
 
-    train = _presence_training(cfg.train)
+    train = _presence_training(cfg.train, cfg.presence)
     name = f"presence-{_digest([world_root.name, asdict(cfg.presence), {**asdict(train), 'threads': 0}])}"
     root = _trained(cfg, name, COMMITTED_PRESENCE)
     if not (root / "training.json").exists():
@@ -442,8 +447,9 @@ def pool_results(results_dirs: list[str | Path]) -> dict:
 
 
 def run_name(cfg: PlantedConfig) -> str:
-    """The results directory of one benchmark run: its world, thresholds and region setting."""
-    name = f"world{cfg.world.seed}-{'calibrated' if cfg.calibrate else 'default'}"
+    """The results directory of one benchmark run: its world, training seed, thresholds and settings."""
+    name = f"world{cfg.world.seed}" + (f"-train{cfg.train.seed}" if cfg.train.seed else "")
+    name += f"-{'calibrated' if cfg.calibrate else 'default'}"
     name += f"-regions{cfg.region_neighbours}" if cfg.region_neighbours else ""
     return name + ("-sharedclip" if cfg.presence is None else "")
 

@@ -25,6 +25,12 @@ def add_planted_options(parser) -> None:
         "default: the development world (seed 7)",
     )
     parser.add_argument(
+        "--train-seed",
+        type=int,
+        help="train the world's generator with this seed (default 0: the committed models); the presence "
+        "CLIP, the instrument, stays as it is",
+    )
+    parser.add_argument(
         "--retrain",
         action="store_true",
         help="train the models even when the committed ones (assets/planted-models) match the configs",
@@ -57,4 +63,5 @@ def planted_config_from_args(args) -> PlantedConfig:
         world_seed=args.world_seed,
         quick=args.quick,
         shared_clip=args.shared_clip,
+        train_seed=args.train_seed,
     )
