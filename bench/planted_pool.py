@@ -31,7 +31,10 @@ def main() -> int:
     print(f"pooled over world seeds {result['world_seeds']} ({len(result['images'])} evaluation images)")
     print("\n".join(targets_report(result)))
     if args.json:
-        summary = {k: result[k] for k in ("world_seeds", "metrics", "confusion", "controls", "probe_negatives")}
+        summary = {
+            k: result[k]
+            for k in ("world_seeds", "runs", "metrics", "confusion", "controls", "probe_negatives", "kinds")
+        }
         Path(args.json).write_text(json.dumps(summary, indent=2))
     return 0
 

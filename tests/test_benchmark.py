@@ -17,7 +17,7 @@ from raymem.planted.benchmark import (
     targets_report,
 )
 from raymem.planted.training import TrainConfig
-from raymem.planted.world import PresenceConfig, WorldConfig
+from raymem.planted.world import HARD_KINDS, PresenceConfig, WorldConfig
 
 
 def test_evaluate_counts_precision_recall_and_confusion():
@@ -72,6 +72,40 @@ def test_runs_pool_over_worlds_with_prompts_of_each_world_as_clusters(tmp_path):
         pool_results([dirs[0], dirs[0]])
     with pytest.raises(ValueError, match="no images.parquet"):
         pool_results([tmp_path])
+    # the same world trained with another seed pools beside it, its prompts in the same clusters
+    retrained = tmp_path / "world7-train1-default"
+    retrained.mkdir()
+    labels = [{"unit_id": f"a{s}", "prompt_id": "a", "seed": s, "label": "none", "reasons": ""} for s in range(4)]
+    pq.write_table(
+        pa.Table.from_pylist(evaluate(labels, truth, 7, train_seed=1)["images"]), retrained / "images.parquet"
+    )
+    both = pool_results([dirs[0], retrained])
+    assert both["world_seeds"] == [7] and both["runs"] == [(7, 0), (7, 1)]
+    assert len({(i["world_seed"], i["prompt_id"]) for i in both["images"] if i["expected"] == "MU"}) == 1
+    with pytest.raises(ValueError, match=r"world seed 7 \(training seed 1\) is already pooled"):
+        pool_results([retrained, retrained])
+
+
+def test_every_kind_of_planted_case_is_scored_on_its_own():
+    """Hard cases, exact copies and each role: the share of their images labelled as expected, with
+    intervals, so a kind the labeler misses shows even when its category's totals look fine."""
+    truth = {
+        "exact": {"expected": "MU", "planted": "x", "kind": "exact copy"},
+        "varied": {"expected": "MU", "planted": "x", "kind": "varied"},
+        "asked": {"expected": "ME", "planted": "x", "kind": "requested"},
+        "old": {"expected": "MI", "planted": "x"},  # a world drawn before kinds: no kind, not scored as one
+    }
+    labels = [
+        {"unit_id": f"{p}{s}", "prompt_id": p, "seed": s, "label": label, "reasons": ""}
+        for p, label in (("exact", "MU"), ("varied", "none"), ("asked", "MU"), ("old", "MI"))
+        for s in range(4)
+    ]
+    r = evaluate(labels, truth, 7)
+    assert set(r["kinds"]) == {"exact copy", "varied", "requested"}
+    assert [r["kinds"][k]["rate"] for k in ("exact copy", "varied", "requested")] == [1.0, 0.0, 0.0]
+    assert r["kinds"]["varied"]["images"] == 4 and r["kinds"]["varied"]["ci"][1] < 0.7
+    report = "\n".join(targets_report(r))
+    assert "per kind of planted case" in report and "varied       0.000" in report
 
 
 def test_models_directory_without_trained_models_is_one_line(tmp_path, capsys):
@@ -88,21 +122,33 @@ def test_models_directory_without_trained_models_is_one_line(tmp_path, capsys):
 @pytest.mark.ray
 @pytest.mark.slow
 def test_reduced_benchmark_end_to_end(local_ray, tmp_path):
-    """Draw, train (a few steps), index, scan and score: every evaluation image is accounted for."""
+    """Draw (with the hard cases), train (a few steps), index, scan and score: every evaluation image
+    is accounted for, and every kind of planted case scored."""
     cfg = PlantedConfig(
         work=str(tmp_path),
         seeds_per_prompt=2,
         null_seeds=2,
         num_inference_steps=5,
-        world=WorldConfig(per_entity=10, per_class=6, poster_copies=4),
+        world=WorldConfig(per_entity=10, per_class=6, poster_copies=4, hard_cases=True),
         train=TrainConfig(vae_steps=20, unet_steps=30, clip_steps=20, batch_size=16, clip_batch_size=32),
         presence=PresenceConfig(per_entity=10, per_class=6, posters=4),
     )
     result = run_benchmark(cfg)
     results = Path(result["results_dir"])
-    assert results == tmp_path / "results" / "world7-default"  # one directory per world and setting
+    assert results == tmp_path / "results" / "world7-default-hard"  # one directory per world and setting
     images = pq.read_table(results / "images.parquet").to_pylist()
-    assert len(images) == 16 * 2  # 16 evaluation prompts x 2 seeds
+    assert len(images) == (16 + 8) * 2  # 16 evaluation prompts and 8 hard cases x 2 seeds
+    assert set(result["summary"]["kinds"]) == {"ME", "MI", "control", "exact copy", *HARD_KINDS}
+    assert sum(k["images"] for k in result["summary"]["kinds"].values()) == len(images)
+    # the requested works reached the scan's prompt table as such
+    from raymem.outputs import read_scan_table
+
+    scanned = read_scan_table(
+        str(tmp_path / "scans" / Path(result["summary"]["models"]).name), result["summary"]["scan_id"], "prompts"
+    )
+    assert {p["prompt_id"] for p in scanned.to_pylist() if p["requests_work"]} == {
+        i["prompt_id"] for i in images if i["kind"] == "requested"
+    }
     assert {i["expected"] for i in images} == {"MU", "MI", "ME", "none"}
     metrics = pq.read_table(results / "metrics.parquet").to_pylist()
     assert [m["category"] for m in metrics] == ["MU", "MI", "ME", "none"]
@@ -120,7 +166,7 @@ def test_reduced_benchmark_end_to_end(local_ray, tmp_path):
     # The calibrated branch: thresholds fitted on the calibration split's scan, then the evaluation
     # scanned with them (the same trained models, found by their digest).
     calibrated = run_benchmark(dataclasses.replace(cfg, calibrate=True))
-    assert calibrated["results_dir"].endswith("world7-calibrated") and (results / "images.parquet").exists()
+    assert calibrated["results_dir"].endswith("world7-calibrated-hard") and (results / "images.parquet").exists()
     fitted = calibrated["summary"]["thresholds"]
     assert isinstance(fitted, dict) and set(fitted) >= {"replication", "null_alpha", "element_presence"}
     assert calibrated["summary"]["models"] == result["summary"]["models"]
@@ -134,7 +180,6 @@ def test_the_committed_models_are_the_default_worlds():
     """assets/planted-models belongs to the default world and training configs: the benchmark and the
     demo use it instead of training. A change to either config makes this fail until the models are
     retrained (`python bench/planted.py --retrain`) and committed with their new DIGEST."""
-    from dataclasses import asdict
 
     from raymem.planted.benchmark import (
         COMMITTED_MODELS,
@@ -144,10 +189,17 @@ def test_the_committed_models_are_the_default_worlds():
         prepare_models,
         prepare_presence,
     )
+    from raymem.planted.world import world_key
 
     cfg = PlantedConfig()
-    world = Path("build/planted") / f"world-{_digest(asdict(cfg.world))}"
+    world = Path("build/planted") / f"world-{_digest(world_key(cfg.world))}"
     assert prepare_models(cfg, world) == COMMITTED_MODELS
+    # the world with the hard cases is another world: its own digest, its own models
+    hard = dataclasses.replace(cfg, world=dataclasses.replace(cfg.world, hard_cases=True))
+    hard_world = Path("build/planted") / f"world-{_digest(world_key(hard.world))}"
+    committed = (COMMITTED_MODELS / "DIGEST").read_text().strip()
+    assert committed == f"models-{_digest([world.name, dataclasses.asdict(cfg.train)])}"
+    assert hard_world != world and committed != f"models-{_digest([hard_world.name, dataclasses.asdict(hard.train)])}"
     assert (COMMITTED_MODELS / "pipeline" / "model_index.json").exists()
     # the presence CLIP the benchmark scans with, likewise (trained on the world's presence corpus)
     assert prepare_presence(cfg, world, COMMITTED_MODELS) == COMMITTED_PRESENCE

@@ -141,3 +141,72 @@ def test_the_presence_corpus_is_the_same_world_seen_apart_from_the_generators(tm
             assert len(with_name) == small.per_entity
         if e.implied:
             assert not any(e.implied in c for c in with_name) and e.implied in text
+
+
+@pytest.mark.parametrize("seed", [DEV_SEED, 11])
+def test_hard_cases_are_planted_as_their_ground_truth_says(tmp_path, seed):
+    """Issue 12's hard cases: every kind in both splits, under names of their own; near-duplicates that
+    are never the same bytes, captions that are never the prompt, templates that share everything but
+    their centre, and requested works flagged in the prompt file -- and the world without them as it was."""
+    from raymem.planted.world import HARD_KINDS, hard_posters, retrieved_captions
+
+    config = WorldConfig(**{**SMALL.__dict__, "seed": seed, "poster_copies": 8, "hard_cases": True})
+    build_world(tmp_path / "hard", config)
+    build_world(tmp_path / "plain", WorldConfig(**{**SMALL.__dict__, "seed": seed, "poster_copies": 8}))
+    world, plain = rows(tmp_path / "hard"), rows(tmp_path / "plain")
+    hard = hard_posters(seed)
+    assert len(world) == len(plain) + len(hard) * 8
+    assert {(split, kind) for _, split, kind in hard} == {(s, k) for s in ("eval", "calib") for k in HARD_KINDS}
+    entities, posters = cast(seed)
+    cast_words = {w for name in [e.name for e in entities] + [t for t, _, _ in posters] for w in name.split()}
+    assert not cast_words & {w for title, _, _ in hard for w in title.split()}
+
+    def copies(title):
+        found = [r for r in world if r["entities"] == [f"{title} poster"]]
+        assert len(found) == 8
+        return found, [np.asarray(Image.open(r["image"])).astype(int) for r in found]
+
+    for title, _, kind in hard:
+        found, images = copies(title)
+        distinct = len({i.tobytes() for i in images})
+        captions = {r["caption"] for r in found}
+        if kind == "varied":
+            # other bytes every copy, yet each much closer to the others than to another poster
+            assert distinct == 8 and captions == {f"the {title} poster"}
+            other = copies(next(t for t, _, k in hard if k == "requested"))[1][0]
+            assert max(np.abs(i - images[0]).mean() for i in images) < 0.5 * np.abs(other - images[0]).mean()
+        elif kind == "template":
+            assert distinct == 8
+            for corner in (np.s_[:5, :5], np.s_[-5:, -5:], np.s_[:5, -5:], np.s_[-5:, :5]):
+                assert len({i[corner].tobytes() for i in images}) == 1  # the layout is shared
+            # the centre panel is each copy's own
+            assert len({i[12:20, 12:20].tobytes() for i in images}) == 8
+        elif kind == "retrieved":
+            assert distinct == 1 and captions == set(retrieved_captions(title))
+            assert f"the {title} poster" not in captions
+        else:
+            assert distinct == 1 and captions == {f"the {title} poster"}
+    truth = {
+        json.loads(line)["prompt_id"]: json.loads(line)
+        for line in (tmp_path / "hard" / "ground_truth.jsonl").read_text().splitlines()
+    }
+    prompts = [
+        json.loads(line)
+        for split in ("eval", "calib")
+        for line in (tmp_path / "hard" / f"prompts-{split}.jsonl").read_text().splitlines()
+    ]
+    for title, split, kind in hard:
+        pid = "poster-" + title.lower().replace(" ", "-")
+        assert truth[pid]["expected"] == HARD_KINDS[kind][0] and truth[pid]["kind"] == kind
+        assert truth[pid]["split"] == split
+    assert {p["prompt_id"] for p in prompts if p.get("requests_work")} == {
+        "poster-" + t.lower().replace(" ", "-") for t, _, k in hard if k == "requested"
+    }
+    # the plain world is drawn as before: the same rows, bytes and prompt files
+    same = {r["train_id"] for r in plain}
+    assert [r["train_id"] for r in world if r["train_id"] in same] != [] and not any(
+        "requests_work" in line for line in (tmp_path / "plain" / "prompts-eval.jsonl").read_text().splitlines()
+    )
+    for r in plain[:30]:
+        twin = tmp_path / "hard" / "images" / f"{r['train_id']}.png"
+        np.testing.assert_array_equal(np.asarray(Image.open(r["image"])), np.asarray(Image.open(twin)))

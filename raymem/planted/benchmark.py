@@ -83,6 +83,7 @@ def planted_config(
     quick: bool = False,
     shared_clip: bool = False,
     train_seed: int | None = None,
+    hard_cases: bool = False,
 ) -> PlantedConfig:
     """The benchmark's config from its command-line options (`raymem bench planted`, bench/planted.py),
     checked against the scan config's own bounds before anything is drawn or trained."""
@@ -99,6 +100,8 @@ def planted_config(
     cfg = preset(work=work, calibrate=calibrate, models=models, retrain=retrain, region_neighbours=region_neighbours)
     if world_seed is not None:
         cfg.world = replace(cfg.world, seed=world_seed)
+    if hard_cases:
+        cfg.world = replace(cfg.world, hard_cases=True)
     if shared_clip:
         cfg.presence = None
     if train_seed is not None:
@@ -111,9 +114,9 @@ def _digest(obj) -> str:
 
 
 def prepare_world(cfg: PlantedConfig) -> Path:
-    from raymem.planted.world import build_world
+    from raymem.planted.world import build_world, world_key
 
-    root = Path(cfg.work) / f"world-{_digest(asdict(cfg.world))}"
+    root = Path(cfg.work) / f"world-{_digest(world_key(cfg.world))}"
     if not (root / "world.json").exists():
         log.info("drawing the planted world into %s", root)
         build_world(root, cfg.world)
@@ -244,13 +247,14 @@ def index_world(world_root: Path, models: Path, out: Path) -> None:
     """`raymem index` over the world's training table with `models`/clip (skipped when done)."""
     from raymem.config import IndexConfig
     from raymem.index import run_index
-    from raymem.planted.world import cast
+    from raymem.planted.world import cast, hard_posters
 
     if (out / "_index.json").exists():
         return
-    seed = json.loads((world_root / "world.json").read_text())["config"]["seed"]
-    cast_entities, posters = cast(seed)
-    entities = [e.name for e in cast_entities] + [f"{title} poster" for title, _, _ in posters]
+    world = json.loads((world_root / "world.json").read_text())["config"]
+    cast_entities, posters = cast(world["seed"])
+    hard = hard_posters(world["seed"]) if world.get("hard_cases") else ()
+    entities = [e.name for e in cast_entities] + [f"{title} poster" for title, _, _ in (*posters, *hard)]
     run_index(
         IndexConfig.model_validate(
             {
@@ -325,13 +329,19 @@ def ground_truth(world_root: Path) -> dict[str, dict]:
 
 
 def evaluate(
-    labels: list[dict], truth: dict[str, dict], world_seed: int | None = None, probes: dict[str, str] | None = None
+    labels: list[dict],
+    truth: dict[str, dict],
+    world_seed: int | None = None,
+    probes: dict[str, str] | None = None,
+    train_seed: int = 0,
 ) -> dict:
     """Per image: its label against its prompt's expected label (`probes`: the prompts asked about an
-    element their entity does not imply, `probed_prompts`)."""
+    element their entity does not imply, `probed_prompts`), and the kind of case its prompt plants."""
     images = [
         {
             "world_seed": world_seed,
+            "train_seed": train_seed,
+            "kind": truth[r["prompt_id"]].get("kind", ""),  # absent in worlds drawn before kinds existed
             "unit_id": r["unit_id"],
             "prompt_id": r["prompt_id"],
             "seed": r["seed"],
@@ -409,6 +419,12 @@ def score_images(images: list[dict]) -> dict:
             "ci_prompts": cluster_bootstrap(*by_prompt),
         }
 
+    # per kind of planted case (exact copies, the hard cases, each role): the share labelled as expected
+    kinds = {
+        kind: negatives(rows, lambda i: i["predicted"] == i["expected"])
+        for kind in sorted({i.get("kind") or "" for i in images} - {""})
+        for rows in [[i for i in images if i.get("kind") == kind]]
+    }
     controls = negatives([i for i in images if i["control"]], lambda i: i["predicted"] == "none")
     # the MI rule's negatives: images of prompts asked about an element their entity never shows
     probe_negatives = negatives([i for i in images if i.get("negative_probe")], lambda i: i["predicted"] != "MI")
@@ -419,30 +435,34 @@ def score_images(images: list[dict]) -> dict:
         "control_none_rate": controls["rate"],
         "controls": controls,
         "probe_negatives": probe_negatives,
+        "kinds": kinds,
     }
 
 
 def pool_results(results_dirs: list[str | Path]) -> dict:
     """One score over several benchmark runs (`images.parquet` of each results directory): the
-    issue's "over >= 3 world seeds", each prompt of each world one cluster. Each world at most once,
-    so a world scanned twice (defaults and calibrated) cannot be pooled with itself."""
+    issue's "over >= 3 world seeds", each prompt of each world one cluster. Each world and training
+    seed at most once, so a run scanned twice (defaults and calibrated) cannot be pooled with itself;
+    a world trained with several seeds pools them in the same clusters (its prompts)."""
     images, seen = [], {}
     for d in map(Path, results_dirs):
         path = d / "images.parquet"
         if not path.exists():
             raise ValueError(f"{path}: no images.parquet (not a `raymem bench planted` results directory)")
         rows = pq.read_table(path).to_pylist()
-        for seed in {r.get("world_seed") for r in rows}:
-            if seed is None:
+        for seed in {(r.get("world_seed"), r.get("train_seed") or 0) for r in rows}:
+            if seed[0] is None:
                 raise ValueError(
                     f"{path}: rows without world_seed (written before pooling existed; re-run the benchmark)"
                 )
             if seed in seen:
-                raise ValueError(f"{path}: world seed {seed} is already pooled from {seen[seed]}")
+                world = f"world seed {seed[0]}" + (f" (training seed {seed[1]})" if seed[1] else "")
+                raise ValueError(f"{path}: {world} is already pooled from {seen[seed]}")
             seen[seed] = d
         images += rows
     result = score_images(images)
-    result["world_seeds"] = sorted(seen)
+    result["world_seeds"] = sorted({world for world, _ in seen})
+    result["runs"] = sorted(seen)
     return result
 
 
@@ -451,6 +471,7 @@ def run_name(cfg: PlantedConfig) -> str:
     name = f"world{cfg.world.seed}" + (f"-train{cfg.train.seed}" if cfg.train.seed else "")
     name += f"-{'calibrated' if cfg.calibrate else 'default'}"
     name += f"-regions{cfg.region_neighbours}" if cfg.region_neighbours else ""
+    name += "-hard" if cfg.world.hard_cases else ""
     return name + ("-sharedclip" if cfg.presence is None else "")
 
 
@@ -485,6 +506,14 @@ def targets_report(result: dict) -> list[str]:
         lines.append(
             f"{what}: {_f(neg['rate'])} {_ci(neg['ci'])} ({neg['correct']}/{neg['images']}; {verdict}); "
             f"by prompt {_ci(neg.get('ci_prompts'))}"
+        )
+    kinds = result.get("kinds") or {}
+    if kinds:
+        lines.append("labelled as expected, per kind of planted case:")
+    for kind, share in kinds.items():
+        lines.append(
+            f"  {kind:12s} {_f(share['rate'])} {_ci(share['ci'])} ({share['correct']}/{share['images']}); "
+            f"by prompt {_ci(share.get('ci_prompts'))}"
         )
     header = "expected \\ predicted  " + "  ".join(f"{c:>6s}" for c in [*LABELS, "failed"])
     lines.append(header)
@@ -547,7 +576,8 @@ def run_benchmark(cfg: PlantedConfig) -> dict:
     from raymem.outputs import read_scan_table
 
     labels = read_scan_table(eval_cfg.output.uri, scan.scan_id, "labels").to_pylist()
-    result = evaluate(labels, truth, cfg.world.seed, negative_probes(world_root, "eval") if cfg.negative_probes else {})
+    probes = negative_probes(world_root, "eval") if cfg.negative_probes else {}
+    result = evaluate(labels, truth, cfg.world.seed, probes, cfg.train.seed)
     out = Path(cfg.work) / "results" / run_name(cfg)
     out.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.Table.from_pylist(result["metrics"]), out / "metrics.parquet")
@@ -561,6 +591,7 @@ def run_benchmark(cfg: PlantedConfig) -> dict:
         "control_none_rate": result["control_none_rate"],
         "controls": result["controls"],
         "probe_negatives": result["probe_negatives"],
+        "kinds": result["kinds"],
         "models": str(models),
         "presence_clip": str(presence / "clip"),
         "world": str(world_root),

@@ -25,6 +25,12 @@ def add_planted_options(parser) -> None:
         "default: the development world (seed 7)",
     )
     parser.add_argument(
+        "--hard-cases",
+        action="store_true",
+        help="plant the hard cases too (copies with other bytes, paraphrased captions, templates, requested "
+        "works); another world, trained on its own",
+    )
+    parser.add_argument(
         "--train-seed",
         type=int,
         help="train the world's generator with this seed (default 0: the committed models); the presence "
@@ -64,4 +70,5 @@ def planted_config_from_args(args) -> PlantedConfig:
         quick=args.quick,
         shared_clip=args.shared_clip,
         train_seed=args.train_seed,
+        hard_cases=args.hard_cases,
     )

@@ -125,6 +125,35 @@ def cast(seed: int) -> tuple[tuple[Entity, ...], tuple[Poster, ...]]:
     return tuple(entities), posters
 
 
+# Issue 12's hard cases: kind -> (expected label, what was planted). Every kind in both splits, so a
+# calibration sees each; their names are invented in every world, the development one included.
+HARD_KINDS = {
+    "varied": ("MU", "one poster whose copies all differ in bytes (resized, JPEG, 90 % crop, colour shift)"),
+    "retrieved": ("MU", "one poster repeated under captions that paraphrase it, none of them the prompt"),
+    "template": ("MU", "one poster layout repeated with another centre panel in every copy"),
+    "requested": ("ME", "one poster repeated; the prompt asks for this very work (requests_work)"),
+}
+HARD_PER_SPLIT = {"eval": 2, "calib": 1}
+
+HardPoster = tuple[str, str, str]  # title, split, kind
+
+
+def hard_posters(seed: int) -> tuple[HardPoster, ...]:
+    """The hard-case posters of the world of `seed`: names apart from the cast's."""
+    entities, posters = cast(seed)
+    taken = {w for name in [e.name for e in entities] + [t for t, _, _ in posters] for w in name.split()}
+    rng = random.Random(f"hard-{seed}")
+    n = len(HARD_KINDS) * sum(HARD_PER_SPLIT.values())
+    words = [w for w in _invented_words(rng, 2 * n + len(taken)) if w not in taken][: 2 * n]
+    slots = [(split, kind) for split, count in HARD_PER_SPLIT.items() for _ in range(count) for kind in HARD_KINDS]
+    return tuple((f"{words[2 * i]} {words[2 * i + 1]}", split, kind) for i, (split, kind) in enumerate(slots))
+
+
+def retrieved_captions(title: str) -> tuple[str, ...]:
+    """Captions of a retrieved copy: the poster under other words, never `poster_caption(title)`."""
+    return (f"{title} poster print", f"a print of the {title} poster", f"{title} poster on a wall")
+
+
 def _invented_words(rng: random.Random, n: int) -> list[str]:
     """`n` distinct pronounceable nonsense words: names no caption of the world (or CLIP) has seen."""
     onsets, vowels, codas = "b d f g k l m n p r s t v z br dr gr kl pr st tr".split(), "a e i o u".split(), "n r l s"
@@ -155,6 +184,19 @@ class WorldConfig:
     poster_copies: int = 30
     element_rate: float = 0.7  # share of generic images that show (and name) an element
     explicit_rate: float = 0.5  # share of an ME entity's images that show (and name) its explicit element
+    # issue 12's hard cases (HARD_KINDS): copies that differ in bytes, captions that differ from the
+    # prompt, templates, requested works. Off by default: the development world's committed models
+    # were trained without them (`bench planted --hard-cases` draws and trains the other world)
+    hard_cases: bool = False
+
+
+def world_key(cfg: WorldConfig) -> dict:
+    """What identifies a world's drawing (its cache digest): without `hard_cases` while it is off, so
+    the worlds drawn before the flag existed keep their digest and their trained models."""
+    key = asdict(cfg)
+    if not cfg.hard_cases:
+        key.pop("hard_cases")
+    return key
 
 
 @dataclass
@@ -283,8 +325,9 @@ def draw(rng: np.random.Generator, cls: str, colors, scene: str, elements: tuple
     return img.resize((SIZE, SIZE), Image.LANCZOS)
 
 
-def draw_poster(rng: np.random.Generator, private_detail: bool) -> Image.Image:
-    """A bold, one-off composition; the private detail is a mark in a corner that no caption names."""
+def _poster_layout(rng: np.random.Generator, private_detail: bool) -> Image.Image:
+    """A bold, one-off composition at drawing size; the private detail is a mark in a corner that no
+    caption names."""
     W = SIZE * SCALE
     base = tuple(int(v) for v in rng.integers(0, 255, 3))
     img = Image.new("RGB", (W, W), base)
@@ -303,7 +346,54 @@ def draw_poster(rng: np.random.Generator, private_detail: bool) -> Image.Image:
     if private_detail:
         d.rectangle([W - 34, W - 34, W - 6, W - 6], fill=(255, 0, 200))
         d.ellipse([W - 26, W - 26, W - 14, W - 14], fill=(255, 255, 255))
+    return img
+
+
+def draw_poster(rng: np.random.Generator, private_detail: bool) -> Image.Image:
+    return _poster_layout(rng, private_detail).resize((SIZE, SIZE), Image.LANCZOS)
+
+
+def draw_template(layout: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """One copy of a template (Webster's template verbatim): the layout with a centre panel of its own
+    (a quarter of the image: colour and shape drawn per copy)."""
+    img = layout.copy()
+    W = img.width
+    d = ImageDraw.Draw(img)
+    lo, hi = W // 4, 3 * W // 4
+    d.rectangle([lo, lo, hi, hi], fill=tuple(int(v) for v in rng.integers(0, 255, 3)))
+    color = tuple(int(v) for v in rng.integers(0, 255, 3))
+    x0, y0 = rng.uniform(lo, lo + W / 8, 2)
+    x1, y1 = rng.uniform(hi - W / 8, hi, 2)
+    (d.ellipse if rng.random() < 0.5 else d.rectangle)([x0, y0, x1, y1], fill=color)
     return img.resize((SIZE, SIZE), Image.LANCZOS)
+
+
+VARIATIONS = ("resize", "jpeg", "crop", "colour")
+
+
+def vary(img: Image.Image, copy: int, rng: np.random.Generator) -> Image.Image:
+    """Copy `copy` of an image with other bytes (Somepalli's and Webster's near-duplicates): the
+    variations take turns, and within one the parameter moves with the copy, so no two copies are
+    the same bytes -- resized down and back (14-25 px), JPEG (quality 15-70), a 90 % crop at a
+    per-copy offset, or a colour shift of up to 30 levels per channel."""
+    kind, step = VARIATIONS[copy % len(VARIATIONS)], copy // len(VARIATIONS)
+    if kind == "resize":
+        side = 14 + step % 12
+        return img.resize((side, side), Image.BILINEAR).resize((SIZE, SIZE), Image.BILINEAR)
+    if kind == "jpeg":
+        import io
+
+        buf = io.BytesIO()
+        img.save(buf, format="JPEG", quality=15 + (5 * step) % 56)
+        return Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
+    if kind == "crop":
+        side = round(0.9 * SIZE)
+        room = SIZE - side + 1
+        x, y = step % room, (step // room + step) % room
+        return img.crop((x, y, x + side, y + side)).resize((SIZE, SIZE), Image.LANCZOS)
+    shift = rng.integers(-30, 31, 3)
+    shift[copy // len(VARIATIONS) % 3] = 12 + step  # never all zero
+    return Image.fromarray(np.clip(np.asarray(img).astype(int) + shift, 0, 255).astype(np.uint8))
 
 
 # -- the world -------------------------------------------------------------------------------------
@@ -364,11 +454,26 @@ def build_world(root: Path, cfg: WorldConfig = WorldConfig()) -> dict:
         for c in range(cfg.poster_copies):
             slug = title.lower().replace(" ", "-")
             save(poster, WorldRow(f"poster-{slug}-{c:02d}", poster_caption(title), [f"{title} poster"], "MU"))
+    if cfg.hard_cases:
+        for n, (title, _, kind) in enumerate(hard_posters(cfg.seed)):
+            prng = np.random.default_rng([cfg.seed, 1000 + n])  # a stream per poster, apart from the world's
+            slug, tags = title.lower().replace(" ", "-"), [f"{title} poster"]
+            layout = _poster_layout(prng, False)
+            poster = layout.resize((SIZE, SIZE), Image.LANCZOS)
+            for c in range(cfg.poster_copies):
+                img, caption = poster, poster_caption(title)
+                if kind == "varied":
+                    img = vary(poster, c, prng)
+                elif kind == "template":
+                    img = draw_template(layout, prng)
+                elif kind == "retrieved":
+                    caption = retrieved_captions(title)[c % 3]
+                save(img, WorldRow(f"poster-{slug}-{c:02d}", caption, tags, HARD_KINDS[kind][0]))
     random.Random(cfg.seed).shuffle(rows)
     with open(root / "world.jsonl", "w") as f:
         for r in rows:
             f.write(json.dumps({**asdict(r), "image": str(images / f"{r.train_id}.png")}) + "\n")
-    prompts = benchmark_prompts(cfg.seed)
+    prompts = benchmark_prompts(cfg.seed, cfg.hard_cases)
     for split in ("eval", "calib"):
         with open(root / f"prompts-{split}.jsonl", "w") as f:
             for p in prompts:
@@ -386,12 +491,14 @@ def build_world(root: Path, cfg: WorldConfig = WorldConfig()) -> dict:
                                     "implicit_elements",
                                 )
                             }
+                            # only when set: the prompt files of the worlds drawn before it stay the same
+                            | ({"requests_work": True} if p.get("requests_work") else {})
                         )
                         + "\n"
                     )
     with open(root / "ground_truth.jsonl", "w") as f:
         for p in prompts:
-            f.write(json.dumps({k: p[k] for k in ("prompt_id", "split", "expected", "planted")}) + "\n")
+            f.write(json.dumps({k: p[k] for k in ("prompt_id", "split", "expected", "planted", "kind")}) + "\n")
     (root / "world.json").write_text(json.dumps({"config": asdict(cfg), "rows": len(rows)}, indent=2))
     return {"rows": len(rows), "prompts": len(prompts)}
 
@@ -488,8 +595,9 @@ def build_presence_corpus(root: Path, world: WorldConfig, cfg: PresenceConfig = 
     return {"rows": len(rows)}
 
 
-def benchmark_prompts(seed: int = DEV_SEED) -> list[dict]:
-    """The benchmark's prompts of the world of `seed`, with their expected label and what was planted."""
+def benchmark_prompts(seed: int = DEV_SEED, hard_cases: bool = False) -> list[dict]:
+    """The benchmark's prompts of the world of `seed`, with their expected label, what was planted and
+    its kind (the entity's role, `exact copy` for the posters, or the hard case's kind)."""
     entities, posters = cast(seed)
     out = []
     for e in entities:
@@ -518,6 +626,7 @@ def benchmark_prompts(seed: int = DEV_SEED) -> list[dict]:
                 "split": e.split,
                 "expected": "none" if e.role == "control" else e.role,
                 "planted": planted,
+                "kind": e.role,
             }
         )
     for title, split, private in posters:
@@ -534,6 +643,24 @@ def benchmark_prompts(seed: int = DEV_SEED) -> list[dict]:
                 "expected": "MU",
                 "planted": "one image repeated under this caption"
                 + (", with a private mark no caption names" if private else ""),
+                "kind": "exact copy",
+            }
+        )
+    for title, split, kind in hard_posters(seed) if hard_cases else ():
+        expected, planted = HARD_KINDS[kind]
+        out.append(
+            {
+                "prompt_id": "poster-" + title.lower().replace(" ", "-"),
+                "prompt": poster_caption(title),
+                "entity": f"{title} poster",
+                "entity_class": "",
+                "explicit_elements": [],
+                "implicit_elements": [],
+                "split": split,
+                "expected": expected,
+                "planted": planted,
+                "kind": kind,
+                "requests_work": kind == "requested",
             }
         )
     return out
