@@ -216,16 +216,19 @@ def _presence_training(train: TrainConfig, presence: PresenceConfig) -> TrainCon
     )
 
 
-def prepare_presence(cfg: PlantedConfig, world_root: Path, models: Path) -> Path:
+def prepare_presence(cfg: PlantedConfig, models: Path) -> Path:
     """The directory whose clip/ the scan embeds with: the presence CLIP (drawn and trained once per
     world and config, or the committed one), or the generator's models when `cfg.presence` is None."""
     if cfg.presence is None:
         return models
     from raymem.planted.training import train_presence_clip
-    from raymem.planted.world import build_presence_corpus
+    from raymem.planted.world import build_presence_corpus, world_key
 
     train = _presence_training(cfg.train, cfg.presence)
-    name = f"presence-{_digest([world_root.name, asdict(cfg.presence), {**asdict(train), 'threads': 0}])}"
+    # the corpus draws the world's cast, never its training images: the world with the hard cases
+    # shares the presence CLIP of the world without them
+    world = f"world-{_digest(world_key(replace(cfg.world, hard_cases=False)))}"
+    name = f"presence-{_digest([world, asdict(cfg.presence), {**asdict(train), 'threads': 0}])}"
     root = _trained(cfg, name, COMMITTED_PRESENCE)
     if not (root / "training.json").exists():
         if not (root / "corpus" / "presence.json").exists():
@@ -548,7 +551,7 @@ def run_benchmark(cfg: PlantedConfig) -> dict:
     models = prepare_models(cfg, world_root)
     timings["models_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    presence = prepare_presence(cfg, world_root, models)
+    presence = prepare_presence(cfg, models)
     timings["presence_s"] = time.perf_counter() - t0
     with runtime.ray_session():
         t0 = time.perf_counter()
