@@ -17,7 +17,7 @@ from raymem.planted.benchmark import (
     targets_report,
 )
 from raymem.planted.training import TrainConfig
-from raymem.planted.world import HARD_KINDS, PresenceConfig, WorldConfig
+from raymem.planted.world import CURVE_COUNTS, HARD_KINDS, PresenceConfig, WorldConfig
 
 
 def test_evaluate_counts_precision_recall_and_confusion():
@@ -137,8 +137,9 @@ def test_reduced_benchmark_end_to_end(local_ray, tmp_path):
     results = Path(result["results_dir"])
     assert results == tmp_path / "results" / "world7-default-hard"  # one directory per world and setting
     images = pq.read_table(results / "images.parquet").to_pylist()
-    assert len(images) == (16 + 8) * 2  # 16 evaluation prompts and 8 hard cases x 2 seeds
-    assert set(result["summary"]["kinds"]) == {"ME", "MI", "control", "exact copy", *HARD_KINDS}
+    assert len(images) == (16 + 8 + 6) * 2  # 16 evaluation prompts, 8 hard posters, 6 curve entities x 2 seeds
+    curve = {f"ME {n} images" for n in CURVE_COUNTS}
+    assert set(result["summary"]["kinds"]) == {"ME", "MI", "control", "exact copy", *HARD_KINDS, *curve}
     assert sum(k["images"] for k in result["summary"]["kinds"].values()) == len(images)
     # the requested works reached the scan's prompt table as such
     from raymem.outputs import read_scan_table

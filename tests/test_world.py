@@ -148,18 +148,26 @@ def test_hard_cases_are_planted_as_their_ground_truth_says(tmp_path, seed):
     """Issue 12's hard cases: every kind in both splits, under names of their own; near-duplicates that
     are never the same bytes, captions that are never the prompt, templates that share everything but
     their centre, and requested works flagged in the prompt file -- and the world without them as it was."""
-    from raymem.planted.world import HARD_KINDS, hard_posters, retrieved_captions
+    from raymem.planted.world import CURVE_COUNTS, HARD_KINDS, curve_entities, hard_posters, retrieved_captions
 
     config = WorldConfig(**{**SMALL.__dict__, "seed": seed, "poster_copies": 8, "hard_cases": True})
     build_world(tmp_path / "hard", config)
     build_world(tmp_path / "plain", WorldConfig(**{**SMALL.__dict__, "seed": seed, "poster_copies": 8}))
     world, plain = rows(tmp_path / "hard"), rows(tmp_path / "plain")
-    hard = hard_posters(seed)
-    assert len(world) == len(plain) + len(hard) * 8
+    hard, curve = hard_posters(seed), curve_entities(seed)
+    assert len(world) == len(plain) + len(hard) * 8 + sum(n for _, n in curve)
     assert {(split, kind) for _, split, kind in hard} == {(s, k) for s in ("eval", "calib") for k in HARD_KINDS}
     entities, posters = cast(seed)
     cast_words = {w for name in [e.name for e in entities] + [t for t, _, _ in posters] for w in name.split()}
-    assert not cast_words & {w for title, _, _ in hard for w in title.split()}
+    hard_words = {w for title, _, _ in hard for w in title.split()}
+    assert not cast_words & hard_words
+    # the under-memorization curve: named entities drawn 5, 20 and 50 times, in both splits
+    assert sorted((e.split, n) for e, n in curve) == sorted(
+        (split, n) for split, k in (("eval", 2), ("calib", 1)) for _ in range(k) for n in CURVE_COUNTS
+    )
+    for e, n in curve:
+        assert not set(e.name.split()) & (cast_words | hard_words) and e.role == "ME" and len(e.colors) == 3
+        assert sum(1 for r in world if r["entities"] == [e.name]) == n
 
     def copies(title):
         found = [r for r in world if r["entities"] == [f"{title} poster"]]
@@ -199,6 +207,9 @@ def test_hard_cases_are_planted_as_their_ground_truth_says(tmp_path, seed):
         pid = "poster-" + title.lower().replace(" ", "-")
         assert truth[pid]["expected"] == HARD_KINDS[kind][0] and truth[pid]["kind"] == kind
         assert truth[pid]["split"] == split
+    for e, n in curve:
+        pid = e.name.lower().replace(" ", "-")
+        assert (truth[pid]["expected"], truth[pid]["kind"], truth[pid]["split"]) == ("ME", f"ME {n} images", e.split)
     assert {p["prompt_id"] for p in prompts if p.get("requests_work")} == {
         "poster-" + t.lower().replace(" ", "-") for t, _, k in hard if k == "requested"
     }

@@ -250,14 +250,15 @@ def index_world(world_root: Path, models: Path, out: Path) -> None:
     """`raymem index` over the world's training table with `models`/clip (skipped when done)."""
     from raymem.config import IndexConfig
     from raymem.index import run_index
-    from raymem.planted.world import cast, hard_posters
+    from raymem.planted.world import cast, curve_entities, hard_posters
 
     if (out / "_index.json").exists():
         return
     world = json.loads((world_root / "world.json").read_text())["config"]
     cast_entities, posters = cast(world["seed"])
     hard = hard_posters(world["seed"]) if world.get("hard_cases") else ()
-    entities = [e.name for e in cast_entities] + [f"{title} poster" for title, _, _ in (*posters, *hard)]
+    curve = [e for e, _ in curve_entities(world["seed"])] if world.get("hard_cases") else []
+    entities = [e.name for e in (*cast_entities, *curve)] + [f"{title} poster" for title, _, _ in (*posters, *hard)]
     run_index(
         IndexConfig.model_validate(
             {

@@ -149,6 +149,35 @@ def hard_posters(seed: int) -> tuple[HardPoster, ...]:
     return tuple((f"{words[2 * i]} {words[2 * i + 1]}", split, kind) for i, (split, kind) in enumerate(slots))
 
 
+# The under-memorization curve: named entities drawn only this many times (the ME entities above get
+# `per_entity`); each count per split as HARD_PER_SPLIT, expected ME -- how often it is rendered is the curve.
+CURVE_COUNTS = (5, 20, 50)
+
+
+def curve_entities(seed: int) -> tuple[tuple[Entity, int], ...]:
+    """The curve's entities of the world of `seed` with their number of training images: invented
+    names apart from the cast's and the hard posters', a class and colours of their own, no elements."""
+    entities, posters = cast(seed)
+    names = [e.name for e in entities] + [t for t, _, _ in (*posters, *hard_posters(seed))]
+    taken = {w for name in names for w in name.split()}
+    rng = random.Random(f"curve-{seed}")
+    slots = [(split, n) for split, count in HARD_PER_SPLIT.items() for _ in range(count) for n in CURVE_COUNTS]
+    words = [w for w in _invented_words(rng, 2 * len(slots) + len(taken)) if w not in taken][: 2 * len(slots)]
+    return tuple(
+        (
+            Entity(
+                f"{words[2 * i]} {words[2 * i + 1]}",
+                rng.choice(CLASSES),
+                tuple(_distinct_color(rng, j) for j in range(3)),
+                "ME",
+                split,
+            ),
+            n,
+        )
+        for i, (split, n) in enumerate(slots)
+    )
+
+
 def retrieved_captions(title: str) -> tuple[str, ...]:
     """Captions of a retrieved copy: the poster under other words, never `poster_caption(title)`."""
     return (f"{title} poster print", f"a print of the {title} poster", f"{title} poster on a wall")
@@ -455,6 +484,13 @@ def build_world(root: Path, cfg: WorldConfig = WorldConfig()) -> dict:
             slug = title.lower().replace(" ", "-")
             save(poster, WorldRow(f"poster-{slug}-{c:02d}", poster_caption(title), [f"{title} poster"], "MU"))
     if cfg.hard_cases:
+        crng = np.random.default_rng([cfg.seed, 2000])  # the curve's own stream, apart from the world's
+        for e, count in curve_entities(cfg.seed):
+            slug = e.name.lower().replace(" ", "-")
+            for i in range(count):
+                scene = scenes[int(crng.integers(len(scenes)))]
+                img = draw(crng, e.cls, e.colors, scene)
+                save(img, WorldRow(f"{slug}-{i:03d}", entity_caption(e, scene, None), [e.name], e.role))
         for n, (title, _, kind) in enumerate(hard_posters(cfg.seed)):
             prng = np.random.default_rng([cfg.seed, 1000 + n])  # a stream per poster, apart from the world's
             slug, tags = title.lower().replace(" ", "-"), [f"{title} poster"]
@@ -644,6 +680,21 @@ def benchmark_prompts(seed: int = DEV_SEED, hard_cases: bool = False) -> list[di
                 "planted": "one image repeated under this caption"
                 + (", with a private mark no caption names" if private else ""),
                 "kind": "exact copy",
+            }
+        )
+    for e, count in curve_entities(seed) if hard_cases else ():
+        out.append(
+            {
+                "prompt_id": e.name.lower().replace(" ", "-"),
+                "prompt": entity_caption(e, "in a meadow", None),
+                "entity": e.name,
+                "entity_class": f"a {e.cls}",
+                "explicit_elements": [],
+                "implicit_elements": [],
+                "split": e.split,
+                "expected": "ME",
+                "planted": f"{e.name} drawn {e.cls}-like with its own colours, in only {count} training images",
+                "kind": f"ME {count} images",
             }
         )
     for title, split, kind in hard_posters(seed) if hard_cases else ():
