@@ -666,22 +666,9 @@ def benchmark_prompts(seed: int = DEV_SEED, hard_cases: bool = False) -> list[di
             }
         )
     for title, split, private in posters:
-        slug = "poster-" + title.lower().replace(" ", "-")
-        out.append(
-            {
-                "prompt_id": slug,
-                "prompt": poster_caption(title),
-                "entity": f"{title} poster",
-                "entity_class": "",
-                "explicit_elements": [],
-                "implicit_elements": [],
-                "split": split,
-                "expected": "MU",
-                "planted": "one image repeated under this caption"
-                + (", with a private mark no caption names" if private else ""),
-                "kind": "exact copy",
-            }
-        )
+        mark = ", with a private mark no caption names" if private else ""
+        planted = "one image repeated under this caption" + mark
+        out.append(_poster_prompt(title, split, "MU", planted, "exact copy"))
     for e, count in curve_entities(seed) if hard_cases else ():
         out.append(
             {
@@ -698,20 +685,21 @@ def benchmark_prompts(seed: int = DEV_SEED, hard_cases: bool = False) -> list[di
             }
         )
     for title, split, kind in hard_posters(seed) if hard_cases else ():
-        expected, planted = HARD_KINDS[kind]
-        out.append(
-            {
-                "prompt_id": "poster-" + title.lower().replace(" ", "-"),
-                "prompt": poster_caption(title),
-                "entity": f"{title} poster",
-                "entity_class": "",
-                "explicit_elements": [],
-                "implicit_elements": [],
-                "split": split,
-                "expected": expected,
-                "planted": planted,
-                "kind": kind,
-                "requests_work": kind == "requested",
-            }
-        )
+        out.append(_poster_prompt(title, split, *HARD_KINDS[kind], kind, requests_work=kind == "requested"))
     return out
+
+
+def _poster_prompt(title: str, split: str, expected: str, planted: str, kind: str, requests_work: bool = False) -> dict:
+    """A poster's benchmark prompt (`benchmark_prompts`): the poster's caption, the poster as its entity."""
+    return {
+        "prompt_id": "poster-" + title.lower().replace(" ", "-"),
+        "prompt": poster_caption(title),
+        "entity": f"{title} poster",
+        "entity_class": "",
+        "explicit_elements": [],
+        "implicit_elements": [],
+        "split": split,
+        "expected": expected,
+        "planted": planted,
+        "kind": kind,
+    } | ({"requests_work": True} if requests_work else {})
