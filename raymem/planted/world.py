@@ -138,15 +138,20 @@ HARD_PER_SPLIT = {"eval": 2, "calib": 1}
 HardPoster = tuple[str, str, str]  # title, split, kind
 
 
+def _names_apart(rng: random.Random, count: int, taken_names: list[str]) -> list[str]:
+    """`count` two-word invented names sharing no word with `taken_names`."""
+    taken = {w for name in taken_names for w in name.split()}
+    words = [w for w in _invented_words(rng, 2 * count + len(taken)) if w not in taken][: 2 * count]
+    return [f"{words[2 * i]} {words[2 * i + 1]}" for i in range(count)]
+
+
 def hard_posters(seed: int) -> tuple[HardPoster, ...]:
     """The hard-case posters of the world of `seed`: names apart from the cast's."""
     entities, posters = cast(seed)
-    taken = {w for name in [e.name for e in entities] + [t for t, _, _ in posters] for w in name.split()}
-    rng = random.Random(f"hard-{seed}")
-    n = len(HARD_KINDS) * sum(HARD_PER_SPLIT.values())
-    words = [w for w in _invented_words(rng, 2 * n + len(taken)) if w not in taken][: 2 * n]
     slots = [(split, kind) for split, count in HARD_PER_SPLIT.items() for _ in range(count) for kind in HARD_KINDS]
-    return tuple((f"{words[2 * i]} {words[2 * i + 1]}", split, kind) for i, (split, kind) in enumerate(slots))
+    taken = [e.name for e in entities] + [t for t, _, _ in posters]
+    names = _names_apart(random.Random(f"hard-{seed}"), len(slots), taken)
+    return tuple((name, split, kind) for name, (split, kind) in zip(names, slots))
 
 
 # The under-memorization curve: named entities drawn only this many times (the ME entities above get
@@ -158,23 +163,13 @@ def curve_entities(seed: int) -> tuple[tuple[Entity, int], ...]:
     """The curve's entities of the world of `seed` with their number of training images: invented
     names apart from the cast's and the hard posters', a class and colours of their own, no elements."""
     entities, posters = cast(seed)
-    names = [e.name for e in entities] + [t for t, _, _ in (*posters, *hard_posters(seed))]
-    taken = {w for name in names for w in name.split()}
     rng = random.Random(f"curve-{seed}")
     slots = [(split, n) for split, count in HARD_PER_SPLIT.items() for _ in range(count) for n in CURVE_COUNTS]
-    words = [w for w in _invented_words(rng, 2 * len(slots) + len(taken)) if w not in taken][: 2 * len(slots)]
+    taken = [e.name for e in entities] + [t for t, _, _ in (*posters, *hard_posters(seed))]
+    names = _names_apart(rng, len(slots), taken)
     return tuple(
-        (
-            Entity(
-                f"{words[2 * i]} {words[2 * i + 1]}",
-                rng.choice(CLASSES),
-                tuple(_distinct_color(rng, j) for j in range(3)),
-                "ME",
-                split,
-            ),
-            n,
-        )
-        for i, (split, n) in enumerate(slots)
+        (Entity(name, rng.choice(CLASSES), tuple(_distinct_color(rng, j) for j in range(3)), "ME", split), n)
+        for name, (split, n) in zip(names, slots)
     )
 
 
@@ -421,7 +416,7 @@ def vary(img: Image.Image, copy: int, rng: np.random.Generator) -> Image.Image:
         x, y = step % room, (step // room + step) % room
         return img.crop((x, y, x + side, y + side)).resize((SIZE, SIZE), Image.LANCZOS)
     shift = rng.integers(-30, 31, 3)
-    shift[copy // len(VARIATIONS) % 3] = 12 + step  # never all zero
+    shift[step % 3] = 12 + step  # never all zero
     return Image.fromarray(np.clip(np.asarray(img).astype(int) + shift, 0, 255).astype(np.uint8))
 
 
