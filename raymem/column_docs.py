@@ -145,8 +145,12 @@ TABLES: dict[str, tuple[str, dict[str, str]]] = {
         },
     ),
     "pixel_checks": (
-        "one row per copy candidate compared pixel by pixel (Carlini's tiled l2)",
+        "one row per copy candidate compared pixel by pixel (Carlini's tiled l2), and per sampled training "
+        "image compared with its nearest other training image (the pixel background)",
         {
+            "query_set": "units: a scan image; background: a sampled training image against its nearest other "
+            "training image in the copy space",
+            "unit_id": "the scan image, or for the background the sampled training image's train_id",
             "tile_l2": "l2 distance of every tile (null when the training image could not be read)",
             "error": "why the training image could not be read, else null",
         },
@@ -194,6 +198,9 @@ TABLES: dict[str, tuple[str, dict[str, str]]] = {
             "region_train_id": "the training image a region was copied from (most copied tiles), when one was",
             "region_tiles": "the copied tiles, row-major on the region grid (region_checks has every tile)",
             "region_l2": "the largest l2 among the copied tiles",
+            "pixel_background_p5": "5th percentile of the tiled pixel l2 between sampled training images and their "
+            "nearest other training image; a pixel confirmation must come closer (null: no pixel check or no "
+            "readable background)",
             "region_background_p99": "99th percentile of the copied tiles a sampled training image shares with its "
             "nearest other training images; a region copy must exceed it",
             "region_breadth": "distinct regions of the compared training images that would each be a region "

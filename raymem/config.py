@@ -259,6 +259,14 @@ class SignalsConfig(_Strict):
     mined_per_entity: int = Field(5, ge=0, le=50, description="mined elements kept per entity and kind")
     pixel_size: int = Field(256, ge=16, le=2048, description="side images are resized to for tiled l2")
     pixel_tiles: int = Field(4, ge=1, le=32, description="tiles per side for tiled l2")
+    pixel_background: int = Field(
+        200,
+        ge=0,
+        le=10_000,
+        description="sampled training images compared pixel by pixel with their nearest other training "
+        "image (copy space), read only when some scan image is pixel-checked: a pixel confirmation must "
+        "come closer than their 5th percentile; 0 disables the background (every confirmation counts)",
+    )
     region_neighbours: int = Field(
         0,
         ge=0,

@@ -3,9 +3,10 @@
 Primary label by precedence MU > MI > ME > none (docs/labeler.md has the sources of every rule):
 
   MU  (a) replication: top-1 copy-detection (SSCD) similarity R >= `replication`, R above the
-          train-train background p95, and at most `eidetic_k` training images above `replication`
-          (one image was copied, not a common look). Subtype: `verbatim` when R >= `verbatim` or the
-          tiled pixel l2 to that image is <= `pixel_l2`; `template` when only part of the tiles match
+          train-train background p95 or the copy confirmed pixel by pixel (tiled l2 <= `pixel_l2` and
+          below the pixel background p5: raymem.pixels), and at most `eidetic_k` training images above
+          `replication` (one image was copied, not a common look). Subtype: `verbatim` when R >=
+          `verbatim` or the copy is pixel-confirmed; `template` when only part of the tiles match
           (Webster's TV); else `partial`. Webster's MV/RV: the copied image's caption is / is not the
           prompt. A copy of the very work the prompt asks for (`requests_work`, and the copied image
           is tagged with the entity or captioned with the prompt) is what the user expected: ME,
@@ -47,6 +48,7 @@ from raymem.config import ThresholdsConfig
 from raymem.duplicates import groups
 from raymem.label_inputs import Background, EntityStats, LabelInputs, PromptContext
 from raymem.pixels import PixelEvidence
+from raymem.pixels import background_p5 as pixel_background_p5
 from raymem.probes import LOGIT_SCALE, sigmoid, two_way_logit
 from raymem.regions import RegionMatch, background_p99, neighbours_to_compare, region_match
 from raymem.schema import ROLE_NULL, ROLE_SCAN, STATUS_OK
@@ -155,10 +157,15 @@ def label_units(inputs: LabelInputs, thresholds: ThresholdsConfig) -> list[dict]
         by_prompt[g.get("parent_prompt_id") or g["prompt_id"]].append(i)
     # what distinct training images share region by region: once per decision, not per prompt
     region_bg = background_p99(inputs.region_background, thresholds.region_l2, thresholds.region_texture)
+    pixel_bg = pixel_background_p5(inputs.pixel_background)
     out = []
     for prompt_id, rows in by_prompt.items():
-        out += _label_prompt(inputs.contexts[prompt_id], rows, inputs, thresholds, region_bg)
+        out += _label_prompt(inputs.contexts[prompt_id], rows, inputs, thresholds, region_bg, pixel_bg)
     return out
+
+
+def _pixel_bg_text(pixel_bg: float | None) -> str:
+    return "; no pixel background" if pixel_bg is None else f"; pixel background p5 {_fmt(pixel_bg)}"
 
 
 def copy_thresholds(space: str, t: ThresholdsConfig) -> tuple[float | None, float | None, float | None]:
@@ -203,7 +210,12 @@ def region_check_pairs(inputs: LabelInputs, neighbours: int) -> dict[str, tuple[
 
 
 def _label_prompt(
-    ctx: PromptContext, indices: list[int], inputs: LabelInputs, t: ThresholdsConfig, region_bg: float | None = None
+    ctx: PromptContext,
+    indices: list[int],
+    inputs: LabelInputs,
+    t: ThresholdsConfig,
+    region_bg: float | None = None,
+    pixel_bg: float | None = None,
 ) -> list[dict]:
     gens = inputs.generations
     texts, neighbors, background, pixels = inputs.texts, inputs.neighbors, inputs.background, inputs.pixels
@@ -293,7 +305,18 @@ def _label_prompt(
             {n["train_id"]: n for sp in neighbors.get(r["unit_id"], {}).values() for n in sp} if regions else None
         )
         decision = _decide(
-            ctx, r, nbrs, copy, evidence[i], member_of[i], pixels.get(r["unit_id"]), t, regions, rows_by_id, region_bg
+            ctx,
+            r,
+            nbrs,
+            copy,
+            evidence[i],
+            member_of[i],
+            pixels.get(r["unit_id"]),
+            t,
+            regions,
+            rows_by_id,
+            region_bg,
+            pixel_bg,
         )
         out.append({**base, **decision})
     return out
@@ -444,6 +467,7 @@ def _decide(
     regions: RegionMatch | None = None,
     rows_by_id=None,
     region_bg: float | None = None,
+    pixel_bg: float | None = None,
 ) -> dict:
     flags: list[str] = []
     reasons: list[str] = []
@@ -465,7 +489,9 @@ def _decide(
     k_above, duplication, grouped = groups(nbrs, replication, link) if replication is not None else (None, None, True)
     pixel_max = pixel.max_l2 if pixel and top and pixel.train_id == top["train_id"] else None
     tile_share = pixel.share_within(t.pixel_l2) if pixel_max is not None else None
-    pixel_copy = pixel_max is not None and pixel_max <= t.pixel_l2
+    pixel_close = pixel_max is not None and pixel_max <= t.pixel_l2
+    # ... and closer than distinct training images come to each other (smooth scenes pass pixel_l2 alone)
+    pixel_copy = pixel_close and (pixel_bg is None or pixel_max < pixel_bg)
     # Above the background -- or confirmed pixel by pixel (Carlini's test), which no generic look passes.
     distinct = bg_p95 is None or R is None or R > bg_p95 or pixel_copy
     passes = R is not None and replication is not None and R >= replication
@@ -505,7 +531,8 @@ def _decide(
             bg_text = f", {above} the train-train background p95 {_fmt(bg_p95)}"
         pix = ""
         if pixel_max is not None:
-            pix = f"; tiled pixel l2 {_fmt(pixel_max)} ({tile_share:.0%} of tiles <= {t.pixel_l2})"
+            within = f"{tile_share:.0%} of tiles <= {t.pixel_l2}{_pixel_bg_text(pixel_bg)}"
+            pix = f"; tiled pixel l2 {_fmt(pixel_max)} ({within})"
         elif pixel is not None and pixel.error:
             pix = "; pixel check unavailable (training image unreadable)"
         name = "replication" if copy.space == "sscd" else "clip_replication"
@@ -519,6 +546,12 @@ def _decide(
             f"{k_above} distinct training images above the threshold (> {t.eidetic_k}: a common look, not one image)"
             if k_above > t.eidetic_k
             else f"not above the background p95 {_fmt(bg_p95)}"
+            + (
+                f", and its tiled pixel l2 {_fmt(pixel_max)} is not below the pixel background p5 {_fmt(pixel_bg)}"
+                " (distinct training images come as close)"
+                if pixel_close
+                else ""
+            )
         )
         reasons.append(f"no replication: {space} top-1 {_fmt(R)} but {why}")
     elif R is not None and replication is not None:
@@ -707,6 +740,7 @@ def _decide(
         "region_tiles": region["tiles"] if region else None,
         "region_l2": region["l2"] if region else None,
         "region_background_p99": region_bg,
+        "pixel_background_p5": pixel_bg if pixel_max is not None else None,
         "region_breadth": regions.breadth if regions is not None and not replicated else None,
         "cluster_member": cluster_member,
         "entity_presence": (ent_logit / LOGIT_SCALE if _has_reference(ctx) else sigmoid(ent_logit))

@@ -83,6 +83,9 @@ class LabelInputs:
     # same for sampled training images against their own neighbours (train_id -> comparisons).
     regions: dict[str, list[RegionEvidence]] = field(default_factory=dict)
     region_background: dict[str, list[RegionEvidence]] = field(default_factory=dict)
+    # Sampled training images against their nearest other training image, pixel by pixel (train_id ->
+    # evidence): what a pixel confirmation must beat.
+    pixel_background: dict[str, PixelEvidence] = field(default_factory=dict)
 
     @property
     def copy_space(self) -> str:
@@ -114,6 +117,7 @@ class LabelInputs:
             self.two_stage,
             self.regions,
             self.region_background,
+            self.pixel_background,
         )
 
     def scored_scan_units(self) -> list[str]:
@@ -145,6 +149,7 @@ class LabelInputs:
             two_stage=bool(tables["candidates"].num_rows),
             regions=region_evidence(tables.get("region_checks")),
             region_background=region_evidence(tables.get("region_checks"), "background"),
+            pixel_background=pixel_evidence(tables["pixel_checks"], "background"),
         )
 
     @classmethod
@@ -197,13 +202,16 @@ class LabelInputs:
         )
 
 
-def pixel_evidence(pixel_checks: pa.Table) -> dict[str, PixelEvidence]:
-    """{unit_id: tiled pixel l2 to its copy candidate} from the `pixel_checks` table."""
+def pixel_evidence(pixel_checks: pa.Table, query_set: str = "units") -> dict[str, PixelEvidence]:
+    """{unit_id: tiled pixel l2 to its copy candidate} from the `pixel_checks` table (query_set
+    "background": {sampled train_id: to its nearest other training image}). Scans published before
+    the pixel background have no query_set: every row is a scan image."""
     return {
         r["unit_id"]: PixelEvidence(
             r["train_id"], tuple(r["tile_l2"]) if r["tile_l2"] is not None else None, r["error"]
         )
         for r in pixel_checks.to_pylist()
+        if r.get("query_set", "units") == query_set
     }
 
 

@@ -250,9 +250,19 @@ def _run(cfg: ScanConfig, outputs: ScanOutputs, prompts, training, timer, rerun_
     with timer("pixel_confirmation"):
         pairs = pixel_check_pairs(inputs, cfg.thresholds)
         limits = FetchLimits.of(cfg.embedding.copy_detection.candidates)
-        pixels = confirm_pairs(pairs, cfg.signals.pixel_size, cfg.signals.pixel_tiles, limits=limits) if pairs else {}
-        tables["pixel_checks"] = pixel_checks_table(scan_id, pixels)
-        inputs = replace(inputs, pixels=pixel_evidence(tables["pixel_checks"]))
+        # the background is read only when some image needs it: what sampled training images reach
+        background = _pixel_background_pairs(cfg, joined, inputs.copy_space) if pairs else {}
+        pixels, pixel_bg = (
+            confirm_pairs(pairs, cfg.signals.pixel_size, cfg.signals.pixel_tiles, limits=limits, background=background)
+            if pairs
+            else ({}, {})
+        )
+        tables["pixel_checks"] = pixel_checks_table(scan_id, pixels, pixel_bg)
+        inputs = replace(
+            inputs,
+            pixels=pixel_evidence(tables["pixel_checks"]),
+            pixel_background=pixel_evidence(tables["pixel_checks"], "background"),
+        )
     with timer("region_checks"):
         # Scan images, and sampled training images against their own nearest training images (what
         # distinct training images share), in one pass: each training image is fetched once.
@@ -416,6 +426,7 @@ def _join(cfg: ScanConfig, training: TrainingTable, ok: pa.Table, cluster, copy_
     sample = 0 if stored else BACKGROUND_SAMPLE
     if cfg.signals.region_neighbours:  # region copies are measured against sampled training images too
         sample = max(sample, cfg.signals.region_background)
+    sample = max(sample, cfg.signals.pixel_background)  # and pixel confirmations (read only when needed)
     if two_stage and "sscd" not in stored:  # the SSCD background comes from the sample's own candidates
         sample = max(sample, cfg.embedding.copy_detection.candidates.background_sample)
     bg = background_sample(training, sample, list(training.dims)) if sample else None
@@ -461,6 +472,22 @@ def _region_background_pairs(cfg: ScanConfig, joined: _Joined) -> dict[str, tupl
         if compare:
             pairs[train_id] = (uri, compare)
     return pairs
+
+
+def _pixel_background_pairs(cfg: ScanConfig, joined: _Joined, copy_space: str) -> dict[str, tuple[str, str, str]]:
+    """The first `signals.pixel_background` sampled training images and their nearest other training
+    image in the copy space (CLIP when the table has no SSCD embeddings), as scan images are paired
+    with theirs: {train_id: (its image uri, nearest train_id, nearest image uri)}."""
+    bg, n = joined.background_queries, cfg.signals.pixel_background
+    space = copy_space if copy_space in joined.background_topk else "clip"
+    if bg is None or not n or not bg.image_uris or space not in joined.background_topk:
+        return {}
+    rows = joined.background_topk[space].rows
+    return {
+        train_id: (uri, rows[i][0]["train_id"], rows[i][0].get("image_uri"))
+        for i, (train_id, uri) in enumerate(zip(bg.ids[:n], bg.image_uris[:n]))
+        if uri and rows[i]
+    }
 
 
 def _pair_scores(cfg: ScanConfig, training: TrainingTable, neighbors: dict, copy_mode: str) -> None:

@@ -5,6 +5,12 @@ tile's distance is sqrt(mean((a - b)^2)). Carlini et al. call a generation extra
 tile distance is <= 0.15 (on 512 px images, 16 tiles of 128 px): taking the maximum means images that
 only share a global colour or background do not match. The share of tiles within the threshold tells a
 template copy (Webster's TV: same image except fixed regions) from a full one.
+
+Small images of smooth scenes pass the threshold without being copies (two snowy scenes are within
+0.15 everywhere), so a pixel confirmation also has a background, as the copy scores do: sampled
+training images against their nearest other training image in the copy space (exact duplicates
+excluded), and a confirmation must come closer than their 5th percentile (`background_p5`) -- the
+mirror of "above the train-train p95" for a distance.
 """
 
 from __future__ import annotations
@@ -61,12 +67,22 @@ def tile_distances(a: np.ndarray, b: np.ndarray, tiles: int) -> np.ndarray:
 
 
 def compare(
-    generated_uri: str, train_id: str, train_uri: str | None, size: int, tiles: int, fetcher: Fetcher | None = None
+    generated_uri: str,
+    train_id: str,
+    train_uri: str | None,
+    size: int,
+    tiles: int,
+    fetcher: Fetcher | None = None,
+    query_is_training: bool = False,
 ) -> PixelEvidence:
+    """Tiled l2 of a scan image (read directly) -- or, for the background, a training image (fetched
+    with the same limits as the other) -- against a training image."""
     if not train_uri:
         return PixelEvidence(train_id, None, "the training row has no image_uri")
+    fetcher = fetcher or Fetcher()
     try:
-        a, b = load_rgb(generated_uri, size), load_rgb(train_uri, size, fetcher or Fetcher())
+        a = load_rgb(generated_uri, size, fetcher if query_is_training else None)
+        b = load_rgb(train_uri, size, fetcher)
     except Exception as err:  # noqa: BLE001 - an unreachable image is evidence missing, not a failed scan
         return PixelEvidence(train_id, None, f"{type(err).__name__}: {err}"[:300])
     return PixelEvidence(train_id, tuple(float(x) for x in tile_distances(a, b, tiles)))
@@ -78,24 +94,45 @@ def confirm_pairs(
     tiles: int,
     threads: int = 8,
     limits: FetchLimits | None = None,
-) -> dict[str, PixelEvidence]:
-    """{unit_id: (generated image uri, train_id, training image uri)} -> {unit_id: evidence}."""
+    background: dict[str, tuple[str, str, str | None]] | None = None,
+) -> tuple[dict[str, PixelEvidence], dict[str, PixelEvidence]]:
+    """{unit_id: (generated image uri, train_id, training image uri)} -> {unit_id: evidence}, and the
+    same for the `background` pairs ({sampled train_id: (its image uri, nearest train_id, uri)})."""
     fetcher = Fetcher(limits or FetchLimits(), threads=threads)
+    jobs = [("units", pairs), ("background", background or {})]
     with ThreadPoolExecutor(max_workers=threads) as pool:
-        futures = {uid: pool.submit(compare, g, t, u, size, tiles, fetcher) for uid, (g, t, u) in pairs.items()}
-        return {uid: f.result() for uid, f in futures.items()}
+        futures = {
+            (qs, key): pool.submit(compare, a, t, b, size, tiles, fetcher, qs == "background")
+            for qs, chosen in jobs
+            for key, (a, t, b) in chosen.items()
+        }
+        found = {key: f.result() for key, f in futures.items()}
+    return tuple({k: ev for (qs, k), ev in found.items() if qs == name} for name, _ in jobs)
 
 
-def pixel_checks_table(scan_id: str, pixels: dict[str, PixelEvidence]) -> pa.Table:
-    """The published `pixel_checks` table: every pixel comparison the scan made, readable or not."""
+def background_p5(background: dict[str, PixelEvidence]) -> float | None:
+    """5th percentile of the largest tile l2 between sampled training images and their nearest other
+    training image: how close distinct training images already come pixel by pixel. None without a
+    readable one."""
+    values = [ev.max_l2 for ev in background.values() if ev.max_l2 is not None]
+    return float(np.percentile(values, 5)) if values else None
+
+
+def pixel_checks_table(
+    scan_id: str, pixels: dict[str, PixelEvidence], background: dict[str, PixelEvidence] | None = None
+) -> pa.Table:
+    """The published `pixel_checks` table: every pixel comparison the scan made, readable or not --
+    scan images against their copy candidate, and the background sample against its nearest image."""
     rows = [
         {
             "scan_id": scan_id,
+            "query_set": query_set,
             "unit_id": uid,
             "train_id": ev.train_id,
             "tile_l2": list(ev.tile_l2) if ev.tile_l2 is not None else None,
             "error": ev.error,
         }
-        for uid, ev in pixels.items()
+        for query_set, evidence in (("units", pixels), ("background", background or {}))
+        for uid, ev in evidence.items()
     ]
     return pa.Table.from_pylist(rows, schema=PIXEL_CHECKS)

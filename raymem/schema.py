@@ -215,7 +215,8 @@ BACKGROUND = pa.schema(
 PIXEL_CHECKS = pa.schema(
     [
         ("scan_id", pa.string()),
-        ("unit_id", pa.string()),
+        ("query_set", pa.string()),  # units: a scan image | background: a sampled training image
+        ("unit_id", pa.string()),  # the scan image, or the sampled training image's train_id
         ("train_id", pa.string()),
         ("tile_l2", pa.list_(pa.float32())),  # null when the training image could not be read
         ("error", pa.string()),
@@ -319,6 +320,7 @@ LABELS_TABLE = pa.schema(
         ("region_tiles", pa.list_(pa.int16())),  # the copied tiles, row-major on the region grid
         ("region_l2", pa.float32()),  # the largest l2 among the copied tiles
         ("region_background_p99", pa.float32()),  # copied tiles distinct training images reach (p99)
+        ("pixel_background_p5", pa.float32()),  # tiled pixel l2 distinct training images reach (p5)
         ("region_breadth", pa.int16()),  # distinct training regions matching as much as the best (1: one image's)
         ("consistency", pa.float32()),
         ("cluster_member", pa.bool_()),

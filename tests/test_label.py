@@ -96,8 +96,9 @@ def nbrs(*scores, caption="something else"):
     return {"sscd": [{"train_id": f"t{i}", "score": s, "caption": caption} for i, s in enumerate(scores)]}
 
 
-def run(ctx, rows, neighbors, pixels=None, t=T, background=BG):
+def run(ctx, rows, neighbors, pixels=None, t=T, background=BG, pixel_background=None):
     inputs = LabelInputs.from_rows(rows, {"p": ctx}, text_vectors(ctx), neighbors, background, pixels)
+    inputs.pixel_background = pixel_background or {}
     out = label_units(inputs, t)
     return {r["unit_id"]: r for r in out}
 
@@ -403,6 +404,27 @@ def test_pixel_confirmed_copy_is_MU_even_below_a_high_background():
     assert out["a"]["label"] == "MU" and out["a"]["subtype"] == "verbatim"
     assert "not above the train-train background p95 0.920" in out["a"]["reasons"]
     assert out["b"]["label"] == "ME" and "not above the background p95 0.920" in out["b"]["reasons"]
+
+
+def test_a_pixel_match_distinct_training_images_also_reach_is_not_a_copy():
+    """Smooth scenes are within pixel_l2 of each other everywhere: a pixel confirmation must come closer
+    than distinct training images come to their nearest one (5th percentile of the background)."""
+    ctx = context(explicit=())
+    rows = [gen("a", 0, image(ctx)), gen("b", 1, image(ctx))] + nulls(ctx)
+    high = {"sscd": Background("sscd", p95=0.92, n=500)}
+    pixels = {"a": PixelEvidence("t0", (0.04,) * 16), "b": PixelEvidence("t0", (0.12,) * 16)}
+    # 100 sampled training images: 10 come within 0.10 of their nearest one, the rest 0.30 -> p5 0.10
+    bg = {f"s{i}": PixelEvidence(f"n{i}", (0.10 if i < 10 else 0.30,) * 16) for i in range(100)}
+    out = run(ctx, rows, {"a": nbrs(0.88), "b": nbrs(0.88)}, pixels, background=high, pixel_background=bg)
+    assert out["a"]["label"] == "MU" and out["a"]["subtype"] == "verbatim"
+    assert out["a"]["pixel_background_p5"] == pytest.approx(0.10)
+    assert "pixel background p5 0.100" in out["a"]["reasons"]
+    assert out["b"]["label"] == "ME" and out["b"]["pixel_l2"] == pytest.approx(0.12)
+    assert "is not below the pixel background p5 0.100 (distinct training images come as close)" in out["b"]["reasons"]
+    # without a background (none sampled, or unreadable) the pixel test stands alone, and says so
+    alone = run(ctx, rows, {"a": nbrs(0.88), "b": nbrs(0.88)}, pixels, background=high)
+    assert alone["b"]["label"] == "MU" and "no pixel background" in alone["b"]["reasons"]
+    assert alone["b"]["pixel_background_p5"] is None
 
 
 # -- where the copy scores come from -------------------------------------------------------------------

@@ -136,6 +136,12 @@ def test_planted_copy_is_found_and_labelled_MU(first_scan):
     # training table): the planted image is 1.0 to itself, and the labeler grouped them
     assert top[0]["pair_scores"][0] == pytest.approx(1.0, abs=1e-4)
     assert planted["eidetic_k"] >= 1 and planted["duplication"] >= 1 and "time(s) among" in planted["reasons"]
+    # the pixel confirmation was measured against sampled training images and their nearest other one
+    checks = read(Path(cfg.output.uri), "pixel_checks").to_pylist()
+    background = [c for c in checks if c["query_set"] == "background"]
+    assert background and all(c["unit_id"] != c["train_id"] for c in background)
+    assert {c["unit_id"] for c in checks if c["query_set"] == "units"} >= {planted["unit_id"]}
+    assert planted["pixel_background_p5"] > planted["pixel_l2"] and "pixel background p5" in planted["reasons"]
 
 
 def test_outputs_are_hive_partitioned_and_read_by_duckdb(first_scan):
