@@ -151,6 +151,8 @@ TABLES: dict[str, tuple[str, dict[str, str]]] = {
             "query_set": "units: a scan image; background: a sampled training image against its nearest other "
             "training image in the copy space",
             "unit_id": "the scan image, or for the background the sampled training image's train_id",
+            "score": "the pair's copy-space cosine (background pairs at or above the near-duplicate link are one "
+            "image and left out of the pixel background)",
             "tile_l2": "l2 distance of every tile (null when the training image could not be read)",
             "error": "why the training image could not be read, else null",
         },
@@ -199,8 +201,8 @@ TABLES: dict[str, tuple[str, dict[str, str]]] = {
             "region_tiles": "the copied tiles, row-major on the region grid (region_checks has every tile)",
             "region_l2": "the largest l2 among the copied tiles",
             "pixel_background_p5": "5th percentile of the tiled pixel l2 between sampled training images and their "
-            "nearest other training image; a pixel confirmation must come closer (null: no pixel check or no "
-            "readable background)",
+            "nearest other training image (near-duplicate pairs left out); a pixel confirmation must come "
+            "closer (null: no pixel check or no readable background)",
             "region_background_p99": "99th percentile of the copied tiles a sampled training image shares with its "
             "nearest other training images; a region copy must exceed it",
             "region_breadth": "distinct regions of the compared training images that would each be a region "

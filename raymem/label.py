@@ -47,7 +47,7 @@ import numpy as np
 from raymem.config import ThresholdsConfig
 from raymem.duplicates import groups
 from raymem.label_inputs import Background, EntityStats, LabelInputs, PromptContext
-from raymem.pixels import PixelEvidence
+from raymem.pixels import PixelEvidence, PixelPair
 from raymem.pixels import background_p5 as pixel_background_p5
 from raymem.probes import LOGIT_SCALE, sigmoid, two_way_logit
 from raymem.regions import RegionMatch, background_p99, neighbours_to_compare, region_match
@@ -157,7 +157,11 @@ def label_units(inputs: LabelInputs, thresholds: ThresholdsConfig) -> list[dict]
         by_prompt[g.get("parent_prompt_id") or g["prompt_id"]].append(i)
     # what distinct training images share region by region: once per decision, not per prompt
     region_bg = background_p99(inputs.region_background, thresholds.region_l2, thresholds.region_texture)
-    pixel_bg = pixel_background_p5(inputs.pixel_background)
+    space = inputs.copy_space
+    copy_bg = inputs.background.get(space)
+    pixel_bg = pixel_background_p5(
+        inputs.pixel_background, near_duplicate_link(space, thresholds, copy_bg.p95 if copy_bg else None)
+    )
     out = []
     for prompt_id, rows in by_prompt.items():
         out += _label_prompt(inputs.contexts[prompt_id], rows, inputs, thresholds, region_bg, pixel_bg)
@@ -166,6 +170,13 @@ def label_units(inputs: LabelInputs, thresholds: ThresholdsConfig) -> list[dict]
 
 def _pixel_bg_text(pixel_bg: float | None) -> str:
     return "; no pixel background" if pixel_bg is None else f"; pixel background p5 {_fmt(pixel_bg)}"
+
+
+def near_duplicate_link(space: str, t: ThresholdsConfig, bg_p95: float | None) -> float | None:
+    """The copy-space cosine at which two training images are one image (near-duplicates), never below
+    what distinct training images reach (the background p95)."""
+    link = t.near_duplicate if space == "sscd" else t.clip_replication
+    return max(link, bg_p95) if link is not None and bg_p95 is not None else link
 
 
 def copy_thresholds(space: str, t: ThresholdsConfig) -> tuple[float | None, float | None, float | None]:
@@ -177,7 +188,7 @@ def copy_thresholds(space: str, t: ThresholdsConfig) -> tuple[float | None, floa
     return t.clip_replication, None, t.clip_replication
 
 
-def pixel_check_pairs(inputs: LabelInputs, t: ThresholdsConfig) -> dict[str, tuple[str, str, str | None]]:
+def pixel_check_pairs(inputs: LabelInputs, t: ThresholdsConfig) -> dict[str, PixelPair]:
     """Scan images whose nearest copy-space neighbour passes the replication threshold: the pairs to
     confirm pixel by pixel, {unit_id: (generated image uri, train_id, training image uri)}."""
     space = inputs.copy_space
@@ -188,7 +199,9 @@ def pixel_check_pairs(inputs: LabelInputs, t: ThresholdsConfig) -> dict[str, tup
     for g in inputs.generations:
         nbrs = inputs.neighbors.get(g["unit_id"], {}).get(space) or []
         if g["role"] == ROLE_SCAN and nbrs and nbrs[0]["score"] >= threshold and g["image_uri"]:
-            pairs[g["unit_id"]] = (g["image_uri"], nbrs[0]["train_id"], nbrs[0].get("image_uri"))
+            pairs[g["unit_id"]] = PixelPair(
+                g["image_uri"], nbrs[0]["train_id"], nbrs[0].get("image_uri"), float(nbrs[0]["score"])
+            )
     return pairs
 
 
@@ -483,9 +496,7 @@ def _decide(
     # below it would merge distinct images and make a common look pass for one copied image.
     bg = copy.background
     bg_p95 = bg.p95 if bg else None
-    link = t.near_duplicate if copy.space == "sscd" else t.clip_replication
-    if link is not None and bg_p95 is not None:
-        link = max(link, bg_p95)
+    link = near_duplicate_link(copy.space, t, bg_p95)
     k_above, duplication, grouped = groups(nbrs, replication, link) if replication is not None else (None, None, True)
     pixel_max = pixel.max_l2 if pixel and top and pixel.train_id == top["train_id"] else None
     tile_share = pixel.share_within(t.pixel_l2) if pixel_max is not None else None

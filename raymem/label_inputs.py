@@ -208,7 +208,7 @@ def pixel_evidence(pixel_checks: pa.Table, query_set: str = "units") -> dict[str
     the pixel background have no query_set: every row is a scan image."""
     return {
         r["unit_id"]: PixelEvidence(
-            r["train_id"], tuple(r["tile_l2"]) if r["tile_l2"] is not None else None, r["error"]
+            r["train_id"], tuple(r["tile_l2"]) if r["tile_l2"] is not None else None, r["error"], r.get("score")
         )
         for r in pixel_checks.to_pylist()
         if r.get("query_set", "units") == query_set

@@ -35,7 +35,7 @@ from raymem.label import label_units, pixel_check_pairs, region_check_pairs
 from raymem.label_inputs import LabelInputs, pixel_evidence
 from raymem.mining import EntityAssociations, excluded_terms, mine_associations
 from raymem.outputs import ScanOutputs, one_line_os_error
-from raymem.pixels import confirm_pairs, pixel_checks_table
+from raymem.pixels import PixelPair, confirm_pairs, pixel_checks_table
 from raymem.probes import Probe, probes_for
 from raymem.prompts import Prompt, prompts_table, read_prompts
 from raymem.reduce import entity_tallies, prompt_tallies
@@ -474,7 +474,7 @@ def _region_background_pairs(cfg: ScanConfig, joined: _Joined) -> dict[str, tupl
     return pairs
 
 
-def _pixel_background_pairs(cfg: ScanConfig, joined: _Joined, copy_space: str) -> dict[str, tuple[str, str, str]]:
+def _pixel_background_pairs(cfg: ScanConfig, joined: _Joined, copy_space: str) -> dict[str, PixelPair]:
     """The first `signals.pixel_background` sampled training images and their nearest other training
     image in the copy space (CLIP when the table has no SSCD embeddings), as scan images are paired
     with theirs: {train_id: (its image uri, nearest train_id, nearest image uri)}."""
@@ -484,7 +484,7 @@ def _pixel_background_pairs(cfg: ScanConfig, joined: _Joined, copy_space: str) -
         return {}
     rows = joined.background_topk[space].rows
     return {
-        train_id: (uri, rows[i][0]["train_id"], rows[i][0].get("image_uri"))
+        train_id: PixelPair(uri, rows[i][0]["train_id"], rows[i][0].get("image_uri"), float(rows[i][0]["score"]))
         for i, (train_id, uri) in enumerate(zip(bg.ids[:n], bg.image_uris[:n]))
         if uri and rows[i]
     }

@@ -218,6 +218,7 @@ PIXEL_CHECKS = pa.schema(
         ("query_set", pa.string()),  # units: a scan image | background: a sampled training image
         ("unit_id", pa.string()),  # the scan image, or the sampled training image's train_id
         ("train_id", pa.string()),
+        ("score", pa.float32()),  # the pair's copy-space cosine
         ("tile_l2", pa.list_(pa.float32())),  # null when the training image could not be read
         ("error", pa.string()),
     ]

@@ -414,7 +414,9 @@ def test_a_pixel_match_distinct_training_images_also_reach_is_not_a_copy():
     high = {"sscd": Background("sscd", p95=0.92, n=500)}
     pixels = {"a": PixelEvidence("t0", (0.04,) * 16), "b": PixelEvidence("t0", (0.12,) * 16)}
     # 100 sampled training images: 10 come within 0.10 of their nearest one, the rest 0.30 -> p5 0.10
-    bg = {f"s{i}": PixelEvidence(f"n{i}", (0.10 if i < 10 else 0.30,) * 16) for i in range(100)}
+    bg = {f"s{i}": PixelEvidence(f"n{i}", (0.10 if i < 10 else 0.30,) * 16, score=0.5) for i in range(100)}
+    # ... and 20 re-encoded twins (SSCD 0.95, above the near-duplicate link): one image each, left out
+    bg |= {f"d{i}": PixelEvidence(f"e{i}", (0.02,) * 16, score=0.95) for i in range(20)}
     out = run(ctx, rows, {"a": nbrs(0.88), "b": nbrs(0.88)}, pixels, background=high, pixel_background=bg)
     assert out["a"]["label"] == "MU" and out["a"]["subtype"] == "verbatim"
     assert out["a"]["pixel_background_p5"] == pytest.approx(0.10)

@@ -54,8 +54,8 @@ def test_background_pairs_are_training_images_and_round_trip_through_the_table(t
         size=128,
         tiles=4,
         background={
-            "t1": (str(tmp_path / "train.png"), "t2", str(tmp_path / "near.png")),
-            "t3": (str(tmp_path / "other.png"), "t1", str(tmp_path / "train.png")),
+            "t1": (str(tmp_path / "train.png"), "t2", str(tmp_path / "near.png"), 0.875),  # float32-exact scores
+            "t3": (str(tmp_path / "other.png"), "t1", str(tmp_path / "train.png"), 0.5),
             "t4": (str(tmp_path / "gone.png"), "t1", str(tmp_path / "train.png")),
         },
     )
@@ -64,6 +64,8 @@ def test_background_pairs_are_training_images_and_round_trip_through_the_table(t
     # the unreadable pair is left out of the percentile; two readable ones span it
     p5 = background_p5(background)
     assert background["t1"].max_l2 < p5 < background["t3"].max_l2 and background_p5({}) is None
+    # pairs at or above the near-duplicate link are one image, not a background of distinct ones
+    assert background["t1"].score == 0.875 and background_p5(background, link=0.8) == background["t3"].max_l2
     table = pixel_checks_table("s", units, background)
     assert table.column("query_set").to_pylist() == ["units", "background", "background", "background"]
     assert pixel_evidence(table) == units and pixel_evidence(table, "background") == background
