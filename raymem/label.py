@@ -190,7 +190,7 @@ def copy_thresholds(space: str, t: ThresholdsConfig) -> tuple[float | None, floa
 
 def pixel_check_pairs(inputs: LabelInputs, t: ThresholdsConfig) -> dict[str, PixelPair]:
     """Scan images whose nearest copy-space neighbour passes the replication threshold: the pairs to
-    confirm pixel by pixel, {unit_id: (generated image uri, train_id, training image uri)}."""
+    confirm pixel by pixel, {unit_id: (generated image uri, train_id, training image uri, score)}."""
     space = inputs.copy_space
     threshold = copy_thresholds(space, t)[0]
     pairs = {}
@@ -503,7 +503,7 @@ def _decide(
     pixel_close = pixel_max is not None and pixel_max <= t.pixel_l2
     # ... and closer than distinct training images come to each other (smooth scenes pass pixel_l2 alone)
     pixel_copy = pixel_close and (pixel_bg is None or pixel_max < pixel_bg)
-    # Above the background -- or confirmed pixel by pixel (Carlini's test), which no generic look passes.
+    # Above the background -- or confirmed pixel by pixel (Carlini's test), closer than distinct images come.
     distinct = bg_p95 is None or R is None or R > bg_p95 or pixel_copy
     passes = R is not None and replication is not None and R >= replication
     replicated = passes and distinct and k_above <= t.eidetic_k

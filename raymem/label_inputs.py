@@ -176,6 +176,7 @@ class LabelInputs:
         neighbors: dict[str, dict[str, list[dict]]],
         background: dict[str, Background],
         pixels: dict[str, PixelEvidence] | None = None,
+        pixel_background: dict[str, PixelEvidence] | None = None,
     ) -> LabelInputs:
         """From generation rows that carry their embeddings (`clip_embedding`, `sscd_embedding`) as
         arrays: for tests and callers that build inputs by hand."""
@@ -199,6 +200,7 @@ class LabelInputs:
             neighbors,
             background,
             pixels or {},
+            pixel_background=pixel_background or {},
         )
 
 

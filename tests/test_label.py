@@ -97,8 +97,7 @@ def nbrs(*scores, caption="something else"):
 
 
 def run(ctx, rows, neighbors, pixels=None, t=T, background=BG, pixel_background=None):
-    inputs = LabelInputs.from_rows(rows, {"p": ctx}, text_vectors(ctx), neighbors, background, pixels)
-    inputs.pixel_background = pixel_background or {}
+    inputs = LabelInputs.from_rows(rows, {"p": ctx}, text_vectors(ctx), neighbors, background, pixels, pixel_background)
     out = label_units(inputs, t)
     return {r["unit_id"]: r for r in out}
 
