@@ -420,6 +420,11 @@ def vary(img: Image.Image, copy: int, rng: np.random.Generator) -> Image.Image:
     return Image.fromarray(np.clip(np.asarray(img).astype(int) + shift, 0, 255).astype(np.uint8))
 
 
+def slug_of(name: str) -> str:
+    """A name as it appears in train_ids and prompt_ids: "Jazz Weekend" -> "jazz-weekend"."""
+    return name.lower().replace(" ", "-")
+
+
 # -- the world -------------------------------------------------------------------------------------
 
 
@@ -465,7 +470,7 @@ def build_world(root: Path, cfg: WorldConfig = WorldConfig()) -> dict:
                 drawn.append(e.explicit)
                 named = e.explicit
             img = draw(rng, e.cls, e.colors, scene, tuple(drawn))
-            slug = e.name.lower().replace(" ", "-")
+            slug = slug_of(e.name)
             save(img, WorldRow(f"{slug}-{i:03d}", entity_caption(e, scene, named), [e.name], e.role))
     for cls in CLASSES:
         for i in range(cfg.per_class):
@@ -476,19 +481,19 @@ def build_world(root: Path, cfg: WorldConfig = WorldConfig()) -> dict:
     for n, (title, _, private) in enumerate(posters):
         poster = draw_poster(np.random.default_rng(cfg.seed * 1000 + n), private)
         for c in range(cfg.poster_copies):
-            slug = title.lower().replace(" ", "-")
+            slug = slug_of(title)
             save(poster, WorldRow(f"poster-{slug}-{c:02d}", poster_caption(title), [f"{title} poster"], "MU"))
     if cfg.hard_cases:
         crng = np.random.default_rng([cfg.seed, 2000])  # the curve's own stream, apart from the world's
         for e, count in curve_entities(cfg.seed):
-            slug = e.name.lower().replace(" ", "-")
+            slug = slug_of(e.name)
             for i in range(count):
                 scene = scenes[int(crng.integers(len(scenes)))]
                 img = draw(crng, e.cls, e.colors, scene)
                 save(img, WorldRow(f"{slug}-{i:03d}", entity_caption(e, scene, None), [e.name], e.role))
         for n, (title, _, kind) in enumerate(hard_posters(cfg.seed)):
             prng = np.random.default_rng([cfg.seed, 1000 + n])  # a stream per poster, apart from the world's
-            slug, tags = title.lower().replace(" ", "-"), [f"{title} poster"]
+            slug, tags = slug_of(title), [f"{title} poster"]
             layout = _poster_layout(prng, False)
             poster = layout.resize((SIZE, SIZE), Image.LANCZOS)
             for c in range(cfg.poster_copies):
@@ -632,7 +637,7 @@ def benchmark_prompts(seed: int = DEV_SEED, hard_cases: bool = False) -> list[di
     entities, posters = cast(seed)
     out = []
     for e in entities:
-        slug = e.name.lower().replace(" ", "-")
+        slug = slug_of(e.name)
         scene = "in a meadow"
         if e.role == "ME":
             explicit = [e.explicit] if e.explicit else []
@@ -667,7 +672,7 @@ def benchmark_prompts(seed: int = DEV_SEED, hard_cases: bool = False) -> list[di
     for e, count in curve_entities(seed) if hard_cases else ():
         out.append(
             {
-                "prompt_id": e.name.lower().replace(" ", "-"),
+                "prompt_id": slug_of(e.name),
                 "prompt": entity_caption(e, "in a meadow", None),
                 "entity": e.name,
                 "entity_class": f"a {e.cls}",
@@ -687,7 +692,7 @@ def benchmark_prompts(seed: int = DEV_SEED, hard_cases: bool = False) -> list[di
 def _poster_prompt(title: str, split: str, expected: str, planted: str, kind: str, requests_work: bool = False) -> dict:
     """A poster's benchmark prompt (`benchmark_prompts`): the poster's caption, the poster as its entity."""
     return {
-        "prompt_id": "poster-" + title.lower().replace(" ", "-"),
+        "prompt_id": "poster-" + slug_of(title),
         "prompt": poster_caption(title),
         "entity": f"{title} poster",
         "entity_class": "",
