@@ -476,18 +476,22 @@ def _region_background_pairs(cfg: ScanConfig, joined: _Joined) -> dict[str, tupl
 
 def _pixel_background_pairs(cfg: ScanConfig, joined: _Joined, copy_space: str) -> dict[str, PixelPair]:
     """The first `signals.pixel_background` sampled training images and their nearest other training
-    image in the copy space (CLIP when the table has no SSCD embeddings), as scan images are paired
-    with theirs: {train_id: (its image uri, nearest train_id, nearest image uri)}."""
+    image in the copy space, as scan images are paired with theirs: {train_id: (its image uri, nearest
+    train_id, nearest image uri, copy-space score)}. With two-stage copy detection the table has no
+    SSCD embeddings: the nearest in CLIP space, with no score (a CLIP cosine is not comparable with
+    the SSCD near-duplicate link, so only exact duplicates are left out of that background)."""
     bg, n = joined.background_queries, cfg.signals.pixel_background
     space = copy_space if copy_space in joined.background_topk else "clip"
     if bg is None or not n or not bg.image_uris or space not in joined.background_topk:
         return {}
     rows = joined.background_topk[space].rows
-    return {
-        train_id: PixelPair(uri, rows[i][0]["train_id"], rows[i][0].get("image_uri"), float(rows[i][0]["score"]))
-        for i, (train_id, uri) in enumerate(zip(bg.ids[:n], bg.image_uris[:n]))
-        if uri and rows[i]
-    }
+    pairs = {}
+    for i, (train_id, uri) in enumerate(zip(bg.ids[:n], bg.image_uris[:n])):
+        if uri and rows[i]:
+            top = rows[i][0]
+            score = float(top["score"]) if space == copy_space else None
+            pairs[train_id] = PixelPair(uri, top["train_id"], top.get("image_uri"), score)
+    return pairs
 
 
 def _pair_scores(cfg: ScanConfig, training: TrainingTable, neighbors: dict, copy_mode: str) -> None:

@@ -128,8 +128,13 @@ def test_planted_copies_in_a_clip_only_table_are_found_as_MU_with_the_right_trai
     assert "CLIP candidates top-1" in verbatim["reasons"]
     assert verbatim["eidetic_k"] >= 1 and verbatim["duplication"] >= 1  # grouped from the fetched embeddings
     # the pixel check read the copied image over http
-    checks = {r["unit_id"]: r for r in read(first, "pixel_checks").to_pylist()}
+    rows = read(first, "pixel_checks").to_pylist()
+    checks = {r["unit_id"]: r for r in rows if r["query_set"] == "units"}
     assert max(checks[verbatim["unit_id"]]["tile_l2"]) < 0.01
+    assert checks[verbatim["unit_id"]]["score"] == pytest.approx(verbatim["replication_score"], abs=1e-6)
+    # the pixel background pairs training images by CLIP here (no SSCD in the table): no copy-space score
+    background = [r for r in rows if r["query_set"] == "background"]
+    assert background and all(r["score"] is None for r in background)
 
 
 def test_neighbours_say_how_they_were_found_and_the_background_is_measured_in_sscd(first):
