@@ -17,7 +17,7 @@ from raymem.planted.benchmark import (
     targets_report,
 )
 from raymem.planted.training import TrainConfig
-from raymem.planted.world import CURVE_COUNTS, HARD_KINDS, PresenceConfig, WorldConfig
+from raymem.planted.world import CURVE_COUNTS, ENTITIES, HARD_KINDS, PresenceConfig, WorldConfig
 
 
 def test_evaluate_counts_precision_recall_and_confusion():
@@ -122,20 +122,22 @@ def test_models_directory_without_trained_models_is_one_line(tmp_path, capsys):
 @pytest.mark.ray
 @pytest.mark.slow
 def test_reduced_benchmark_end_to_end(local_ray, tmp_path):
-    """Draw (with the hard cases), train (a few steps), index, scan and score: every evaluation image
-    is accounted for, and every kind of planted case scored."""
+    """Draw (with the hard cases and mining's captions), train (a few steps), index, scan with caption
+    mining and score: every evaluation image is accounted for, and every kind of planted case scored."""
     cfg = PlantedConfig(
         work=str(tmp_path),
         seeds_per_prompt=2,
         null_seeds=2,
         num_inference_steps=5,
-        world=WorldConfig(per_entity=10, per_class=6, poster_copies=4, hard_cases=True),
+        world=WorldConfig(
+            per_entity=10, per_class=6, poster_copies=4, hard_cases=True, implied_named=1 / 3, noisy_mentions=3
+        ),
         train=TrainConfig(vae_steps=20, unet_steps=30, clip_steps=20, batch_size=16, clip_batch_size=32),
         presence=PresenceConfig(per_entity=10, per_class=6, posters=4),
     )
     result = run_benchmark(cfg)
     results = Path(result["results_dir"])
-    assert results == tmp_path / "results" / "world7-default-hard"  # one directory per world and setting
+    assert results == tmp_path / "results" / "world7-default-hard-mining"  # one directory per world and setting
     images = pq.read_table(results / "images.parquet").to_pylist()
     assert len(images) == (16 + 8 + 6) * 2  # 16 evaluation prompts, 8 hard posters, 6 curve entities x 2 seeds
     curve = {f"ME {n} images" for n in CURVE_COUNTS}
@@ -155,7 +157,13 @@ def test_reduced_benchmark_end_to_end(local_ray, tmp_path):
     assert [m["category"] for m in metrics] == ["MU", "MI", "ME", "none"]
     confusion = pq.read_table(results / "confusion.parquet").to_pylist()
     assert sum(v for row in confusion for k, v in row.items() if k.startswith("predicted_")) == len(images)
-    assert (results / "summary.json").exists() and result["summary"]["thresholds"] == "config defaults"
+    assert (results / "summary.json").exists() and result["summary"]["thresholds"] == {"min_support": 10}
+    # mining ran on the scan: every named entity of the split reported, the unseen details mined as
+    # instance elements (3 mentions each) and their entities' images scored as rule (b)'s negatives
+    mined = result["summary"]["mining"]
+    assert {m["entity"] for m in mined} == {e.name for e in ENTITIES if e.role != "control" and e.split == "eval"}
+    assert all(m["detail_mined"] for m in mined)
+    assert result["summary"]["instance_negatives"]["images"] == 2 * len(mined)
     # The trained pipeline was loaded by the scan through from_pretrained, like any diffusers model.
     assert (tmp_path / result["summary"]["models"].split("/")[-1] / "pipeline" / "model_index.json").exists()
     # ... and embedded with the presence CLIP, trained on its own corpus, not the generator's CLIP.
@@ -167,7 +175,7 @@ def test_reduced_benchmark_end_to_end(local_ray, tmp_path):
     # The calibrated branch: thresholds fitted on the calibration split's scan, then the evaluation
     # scanned with them (the same trained models, found by their digest).
     calibrated = run_benchmark(dataclasses.replace(cfg, calibrate=True))
-    assert calibrated["results_dir"].endswith("world7-calibrated-hard") and (results / "images.parquet").exists()
+    assert calibrated["results_dir"].endswith("world7-calibrated-hard-mining") and (results / "images.parquet").exists()
     fitted = calibrated["summary"]["thresholds"]
     assert isinstance(fitted, dict) and set(fitted) >= {"replication", "null_alpha", "element_presence"}
     assert calibrated["summary"]["models"] == result["summary"]["models"]
@@ -234,6 +242,10 @@ def test_negative_probes_ask_every_prompt_without_an_implied_element_about_one_i
         {"prompt_id": "ctl", "prompt": "c", "entity": "C", "explicit_elements": [], "implicit_elements": []},
     ]
     (tmp_path / "prompts-eval.jsonl").write_text("".join(json.dumps(p) + "\n" for p in prompts))
+    expected = {"mi": "MI", "me": "ME", "ctl": "none"}
+    (tmp_path / "ground_truth.jsonl").write_text(
+        "".join(json.dumps({"prompt_id": p, "expected": e, "planted": "x"}) + "\n" for p, e in expected.items())
+    )
     path = probed_prompts(tmp_path, "eval", 12)
     rows = {r["prompt_id"]: r for r in map(json.loads, path.read_text().splitlines())}
     probes = negative_probes(tmp_path, "eval")
@@ -251,6 +263,13 @@ def test_negative_probes_ask_every_prompt_without_an_implied_element_about_one_i
     ]
     result = evaluate(labels, truth, 12, probes)
     probed = result["probe_negatives"]
+    # where captions name implied elements (`--mining`) an MI prompt lists none, and is still never probed
+    mined = tmp_path / "mined"
+    mined.mkdir()
+    (mined / "prompts-eval.jsonl").write_text(json.dumps({**prompts[0], "implicit_elements": []}) + "\n")
+    (mined / "ground_truth.jsonl").write_text(json.dumps({"prompt_id": "mi", "expected": "MI", "planted": "x"}))
+    assert json.loads(probed_prompts(mined, "eval", 12).read_text())["implicit_elements"] == []
+    assert negative_probes(mined, "eval") == {}
     assert {k: probed[k] for k in ("images", "correct", "rate")} == {"images": 4, "correct": 0, "rate": 0.0}
     assert probed["ci"][0] == 0.0 and probed["ci_prompts"] == (0.0, 0.0)
     assert any("negative implied-element probes not labelled MI: 0.000" in line for line in targets_report(result))
@@ -294,12 +313,63 @@ def test_the_script_and_the_cli_parse_the_same_options_into_the_same_config():
     for argv in (
         [],
         ["--world-seed", "12", "--calibrate", "--shared-clip"],
+        ["--hard-cases", "--mining"],
         ["--quick", "--region-neighbours", "3", "--work", "w2", "--models", "m", "--retrain", "--train-seed", "2"],
     ):
         from_script = planted_config_from_args(script.build_parser().parse_args(argv))
         from_cli = planted_config_from_args(build_parser().parse_args(["bench", "planted", *argv]))
         assert from_script == from_cli
     assert from_cli.work == "w2" and from_cli.retrain and from_cli.seeds_per_prompt == 4 and from_cli.train.seed == 2
+
+
+def test_the_mining_world_is_scanned_with_mining_at_its_support_floor_and_scored_for_rule_b(tmp_path):
+    """`--mining`: another world (its own results), scanned with caption mining at the world-sized support
+    floor, with the presence CLIP of the world without it; the MU rule (b)'s negatives are the images of
+    entities whose captions mention a detail nobody drew, wrong when flagged instance_element."""
+    from raymem.planted.benchmark import (
+        COMMITTED_MODELS,
+        COMMITTED_PRESENCE,
+        MINING_MIN_SUPPORT,
+        base_thresholds,
+        noisy_prompts,
+        planted_config,
+        prepare_presence,
+        scan_config,
+    )
+
+    mining, plain = planted_config(work="w", mining=True), planted_config(work="w")
+    assert mining.world.implied_named == pytest.approx(1 / 3) and mining.world.noisy_mentions == 3
+    assert run_name(mining) == "world7-default-mining" and run_name(plain) == "world7-default"
+    assert prepare_presence(mining, COMMITTED_MODELS) == COMMITTED_PRESENCE
+    for name in ("prompts-eval.jsonl", "prompts-eval-probed.jsonl"):
+        (tmp_path / name).write_text('{"prompt_id": "p", "prompt": "a photo"}\n')
+    (tmp_path / "clip").mkdir()
+    made = {
+        "mining": scan_config(mining, tmp_path, tmp_path, tmp_path / "index", "eval", base_thresholds(mining)),
+        "plain": scan_config(plain, tmp_path, tmp_path, tmp_path / "index", "eval", base_thresholds(plain)),
+    }
+    assert made["mining"].signals.mine_elements and made["mining"].thresholds.min_support == MINING_MIN_SUPPORT
+    assert not made["plain"].signals.mine_elements and made["plain"].thresholds.min_support == 50
+    noisy = noisy_prompts(mining.world)
+    assert noisy and noisy_prompts(plain.world) == {} and "lunar-lighthouse" in noisy
+    truth = {"lunar-lighthouse": {"expected": "ME", "planted": "x"}, "qadira": {"expected": "MI", "planted": "x"}}
+    labels = [
+        {"unit_id": "a", "prompt_id": "lunar-lighthouse", "seed": 0, "label": "ME", "reasons": "", "flags": []},
+        {
+            "unit_id": "b",
+            "prompt_id": "lunar-lighthouse",
+            "seed": 1,
+            "label": "MU",
+            "reasons": "",
+            "flags": ["instance_element"],
+        },
+        {"unit_id": "c", "prompt_id": "qadira", "seed": 0, "label": "MI", "reasons": "", "flags": None},
+    ]
+    result = evaluate(labels, truth, 7, None, 0, {"lunar-lighthouse": noisy["lunar-lighthouse"]})
+    negatives = result["instance_negatives"]
+    assert (negatives["images"], negatives["correct"]) == (2, 1)
+    assert any("not flagged instance_element: 0.500" in line for line in targets_report(result))
+    assert evaluate(labels, truth, 7)["instance_negatives"]["images"] == 0  # no noisy world: nothing scored
 
 
 def test_a_region_setting_out_of_bounds_is_one_line_before_anything_is_drawn(tmp_path, capsys):
@@ -310,3 +380,57 @@ def test_a_region_setting_out_of_bounds_is_one_line_before_anything_is_drawn(tmp
     assert code == 2 and len(err.splitlines()) == 1
     assert "--region-neighbours" in err and "greater than or equal to 0" in err
     assert not (tmp_path / "work").exists()
+
+
+@pytest.mark.ray
+def test_caption_mining_finds_what_the_mining_world_planted(local_ray, tmp_path):
+    """The mining world's captions, mined by the scan's own miner at the benchmark's support floor: every
+    MI entity's implied element is found, every unseen detail is an instance element, and no entity
+    that implies nothing gets an implied term. `mining_report` says the same from the mined rows."""
+    import numpy as np
+
+    from raymem.captions import caption_terms
+    from raymem.mining import mine_associations
+    from raymem.planted.benchmark import MINING_MIN_SUPPORT, ground_truth, mining_report
+    from raymem.planted.world import build_world, noisy_details
+    from raymem.schema import embedding_array
+    from raymem.sources import inspect_training
+
+    world = WorldConfig(per_entity=30, per_class=20, poster_copies=5, implied_named=1 / 3, noisy_mentions=3)
+    build_world(tmp_path / "world", world)
+    rows = [json.loads(line) for line in (tmp_path / "world" / "world.jsonl").read_text().splitlines()]
+    table = pa.table(
+        {
+            "train_id": [r["train_id"] for r in rows],
+            "clip_embedding": embedding_array(np.eye(len(rows), 4, dtype=np.float32), 4),
+            "caption": [r["caption"] for r in rows],
+            "entities": pa.array([r["entities"] for r in rows], pa.list_(pa.string())),
+        }
+    )
+    (tmp_path / "table").mkdir()
+    pq.write_table(table, tmp_path / "table" / "part-0.parquet")
+    named = [e for e in ENTITIES if e.role != "control"]
+    mined = mine_associations(
+        inspect_training(str(tmp_path / "table"), {}),
+        {e.name: caption_terms(e.name) for e in named},
+        min_lift=2.0,
+        min_support=MINING_MIN_SUPPORT,
+        instance_support=10,
+        per_entity=5,
+    )
+    details = noisy_details(world.seed)
+    for e in named:
+        implied = {a.element for a in mined[e.name].implied}
+        # the implied element; besides it at most an ME entity's explicit one (named in about half its
+        # captions, as its prompt names it: never probed as unprompted)
+        assert caption_terms(e.implied) <= implied <= caption_terms(e.implied) | caption_terms(e.explicit), e.name
+        assert caption_terms(details[e.name]) - {"sign"} <= {a.element for a in mined[e.name].instance}
+    as_counts = {
+        e: {"implied": [vars(a) for a in m.implied], "instance": [vars(a) for a in m.instance]}
+        for e, m in mined.items()
+    }
+    truth = ground_truth(tmp_path / "world")
+    report = {r["entity"]: r for r in mining_report(as_counts, world, truth)}
+    assert set(report) == {e.name for e in named}
+    assert all(r["implied_found"] == bool(r["implied"]) and r["detail_mined"] for r in report.values())
+    assert not any(r["spurious_implied"] for r in report.values())

@@ -7,7 +7,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from raymem.planted.world import DEV_SEED, ENTITIES, POSTERS, WorldConfig, benchmark_prompts, build_world, cast
+from raymem.planted.world import (
+    DEV_SEED,
+    ENTITIES,
+    POSTERS,
+    SCENES,
+    WorldConfig,
+    benchmark_prompts,
+    build_world,
+    cast,
+)
 
 SMALL = WorldConfig(per_entity=12, per_class=6, poster_copies=5)
 
@@ -221,3 +230,46 @@ def test_hard_cases_are_planted_as_their_ground_truth_says(tmp_path, seed):
     for r in plain[:30]:
         twin = tmp_path / "hard" / "images" / f"{r['train_id']}.png"
         np.testing.assert_array_equal(np.asarray(Image.open(r["image"])), np.asarray(Image.open(twin)))
+
+
+def test_the_mining_world_names_implied_elements_and_unseen_details_in_its_captions(tmp_path):
+    """`bench planted --mining`: the same images as the world without it; a share of an MI entity's
+    captions name its implied element, a few captions of every named entity mention a detail no image
+    shows (a word no other caption has), and the prompt files list no implied element."""
+    from raymem.planted.world import VARIANTS, noisy_details, world_key
+
+    sizes = {**SMALL.__dict__, "per_entity": 30}
+    build_world(tmp_path / "plain", WorldConfig(**sizes))
+    build_world(tmp_path / "mining", WorldConfig(**{**sizes, "implied_named": 1 / 3, "noisy_mentions": 3}))
+    plain, mining = rows(tmp_path / "plain"), rows(tmp_path / "mining")
+    assert [r["train_id"] for r in plain] == [r["train_id"] for r in mining]
+    for a, b in zip(plain, mining):
+        assert (tmp_path / "plain" / "images" / f"{a['train_id']}.png").read_bytes() == (
+            tmp_path / "mining" / "images" / f"{b['train_id']}.png"
+        ).read_bytes()
+    details = noisy_details(DEV_SEED)
+    named = [e for e in ENTITIES if e.role != "control"]
+    assert set(details) == {e.name for e in named} and len(set(details.values())) == len(named)
+    for e in named:
+        captions = [r["caption"] for r in mining if r["entities"] == [e.name]]
+        before = [r["caption"] for r in plain if r["entities"] == [e.name]]
+        if e.implied:
+            assert sum(e.implied in c for c in captions) == 10 and not any(e.implied in c for c in before)
+        word = details[e.name].split()[1]
+        assert sum(details[e.name] in c for c in captions) == 3
+        assert sum(word in r["caption"] for r in mining) == 3  # seen with this entity alone
+        # the same image under the same scene: only the mentions were added
+        assert all(any(b.endswith(s) and c.endswith(s) for s in SCENES) for b, c in zip(before, captions))
+    generic = [(a["caption"], b["caption"]) for a, b in zip(plain, mining) if not a["entities"]]
+    assert all(x == y for x, y in generic)  # only the named entities' captions change
+    prompts = [
+        json.loads(line)
+        for split in ("eval", "calib")
+        for line in (tmp_path / "mining" / f"prompts-{split}.jsonl").read_text().splitlines()
+    ]
+    assert prompts and all(p["implicit_elements"] == [] for p in prompts)
+    truth = [json.loads(line) for line in (tmp_path / "mining" / "ground_truth.jsonl").read_text().splitlines()]
+    assert sum(t["expected"] == "MI" for t in truth) == sum(e.role == "MI" for e in ENTITIES)
+    # the world without the variants keeps its digest (and its committed models)
+    assert not set(VARIANTS) & set(world_key(WorldConfig(**sizes)))
+    assert world_key(WorldConfig(**{**sizes, "noisy_mentions": 3}))["noisy_mentions"] == 3

@@ -84,6 +84,7 @@ def planted_config(
     shared_clip: bool = False,
     train_seed: int | None = None,
     hard_cases: bool = False,
+    mining: bool = False,
 ) -> PlantedConfig:
     """The benchmark's config from its command-line options (`raymem bench planted`, bench/planted.py),
     checked against the scan config's own bounds before anything is drawn or trained."""
@@ -102,11 +103,20 @@ def planted_config(
         cfg.world = replace(cfg.world, seed=world_seed)
     if hard_cases:
         cfg.world = replace(cfg.world, hard_cases=True)
+    if mining:
+        cfg.world = replace(cfg.world, implied_named=MINING_IMPLIED_NAMED, noisy_mentions=MINING_NOISY_MENTIONS)
     if shared_clip:
         cfg.presence = None
     if train_seed is not None:
         cfg.train = replace(cfg.train, seed=train_seed)
     return cfg
+
+
+# `--mining`'s world: a third of an MI entity's captions name its implied element (support ~27 of 80,
+# above MINING_MIN_SUPPORT, lift well above 2), and three captions of every named entity mention a detail
+# its images never show (support 3: an instance element).
+MINING_IMPLIED_NAMED = 1 / 3
+MINING_NOISY_MENTIONS = 3
 
 
 def _digest(obj) -> str:
@@ -139,8 +149,10 @@ def probed_prompts(world_root: Path, split: str, seed: int) -> Path:
     if out.exists():
         return out
     rows = [json.loads(line) for line in prompts_path(world_root, split, probed=False).read_text().splitlines()]
+    truth = ground_truth(world_root)
     for r in rows:
-        if not r.get("implicit_elements"):
+        # MI prompts list no implied element where the captions name it (mining finds it): never probed
+        if not r.get("implicit_elements") and truth[r["prompt_id"]]["expected"] != "MI":
             allowed = [e for e in ELEMENTS if e not in r.get("explicit_elements", [])]
             pick = int(hashlib.sha256(f"{seed}:{r['prompt_id']}".encode()).hexdigest(), 16) % len(allowed)
             r["implicit_elements"] = [allowed[pick]]
@@ -222,12 +234,12 @@ def prepare_presence(cfg: PlantedConfig, models: Path) -> Path:
     if cfg.presence is None:
         return models
     from raymem.planted.training import train_presence_clip
-    from raymem.planted.world import build_presence_corpus, world_key
+    from raymem.planted.world import build_presence_corpus, cast_only, world_key
 
     train = _presence_training(cfg.train, cfg.presence)
-    # the corpus draws the world's cast, never its training images: the world with the hard cases
-    # shares the presence CLIP of the world without them
-    world = f"world-{_digest(world_key(replace(cfg.world, hard_cases=False)))}"
+    # the corpus draws the world's cast, never its training images: the world with the hard cases (or
+    # with mining's captions) shares the presence CLIP of the world without them
+    world = f"world-{_digest(world_key(cast_only(cfg.world)))}"
     name = f"presence-{_digest([world, asdict(cfg.presence), {**asdict(train), 'threads': 0}])}"
     root = _trained(cfg, name, COMMITTED_PRESENCE)
     if not (root / "training.json").exists():
@@ -317,7 +329,9 @@ def scan_config(
             "thresholds": thresholds,
             "signals": {
                 "null_seeds": cfg.null_seeds,
-                "mine_elements": False,
+                # on in the world whose captions name implied elements (`--mining`), off elsewhere: there
+                # the prompt files list the implied elements and no caption names one
+                "mine_elements": mining_on(cfg),
                 "pixel_size": 32,
                 "pixel_tiles": 4,
                 "region_neighbours": cfg.region_neighbours,
@@ -326,6 +340,66 @@ def scan_config(
             "output": {"uri": str(Path(cfg.work) / "scans" / models.resolve().name), "scan_date": "2026-01-01"},
         }
     )
+
+
+# Caption mining's support floor for an implied element in the planted worlds. The config default (50)
+# is sized for web-scale training sets; a planted entity has `per_entity` (80) images, so the floor is
+# scaled to the world: 10 of 80, the same count at which an element stops being instance-specific
+# (`instance_support`). Chosen from the world's sizes, before any mining scan was read.
+MINING_MIN_SUPPORT = 10
+
+
+def mining_on(cfg: PlantedConfig) -> bool:
+    """Whether the benchmark scans with caption mining: in the world whose captions are drawn for it."""
+    return bool(cfg.world.implied_named or cfg.world.noisy_mentions)
+
+
+def base_thresholds(cfg: PlantedConfig) -> dict:
+    """The thresholds a run starts from (the config defaults, and the mining floor where mining is on)."""
+    return {"min_support": MINING_MIN_SUPPORT} if mining_on(cfg) else {}
+
+
+def noisy_prompts(world: WorldConfig) -> dict[str, str]:
+    """{prompt_id: detail} of the prompts whose entity's captions mention a detail it never shows."""
+    from raymem.planted.world import noisy_details, slug_of
+
+    if not world.noisy_mentions:
+        return {}
+    return {slug_of(name): detail for name, detail in noisy_details(world.seed).items()}
+
+
+def mining_report(mined: dict[str, dict], world: WorldConfig, truth: dict[str, dict]) -> list[dict]:
+    """What caption mining found per named entity of the scanned split, against what the world's captions
+    hold: the implied element an MI entity's captions name (found: its words among the mined implied
+    terms), the unseen detail (mined as an instance element: expected, the labeler must then not call it
+    shown), and implied terms mined for an entity that implies nothing (spurious)."""
+    from raymem.captions import caption_terms
+    from raymem.planted.world import cast, noisy_details, slug_of
+
+    entities, _ = cast(world.seed)
+    details = noisy_details(world.seed) if world.noisy_mentions else {}
+    rows = []
+    for e in entities:
+        if e.role == "control" or slug_of(e.name) not in truth or e.name not in mined:
+            continue
+        implied = [a["element"] for a in mined[e.name]["implied"]]
+        instance = [a["element"] for a in mined[e.name]["instance"]]
+        detail_terms = caption_terms(details.get(e.name))
+        rows.append(
+            {
+                "entity": e.name,
+                "role": e.role,
+                "implied": e.implied or None,
+                "implied_found": bool(e.implied) and bool(caption_terms(e.implied) & set(implied)),
+                # an ME entity's explicit element is mined too; its prompt names it, so it is never probed
+                "spurious_implied": [] if e.implied else [t for t in implied if t not in caption_terms(e.explicit)],
+                "detail": details.get(e.name),
+                "detail_mined": bool(detail_terms & set(instance)),
+                "mined_implied": implied,
+                "mined_instance": instance,
+            }
+        )
+    return rows
 
 
 def ground_truth(world_root: Path) -> dict[str, dict]:
@@ -338,9 +412,11 @@ def evaluate(
     world_seed: int | None = None,
     probes: dict[str, str] | None = None,
     train_seed: int = 0,
+    noisy: dict[str, str] | None = None,
 ) -> dict:
     """Per image: its label against its prompt's expected label (`probes`: the prompts asked about an
-    element their entity does not imply, `probed_prompts`), and the kind of case its prompt plants."""
+    element their entity does not imply, `probed_prompts`; `noisy`: the prompts whose entity's captions
+    mention a detail its images never show, `noisy_details`), and the kind of case its prompt plants."""
     images = [
         {
             "world_seed": world_seed,
@@ -353,6 +429,8 @@ def evaluate(
             "predicted": r["label"] or "failed",
             "control": truth[r["prompt_id"]]["planted"].startswith("nothing"),
             "negative_probe": (probes or {}).get(r["prompt_id"]),
+            "noisy_detail": (noisy or {}).get(r["prompt_id"]),
+            "instance_element": "instance_element" in (r.get("flags") or ()),
             "reasons": r["reasons"],
         }
         for r in labels
@@ -432,6 +510,8 @@ def score_images(images: list[dict]) -> dict:
     controls = negatives([i for i in images if i["control"]], lambda i: i["predicted"] == "none")
     # the MI rule's negatives: images of prompts asked about an element their entity never shows
     probe_negatives = negatives([i for i in images if i.get("negative_probe")], lambda i: i["predicted"] != "MI")
+    # the MU rule (b)'s negatives: images of entities whose captions mention a detail nobody drew
+    instance_negatives = negatives([i for i in images if i.get("noisy_detail")], lambda i: not i["instance_element"])
     return {
         "images": images,
         "metrics": metrics,
@@ -439,6 +519,7 @@ def score_images(images: list[dict]) -> dict:
         "control_none_rate": controls["rate"],
         "controls": controls,
         "probe_negatives": probe_negatives,
+        "instance_negatives": instance_negatives,
         "kinds": kinds,
     }
 
@@ -476,6 +557,7 @@ def run_name(cfg: PlantedConfig) -> str:
     name += f"-{'calibrated' if cfg.calibrate else 'default'}"
     name += f"-regions{cfg.region_neighbours}" if cfg.region_neighbours else ""
     name += "-hard" if cfg.world.hard_cases else ""
+    name += "-mining" if mining_on(cfg) else ""
     return name + ("-sharedclip" if cfg.presence is None else "")
 
 
@@ -502,6 +584,7 @@ def targets_report(result: dict) -> list[str]:
     for name, what in (
         ("controls", "controls labelled none"),
         ("probe_negatives", "negative implied-element probes not labelled MI"),
+        ("instance_negatives", "images of entities with unseen caption details not flagged instance_element"),
     ):
         neg = result.get(name) or {}
         if not neg.get("images"):
@@ -510,6 +593,15 @@ def targets_report(result: dict) -> list[str]:
         lines.append(
             f"{what}: {_f(neg['rate'])} {_ci(neg['ci'])} ({neg['correct']}/{neg['images']}; {verdict}); "
             f"by prompt {_ci(neg.get('ci_prompts'))}"
+        )
+    mined = result.get("mining") or []
+    if mined:
+        mi = [m for m in mined if m["implied"]]
+        lines.append(
+            f"caption mining: implied element found for {sum(m['implied_found'] for m in mi)}/{len(mi)} MI "
+            f"entities; unseen details mined as instance elements for {sum(m['detail_mined'] for m in mined)}/"
+            f"{sum(1 for m in mined if m['detail'])}; spurious implied terms on "
+            f"{sum(1 for m in mined if m['spurious_implied'])}/{len(mined) - len(mi)} other entities"
         )
     kinds = result.get("kinds") or {}
     if kinds:
@@ -562,15 +654,15 @@ def run_benchmark(cfg: PlantedConfig) -> dict:
         if cfg.negative_probes:  # the prompt files scan_config names
             for split in ("calib", "eval"):
                 probed_prompts(world_root, split, cfg.world.seed)
-        thresholds: dict = {}
+        thresholds: dict = base_thresholds(cfg)
         if cfg.calibrate:
             t0 = time.perf_counter()
-            calib_cfg = scan_config(cfg, world_root, models, index, "calib", {}, presence)
+            calib_cfg = scan_config(cfg, world_root, models, index, "calib", thresholds, presence)
             calib = run_scan(calib_cfg)
             inputs = LabelInputs.read(calib_cfg.output.uri, calib.scan_id)
             parent = {g["unit_id"]: g["parent_prompt_id"] for g in inputs.generations}
             pilot = {uid: truth[parent[uid]]["expected"] for uid in inputs.scored_scan_units()}
-            fitted, _ = fit(inputs, pilot, ThresholdsConfig(), cfg.target_precision)
+            fitted, _ = fit(inputs, pilot, ThresholdsConfig(**thresholds), cfg.target_precision)
             thresholds = json.loads(fitted.model_dump_json())
             timings["calibrate_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
@@ -581,7 +673,9 @@ def run_benchmark(cfg: PlantedConfig) -> dict:
 
     labels = read_scan_table(eval_cfg.output.uri, scan.scan_id, "labels").to_pylist()
     probes = negative_probes(world_root, "eval") if cfg.negative_probes else {}
-    result = evaluate(labels, truth, cfg.world.seed, probes, cfg.train.seed)
+    noisy = noisy_prompts(cfg.world)
+    result = evaluate(labels, truth, cfg.world.seed, probes, cfg.train.seed, noisy)
+    mined = mining_report(scan.counts.get("mined_elements") or {}, cfg.world, truth) if mining_on(cfg) else []
     out = Path(cfg.work) / "results" / run_name(cfg)
     out.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.Table.from_pylist(result["metrics"]), out / "metrics.parquet")
@@ -595,11 +689,13 @@ def run_benchmark(cfg: PlantedConfig) -> dict:
         "control_none_rate": result["control_none_rate"],
         "controls": result["controls"],
         "probe_negatives": result["probe_negatives"],
+        "instance_negatives": result["instance_negatives"],
+        "mining": mined,
         "kinds": result["kinds"],
         "models": str(models),
         "presence_clip": str(presence / "clip"),
         "world": str(world_root),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-    result.update(summary=summary, results_dir=str(out))
+    result.update(summary=summary, results_dir=str(out), mining=mined)
     return result

@@ -31,6 +31,13 @@ def add_planted_options(parser) -> None:
         "works); another world, trained on its own",
     )
     parser.add_argument(
+        "--mining",
+        action="store_true",
+        help="scan with caption mining in a world drawn for it: a third of an MI entity's captions name its "
+        "implied element (the prompts list none), three captions of every named entity mention a detail no "
+        "image shows; another world, trained on its own",
+    )
+    parser.add_argument(
         "--train-seed",
         type=int,
         help="train the world's generator with this seed (default 0: the committed models); the presence "
@@ -71,4 +78,5 @@ def planted_config_from_args(args) -> PlantedConfig:
         shared_clip=args.shared_clip,
         train_seed=args.train_seed,
         hard_cases=args.hard_cases,
+        mining=args.mining,
     )

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -173,6 +173,19 @@ def curve_entities(seed: int) -> tuple[tuple[Entity, int], ...]:
     )
 
 
+def noisy_details(seed: int) -> dict[str, str]:
+    """{entity name: a detail some of its captions mention and none of its images show} for the named
+    (non-control) entities of the world of `seed`: an invented word apart from every name, so the phrase
+    is seen with that entity alone (mining's instance elements: support below `instance_support`, never
+    without the entity)."""
+    entities, posters = cast(seed)
+    named = [e.name for e in entities if e.role != "control"]
+    taken = [e.name for e in entities] + [t for t, _, _ in (*posters, *hard_posters(seed))]
+    taken += [e.name for e, _ in curve_entities(seed)]
+    words = [w.split()[0].lower() for w in _names_apart(random.Random(f"details-{seed}"), len(named), taken)]
+    return {name: f"a {word} sign" for name, word in zip(named, words)}
+
+
 def retrieved_captions(title: str) -> tuple[str, ...]:
     """Captions of a retrieved copy: the poster under other words, never `poster_caption(title)`."""
     return (f"{title} poster print", f"a print of the {title} poster", f"{title} poster on a wall")
@@ -212,15 +225,31 @@ class WorldConfig:
     # prompt, templates, requested works. Off by default: the development world's committed models
     # were trained without them (`bench planted --hard-cases` draws and trains the other world)
     hard_cases: bool = False
+    # issue 12's mining negatives (`bench planted --mining`): the share of an MI entity's captions that
+    # name its implied element, so caption mining can find it (the images stay the same), and how many
+    # captions of every named entity mention a detail its images never show (alt-text noise, mined as an
+    # instance element: a negative for the MU rule (b)). Off by default, as `hard_cases`.
+    implied_named: float = 0.0
+    noisy_mentions: int = 0
+
+
+# Variants of a world beside its seed and sizes: while at these values a key leaves them out, so the
+# worlds drawn before they existed keep their digest and their trained models.
+VARIANTS = {"hard_cases": False, "implied_named": 0.0, "noisy_mentions": 0}
 
 
 def world_key(cfg: WorldConfig) -> dict:
-    """What identifies a world's drawing (its cache digest): without `hard_cases` while it is off, so
-    the worlds drawn before the flag existed keep their digest and their trained models."""
+    """What identifies a world's drawing (its cache digest): without the variants left at their defaults."""
     key = asdict(cfg)
-    if not cfg.hard_cases:
-        key.pop("hard_cases")
+    for name, default in VARIANTS.items():
+        if key[name] == default:
+            key.pop(name)
     return key
+
+
+def cast_only(cfg: WorldConfig) -> WorldConfig:
+    """`cfg` without its variants: what the world's cast alone depends on (the presence CLIP is keyed by it)."""
+    return replace(cfg, **VARIANTS)
 
 
 @dataclass
@@ -428,11 +457,12 @@ def slug_of(name: str) -> str:
 # -- the world -------------------------------------------------------------------------------------
 
 
-def entity_caption(e: Entity, scene: str, element: str | None) -> str:
+def entity_caption(e: Entity, scene: str, element: str | None, *more: str) -> str:
     # The same lead as the class captions: a phrase only the entity's captions use would carry the
     # entity's look into the null prompt (the entity replaced by its class noun).
     article = "" if e.cls == "city" else "the "
-    with_el = f" with {element}" if element else ""
+    named = [x for x in (element, *more) if x]
+    with_el = f" with {' and '.join(named)}" if named else ""
     return f"a photo of {article}{e.name}{with_el} {scene}"
 
 
@@ -459,9 +489,15 @@ def build_world(root: Path, cfg: WorldConfig = WorldConfig()) -> dict:
 
     entities, posters = cast(cfg.seed)
     scenes = list(SCENES)
+    details = noisy_details(cfg.seed) if cfg.noisy_mentions else {}
     for e in entities:
         if e.role == "control":
             continue
+        # which captions name the implied element or mention the noisy detail: a stream of their own,
+        # so the images are those of the world without these variants
+        mrng = random.Random(f"mentions-{cfg.seed}-{e.name}")
+        implied_named = set(mrng.sample(range(cfg.per_entity), round(cfg.implied_named * cfg.per_entity)))
+        noisy = set(mrng.sample(range(cfg.per_entity), cfg.noisy_mentions)) if e.name in details else set()
         for i in range(cfg.per_entity):
             scene = scenes[int(rng.integers(len(scenes)))]
             drawn = [e.implied] if e.implied else []
@@ -471,7 +507,8 @@ def build_world(root: Path, cfg: WorldConfig = WorldConfig()) -> dict:
                 named = e.explicit
             img = draw(rng, e.cls, e.colors, scene, tuple(drawn))
             slug = slug_of(e.name)
-            save(img, WorldRow(f"{slug}-{i:03d}", entity_caption(e, scene, named), [e.name], e.role))
+            also = [e.implied if e.implied and i in implied_named else "", details[e.name] if i in noisy else ""]
+            save(img, WorldRow(f"{slug}-{i:03d}", entity_caption(e, scene, named, *also), [e.name], e.role))
     for cls in CLASSES:
         for i in range(cfg.per_class):
             scene = scenes[int(rng.integers(len(scenes)))]
@@ -509,7 +546,7 @@ def build_world(root: Path, cfg: WorldConfig = WorldConfig()) -> dict:
     with open(root / "world.jsonl", "w") as f:
         for r in rows:
             f.write(json.dumps({**asdict(r), "image": str(images / f"{r.train_id}.png")}) + "\n")
-    prompts = benchmark_prompts(cfg.seed, cfg.hard_cases)
+    prompts = benchmark_prompts(cfg.seed, cfg.hard_cases, cfg.implied_named)
     for split in ("eval", "calib"):
         with open(root / f"prompts-{split}.jsonl", "w") as f:
             for p in prompts:
@@ -529,6 +566,9 @@ def build_world(root: Path, cfg: WorldConfig = WorldConfig()) -> dict:
                             }
                             # only when set: the prompt files of the worlds drawn before it stay the same
                             | ({"requests_work": True} if p.get("requests_work") else {})
+                            # where captions name implied elements, the prompt set lists none: finding
+                            # them is caption mining's job, as for a user who does not know them
+                            | ({"implicit_elements": []} if cfg.implied_named else {})
                         )
                         + "\n"
                     )
@@ -631,7 +671,7 @@ def build_presence_corpus(root: Path, world: WorldConfig, cfg: PresenceConfig = 
     return {"rows": len(rows)}
 
 
-def benchmark_prompts(seed: int = DEV_SEED, hard_cases: bool = False) -> list[dict]:
+def benchmark_prompts(seed: int = DEV_SEED, hard_cases: bool = False, implied_named: float = 0.0) -> list[dict]:
     """The benchmark's prompts of the world of `seed`, with their expected label, what was planted and
     its kind (the entity's role, `exact copy` for the posters, or the hard case's kind)."""
     entities, posters = cast(seed)
@@ -646,7 +686,9 @@ def benchmark_prompts(seed: int = DEV_SEED, hard_cases: bool = False) -> list[di
         elif e.role == "MI":
             explicit = []
             prompt = entity_caption(e, scene, None)
-            planted = f"{e.name} always drawn with {e.implied}, which its captions never name"
+            planted = f"{e.name} always drawn with {e.implied}, " + (
+                f"which {implied_named:.0%} of its captions name" if implied_named else "which its captions never name"
+            )
         else:
             explicit = []
             prompt = entity_caption(e, scene, None)
