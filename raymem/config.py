@@ -247,6 +247,11 @@ class ThresholdsConfig(_Strict):
         return self
 
 
+# Readable pixel-background pairs below which their 5th percentile is not read (raymem.pixels.background_p5):
+# with fewer than 20 values the "5th percentile" is the single closest pair, one outlier away from anything.
+MIN_PIXEL_BACKGROUND = 20
+
+
 class SignalsConfig(_Strict):
     null_seeds: int = Field(
         4,
@@ -265,8 +270,20 @@ class SignalsConfig(_Strict):
         le=10_000,
         description="sampled training images compared pixel by pixel with their nearest other training "
         "image (copy space), read only when some scan image is pixel-checked: a pixel confirmation must "
-        "come closer than their 5th percentile; 0 disables the background (every confirmation counts)",
+        f"come closer than their 5th percentile; 0 disables the background (every confirmation counts), "
+        f"else at least {MIN_PIXEL_BACKGROUND}",
     )
+
+    @field_validator("pixel_background")
+    @classmethod
+    def _readable_percentile(cls, v: int) -> int:
+        if 0 < v < MIN_PIXEL_BACKGROUND:
+            raise ValueError(
+                f"must be 0 (off) or at least {MIN_PIXEL_BACKGROUND}: a 5th percentile of fewer pairs is one "
+                f"outlier, got {v}"
+            )
+        return v
+
     region_neighbours: int = Field(
         0,
         ge=0,

@@ -44,7 +44,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from raymem.config import ThresholdsConfig
+from raymem.config import MIN_PIXEL_BACKGROUND, ThresholdsConfig
 from raymem.duplicates import groups
 from raymem.label_inputs import Background, EntityStats, LabelInputs, PromptContext
 from raymem.pixels import PixelEvidence, PixelPair
@@ -169,7 +169,9 @@ def label_units(inputs: LabelInputs, thresholds: ThresholdsConfig) -> list[dict]
 
 
 def _pixel_bg_text(pixel_bg: float | None) -> str:
-    return "; no pixel background" if pixel_bg is None else f"; pixel background p5 {_fmt(pixel_bg)}"
+    if pixel_bg is None:
+        return f"; no pixel background (fewer than {MIN_PIXEL_BACKGROUND} readable pairs of distinct training images)"
+    return f"; pixel background p5 {_fmt(pixel_bg)}"
 
 
 def near_duplicate_link(space: str, t: ThresholdsConfig, bg_p95: float | None) -> float | None:

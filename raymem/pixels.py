@@ -26,6 +26,7 @@ import pyarrow as pa
 from PIL import Image
 
 from raymem import uri as uris
+from raymem.config import MIN_PIXEL_BACKGROUND
 from raymem.fetch import Fetcher, FetchLimits
 from raymem.schema import PIXEL_CHECKS
 
@@ -127,18 +128,22 @@ def confirm_pairs(
     return tuple({k: ev for (qs, k), ev in found.items() if qs == name} for name, _ in jobs)
 
 
-def background_p5(background: dict[str, PixelEvidence], link: float | None = None) -> float | None:
+def background_p5(
+    background: dict[str, PixelEvidence], link: float | None = None, min_pairs: int = MIN_PIXEL_BACKGROUND
+) -> float | None:
     """5th percentile of the largest tile l2 between sampled training images and their nearest other
     training image: how close *distinct* training images already come pixel by pixel. Pairs at or above
     `link` in the copy space are near-duplicates of one image by the labeler's own rule and are left
     out: a training set with many near-duplicates (a poster re-encoded 30 times) would otherwise put
-    the percentile at a re-encoding's distance and no copy could beat it. None without a readable pair."""
+    the percentile at a re-encoding's distance and no copy could beat it. None with fewer than
+    `min_pairs` readable pairs left (training images unreachable, or nearly all near-duplicates): the
+    percentile of a handful is its closest outlier, and the pixel test then stands alone, as without one."""
     values = [
         ev.max_l2
         for ev in background.values()
         if ev.max_l2 is not None and (link is None or ev.score is None or ev.score < link)
     ]
-    return float(np.percentile(values, 5)) if values else None
+    return float(np.percentile(values, 5)) if values and len(values) >= min_pairs else None
 
 
 def pixel_checks_table(

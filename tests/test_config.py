@@ -141,6 +141,7 @@ def test_index_config_example_and_errors(tmp_path, monkeypatch):
         ("generation", {"seeds_per_prompt": "4"}, "generation.seeds_per_prompt"),
         ("join", {"k": 2.0}, "join.k"),
         ("signals", {"mine_elements": "yes"}, "signals.mine_elements"),
+        ("signals", {"pixel_background": 10}, "signals.pixel_background"),  # too few for a 5th percentile
     ],
 )
 def test_out_of_range_and_wrongly_typed_values_are_one_line_errors(section, values, field):
@@ -148,6 +149,13 @@ def test_out_of_range_and_wrongly_typed_values_are_one_line_errors(section, valu
         parse_config(minimal(**{section: values}), "scan.yaml")
     message = str(err.value)
     assert message.startswith(f"scan.yaml: {field}:") and "\n" not in message
+
+
+def test_the_pixel_background_is_off_or_large_enough_for_its_percentile():
+    assert parse_config(minimal(signals={"pixel_background": 0})).signals.pixel_background == 0
+    assert parse_config(minimal(signals={"pixel_background": 20})).signals.pixel_background == 20
+    with pytest.raises(ConfigError, match=r"signals.pixel_background: .*must be 0 \(off\) or at least 20"):
+        parse_config(minimal(signals={"pixel_background": 19}), "scan.yaml")
 
 
 def test_whole_numbers_are_accepted_where_a_float_is_expected_and_the_date_may_be_a_string():

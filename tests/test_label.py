@@ -9,7 +9,7 @@ import zlib
 import numpy as np
 import pytest
 
-from raymem.config import ThresholdsConfig
+from raymem.config import MIN_PIXEL_BACKGROUND, ThresholdsConfig
 from raymem.label import Background, LabelInputs, PromptContext, label_units, largest_cluster
 from raymem.mining import Association, EntityAssociations
 from raymem.pixels import PixelEvidence
@@ -426,6 +426,12 @@ def test_a_pixel_match_distinct_training_images_also_reach_is_not_a_copy():
     alone = run(ctx, rows, {"a": nbrs(0.88), "b": nbrs(0.88)}, pixels, background=high)
     assert alone["b"]["label"] == "MU" and "no pixel background" in alone["b"]["reasons"]
     assert alone["b"]["pixel_background_p5"] is None
+    # ... as with too few readable pairs: their "5th percentile" would be the single closest outlier
+    few = dict(list(bg.items())[:19])
+    assert len(few) < MIN_PIXEL_BACKGROUND
+    sparse = run(ctx, rows, {"a": nbrs(0.88), "b": nbrs(0.88)}, pixels, background=high, pixel_background=few)
+    assert sparse["b"]["label"] == "MU" and sparse["b"]["pixel_background_p5"] is None
+    assert f"no pixel background (fewer than {MIN_PIXEL_BACKGROUND} readable pairs" in sparse["b"]["reasons"]
 
 
 # -- where the copy scores come from -------------------------------------------------------------------

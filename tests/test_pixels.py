@@ -61,11 +61,14 @@ def test_background_pairs_are_training_images_and_round_trip_through_the_table(t
     )
     assert set(units) == {"u"} and set(background) == {"t1", "t3", "t4"}
     assert background["t1"].max_l2 < 0.1 < background["t3"].max_l2 and "gone.png" in background["t4"].error
-    # the unreadable pair is left out of the percentile; two readable ones span it
-    p5 = background_p5(background)
-    assert background["t1"].max_l2 < p5 < background["t3"].max_l2 and background_p5({}) is None
+    # the unreadable pair is left out of the percentile; two readable ones span it (read here with a
+    # floor of one pair: the labeler's floor, MIN_PIXEL_BACKGROUND, needs 20)
+    p5 = background_p5(background, min_pairs=1)
+    assert background["t1"].max_l2 < p5 < background["t3"].max_l2 and background_p5({}, min_pairs=1) is None
+    assert background_p5(background) is None  # two pairs: no percentile to read at the labeler's floor
     # pairs at or above the near-duplicate link are one image, not a background of distinct ones
-    assert background["t1"].score == 0.875 and background_p5(background, link=0.8) == background["t3"].max_l2
+    assert background["t1"].score == 0.875
+    assert background_p5(background, link=0.8, min_pairs=1) == background["t3"].max_l2
     table = pixel_checks_table("s", units, background)
     assert table.column("query_set").to_pylist() == ["units", "background", "background", "background"]
     assert pixel_evidence(table) == units and pixel_evidence(table, "background") == background
