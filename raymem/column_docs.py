@@ -202,7 +202,7 @@ TABLES: dict[str, tuple[str, dict[str, str]]] = {
             "region_l2": "the largest l2 among the copied tiles",
             "pixel_background_p5": "5th percentile of the tiled pixel l2 between sampled training images and their "
             "nearest other training image (near-duplicate pairs left out); a pixel confirmation must come "
-            "closer (null: no pixel check or no readable background)",
+            "closer (null: no pixel check, or fewer than 20 readable background pairs)",
             "region_background_p99": "99th percentile of the copied tiles a sampled training image shares with its "
             "nearest other training images; a region copy must exceed it",
             "region_breadth": "distinct regions of the compared training images that would each be a region "
