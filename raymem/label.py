@@ -113,11 +113,19 @@ class _Logits:
         base = null[0] if null else self.score.get(("entity", self.entity))
         if base is None:
             return {}
+        # instance elements against the placebo element where the scan probed one (scans before it: the
+        # class text): what the detail adds beyond appending any phrase to the text
+        placebo = next((s for (kind, _), s in self.score.items() if kind == "placebo"), base)
         return {
-            (kind, element): two_way_logit(s, base)
+            (kind, element): two_way_logit(s, placebo if kind == "instance" else base)
             for (kind, element), s in self.score.items()
             if kind in ("explicit", "implicit", "mined", "instance")
         }
+
+
+def _beyond_placebo(ctx: PromptContext) -> str:
+    placebo = next((p.element for p in ctx.probes if p.kind == "placebo"), None)
+    return f" (beyond the placebo element '{placebo}')" if placebo else ""
 
 
 def _has_reference(ctx: PromptContext) -> bool:
@@ -700,7 +708,12 @@ def _decide(
     elif instance:
         label, subtype = "MU", "instance_element"
         flags.append("instance_element")
-        reasons.append("instance-specific unprompted element shown: " + "; ".join(describe(e) for e in instance))
+        reasons.append(
+            "instance-specific unprompted element shown"
+            + _beyond_placebo(ctx)
+            + ": "
+            + "; ".join(describe(e) for e in instance)
+        )
         if requested:
             reasons.append("the requested work was copied with content nobody asked for")
     elif implied:
@@ -717,7 +730,12 @@ def _decide(
         if explicit and not explicit_ok:
             reasons.append("missing: " + ", ".join(f"'{e['element']}'" for e in explicit if not e["present"]))
     if (replicated and not requested or region) and instance:
-        reasons.append("also instance-specific unprompted element shown: " + "; ".join(describe(e) for e in instance))
+        reasons.append(
+            "also instance-specific unprompted element shown"
+            + _beyond_placebo(ctx)
+            + ": "
+            + "; ".join(describe(e) for e in instance)
+        )
     if is_mi and label != "MI":
         reasons.append("also MI: implied element(s) shown consistently: " + "; ".join(describe(e) for e in implied))
     if is_me and label != "ME":

@@ -51,6 +51,8 @@ def image(ctx, entity=0.30, null=0.20, elements=None):
             w[i] = entity
         elif p.kind == "entity_null":
             w[i] = null
+        elif p.kind == "placebo":  # the made-up element: as the bare class text unless said otherwise
+            w[i] = (null if ctx.entity_class else entity) + (elements or {}).get(p.element, 0.0)
         else:  # elements are probed against the class noun when there is one, else the entity
             base = null if ctx.entity_class else entity
             w[i] = base + (elements or {}).get(p.element, -0.05)
@@ -318,6 +320,37 @@ def test_instance_specific_element_shown_is_MU():
     rows = [gen("u", 0, image(ctx, elements={"tattoo": 0.05}))] + [gen(f"v{i}", i, image(ctx)) for i in (1, 2, 3)]
     out = run(ctx, rows + nulls(ctx), {r["unit_id"]: nbrs(0.1) for r in rows})
     assert out["u"]["label"] == "ME"
+
+
+def test_an_instance_element_must_beat_the_placebo_element():
+    """Appending any phrase to the probe text moves an unusual-looking image more than the null images:
+    an instance element that moves the scan images no more than a made-up word does is not shown."""
+    from raymem.probes import PLACEBO_ELEMENT
+
+    assoc = EntityAssociations("X", 100, 1000, instance=[Association("tefala", 3, 3, 333.0)])
+    ctx = context(explicit=(), instance=("tefala",), associations=assoc)
+    assert [p.element for p in ctx.probes if p.kind == "placebo"] == [PLACEBO_ELEMENT]
+    assert not any(p.kind == "placebo" for p in context(explicit=()).probes)  # only beside instance elements
+    # every scan image: the detail and the placebo both +0.05 over the class text; the null images: neither
+    confound = {"tefala": 0.05, PLACEBO_ELEMENT: 0.05}
+    rows = [gen(u, i, image(ctx, elements=confound)) for i, u in enumerate("uvw")]
+    nulls_flat = nulls(ctx, elements={"tefala": -0.05, PLACEBO_ELEMENT: -0.05})
+    out = run(ctx, rows + nulls_flat, {u: nbrs(0.1) for u in "uvw"})
+    assert {r["label"] for r in out.values()} == {"ME"}
+    assert not any("instance_element" in r["flags"] for r in out.values())
+    # ... the same images with a detail that beats the placebo: shown, and the reason says against what
+    shown = {"tefala": 0.12, PLACEBO_ELEMENT: 0.05}
+    rows = [gen(u, i, image(ctx, elements=shown)) for i, u in enumerate("uvw")]
+    out = run(ctx, rows + nulls_flat, {u: nbrs(0.1) for u in "uvw"})
+    assert (out["u"]["label"], out["u"]["subtype"]) == ("MU", "instance_element")
+    assert f"shown (beyond the placebo element '{PLACEBO_ELEMENT}')" in out["u"]["reasons"]
+    # a scan published before the placebo probe (no placebo text): the detail against the class text
+    old = PromptContext(
+        "p", ctx.prompt, "X", ctx.entity_class, tuple(p for p in ctx.probes if p.kind != "placebo"), assoc
+    )
+    rows = [gen(u, i, image(ctx, elements=confound)) for i, u in enumerate("uvw")]
+    out = run(old, rows + nulls_flat, {u: nbrs(0.1) for u in "uvw"})
+    assert out["u"]["subtype"] == "instance_element" and "placebo" not in out["u"]["reasons"]
 
 
 # -- none, prompts, failures ---------------------------------------------------------------------------
