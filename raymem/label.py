@@ -113,19 +113,16 @@ class _Logits:
         base = null[0] if null else self.score.get(("entity", self.entity))
         if base is None:
             return {}
-        # instance elements against the placebo element where the scan probed one (scans before it: the
-        # class text): what the detail adds beyond appending any phrase to the text
-        placebo = next((s for (kind, _), s in self.score.items() if kind == "placebo"), base)
         return {
-            (kind, element): two_way_logit(s, placebo if kind == "instance" else base)
+            (kind, element): two_way_logit(s, base)
             for (kind, element), s in self.score.items()
-            if kind in ("explicit", "implicit", "mined", "instance")
+            if kind in ("explicit", "implicit", "mined", "instance", "placebo")
         }
 
 
 def _beyond_placebo(ctx: PromptContext) -> str:
-    placebo = next((p.element for p in ctx.probes if p.kind == "placebo"), None)
-    return f" (beyond the placebo element '{placebo}')" if placebo else ""
+    placebos = sum(1 for p in ctx.probes if p.kind == "placebo")
+    return f" (beyond all {placebos} placebo elements)" if placebos else ""
 
 
 def _has_reference(ctx: PromptContext) -> bool:
@@ -417,9 +414,15 @@ def _image_evidence(ctx, ent_logit, element_logits, null: _Null, entity_test, pr
         if key[0] != "explicit" and key in null.elements
     }
     image_p = _bh_per_group(image_tests)
+    # made-up words probed beside instance elements (scans before them have none): an instance element
+    # must move the prompt's images, and this image, more than every one of them
+    placebo_logits = [v for (kind, _), v in element_logits.items() if kind == "placebo"]
+    placebo_effects = [r.effect for (kind, _), r in prompt_tests.items() if kind == "placebo" and r is not None]
     elements = []
     for (kind, element), logit in sorted(element_logits.items()):
         key = (kind, element)
+        if kind == "placebo":
+            continue
         p = sigmoid(logit)
         test, pp, ip = prompt_tests.get(key), prompt_p.get(key), image_p.get(key)
         if kind == "explicit":
@@ -433,6 +436,8 @@ def _image_evidence(ctx, ent_logit, element_logits, null: _Null, entity_test, pr
             ip = ip if pp is None else None  # recorded only when it decided
         else:  # instance: never without null images; the image's test, and the prompt's when it has one
             beyond_null = ip is not None and ip <= t.null_alpha and (pp is None or pp <= t.null_alpha)
+            beyond_null = beyond_null and logit > max(placebo_logits, default=-np.inf)
+            beyond_null = beyond_null and (test is None or test.effect > max(placebo_effects, default=-np.inf))
         assoc = ctx.associations.lookup(element) if ctx.associations else None
         it = image_tests.get(key)
         elements.append(

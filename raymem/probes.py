@@ -7,10 +7,9 @@ For a prompt naming entity e (class noun c) with elements a:
   explicit       "a photo of c with a"  vs  "a photo of c"  -> is a requested element shown? (e without c)
   implicit       same, for elements the prompt set lists as implied
   mined          same, for elements mined from the training captions of e (lift, support)
-  instance       same, for rare elements seen with only a few training images of e (MU candidates) --
-                 against "a photo of c with <placebo>" instead of "a photo of c" (`placebo` below)
-  placebo        "a photo of c with <PLACEBO_ELEMENT>", a word no caption uses: what appending any
-                 element to the text does to an image, which an instance element must beat
+  instance       same, for rare elements seen with only a few training images of e (MU candidates)
+  placebo        same, for made-up words (PLACEBO_ELEMENTS) beside instance elements: what appending
+                 a phrase that names nothing does to an image, which an instance element must beat
 Each comparison is a two-way softmax at CLIP's logit scale (100), as in CLIP's zero-shot
 classification. The labeler then calibrates these logits against the same logits measured on images
 of the null prompt (e replaced by c), so no raw cosine cut-off is needed.
@@ -24,11 +23,22 @@ from dataclasses import dataclass
 import numpy as np
 
 LOGIT_SCALE = 100.0
-# The placebo element: a made-up word, so it names nothing an image can show. Appending any phrase to a
+# Placebo elements: made-up words, so they name nothing an image can show. Appending any phrase to a
 # probe moves an unusual-looking image (a rendered entity) more than the typical null images, so an
 # element can beat the null without being shown; an instance element -- a rare caption phrase, often
-# alt-text noise -- must beat this placebo too (docs/labeler.md, rule (b)).
-PLACEBO_ELEMENT = "a vorzlimb"
+# alt-text noise -- must beat every placebo too (docs/labeler.md, rule (b)). A phrase that only moves
+# the text like they do beats all nine with chance 1/10.
+PLACEBO_ELEMENTS = (
+    "a vorzlimb",
+    "a quendrath",
+    "a plixomet",
+    "a draskuvel",
+    "a zintharob",
+    "a mulvestri",
+    "a kofrandel",
+    "a yeshtolan",
+    "a brindavox",
+)
 
 
 @dataclass(frozen=True)
@@ -65,7 +75,7 @@ def probes_for(
                 seen.add(a)
                 probes.append(Probe(kind, a, element_text(subject, a)))
     if any(p.kind == "instance" for p in probes):
-        probes.append(Probe("placebo", PLACEBO_ELEMENT, element_text(subject, PLACEBO_ELEMENT)))
+        probes += [Probe("placebo", w, element_text(subject, w)) for w in PLACEBO_ELEMENTS if w not in seen]
     return probes
 
 
