@@ -9,7 +9,7 @@ For a prompt naming entity e (class noun c) with elements a:
   mined          same, for elements mined from the training captions of e (lift, support)
   instance       same, for rare elements seen with only a few training images of e (MU candidates)
   placebo        same, for made-up words (PLACEBO_ELEMENTS) beside instance elements: what appending
-                 a phrase that names nothing does to an image, which an instance element must beat
+                 a word that names nothing does to an image, which an instance element must beat
 Each comparison is a two-way softmax at CLIP's logit scale (100), as in CLIP's zero-shot
 classification. The labeler then calibrates these logits against the same logits measured on images
 of the null prompt (e replaced by c), so no raw cosine cut-off is needed.
@@ -26,18 +26,29 @@ LOGIT_SCALE = 100.0
 # Placebo elements: made-up words, so they name nothing an image can show. Appending any phrase to a
 # probe moves an unusual-looking image (a rendered entity) more than the typical null images, so an
 # element can beat the null without being shown; an instance element -- a rare caption phrase, often
-# alt-text noise -- must beat every placebo too (docs/labeler.md, rule (b)). A phrase that only moves
-# the text like they do beats all nine with chance 1/10.
+# alt-text noise -- must beat every placebo too (docs/labeler.md, rule (b)). Bare words, as mined terms
+# are (stopwords such as articles never survive mining); nineteen of them, so a term that moves the
+# text no more than any made-up word beats them all with chance 1/20.
 PLACEBO_ELEMENTS = (
-    "a vorzlimb",
-    "a quendrath",
-    "a plixomet",
-    "a draskuvel",
-    "a zintharob",
-    "a mulvestri",
-    "a kofrandel",
-    "a yeshtolan",
-    "a brindavox",
+    "vorzlimb",
+    "quendrath",
+    "plixomet",
+    "draskuvel",
+    "zintharob",
+    "mulvestri",
+    "kofrandel",
+    "yeshtolan",
+    "brindavox",
+    "taquimbre",
+    "fendosquil",
+    "glorvatine",
+    "hupzarnel",
+    "jostrivel",
+    "krendavosh",
+    "lumzephar",
+    "norbitquel",
+    "ospindrax",
+    "wixtolrane",
 )
 
 

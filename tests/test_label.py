@@ -345,7 +345,7 @@ def test_an_instance_element_must_beat_the_placebo_element():
     rows = [gen(u, i, image(ctx, elements=shown)) for i, u in enumerate("uvw")]
     out = run(ctx, rows + nulls_flat, {u: nbrs(0.1) for u in "uvw"})
     assert (out["u"]["label"], out["u"]["subtype"]) == ("MU", "instance_element")
-    assert "shown (beyond all 9 placebo elements)" in out["u"]["reasons"]
+    assert f"shown (beyond all {len(PLACEBO_ELEMENTS)} placebo elements)" in out["u"]["reasons"]
     assert {e["kind"] for e in out["u"]["elements"]} == {"instance"}  # placebos decide, not published
     # one placebo moving the images as much as the detail is enough to doubt it
     rivalled = {**shown, PLACEBO_ELEMENTS[4]: 0.12}
