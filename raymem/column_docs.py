@@ -79,8 +79,8 @@ TABLES: dict[str, tuple[str, dict[str, str]]] = {
     "texts": (
         "one row per probe text of a prompt, with its CLIP text embedding",
         {
-            "kind": "prompt, entity, entity_null, explicit, implicit, mined, instance or placebo (the made-up "
-            "element instance elements are compared against)",
+            "kind": "prompt, entity, entity_null, explicit, implicit, mined, instance or placebo (made-up words "
+            "an instance element must beat)",
             "element": "the entity or element probed",
             "text": "the probe text",
         },

@@ -175,7 +175,7 @@ def label_units(inputs: LabelInputs, thresholds: ThresholdsConfig) -> list[dict]
 
 def _pixel_bg_text(pixel_bg: float | None) -> str:
     if pixel_bg is None:
-        return f"; no pixel background (fewer than {MIN_PIXEL_BACKGROUND} readable pairs of distinct training images)"
+        return f"; no pixel background (none sampled, or fewer than {MIN_PIXEL_BACKGROUND} readable distinct pairs)"
     return f"; pixel background p5 {_fmt(pixel_bg)}"
 
 

@@ -472,7 +472,7 @@ def test_a_pixel_match_distinct_training_images_also_reach_is_not_a_copy():
     assert len(few) < MIN_PIXEL_BACKGROUND
     sparse = run(ctx, rows, {"a": nbrs(0.88), "b": nbrs(0.88)}, pixels, background=high, pixel_background=few)
     assert sparse["b"]["label"] == "MU" and sparse["b"]["pixel_background_p5"] is None
-    assert f"no pixel background (fewer than {MIN_PIXEL_BACKGROUND} readable pairs" in sparse["b"]["reasons"]
+    assert f"or fewer than {MIN_PIXEL_BACKGROUND} readable distinct pairs)" in sparse["b"]["reasons"]
 
 
 # -- where the copy scores come from -------------------------------------------------------------------
