@@ -157,6 +157,11 @@ def test_a_scan_reports_progress_per_stage_and_closes_with_a_summary(demo_raw, d
     # notice, no "progress bars disabled", no deprecation warning) but the one known Ray 2.60 line per
     # actor pool (ray-project/ray#57733; README, Commands), kept because actors must stay restartable.
     known = "has constructor arguments in the object store and max_restarts > 0"
-    assert [line for line in out.stderr.splitlines() if "raymem." not in line and known not in line] == []
+    foreign = [line for line in out.stderr.splitlines() if "raymem." not in line and known not in line]
+    # ... and, on some runs, Ray Data's file-listing teardown race (README, Commands): one traceback from
+    # a ListFiles actor ending in InterruptedError, nothing else
+    listing = [line for line in foreign if "(ListFiles pid=" in line]
+    assert not listing or (listing[-1].endswith("InterruptedError") and "dynamic_work_queue" in "".join(listing))
+    assert [line for line in foreign if "(ListFiles pid=" not in line] == []
     quiet = raymem("scan", str(path), "-q")
     assert quiet.returncode == 0 and "raymem.progress" not in quiet.stderr
