@@ -411,7 +411,8 @@ def _image_evidence(ctx, ent_logit, element_logits, null: _Null, entity_test, pr
     image_tests = {
         key: prediction_p(logit, list(null.elements[key].values()))
         for key, logit in element_logits.items()
-        if key[0] != "explicit" and key in null.elements
+        # placebos are compared with the instance element's logit directly: no test of their own here
+        if key[0] not in ("explicit", "placebo") and key in null.elements
     }
     image_p = _bh_per_group(image_tests)
     # made-up words probed beside instance elements (scans before them have none): an instance element
