@@ -62,11 +62,15 @@ class RegionEvidence:
 
 def tile_stats(a: np.ndarray, b: np.ndarray, grid: int) -> tuple[np.ndarray, np.ndarray]:
     """Per tile of two (S, S, 3) images in [0, 1], row-major: the l2 distance (Carlini's, as
-    `pixels.tile_distances`) and the smaller of the two tiles' pixel standard deviations."""
+    `pixels.tile_distances`) and the smaller of the two tiles' spatial pixel standard deviations (within
+    each channel, pooled: the quantity the texture argument of the module docstring is about)."""
     s = a.shape[0] // grid
 
-    def texture(x):  # (grid*grid,) pixel std of each tile
-        return x[: s * grid, : s * grid].reshape(grid, s, grid, s, 3).std(axis=(1, 3, 4)).reshape(-1)
+    def texture(x):  # (grid*grid,) spatial pixel std of each tile: within each channel, pooled over the three
+        # (a std over pixels *and* channels would count a flat tile of a saturated colour -- a green meadow --
+        # as textured: its channels differ, its pixels do not)
+        tiles = x[: s * grid, : s * grid].reshape(grid, s, grid, s, 3)
+        return np.sqrt(tiles.var(axis=(1, 3)).mean(axis=-1)).reshape(-1)
 
     return tile_distances(a, b, grid), np.minimum(texture(a), texture(b))
 

@@ -31,10 +31,11 @@ T = ThresholdsConfig()
 
 def textured(rng, size=SIZE) -> np.ndarray:
     """A photo-like (size, size, 3) image in [0, 1]: smooth colour fields plus luminance texture at a
-    2-pixel scale (i.i.d. per-pixel colour noise is not photo-like: JPEG's chroma subsampling erases it)."""
+    2-pixel scale, std 0.15 within a tile (i.i.d. per-pixel colour noise is not photo-like: JPEG's chroma
+    subsampling erases it)."""
     coarse = rng.random((size // 16, size // 16, 3))
     smooth = np.kron(coarse, np.ones((16, 16, 1)))
-    luminance = np.kron(rng.normal(0, 0.12, (size // 2, size // 2, 1)), np.ones((2, 2, 3)))
+    luminance = np.kron(rng.normal(0, 0.15, (size // 2, size // 2, 1)), np.ones((2, 2, 3)))
     return np.clip(0.6 * smooth + 0.2 + luminance, 0, 1).astype(np.float32)
 
 
@@ -84,6 +85,24 @@ def test_shared_flat_regions_are_not_copies():
     ev = compare_regions(a, b, "t", GRID)
     assert min(ev.tile_l2[:32]) == 0 and ev.copied_tiles(T.region_l2, T.region_texture) == []
     assert ev.copied_tiles(T.region_l2, 0.0) == list(range(32))  # what texture rules out
+
+
+def test_flat_tiles_of_a_saturated_colour_are_not_texture():
+    """Texture is spatial: a flat green tile has channels far apart (0.27, 0.55, 0.24) but no pixel that
+    differs from its neighbour. Measured over pixels and channels together, two such meadows -- each with
+    a faint texture of its own -- came out a copy on most of their tiles (the planted worlds' region
+    background of 55 of 64 tiles was this)."""
+    rng = np.random.default_rng(4)
+    green = np.array([0.27, 0.55, 0.24], dtype=np.float32)
+    a = green + rng.normal(0, 0.02, (SIZE, SIZE, 1)).astype(np.float32)
+    b = green + rng.normal(0, 0.02, (SIZE, SIZE, 1)).astype(np.float32)
+    ev = compare_regions(a, b, "t", GRID)
+    assert max(ev.tile_l2) <= T.region_l2 and max(ev.texture) < 0.05  # close, and flat
+    assert ev.copied_tiles(T.region_l2, T.region_texture) == []
+    # a textured tile in one channel only still counts (pooled over channels, not averaged away)
+    stripes = np.zeros((SIZE, SIZE, 3), dtype=np.float32)
+    stripes[:, ::2, 0] = 1.0
+    assert min(compare_regions(stripes, stripes, "t", GRID).texture) >= T.region_texture
 
 
 def test_a_recompressed_and_shifted_in_colour_copy_is_still_found(tmp_path):
