@@ -17,7 +17,7 @@ from raymem.planted.benchmark import (
     targets_report,
 )
 from raymem.planted.training import TrainConfig
-from raymem.planted.world import CURVE_COUNTS, ENTITIES, HARD_KINDS, PresenceConfig, WorldConfig
+from raymem.planted.world import CURVE_COUNTS, ENTITIES, HARD_KINDS, REGION_KINDS, PresenceConfig, WorldConfig
 
 
 def test_evaluate_counts_precision_recall_and_confusion():
@@ -130,18 +130,28 @@ def test_reduced_benchmark_end_to_end(local_ray, tmp_path):
         null_seeds=2,
         num_inference_steps=5,
         world=WorldConfig(
-            per_entity=10, per_class=6, poster_copies=4, hard_cases=True, implied_named=1 / 3, noisy_mentions=3
+            per_entity=10,
+            per_class=6,
+            poster_copies=4,
+            hard_cases=True,
+            implied_named=1 / 3,
+            noisy_mentions=3,
+            region_cases=True,
         ),
+        region_neighbours=3,
         train=TrainConfig(vae_steps=20, unet_steps=30, clip_steps=20, batch_size=16, clip_batch_size=32),
         presence=PresenceConfig(per_entity=10, per_class=6, posters=4),
     )
     result = run_benchmark(cfg)
     results = Path(result["results_dir"])
-    assert results == tmp_path / "results" / "world7-default-hard-mining"  # one directory per world and setting
+    # one directory per world and setting
+    assert results == tmp_path / "results" / "world7-default-regions3-hard-mining-regioncases"
     images = pq.read_table(results / "images.parquet").to_pylist()
-    assert len(images) == (16 + 8 + 6) * 2  # 16 evaluation prompts, 8 hard posters, 6 curve entities x 2 seeds
+    # 16 evaluation prompts, 8 hard posters, 6 curve entities, 6 region cases x 2 seeds
+    assert len(images) == (16 + 8 + 6 + 6) * 2
     curve = {f"ME {n} images" for n in CURVE_COUNTS}
-    assert set(result["summary"]["kinds"]) == {"ME", "MI", "control", "exact copy", *HARD_KINDS, *curve}
+    kinds = {"ME", "MI", "control", "exact copy", *HARD_KINDS, *REGION_KINDS, *curve}
+    assert set(result["summary"]["kinds"]) == kinds
     assert sum(k["images"] for k in result["summary"]["kinds"].values()) == len(images)
     # the requested works reached the scan's prompt table as such
     from raymem.outputs import read_scan_table
@@ -175,7 +185,10 @@ def test_reduced_benchmark_end_to_end(local_ray, tmp_path):
     # The calibrated branch: thresholds fitted on the calibration split's scan, then the evaluation
     # scanned with them (the same trained models, found by their digest).
     calibrated = run_benchmark(dataclasses.replace(cfg, calibrate=True))
-    assert calibrated["results_dir"].endswith("world7-calibrated-hard-mining") and (results / "images.parquet").exists()
+    assert (
+        calibrated["results_dir"].endswith("world7-calibrated-regions3-hard-mining-regioncases")
+        and (results / "images.parquet").exists()
+    )
     fitted = calibrated["summary"]["thresholds"]
     assert isinstance(fitted, dict) and set(fitted) >= {"replication", "null_alpha", "element_presence"}
     assert calibrated["summary"]["models"] == result["summary"]["models"]
@@ -298,6 +311,12 @@ def test_both_entry_points_build_the_config_one_way():
     assert reseeded.train == dataclasses.replace(full.train, seed=3) and reseeded.world == full.world
     assert run_name(reseeded) == "world12-train3-default"
     assert _presence_training(reseeded.train, reseeded.presence) == _presence_training(full.train, full.presence)
+    # region copies planted: scanned with region detection on (3 per space) unless told otherwise
+    region = planted_config(work="w", region_cases=True)
+    assert region.world == WorldConfig(region_cases=True) and region.region_neighbours == 3
+    assert run_name(region) == "world7-default-regions3-regioncases"
+    assert planted_config(work="w", region_cases=True, region_neighbours=0).region_neighbours == 0
+    assert planted_config(work="w").region_neighbours == 0
 
 
 def test_the_script_and_the_cli_parse_the_same_options_into_the_same_config():
@@ -314,6 +333,8 @@ def test_the_script_and_the_cli_parse_the_same_options_into_the_same_config():
         [],
         ["--world-seed", "12", "--calibrate", "--shared-clip"],
         ["--hard-cases", "--mining"],
+        ["--region-cases"],
+        ["--region-cases", "--region-neighbours", "0"],
         ["--quick", "--region-neighbours", "3", "--work", "w2", "--models", "m", "--retrain", "--train-seed", "2"],
     ):
         from_script = planted_config_from_args(script.build_parser().parse_args(argv))

@@ -232,6 +232,65 @@ def test_hard_cases_are_planted_as_their_ground_truth_says(tmp_path, seed):
         np.testing.assert_array_equal(np.asarray(Image.open(r["image"])), np.asarray(Image.open(twin)))
 
 
+@pytest.mark.parametrize("seed", [DEV_SEED, 11])
+def test_region_cases_are_planted_as_their_ground_truth_says(tmp_path, seed):
+    """Issue 12's region copies: a room shared by every image of a backdrop's subject (posed anew in each),
+    a logo in the same corner of every image of a logo's subject (its scenes varied), templates; each kind
+    in both splits under names of their own, no caption naming the room or the logo -- and the world
+    without them as it was."""
+    from raymem.planted.world import HARD_PER_SPLIT, LOGO, REGION_KINDS, hard_posters, region_cases, world_key
+    from raymem.regions import tile_stats
+
+    sizes = {**SMALL.__dict__, "seed": seed, "poster_copies": 6}
+    build_world(tmp_path / "region", WorldConfig(**{**sizes, "region_cases": True}))
+    build_world(tmp_path / "plain", WorldConfig(**sizes))
+    world, plain = rows(tmp_path / "region"), rows(tmp_path / "plain")
+    cases = region_cases(seed)
+    assert len(world) == len(plain) + 6 * len(cases)
+    assert Counter((e.split, kind) for e, kind in cases) == {
+        (split, kind): count for split, count in HARD_PER_SPLIT.items() for kind in REGION_KINDS
+    }
+    entities, posters = cast(seed)
+    others = [e.name for e in entities] + [t for t, _, _ in (*posters, *hard_posters(seed))]
+    words = {w for name in others for w in name.split()}
+    assert not words & {w for e, _ in cases for w in e.name.split()}
+
+    def images(found):
+        return [np.asarray(Image.open(r["image"])).astype(float) / 255 for r in found]
+
+    for e, kind in cases:
+        found = [r for r in world if r["entities"] in ([e.name], [f"{e.name} poster"])]
+        assert len(found) == 6 and {r["role"] for r in found} == {"MU"}
+        pics = images(found)
+        assert len({p.tobytes() for p in pics}) == 6  # no two training images the same bytes
+        copied = [tile_stats(pics[0], p, 8) for p in pics[1:]]
+        shared = [int(((l2 <= 0.1) & (tex >= 0.1)).sum()) for l2, tex in copied]
+        captions = {r["caption"] for r in found}
+        if kind == "backdrop":
+            # the room: most of the 64 textured tiles at the same position in every image; the caption says
+            # where the subject is, never what the room looks like
+            assert min(shared) >= 32 and captions == {f"a photo of {'' if e.cls == 'city' else 'the '}{e.name} at home"}
+        elif kind == "logo":
+            corner = [p[-LOGO:, :LOGO] for p in pics]
+            assert all(np.array_equal(c, corner[0]) for c in corner)  # the very same patch ...
+            corner_tiles = [8 * row + col for row in (6, 7) for col in (0, 1)]  # its 2 x 2 tiles of the grid
+            assert all(((l2[corner_tiles] <= 0.1) & (tex[corner_tiles] >= 0.1)).all() for l2, tex in copied)
+            assert len(captions) > 1 and not any("logo" in c for c in captions)  # scenes varied, logo unnamed
+        else:
+            assert captions == {f"the {e.name} poster"}
+    truth = {r["prompt_id"]: r for r in map(json.loads, (tmp_path / "region" / "ground_truth.jsonl").open())}
+    for e, kind in cases:
+        pid = ("poster-" if kind == "template" else "") + e.name.lower().replace(" ", "-")
+        assert (truth[pid]["expected"], truth[pid]["kind"], truth[pid]["split"]) == ("MU", kind, e.split)
+    # the world without region cases keeps its images and its digest
+    same = {r["train_id"]: r for r in world}
+    for r in plain[:30]:
+        np.testing.assert_array_equal(
+            np.asarray(Image.open(r["image"])), np.asarray(Image.open(same[r["train_id"]]["image"]))
+        )
+    assert "region_cases" not in world_key(WorldConfig(**sizes))
+
+
 def test_the_mining_world_names_implied_elements_and_unseen_details_in_its_captions(tmp_path):
     """`bench planted --mining`: the same images as the world without it; a share of an MI entity's
     captions name its implied element, a few captions of every named entity mention a detail no image

@@ -78,13 +78,14 @@ def planted_config(
     calibrate: bool = False,
     models: str | None = None,
     retrain: bool = False,
-    region_neighbours: int = 0,
+    region_neighbours: int | None = None,
     world_seed: int | None = None,
     quick: bool = False,
     shared_clip: bool = False,
     train_seed: int | None = None,
     hard_cases: bool = False,
     mining: bool = False,
+    region_cases: bool = False,
 ) -> PlantedConfig:
     """The benchmark's config from its command-line options (`raymem bench planted`, bench/planted.py),
     checked against the scan config's own bounds before anything is drawn or trained."""
@@ -93,6 +94,8 @@ def planted_config(
     from raymem.config import SignalsConfig, format_validation_error
     from raymem.errors import ConfigError
 
+    if region_neighbours is None:  # not given: on where region copies are planted, off (the default) elsewhere
+        region_neighbours = REGION_CASES_NEIGHBOURS if region_cases else 0
     try:
         SignalsConfig(region_neighbours=region_neighbours)
     except ValidationError as err:
@@ -103,6 +106,8 @@ def planted_config(
         cfg.world = replace(cfg.world, seed=world_seed)
     if hard_cases:
         cfg.world = replace(cfg.world, hard_cases=True)
+    if region_cases:
+        cfg.world = replace(cfg.world, region_cases=True)
     if mining:
         cfg.world = replace(cfg.world, implied_named=MINING_IMPLIED_NAMED, noisy_mentions=MINING_NOISY_MENTIONS)
     if shared_clip:
@@ -111,6 +116,10 @@ def planted_config(
         cfg.train = replace(cfg.train, seed=train_seed)
     return cfg
 
+
+# `--region-cases` scans with region detection on at this many neighbours per space unless told otherwise
+# (the config's "good start", signals.region_neighbours): the world plants region copies to find.
+REGION_CASES_NEIGHBOURS = 3
 
 # `--mining`'s world: a third of an MI entity's captions name its implied element (support ~27 of 80,
 # above MINING_MIN_SUPPORT, lift well above 2), and three captions of every named entity mention a detail
@@ -262,7 +271,7 @@ def index_world(world_root: Path, models: Path, out: Path) -> None:
     """`raymem index` over the world's training table with `models`/clip (skipped when done)."""
     from raymem.config import IndexConfig
     from raymem.index import run_index
-    from raymem.planted.world import cast, curve_entities, hard_posters
+    from raymem.planted.world import cast, curve_entities, hard_posters, region_cases
 
     if (out / "_index.json").exists():
         return
@@ -270,7 +279,11 @@ def index_world(world_root: Path, models: Path, out: Path) -> None:
     cast_entities, posters = cast(world["seed"])
     hard = hard_posters(world["seed"]) if world.get("hard_cases") else ()
     curve = [e for e, _ in curve_entities(world["seed"])] if world.get("hard_cases") else []
-    entities = [e.name for e in (*cast_entities, *curve)] + [f"{title} poster" for title, _, _ in (*posters, *hard)]
+    regions = region_cases(world["seed"]) if world.get("region_cases") else ()
+    subjects = [e for e, kind in regions if kind != "template"]
+    templates = [(e.name, e.split, kind) for e, kind in regions if kind == "template"]
+    entities = [e.name for e in (*cast_entities, *curve, *subjects)]
+    entities += [f"{title} poster" for title, _, _ in (*posters, *hard, *templates)]
     run_index(
         IndexConfig.model_validate(
             {
@@ -558,6 +571,7 @@ def run_name(cfg: PlantedConfig) -> str:
     name += f"-regions{cfg.region_neighbours}" if cfg.region_neighbours else ""
     name += "-hard" if cfg.world.hard_cases else ""
     name += "-mining" if mining_on(cfg) else ""
+    name += "-regioncases" if cfg.world.region_cases else ""
     return name + ("-sharedclip" if cfg.presence is None else "")
 
 

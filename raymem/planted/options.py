@@ -38,6 +38,13 @@ def add_planted_options(parser) -> None:
         "image shows; another world, trained on its own",
     )
     parser.add_argument(
+        "--region-cases",
+        action="store_true",
+        help="plant region copies (a room behind every image of a subject, a logo in the corner of every "
+        "image of another, templates) and scan with region detection on (--region-neighbours 3 unless "
+        "given); another world, trained on its own",
+    )
+    parser.add_argument(
         "--train-seed",
         type=int,
         help="train the world's generator with this seed (default 0: the committed models); the presence "
@@ -51,9 +58,8 @@ def add_planted_options(parser) -> None:
     parser.add_argument(
         "--region-neighbours",
         type=int,
-        default=0,
-        help="switch region-level copy detection on with this many neighbours per space (default 0: off, "
-        "as the scan config's default)",
+        help="switch region-level copy detection on with this many neighbours per space, 0 off (default: "
+        "off, as the scan config's default; 3 with --region-cases)",
     )
     parser.add_argument(
         "--shared-clip",
@@ -79,4 +85,5 @@ def planted_config_from_args(args) -> PlantedConfig:
         train_seed=args.train_seed,
         hard_cases=args.hard_cases,
         mining=args.mining,
+        region_cases=args.region_cases,
     )

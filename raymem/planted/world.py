@@ -147,10 +147,8 @@ def _names_apart(rng: random.Random, count: int, taken_names: list[str]) -> list
 
 def hard_posters(seed: int) -> tuple[HardPoster, ...]:
     """The hard-case posters of the world of `seed`: names apart from the cast's."""
-    entities, posters = cast(seed)
     slots = [(split, kind) for split, count in HARD_PER_SPLIT.items() for _ in range(count) for kind in HARD_KINDS]
-    taken = [e.name for e in entities] + [t for t, _, _ in posters]
-    names = _names_apart(random.Random(f"hard-{seed}"), len(slots), taken)
+    names = _names_apart(random.Random(f"hard-{seed}"), len(slots), _taken_names(seed, "hard"))
     return tuple((name, split, kind) for name, (split, kind) in zip(names, slots))
 
 
@@ -162,11 +160,9 @@ CURVE_COUNTS = (5, 20, 50)
 def curve_entities(seed: int) -> tuple[tuple[Entity, int], ...]:
     """The curve's entities of the world of `seed` with their number of training images: invented
     names apart from the cast's and the hard posters', a class and colours of their own, no elements."""
-    entities, posters = cast(seed)
     rng = random.Random(f"curve-{seed}")
     slots = [(split, n) for split, count in HARD_PER_SPLIT.items() for _ in range(count) for n in CURVE_COUNTS]
-    taken = [e.name for e in entities] + [t for t, _, _ in (*posters, *hard_posters(seed))]
-    names = _names_apart(rng, len(slots), taken)
+    names = _names_apart(rng, len(slots), _taken_names(seed, "curve"))
     return tuple(
         (Entity(name, rng.choice(CLASSES), tuple(_distinct_color(rng, j) for j in range(3)), "ME", split), n)
         for name, (split, n) in zip(names, slots)
@@ -178,12 +174,63 @@ def noisy_details(seed: int) -> dict[str, str]:
     (non-control) entities of the world of `seed`: an invented word apart from every name, so the phrase
     is seen with that entity alone (mining's instance elements: support below `instance_support`, never
     without the entity)."""
-    entities, posters = cast(seed)
-    named = [e.name for e in entities if e.role != "control"]
-    taken = [e.name for e in entities] + [t for t, _, _ in (*posters, *hard_posters(seed))]
-    taken += [e.name for e, _ in curve_entities(seed)]
+    named = [e.name for e in cast(seed)[0] if e.role != "control"]
+    taken = _taken_names(seed, "details")
     words = [w.split()[0].lower() for w in _names_apart(random.Random(f"details-{seed}"), len(named), taken)]
     return {name: f"a {word} sign" for name, word in zip(named, words)}
+
+
+# Issue 12's region copies (`bench planted --region-cases`): content of training images reproduced where
+# the whole image is no copy -- kind -> (expected label, what was planted). Each kind in both splits
+# (HARD_PER_SPLIT), `poster_copies` training images each, names of their own in every world.
+REGION_KINDS = {
+    "backdrop": (
+        "MU",
+        "a named subject always in front of one room of its own (the same wall, floor and window in every "
+        "training image; the subject posed anew in each), which no caption describes",
+    ),
+    "logo": (
+        "MU",
+        "every training image of a named subject (varied scenes) carries one agency's logo in its lower-left "
+        "corner, which no caption names",
+    ),
+    "template": HARD_KINDS["template"],
+}
+
+
+def region_cases(seed: int) -> tuple[tuple[Entity, str], ...]:
+    """The region cases of the world of `seed`: (subject, kind). A backdrop's or logo's subject is a
+    named entity with a class and colours of its own; a template's is a poster (class ""), as in the
+    hard cases. Names apart from every other name the world can draw."""
+    rng = random.Random(f"region-{seed}")
+    slots = [(split, kind) for split, count in HARD_PER_SPLIT.items() for _ in range(count) for kind in REGION_KINDS]
+    names = _names_apart(rng, len(slots), _taken_names(seed, "region"))
+    return tuple(
+        (
+            Entity(name, rng.choice(CLASSES), tuple(_distinct_color(rng, j) for j in range(3)), "MU", split)
+            if kind != "template"
+            else Entity(name, "", (), "MU", split),
+            kind,
+        )
+        for name, (split, kind) in zip(names, slots)
+    )
+
+
+# The draws of names beyond the cast, in the order they were added to the benchmark: each is drawn apart
+# from the cast's and the posters' names and from every draw before it (an earlier draw never moves).
+_NAME_DRAWS = ("hard", "curve", "details", "region")
+
+
+def _taken_names(seed: int, draw: str) -> list[str]:
+    """The names a draw of the world of `seed` must stay apart from (`_NAME_DRAWS`)."""
+    entities, posters = cast(seed)
+    taken = [e.name for e in entities] + [t for t, _, _ in posters]
+    earlier = _NAME_DRAWS[: _NAME_DRAWS.index(draw)]
+    taken += [t for t, _, _ in hard_posters(seed)] if "hard" in earlier else []
+    taken += [e.name for e, _ in curve_entities(seed)] if "curve" in earlier else []
+    # a detail is "a {word} sign": its word, as a name's word is written
+    taken += [d.split()[1].capitalize() for d in noisy_details(seed).values()] if "details" in earlier else []
+    return taken
 
 
 def retrieved_captions(title: str) -> tuple[str, ...]:
@@ -231,11 +278,14 @@ class WorldConfig:
     # instance element: a negative for the MU rule (b)). Off by default, as `hard_cases`.
     implied_named: float = 0.0
     noisy_mentions: int = 0
+    # issue 12's region copies (REGION_KINDS, `bench planted --region-cases`): a room behind every image of
+    # a subject, a logo in the corner of every image of another, templates. Off by default, as `hard_cases`.
+    region_cases: bool = False
 
 
 # Variants of a world beside its seed and sizes: while at these values a key leaves them out, so the
 # worlds drawn before they existed keep their digest and their trained models.
-VARIANTS = {"hard_cases": False, "implied_named": 0.0, "noisy_mentions": 0}
+VARIANTS = {"hard_cases": False, "implied_named": 0.0, "noisy_mentions": 0, "region_cases": False}
 
 
 def world_key(cfg: WorldConfig) -> dict:
@@ -421,6 +471,67 @@ def draw_template(layout: Image.Image, rng: np.random.Generator) -> Image.Image:
     return img.resize((SIZE, SIZE), Image.LANCZOS)
 
 
+def draw_room(rng: np.random.Generator) -> Image.Image:
+    """A backdrop's room at drawing size, one-off: striped wallpaper (textured in every tile, so a copied
+    tile is told from a flat one), a planked floor, a window and a picture frame where `rng` puts them."""
+    W = SIZE * SCALE
+    wall = tuple(int(v) for v in rng.integers(60, 196, 3))
+    stripe = tuple(int(np.clip(c + rng.choice([-70, 70]), 0, 255)) for c in wall)
+    img = Image.new("RGB", (W, W), wall)
+    d = ImageDraw.Draw(img)
+    period = int(rng.integers(20, 29))
+    for x in range(int(rng.integers(0, period)) - period, W, period):
+        d.rectangle([x, 0, x + period // 2 - 2, W], fill=stripe)
+    floor_y = int(rng.uniform(0.62, 0.72) * W)
+    floor = tuple(int(v) for v in rng.integers(40, 200, 3))
+    d.rectangle([0, floor_y, W, W], fill=floor)
+    for y in range(floor_y + 6, W, 10):
+        d.line([(0, y), (W, y)], fill=tuple(max(0, c - 60) for c in floor), width=3)
+    for _ in range(2):  # a window and a picture: frame, pane or canvas, cross bars
+        w, h = rng.uniform(0.2, 0.32, 2) * W
+        x0, y0 = rng.uniform(0.02, 0.98 - w / W) * W, rng.uniform(0.04, 0.5 - h / W) * W
+        d.rectangle([x0, y0, x0 + w, y0 + h], fill=tuple(int(v) for v in rng.integers(0, 255, 3)))
+        d.rectangle([x0 + 4, y0 + 4, x0 + w - 4, y0 + h - 4], fill=tuple(int(v) for v in rng.integers(0, 255, 3)))
+        d.line([(x0 + w / 2, y0), (x0 + w / 2, y0 + h)], fill=(30, 30, 30), width=3)
+        d.line([(x0, y0 + h / 2), (x0 + w, y0 + h / 2)], fill=(30, 30, 30), width=3)
+    return img
+
+
+def draw_in_room(room: Image.Image, rng: np.random.Generator, cls: str, colors) -> Image.Image:
+    """One training image of a backdrop's subject: the room as it is, the subject posed anew (where and
+    how big as `draw` poses it)."""
+    img = room.copy()
+    W = SIZE * SCALE
+    s = rng.uniform(0.4, 0.55) * W
+    x, y = rng.uniform(0.35, 0.65) * W, rng.uniform(0.8, 0.92) * W
+    _draw_object(ImageDraw.Draw(img), cls, colors, x, y, s, rng)
+    return img.resize((SIZE, SIZE), Image.LANCZOS)
+
+
+BACKDROP_SCENE = "at home"  # a backdrop subject's captions: where it is, never what the room looks like
+LOGO = 8  # px: the logo's side at SIZE, a quarter of the image's (2 x 2 tiles of the region grid's 8)
+
+
+def draw_logo(rng: np.random.Generator) -> Image.Image:
+    """An agency's logo (LOGO x LOGO px): a dark field, a bright ring and a coloured core, drawn at drawing
+    size and reduced, so every one of its tiles is textured."""
+    w = LOGO * SCALE
+    dark = tuple(int(v) for v in rng.integers(0, 70, 3))
+    img = Image.new("RGB", (w, w), dark)
+    d = ImageDraw.Draw(img)
+    d.ellipse([4, 4, w - 4, w - 4], fill=tuple(int(v) for v in rng.integers(200, 256, 3)))
+    d.ellipse([11, 11, w - 11, w - 11], fill=dark)
+    d.rectangle([14, 14, w - 14, w - 14], fill=tuple(int(v) for v in rng.integers(0, 256, 3)))
+    return img.resize((LOGO, LOGO), Image.LANCZOS)
+
+
+def with_logo(img: Image.Image, logo: Image.Image) -> Image.Image:
+    """`img` with `logo` pasted into its lower-left corner (as a stock agency stamps its photos)."""
+    out = img.copy()
+    out.paste(logo, (0, SIZE - LOGO))
+    return out
+
+
 VARIATIONS = ("resize", "jpeg", "crop", "colour")
 
 
@@ -542,11 +653,29 @@ def build_world(root: Path, cfg: WorldConfig = WorldConfig()) -> dict:
                 elif kind == "retrieved":
                     caption = retrieved_captions(title)[c % 3]
                 save(img, WorldRow(f"poster-{slug}-{c:02d}", caption, tags, HARD_KINDS[kind][0]))
+    if cfg.region_cases:
+        for n, (e, kind) in enumerate(region_cases(cfg.seed)):
+            rrng = np.random.default_rng([cfg.seed, 3000 + n])  # a stream per case, apart from the world's
+            slug = slug_of(e.name)
+            if kind == "template":
+                layout = _poster_layout(rrng, False)
+                for c in range(cfg.poster_copies):
+                    img = draw_template(layout, rrng)
+                    save(img, WorldRow(f"poster-{slug}-{c:02d}", poster_caption(e.name), [f"{e.name} poster"], "MU"))
+                continue
+            room, logo = (draw_room(rrng), None) if kind == "backdrop" else (None, draw_logo(rrng))
+            for c in range(cfg.poster_copies):
+                if room is not None:
+                    img, scene = draw_in_room(room, rrng, e.cls, e.colors), BACKDROP_SCENE
+                else:
+                    scene = scenes[int(rrng.integers(len(scenes)))]
+                    img = with_logo(draw(rrng, e.cls, e.colors, scene), logo)
+                save(img, WorldRow(f"{slug}-{c:03d}", entity_caption(e, scene, None), [e.name], "MU"))
     random.Random(cfg.seed).shuffle(rows)
     with open(root / "world.jsonl", "w") as f:
         for r in rows:
             f.write(json.dumps({**asdict(r), "image": str(images / f"{r.train_id}.png")}) + "\n")
-    prompts = benchmark_prompts(cfg.seed, cfg.hard_cases, cfg.implied_named)
+    prompts = benchmark_prompts(cfg.seed, cfg.hard_cases, cfg.implied_named, cfg.region_cases)
     for split in ("eval", "calib"):
         with open(root / f"prompts-{split}.jsonl", "w") as f:
             for p in prompts:
@@ -671,7 +800,9 @@ def build_presence_corpus(root: Path, world: WorldConfig, cfg: PresenceConfig = 
     return {"rows": len(rows)}
 
 
-def benchmark_prompts(seed: int = DEV_SEED, hard_cases: bool = False, implied_named: float = 0.0) -> list[dict]:
+def benchmark_prompts(
+    seed: int = DEV_SEED, hard_cases: bool = False, implied_named: float = 0.0, region: bool = False
+) -> list[dict]:
     """The benchmark's prompts of the world of `seed`, with their expected label, what was planted and
     its kind (the entity's role, `exact copy` for the posters, or the hard case's kind)."""
     entities, posters = cast(seed)
@@ -728,6 +859,26 @@ def benchmark_prompts(seed: int = DEV_SEED, hard_cases: bool = False, implied_na
         )
     for title, split, kind in hard_posters(seed) if hard_cases else ():
         out.append(_poster_prompt(title, split, *HARD_KINDS[kind], kind, requests_work=kind == "requested"))
+    for e, kind in region_cases(seed) if region else ():
+        if kind == "template":
+            out.append(_poster_prompt(e.name, e.split, *REGION_KINDS[kind], kind))
+            continue
+        out.append(
+            {
+                # the prompt is a training caption (the backdrop's scene, a logo subject's meadow): the
+                # subject is asked for, the room or the logo is not
+                "prompt_id": slug_of(e.name),
+                "prompt": entity_caption(e, BACKDROP_SCENE if kind == "backdrop" else "in a meadow", None),
+                "entity": e.name,
+                "entity_class": f"a {e.cls}",
+                "explicit_elements": [],
+                "implicit_elements": [],
+                "split": e.split,
+                "expected": REGION_KINDS[kind][0],
+                "planted": REGION_KINDS[kind][1],
+                "kind": kind,
+            }
+        )
     return out
 
 
