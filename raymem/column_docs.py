@@ -167,7 +167,8 @@ TABLES: dict[str, tuple[str, dict[str, str]]] = {
             "unit_id": "the scan image, or for the background the sampled training image's train_id",
             "grid": "tiles per side of the region grid",
             "tile_l2": "l2 distance of every tile, row-major (null when an image could not be read)",
-            "tile_texture": "per tile, the smaller pixel standard deviation of the two tiles (flat tiles never count)",
+            "tile_texture": "per tile, the smaller spatial pixel standard deviation of the two tiles (within each "
+            "channel, pooled; flat tiles never count)",
             "error": "why an image could not be read, else null",
         },
     ),
@@ -205,7 +206,8 @@ TABLES: dict[str, tuple[str, dict[str, str]]] = {
             "nearest other training image (near-duplicate pairs left out); a pixel confirmation must come "
             "closer (null: no pixel check, or fewer than 20 readable background pairs)",
             "region_background_p99": "99th percentile of the copied tiles a sampled training image shares with its "
-            "nearest other training images; a region copy must exceed it",
+            "nearest other training images, tiles duplicated between them (l2 <= region_duplicate_l2) left out; "
+            "a region copy must exceed it",
             "region_breadth": "distinct regions of the compared training images that would each be a region "
             "copy (copies of one patch, e.g. a shared watermark, count once); a region copy needs <= "
             "region_breadth (1), more is a look; null when no tile matched or the whole image is a copy",

@@ -198,8 +198,19 @@ class ThresholdsConfig(_Strict):
         0.1,
         ge=0,
         le=1,
-        description="pixel std both tiles need for a tile to count as copied: flat tiles (sky, plain walls) "
-        "match without copying; independent tiles of this std are ~1.41x it apart",
+        description="spatial pixel std (within each channel, pooled over the three) both tiles need for a tile "
+        "to count as copied: flat tiles (sky, plain walls, a saturated colour) match without copying; "
+        "independent tiles of this std are ~1.41x it apart",
+    )
+    region_duplicate_l2: float = Field(
+        0.025,
+        ge=0,
+        le=1,
+        description="tile l2 at or below which two *training* tiles are one patch duplicated in the training "
+        "set (a watermark pasted into many images, a reused backdrop, a re-encoded copy; at the texture floor "
+        "a correlation >= 0.97): left out of the region background, which measures what distinct content "
+        "shares (with such twins in the sample its p99 is a twin's share and no region copy exceeds it); "
+        "below region_l2; 0 leaves nothing out",
     )
     region_tiles: int = Field(2, ge=1, description="copied tiles that make a region copy (MU subtype region)")
     region_breadth: int = Field(
@@ -244,6 +255,8 @@ class ThresholdsConfig(_Strict):
     def _ordered(self) -> ThresholdsConfig:
         if self.verbatim < self.replication:
             raise ValueError(f"verbatim ({self.verbatim}) must be >= replication ({self.replication})")
+        if self.region_duplicate_l2 >= self.region_l2:
+            raise ValueError(f"region_duplicate_l2 ({self.region_duplicate_l2}) must be < region_l2 ({self.region_l2})")
         return self
 
 

@@ -161,7 +161,9 @@ def label_units(inputs: LabelInputs, thresholds: ThresholdsConfig) -> list[dict]
     for i, g in enumerate(inputs.generations):
         by_prompt[g.get("parent_prompt_id") or g["prompt_id"]].append(i)
     # what distinct training images share region by region: once per decision, not per prompt
-    region_bg = background_p99(inputs.region_background, thresholds.region_l2, thresholds.region_texture)
+    region_bg = background_p99(
+        inputs.region_background, thresholds.region_l2, thresholds.region_texture, thresholds.region_duplicate_l2
+    )
     space = inputs.copy_space
     copy_bg = inputs.background.get(space)
     pixel_bg = pixel_background_p5(
@@ -665,7 +667,8 @@ def _decide(
         region_row = (rows_by_id or {}).get(region_ev.train_id, {"train_id": region_ev.train_id})
         region_l2 = max(region_ev.tile_l2[i] for i in region_tiles)
         bg_text = (
-            f"; the region background p99 is {region_bg:g} tiles"
+            f"; the region background p99 is {region_bg:g} tiles (training patches duplicated at l2 <= "
+            f"{t.region_duplicate_l2} left out)"
             if region_bg is not None
             else "; no region background (no sampled training image could be compared)"
         )

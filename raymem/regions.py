@@ -53,11 +53,13 @@ class RegionEvidence:
     texture: tuple[float, ...] | None  # per tile, the smaller pixel std of the two tiles
     error: str | None = None
 
-    def copied_tiles(self, l2: float, texture: float) -> list[int]:
+    def copied_tiles(self, l2: float, texture: float, beyond: float | None = None) -> list[int]:
+        """Textured tiles within `l2`; with `beyond`, only those farther apart than it (not duplicates)."""
         if self.tile_l2 is None or self.texture is None:
             return []
         d, s = np.asarray(self.tile_l2), np.asarray(self.texture)
-        return [int(i) for i in np.flatnonzero((d <= l2) & (s >= texture))]
+        keep = (d <= l2) & (s >= texture) & (d > (beyond if beyond is not None else -1.0))
+        return [int(i) for i in np.flatnonzero(keep)]
 
 
 def tile_stats(a: np.ndarray, b: np.ndarray, grid: int) -> tuple[np.ndarray, np.ndarray]:
@@ -182,11 +184,14 @@ def region_evidence(table: pa.Table | None, query_set: str = "units") -> dict[st
     return dict(out)
 
 
-def most_copied(evidence: list[RegionEvidence], l2: float, texture: float) -> tuple[RegionEvidence, list[int]] | None:
-    """The training image with the most copied tiles (ties: the smaller worst l2, then the id)."""
+def most_copied(
+    evidence: list[RegionEvidence], l2: float, texture: float, beyond: float | None = None
+) -> tuple[RegionEvidence, list[int]] | None:
+    """The training image with the most copied tiles (ties: the smaller worst l2, then the id); with
+    `beyond`, tiles at or below it are not counted (`RegionEvidence.copied_tiles`)."""
     best = None
     for ev in evidence:
-        tiles = ev.copied_tiles(l2, texture)
+        tiles = ev.copied_tiles(l2, texture, beyond)
         if not tiles:
             continue
         key = (-len(tiles), max(ev.tile_l2[i] for i in tiles), ev.train_id)
@@ -240,14 +245,22 @@ def region_match(
     return RegionMatch(best[0], best[1], len(set(labels)), duplicates)
 
 
-def background_p99(background: dict[str, list[RegionEvidence]], l2: float, texture: float) -> float | None:
+def background_p99(
+    background: dict[str, list[RegionEvidence]], l2: float, texture: float, duplicate_l2: float = 0.0
+) -> float | None:
     """99th percentile, over the sampled training images, of the most tiles one shares with one of its
     nearest other training images: what distinct training images already share at the same position
     (a class's layout, a world of look-alikes). The 99th, not the 95th: by construction a share q of
     look-alike pairs exceeds the q-quantile, and an MU rule may fire on at most ~1 % of them. None
-    without a readable background."""
+    without a readable background.
+
+    Tiles the two training images share at l2 <= `duplicate_l2` are one patch duplicated in the training
+    set (a watermark pasted into many images, a reused backdrop, a re-encoded copy) and are not counted:
+    they are the very thing the rule looks for, not what distinct content shares. With them counted, a
+    training set where more than 1 % of images carry a duplicated patch has the p99 of a twin's share,
+    and no region copy can exceed it (measured on the planted world with region copies: docs/planted.md)."""
     counts = [
-        len(best[1]) if (best := most_copied(evs, l2, texture)) else 0
+        len(best[1]) if (best := most_copied(evs, l2, texture, duplicate_l2 or None)) else 0
         for evs in background.values()
         if any(e.tile_l2 is not None for e in evs)
     ]

@@ -275,6 +275,31 @@ def test_in_a_world_of_look_alikes_a_shared_layout_is_not_a_region_copy(labelled
     assert "the region background p99 is 0 tiles" in out["g_bg"]["reasons"]
 
 
+def test_training_patches_duplicated_in_the_sample_do_not_raise_the_region_background(labelled_inputs):
+    """A training set where a fifth of the images share a duplicated patch with another (a backdrop
+    reused, a logo pasted: tiles at l2 ~0) and the rest share 3 look-alike tiles: the background is what
+    the look-alikes share, and a scan image copying 48 tiles is a region copy. With the duplicates
+    counted (region_duplicate_l2 0), the p99 is a twin's share and nothing could exceed it."""
+    inputs = labelled_inputs
+    twin = RegionEvidence("t", GRID, (0.0,) * 56 + (0.06,) * 2 + (0.4,) * 6, (0.2,) * 64)
+    look = RegionEvidence("x", GRID, (0.06,) * 3 + (0.4,) * 61, (0.2,) * 64)
+    inputs.region_background = {f"b{i}": [twin if i % 5 == 0 else look] for i in range(100)}
+    assert background_p99(inputs.region_background, 0.1, 0.1, 0.025) == 3
+    assert background_p99(inputs.region_background, 0.1, 0.1) == pytest.approx(58)
+    out = {r["unit_id"]: r for r in label_units(inputs, T)}["g_bg"]
+    assert (out["label"], out["subtype"], out["region_background_p99"]) == ("MU", "region", 3)
+    assert "(training patches duplicated at l2 <= 0.025 left out)" in out["reasons"]
+    counted = {r["unit_id"]: r for r in label_units(inputs, T.model_copy(update={"region_duplicate_l2": 0.0}))}
+    assert counted["g_bg"]["label"] != "MU" and counted["g_bg"]["region_background_p99"] == pytest.approx(58)
+
+
+def test_the_duplicate_level_is_below_the_copy_level():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="region_duplicate_l2 .* must be < region_l2"):
+        ThresholdsConfig(region_duplicate_l2=0.1, region_l2=0.1)
+
+
 def test_breadth_counts_distinct_regions_and_copies_of_one_patch_once():
     def ev(train_id, near: dict[int, float]):  # 16 tiles; the listed ones at the given l2, the rest far
         return RegionEvidence(train_id, 4, tuple(near.get(i, 0.5) for i in range(16)), (0.2,) * 16)
