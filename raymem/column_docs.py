@@ -163,8 +163,9 @@ TABLES: dict[str, tuple[str, dict[str, str]]] = {
         "same position, whatever the global similarity (raymem.regions)",
         {
             "query_set": "units: a scan image; background: a sampled training image against its nearest other "
-            "training images (what distinct training images share at the same position)",
-            "unit_id": "the scan image, or for the background the sampled training image's train_id",
+            "training images (what distinct training images share at the same position); training_pairs: two "
+            "training images compared with one scan image, against each other (one duplicated patch or not)",
+            "unit_id": "the scan image, or for the background and training_pairs a training image's train_id",
             "grid": "tiles per side of the region grid",
             "tile_l2": "l2 distance of every tile, row-major (null when an image could not be read)",
             "tile_texture": "per tile, the smaller spatial pixel standard deviation of the two tiles (within each "

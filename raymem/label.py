@@ -321,7 +321,13 @@ def _label_prompt(
         nbrs = neighbors.get(r["unit_id"], {}).get(space, [])
         copy = _CopyEvidence(space, inputs.copy_evidence, inputs.missing.get(r["unit_id"]), bg)
         regions = region_match(
-            inputs.regions.get(r["unit_id"], []), t.region_l2, t.region_texture, t.region_tiles, region_bg
+            inputs.regions.get(r["unit_id"], []),
+            t.region_l2,
+            t.region_texture,
+            t.region_tiles,
+            region_bg,
+            inputs.region_pairs,
+            t.region_duplicate_l2,
         )
         rows_by_id = (
             {n["train_id"]: n for sp in neighbors.get(r["unit_id"], {}).values() for n in sp} if regions else None

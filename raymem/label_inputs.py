@@ -86,6 +86,9 @@ class LabelInputs:
     # Sampled training images against their nearest other training image, pixel by pixel (train_id ->
     # evidence): what a pixel confirmation must beat.
     pixel_background: dict[str, PixelEvidence] = field(default_factory=dict)
+    # The training images compared with one scan image against each other (train_id -> comparisons with
+    # the larger ids): whether two matches are one duplicated patch (regions.same_region).
+    region_pairs: dict[str, list[RegionEvidence]] = field(default_factory=dict)
 
     @property
     def copy_space(self) -> str:
@@ -118,6 +121,7 @@ class LabelInputs:
             self.regions,
             self.region_background,
             self.pixel_background,
+            self.region_pairs,
         )
 
     def scored_scan_units(self) -> list[str]:
@@ -149,6 +153,7 @@ class LabelInputs:
             two_stage=bool(tables["candidates"].num_rows),
             regions=region_evidence(tables.get("region_checks")),
             region_background=region_evidence(tables.get("region_checks"), "background"),
+            region_pairs=region_evidence(tables.get("region_checks"), "training_pairs"),
             pixel_background=pixel_evidence(tables["pixel_checks"], "background"),
         )
 

@@ -39,7 +39,13 @@ from raymem.pixels import PixelPair, confirm_pairs, pixel_checks_table
 from raymem.probes import Probe, probes_for
 from raymem.prompts import Prompt, prompts_table, read_prompts
 from raymem.reduce import entity_tallies, prompt_tallies
-from raymem.regions import check_regions, neighbours_to_compare, region_checks_table, region_evidence
+from raymem.regions import (
+    check_regions,
+    neighbours_to_compare,
+    region_checks_table,
+    region_evidence,
+    training_pairs,
+)
 from raymem.schema import (
     CANDIDATES,
     ENTITY_TALLIES,
@@ -266,20 +272,24 @@ def _run(cfg: ScanConfig, outputs: ScanOutputs, prompts, training, timer, rerun_
     with timer("region_checks"):
         # Scan images, and sampled training images against their own nearest training images (what
         # distinct training images share), in one pass: each training image is fetched once.
+        # Also the training images compared with one scan image against each other: whether two of its
+        # matches are one duplicated patch is measured, not only bounded (regions.same_region).
+        unit_pairs = region_check_pairs(inputs, cfg.signals.region_neighbours)
         pairs = {
-            **{("units", u): p for u, p in region_check_pairs(inputs, cfg.signals.region_neighbours).items()},
+            **{("units", u): p for u, p in unit_pairs.items()},
             **{("background", u): p for u, p in _region_background_pairs(cfg, joined).items()},
+            **{("training_pairs", a): p for a, p in training_pairs(unit_pairs).items()},
         }
         found = check_regions(pairs, cfg.signals.pixel_size, cfg.signals.region_grid, limits=limits) if pairs else {}
         tables["region_checks"] = region_checks_table(
             scan_id,
-            {u: evs for (qs, u), evs in found.items() if qs == "units"},
-            {u: evs for (qs, u), evs in found.items() if qs == "background"},
+            *({u: evs for (qs, u), evs in found.items() if qs == q} for q in ("units", "background", "training_pairs")),
         )
         inputs = replace(
             inputs,
             regions=region_evidence(tables["region_checks"]),
             region_background=region_evidence(tables["region_checks"], "background"),
+            region_pairs=region_evidence(tables["region_checks"], "training_pairs"),
         )
     with timer("label"):
         labels = label_units(inputs, cfg.thresholds)

@@ -138,13 +138,33 @@ def check_regions(
     return {uid: sorted(evs, key=lambda e: e.train_id) for uid, evs in evidence.items()}
 
 
+def training_pairs(
+    unit_pairs: Mapping[str, tuple[str, list[tuple[str, str | None]]]],
+) -> dict[str, tuple[str, list[tuple[str, str | None]]]]:
+    """The training images compared with one scan image, paired with each other (each pair once, the
+    smaller id first), in `check_regions`' shape: {train_id: (its uri, [(other train_id, uri), ...])}.
+    The breadth test reads from them whether two of a scan image's matches carry one duplicated patch
+    (a reused backdrop reproduced imperfectly: its distances to the two copies sum past region_l2, yet
+    the copies are the same pixels)."""
+    uris: dict[str, str | None] = {}
+    others: dict[str, set[str]] = defaultdict(set)
+    for _, compared in unit_pairs.values():
+        readable = sorted((t, u) for t, u in compared if u)
+        uris.update(readable)
+        for i, (a, _) in enumerate(readable):
+            others[a].update(b for b, _ in readable[i + 1 :])
+    return {a: (uris[a], [(b, uris[b]) for b in sorted(bs)]) for a, bs in sorted(others.items()) if bs}
+
+
 def region_checks_table(
     scan_id: str,
     evidence: dict[str, list[RegionEvidence]],
     background: dict[str, list[RegionEvidence]] | None = None,
+    pairs: dict[str, list[RegionEvidence]] | None = None,
 ) -> pa.Table:
     """The published `region_checks` table: every region comparison the scan made, readable or not --
-    scan images (`units`) and sampled training images against their own neighbours (`background`)."""
+    scan images (`units`), sampled training images against their own neighbours (`background`), and the
+    training images compared with one scan image against each other (`training_pairs`)."""
     rows = [
         {
             "scan_id": scan_id,
@@ -156,7 +176,11 @@ def region_checks_table(
             "tile_texture": list(ev.texture) if ev.texture is not None else None,
             "error": ev.error,
         }
-        for query_set, by_unit in (("units", evidence), ("background", background or {}))
+        for query_set, by_unit in (
+            ("units", evidence),
+            ("background", background or {}),
+            ("training_pairs", pairs or {}),
+        )
         for uid, evs in sorted(by_unit.items())
         for ev in evs
     ]
@@ -212,23 +236,47 @@ class RegionMatch:
 
 
 def same_region(
-    a: RegionEvidence, b: RegionEvidence, tiles_a: list[int], tiles_b: list[int], l2: float, min_tiles: int
+    a: RegionEvidence,
+    b: RegionEvidence,
+    tiles_a: list[int],
+    tiles_b: list[int],
+    l2: float,
+    min_tiles: int,
+    measured: RegionEvidence | None = None,
+    duplicate_l2: float = 0.0,
 ) -> bool:
-    """Whether two training images carry one duplicated patch where the scan image matches both: on at
-    least `min_tiles` tiles copied from both, and on every one of them, the scan image's distances to
-    the two sum to <= `l2` -- so by the triangle inequality the two training tiles are within `l2` of
-    each other (a watermark banner pasted into many images, resized or recompressed copies). Two
-    training images that only resemble the scan image in the same way (a look) do not pass."""
+    """Whether two training images carry one duplicated patch where the scan image matches both, on at
+    least `min_tiles` tiles copied from both: provably, when on every one of them the scan image's
+    distances to the two sum to <= `l2` (by the triangle inequality the two training tiles are then
+    within `l2` of each other: a watermark banner pasted into many images, resized or recompressed
+    copies); or as `measured` (the two training images compared with each other, `training_pairs`),
+    when at least `min_tiles` of those tiles are the same pixels in both (l2 <= `duplicate_l2`, the
+    region background's duplicate level) -- a backdrop reused in many training images and reproduced
+    imperfectly, so that the sum exceeds `l2`. Two training images that only resemble the scan image in
+    the same way (a look) pass neither."""
     common = sorted(set(tiles_a) & set(tiles_b))
-    return len(common) >= min_tiles and all(a.tile_l2[i] + b.tile_l2[i] <= l2 for i in common)
+    if len(common) < min_tiles:
+        return False
+    if all(a.tile_l2[i] + b.tile_l2[i] <= l2 for i in common):
+        return True
+    if measured is None or measured.tile_l2 is None or duplicate_l2 <= 0:
+        return False
+    return sum(measured.tile_l2[i] <= duplicate_l2 for i in common) >= min_tiles
 
 
 def region_match(
-    evidence: list[RegionEvidence], l2: float, texture: float, min_tiles: int, floor: float | None
+    evidence: list[RegionEvidence],
+    l2: float,
+    texture: float,
+    min_tiles: int,
+    floor: float | None,
+    pairs: Mapping[str, list[RegionEvidence]] | None = None,
+    duplicate_l2: float = 0.0,
 ) -> RegionMatch | None:
     """The most-copied training image (as `most_copied`) and the breadth of the match: the compared
     training images that would each be a region copy (>= `min_tiles` copied tiles, more than `floor`,
-    the region background), grouped by `same_region`, one group per distinct region. A region of one
+    the region background), grouped by `same_region` (with `pairs`, the `training_pairs` the scan compared,
+    {train_id: [evidence against another]}), one group per distinct region. A region of one
     training image (or of copies of one patch) has breadth 1; several distinct training images each
     sharing as many tiles is a look the world has, not content copied from one of them."""
     best = most_copied(evidence, l2, texture)
@@ -239,7 +287,14 @@ def region_match(
         for ev in evidence
         if len(tiles := ev.copied_tiles(l2, texture)) >= min_tiles and (floor is None or len(tiles) > floor)
     ]
-    labels = components(passing, lambda a, b: same_region(a[0], b[0], a[1], b[1], l2, min_tiles))
+    measured = {(a, ev.train_id): ev for a, evs in (pairs or {}).items() for ev in evs if ev.tile_l2 is not None}
+
+    def one_patch(x, y) -> bool:
+        ids = sorted((x[0].train_id, y[0].train_id))
+        pair = measured.get((ids[0], ids[1]))
+        return same_region(x[0], y[0], x[1], y[1], l2, min_tiles, pair, duplicate_l2)
+
+    labels = components(passing, one_patch)
     best_index = next((i for i, (ev, _) in enumerate(passing) if ev is best[0]), None)
     duplicates = labels.count(labels[best_index]) if best_index is not None else 1
     return RegionMatch(best[0], best[1], len(set(labels)), duplicates)

@@ -228,12 +228,12 @@ PIXEL_CHECKS = pa.schema(
 REGION_CHECKS = pa.schema(
     [
         ("scan_id", pa.string()),
-        ("query_set", pa.string()),  # units: a scan image | background: a sampled training image
-        ("unit_id", pa.string()),  # the scan image, or the sampled training image's train_id
+        ("query_set", pa.string()),  # units: a scan image | background | training_pairs: training images
+        ("unit_id", pa.string()),  # the scan image, or a training image's train_id
         ("train_id", pa.string()),
         ("grid", pa.int16()),  # tiles per side
         ("tile_l2", pa.list_(pa.float32())),  # row-major; null when an image could not be read
-        ("tile_texture", pa.list_(pa.float32())),  # per tile, the smaller pixel std of the two tiles
+        ("tile_texture", pa.list_(pa.float32())),  # per tile, the smaller spatial pixel std of the two
         ("error", pa.string()),
     ]
 )

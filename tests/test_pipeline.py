@@ -304,10 +304,16 @@ def test_re_deciding_a_published_scan_from_its_tables_reproduces_every_label(fir
     # the paths that drifted before: the entity's training-image centroid, pixel checks, the background
     assert all(c.reference is not None and c.reference.centroid is not None for c in inputs.contexts.values())
     assert inputs.pixels and inputs.background and inputs.sscd is not None
-    # region-level copy detection (on in the test world): scan images and the sampled training images
+    # region-level copy detection (on in the test world): scan images, the sampled training images, and
+    # the training images compared with one scan image against each other (each pair once)
     assert len(inputs.regions) == 24 and len(inputs.region_background) >= 10
     assert result.counts["region_checks"] == sum(
-        len(v) for v in (*inputs.regions.values(), *inputs.region_background.values())
+        len(v) for v in (*inputs.regions.values(), *inputs.region_background.values(), *inputs.region_pairs.values())
+    )
+    compared = {u: sorted(e.train_id for e in evs if e.tile_l2 is not None) for u, evs in inputs.regions.items()}
+    measured = {(a, e.train_id) for a, evs in inputs.region_pairs.items() for e in evs}
+    assert measured and all(
+        (x, y) in measured for ids in compared.values() for i, x in enumerate(ids) for y in ids[i + 1 :]
     )
     stored = read_scan_table(root, result.scan_id, "labels")
     again = pa.Table.from_pylist(label_units(inputs, thresholds), schema=LABELS_TABLE)

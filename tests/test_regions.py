@@ -324,6 +324,40 @@ def test_breadth_counts_distinct_regions_and_copies_of_one_patch_once():
     assert region_match([ev("far", {})], 0.1, 0.1, 2, None) is None
 
 
+def test_copies_of_one_backdrop_reproduced_imperfectly_are_one_region_as_measured():
+    """A backdrop in two training images (the same pixels), reproduced at l2 0.07 from each: the sum
+    0.14 proves nothing, but the two training images compared with each other are the same pixels on
+    those tiles (`training_pairs`), so they are one patch. Two look-alikes 0.05 apart are not."""
+
+    def ev(train_id, near: dict[int, float]):
+        return RegionEvidence(train_id, 4, tuple(near.get(i, 0.5) for i in range(16)), (0.2,) * 16)
+
+    a, b = ev("room-1", {i: 0.07 for i in range(10)}), ev("room-2", {i: 0.07 for i in range(10)})
+    assert region_match([a, b], 0.1, 0.1, 2, None).breadth == 2  # without the pair: two regions
+    same = {"room-1": [ev("room-2", {i: 0.0 for i in range(12)})]}
+    assert region_match([a, b], 0.1, 0.1, 2, None, same, 0.025) == RegionMatch(a, list(range(10)), 1, 2)
+    look = {"room-1": [ev("room-2", {i: 0.05 for i in range(12)})]}
+    assert region_match([a, b], 0.1, 0.1, 2, None, look, 0.025).breadth == 2
+    # the same pixels on fewer tiles than region_tiles at the positions copied from both: not one patch
+    one_tile = {"room-1": [ev("room-2", {0: 0.0})]}
+    assert region_match([a, b], 0.1, 0.1, 2, None, one_tile, 0.025).breadth == 2
+    assert region_match([a, b], 0.1, 0.1, 2, None, same, 0.0).breadth == 2  # duplicate level 0: off
+
+
+def test_training_pairs_are_the_compared_images_of_one_scan_image_each_pair_once():
+    from raymem.regions import training_pairs
+
+    unit_pairs = {
+        "g1": ("g1.png", [("b", "b.png"), ("a", "a.png"), ("c", "c.png")]),
+        "g2": ("g2.png", [("b", "b.png"), ("a", "a.png"), ("nouri", None)]),
+        "g3": ("g3.png", [("d", "d.png")]),
+    }
+    assert training_pairs(unit_pairs) == {
+        "a": ("a.png", [("b", "b.png"), ("c", "c.png")]),
+        "b": ("b.png", [("c", "c.png")]),
+    }
+
+
 def test_a_region_several_distinct_training_images_share_is_a_look_not_MU(labelled_inputs):
     """The scan image resembles its training background tile by tile, and as many tiles of two other,
     distinct training images, each within region_l2 but none provably a copy of another (the distances
