@@ -50,7 +50,7 @@ from raymem.label_inputs import Background, EntityStats, LabelInputs, PromptCont
 from raymem.pixels import PixelEvidence, PixelPair
 from raymem.pixels import background_p5 as pixel_background_p5
 from raymem.probes import LOGIT_SCALE, sigmoid, two_way_logit
-from raymem.regions import RegionMatch, background_p99, neighbours_to_compare, region_match
+from raymem.regions import RegionEvidence, RegionMatch, background_p99, neighbours_to_compare, pair_index, region_match
 from raymem.schema import ROLE_NULL, ROLE_SCAN, STATUS_OK
 from raymem.stats import TestResult, bh_adjusted, paired_p, prediction_p
 
@@ -169,9 +169,10 @@ def label_units(inputs: LabelInputs, thresholds: ThresholdsConfig) -> list[dict]
     pixel_bg = pixel_background_p5(
         inputs.pixel_background, near_duplicate_link(space, thresholds, copy_bg.p95 if copy_bg else None)
     )
+    region_pairs = pair_index(inputs.region_pairs)
     out = []
     for prompt_id, rows in by_prompt.items():
-        out += _label_prompt(inputs.contexts[prompt_id], rows, inputs, thresholds, region_bg, pixel_bg)
+        out += _label_prompt(inputs.contexts[prompt_id], rows, inputs, thresholds, region_bg, pixel_bg, region_pairs)
     return out
 
 
@@ -238,6 +239,7 @@ def _label_prompt(
     t: ThresholdsConfig,
     region_bg: float | None = None,
     pixel_bg: float | None = None,
+    region_pairs: dict[tuple[str, str], RegionEvidence] | None = None,
 ) -> list[dict]:
     gens = inputs.generations
     texts, neighbors, background, pixels = inputs.texts, inputs.neighbors, inputs.background, inputs.pixels
@@ -326,7 +328,7 @@ def _label_prompt(
             t.region_texture,
             t.region_tiles,
             region_bg,
-            inputs.region_pairs,
+            region_pairs,
             t.region_duplicate_l2,
         )
         rows_by_id = (

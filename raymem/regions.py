@@ -156,6 +156,12 @@ def training_pairs(
     return {a: (uris[a], [(b, uris[b]) for b in sorted(bs)]) for a, bs in sorted(others.items()) if bs}
 
 
+def pair_index(pairs: Mapping[str, list[RegionEvidence]]) -> dict[tuple[str, str], RegionEvidence]:
+    """{(smaller train_id, larger train_id): evidence} of the readable `training_pairs` comparisons (built
+    once per decision, looked up per scan image)."""
+    return {tuple(sorted((a, ev.train_id))): ev for a, evs in pairs.items() for ev in evs if ev.tile_l2 is not None}
+
+
 def region_checks_table(
     scan_id: str,
     evidence: dict[str, list[RegionEvidence]],
@@ -270,13 +276,13 @@ def region_match(
     texture: float,
     min_tiles: int,
     floor: float | None,
-    pairs: Mapping[str, list[RegionEvidence]] | None = None,
+    pairs: Mapping[tuple[str, str], RegionEvidence] | None = None,
     duplicate_l2: float = 0.0,
 ) -> RegionMatch | None:
     """The most-copied training image (as `most_copied`) and the breadth of the match: the compared
     training images that would each be a region copy (>= `min_tiles` copied tiles, more than `floor`,
     the region background), grouped by `same_region` (with `pairs`, the `training_pairs` the scan compared,
-    {train_id: [evidence against another]}), one group per distinct region. A region of one
+    as `pair_index` keys them), one group per distinct region. A region of one
     training image (or of copies of one patch) has breadth 1; several distinct training images each
     sharing as many tiles is a look the world has, not content copied from one of them."""
     best = most_copied(evidence, l2, texture)
@@ -287,11 +293,10 @@ def region_match(
         for ev in evidence
         if len(tiles := ev.copied_tiles(l2, texture)) >= min_tiles and (floor is None or len(tiles) > floor)
     ]
-    measured = {(a, ev.train_id): ev for a, evs in (pairs or {}).items() for ev in evs if ev.tile_l2 is not None}
 
     def one_patch(x, y) -> bool:
         ids = sorted((x[0].train_id, y[0].train_id))
-        pair = measured.get((ids[0], ids[1]))
+        pair = (pairs or {}).get((ids[0], ids[1]))
         return same_region(x[0], y[0], x[1], y[1], l2, min_tiles, pair, duplicate_l2)
 
     labels = components(passing, one_patch)

@@ -18,6 +18,7 @@ from raymem.regions import (
     check_regions,
     compare_regions,
     most_copied,
+    pair_index,
     region_checks_table,
     region_evidence,
     region_match,
@@ -334,12 +335,12 @@ def test_copies_of_one_backdrop_reproduced_imperfectly_are_one_region_as_measure
 
     a, b = ev("room-1", {i: 0.07 for i in range(10)}), ev("room-2", {i: 0.07 for i in range(10)})
     assert region_match([a, b], 0.1, 0.1, 2, None).breadth == 2  # without the pair: two regions
-    same = {"room-1": [ev("room-2", {i: 0.0 for i in range(12)})]}
+    same = pair_index({"room-1": [ev("room-2", {i: 0.0 for i in range(12)})]})
     assert region_match([a, b], 0.1, 0.1, 2, None, same, 0.025) == RegionMatch(a, list(range(10)), 1, 2)
-    look = {"room-1": [ev("room-2", {i: 0.05 for i in range(12)})]}
+    look = pair_index({"room-2": [ev("room-1", {i: 0.05 for i in range(12)})]})  # either way round
     assert region_match([a, b], 0.1, 0.1, 2, None, look, 0.025).breadth == 2
     # the same pixels on fewer tiles than region_tiles at the positions copied from both: not one patch
-    one_tile = {"room-1": [ev("room-2", {0: 0.0})]}
+    one_tile = pair_index({"room-1": [ev("room-2", {0: 0.0})]})
     assert region_match([a, b], 0.1, 0.1, 2, None, one_tile, 0.025).breadth == 2
     assert region_match([a, b], 0.1, 0.1, 2, None, same, 0.0).breadth == 2  # duplicate level 0: off
 
