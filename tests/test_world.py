@@ -267,9 +267,9 @@ def test_region_cases_are_planted_as_their_ground_truth_says(tmp_path, seed):
         shared = [int(((l2 <= 0.1) & (tex >= 0.1)).sum()) for l2, tex in copied]
         captions = {r["caption"] for r in found}
         if kind == "backdrop":
-            # the room: most of the 64 textured tiles at the same position in every image; the caption says
-            # where the subject is, never what the room looks like
-            assert min(shared) >= 32 and captions == {f"a photo of {'' if e.cls == 'city' else 'the '}{e.name} at home"}
+            # the room: the same textured tiles at the same position in every image, far more than distinct
+            # images of one scene share (<= 6): a quarter of the image at least; the caption names no room
+            assert min(shared) >= 16 and captions == {f"a photo of {'' if e.cls == 'city' else 'the '}{e.name} at home"}
         elif kind == "logo":
             corner = [p[-LOGO:, :LOGO] for p in pics]
             assert all(np.array_equal(c, corner[0]) for c in corner)  # the very same patch ...
