@@ -280,10 +280,11 @@ def index_world(world_root: Path, models: Path, out: Path) -> None:
     hard = hard_posters(world["seed"]) if world.get("hard_cases") else ()
     curve = [e for e, _ in curve_entities(world["seed"])] if world.get("hard_cases") else []
     regions = region_cases(world["seed"]) if world.get("region_cases") else ()
-    subjects = [e for e, kind in regions if kind != "template"]
-    templates = [(e.name, e.split, kind) for e, kind in regions if kind == "template"]
-    entities = [e.name for e in (*cast_entities, *curve, *subjects)]
-    entities += [f"{title} poster" for title, _, _ in (*posters, *hard, *templates)]
+    # a template's subject is a poster (tagged "<name> poster"), a backdrop's or logo's a named entity
+    subjects = [e.name for e, kind in regions if kind != "template"]
+    templates = [e.name for e, kind in regions if kind == "template"]
+    entities = [e.name for e in (*cast_entities, *curve)] + subjects
+    entities += [f"{title} poster" for title in (*(t for t, _, _ in (*posters, *hard)), *templates)]
     run_index(
         IndexConfig.model_validate(
             {

@@ -808,7 +808,6 @@ def benchmark_prompts(
     entities, posters = cast(seed)
     out = []
     for e in entities:
-        slug = slug_of(e.name)
         scene = "in a meadow"
         if e.role == "ME":
             explicit = [e.explicit] if e.explicit else []
@@ -824,62 +823,44 @@ def benchmark_prompts(
             explicit = []
             prompt = entity_caption(e, scene, None)
             planted = "nothing: the world never shows this name"
-        out.append(
-            {
-                "prompt_id": slug,
-                "prompt": prompt,
-                "entity": e.name,
-                "entity_class": f"a {e.cls}",
-                "explicit_elements": explicit,
-                "implicit_elements": [e.implied] if e.implied else [],
-                "split": e.split,
-                "expected": "none" if e.role == "control" else e.role,
-                "planted": planted,
-                "kind": e.role,
-            }
-        )
+        out.append(_entity_prompt(e, prompt, "none" if e.role == "control" else e.role, planted, e.role, explicit))
     for title, split, private in posters:
         mark = ", with a private mark no caption names" if private else ""
         planted = "one image repeated under this caption" + mark
         out.append(_poster_prompt(title, split, "MU", planted, "exact copy"))
     for e, count in curve_entities(seed) if hard_cases else ():
-        out.append(
-            {
-                "prompt_id": slug_of(e.name),
-                "prompt": entity_caption(e, "in a meadow", None),
-                "entity": e.name,
-                "entity_class": f"a {e.cls}",
-                "explicit_elements": [],
-                "implicit_elements": [],
-                "split": e.split,
-                "expected": "ME",
-                "planted": f"{e.name} drawn {e.cls}-like with its own colours, in only {count} training images",
-                "kind": f"ME {count} images",
-            }
-        )
+        planted = f"{e.name} drawn {e.cls}-like with its own colours, in only {count} training images"
+        out.append(_entity_prompt(e, entity_caption(e, "in a meadow", None), "ME", planted, f"ME {count} images"))
     for title, split, kind in hard_posters(seed) if hard_cases else ():
         out.append(_poster_prompt(title, split, *HARD_KINDS[kind], kind, requests_work=kind == "requested"))
     for e, kind in region_cases(seed) if region else ():
         if kind == "template":
             out.append(_poster_prompt(e.name, e.split, *REGION_KINDS[kind], kind))
             continue
-        out.append(
-            {
-                # the prompt is a training caption (the backdrop's scene, a logo subject's meadow): the
-                # subject is asked for, the room or the logo is not
-                "prompt_id": slug_of(e.name),
-                "prompt": entity_caption(e, BACKDROP_SCENE if kind == "backdrop" else "in a meadow", None),
-                "entity": e.name,
-                "entity_class": f"a {e.cls}",
-                "explicit_elements": [],
-                "implicit_elements": [],
-                "split": e.split,
-                "expected": REGION_KINDS[kind][0],
-                "planted": REGION_KINDS[kind][1],
-                "kind": kind,
-            }
-        )
+        # the prompt is a training caption (the backdrop's scene, a logo subject's meadow): the subject is
+        # asked for, the room or the logo is not
+        prompt = entity_caption(e, BACKDROP_SCENE if kind == "backdrop" else "in a meadow", None)
+        out.append(_entity_prompt(e, prompt, *REGION_KINDS[kind], kind))
     return out
+
+
+def _entity_prompt(
+    e: Entity, prompt: str, expected: str, planted: str, kind: str, explicit: list[str] | None = None
+) -> dict:
+    """A named entity's benchmark prompt (`benchmark_prompts`): its class as the null prompt's noun, the
+    implied element it is always drawn with (if any) as the element to look for."""
+    return {
+        "prompt_id": slug_of(e.name),
+        "prompt": prompt,
+        "entity": e.name,
+        "entity_class": f"a {e.cls}",
+        "explicit_elements": explicit or [],
+        "implicit_elements": [e.implied] if e.implied else [],
+        "split": e.split,
+        "expected": expected,
+        "planted": planted,
+        "kind": kind,
+    }
 
 
 def _poster_prompt(title: str, split: str, expected: str, planted: str, kind: str, requests_work: bool = False) -> dict:
