@@ -307,6 +307,15 @@ class SignalsConfig(_Strict):
         "out a region copy, and no planted world has a region copy to measure recall on (docs/labeler.md)",
     )
     region_grid: int = Field(8, ge=2, le=64, description="tiles per side for region-level copy detection")
+    work_copies: int = Field(
+        32,
+        ge=0,
+        le=1_000,
+        description="with region detection on: training images of a requested work (prompts with "
+        "requests_work; a deterministic sample of the images tagged with the entity) compared region by "
+        "region with every image of the prompt, so that content only some copies of the work carry (a "
+        "private mark) is not taken for the work; 0 switches the private-mark check off",
+    )
     region_background: int = Field(
         400,
         ge=0,

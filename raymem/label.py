@@ -17,6 +17,11 @@ Primary label by precedence MU > MI > ME > none (docs/labeler.md has the sources
           raymem.regions), and more tiles than the region background p99 (what sampled training
           images share with their own nearest training images) -- a copied background, watermark or
           mark. Not MU when that training image is the work the prompt names (`requested_region`).
+      (m) private mark (with region detection on, prompts that request a work): >= `region_tiles` tiles
+          copied from one copy of the requested work where more than half of the compared copies of the
+          work (a sample of its tagged training images, `signals.work_copies`) provably differ --
+          content of one print (a signature, a stamp), not the work. Subtype `private_mark`; the
+          requested copy stays in `is_ME` (raymem.regions.private_mark).
       (b) instance element: an unprompted element that the training captions tie to fewer than
           `instance_support` images of the entity (and to no other image) is shown -- only when the
           prompt has null images, and only past the corrected tests below.
@@ -50,7 +55,16 @@ from raymem.label_inputs import Background, EntityStats, LabelInputs, PromptCont
 from raymem.pixels import PixelEvidence, PixelPair
 from raymem.pixels import background_p5 as pixel_background_p5
 from raymem.probes import LOGIT_SCALE, sigmoid, two_way_logit
-from raymem.regions import RegionEvidence, RegionMatch, background_p99, neighbours_to_compare, pair_index, region_match
+from raymem.regions import (
+    PrivateMark,
+    RegionEvidence,
+    RegionMatch,
+    background_p99,
+    neighbours_to_compare,
+    pair_index,
+    private_mark,
+    region_match,
+)
 from raymem.schema import ROLE_NULL, ROLE_SCAN, STATUS_OK
 from raymem.stats import TestResult, bh_adjusted, paired_p, prediction_p
 
@@ -232,6 +246,30 @@ def region_check_pairs(inputs: LabelInputs, neighbours: int) -> dict[str, tuple[
     return pairs
 
 
+def with_work_copies(
+    inputs: LabelInputs, unit_pairs: dict[str, tuple[str, list[tuple[str, str | None]]]]
+) -> dict[str, tuple[str, list[tuple[str, str | None]]]]:
+    """`region_check_pairs` with every image of a prompt that requests a work also compared with the
+    work's sampled copies (`EntityStats.work_copies`): what the private-mark check measures against."""
+    out = dict(unit_pairs)
+    for g in inputs.generations:
+        uid = g["unit_id"]
+        ctx = inputs.contexts.get(g.get("parent_prompt_id") or g["prompt_id"])
+        if uid not in out or ctx is None or not ctx.requests_work or ctx.reference is None:
+            continue
+        uri, compared = out[uid]
+        seen = {t for t, _ in compared}
+        out[uid] = (uri, compared + [c for c in ctx.reference.work_copies if c[0] not in seen])
+    return out
+
+
+def _work_ids(ctx: PromptContext, rows_by_id: dict[str, dict]) -> set[str]:
+    """The training images of the work a prompt requests among those compared with its image: the sampled
+    copies, and the neighbours that are the work (`_names_copied_work`)."""
+    ids = {t for t, _ in ctx.reference.work_copies} if ctx.reference is not None else set()
+    return ids | {t for t, row in rows_by_id.items() if _names_copied_work(ctx, row)}
+
+
 def _label_prompt(
     ctx: PromptContext,
     indices: list[int],
@@ -332,7 +370,16 @@ def _label_prompt(
             t.region_duplicate_l2,
         )
         rows_by_id = (
-            {n["train_id"]: n for sp in neighbors.get(r["unit_id"], {}).values() for n in sp} if regions else None
+            {n["train_id"]: n for sp in neighbors.get(r["unit_id"], {}).values() for n in sp}
+            if regions or ctx.requests_work
+            else None
+        )
+        mark = (
+            private_mark(
+                inputs.regions.get(r["unit_id"], []), _work_ids(ctx, rows_by_id), t.region_l2, t.region_texture
+            )
+            if ctx.requests_work and inputs.regions.get(r["unit_id"])
+            else None
         )
         decision = _decide(
             ctx,
@@ -347,6 +394,7 @@ def _label_prompt(
             rows_by_id,
             region_bg,
             pixel_bg,
+            mark,
         )
         out.append({**base, **decision})
     return out
@@ -507,6 +555,7 @@ def _decide(
     rows_by_id=None,
     region_bg: float | None = None,
     pixel_bg: float | None = None,
+    mark: PrivateMark | None = None,
 ) -> dict:
     flags: list[str] = []
     reasons: list[str] = []
@@ -709,11 +758,33 @@ def _decide(
                 else ""
             )
             reasons.append(f"region copy: {region_text}{shared}")
+    # Content of one copy of the requested work that most of its copies lack (a private mark on one
+    # print of a poster): the work was asked for, the mark was not.
+    private = None
+    if mark is not None and not mark.tiles:
+        reasons.append(
+            f"no private mark: no tile copied from one of the {mark.copies} compared copies of the requested "
+            f"work is one most of them provably lack"
+        )
+    elif mark is not None:
+        mark_text = (
+            f"{len(mark.tiles)} tiles of training image '{mark.train_id}' (a copy of the requested work) "
+            f"reproduced at the same position (tiles {mark.tiles}, l2 <= {_fmt(mark.l2)} <= region_l2 "
+            f"{t.region_l2}, texture >= {t.region_texture}), where more than half of the {mark.copies} compared "
+            f"copies of the work provably differ (at most {mark.carriers} carry it)"
+        )
+        if len(mark.tiles) >= t.region_tiles:
+            private = mark
+            flags.append("private_mark")
+            reasons.append(f"private mark: {mark_text}: content of one copy, not the work")
+        else:
+            reasons.append(f"no private mark: {mark_text}; fewer than region_tiles {t.region_tiles}")
     # Every category the image shows, beside the one primary label (the paper's categories co-occur:
     # a requested entity rendered on a copied training background is ME and MU).
     mu_kinds = (
         ([subtype] if replicated and not requested else [])
         + (["region"] if region else [])
+        + (["private_mark"] if private else [])
         + (["instance_element"] if instance else [])
     )
     is_mi = bool(implied)
@@ -722,6 +793,8 @@ def _decide(
         label = "MU"
     elif region:
         label, subtype = "MU", "region"
+    elif private:
+        label, subtype = "MU", "private_mark"
     elif instance:
         label, subtype = "MU", "instance_element"
         flags.append("instance_element")
@@ -746,7 +819,7 @@ def _decide(
         label = "none"
         if explicit and not explicit_ok:
             reasons.append("missing: " + ", ".join(f"'{e['element']}'" for e in explicit if not e["present"]))
-    if (replicated and not requested or region) and instance:
+    if (replicated and not requested or region or private) and instance:
         reasons.append(
             "also instance-specific unprompted element shown"
             + _beyond_placebo(ctx)
@@ -756,7 +829,11 @@ def _decide(
     if is_mi and label != "MI":
         reasons.append("also MI: implied element(s) shown consistently: " + "; ".join(describe(e) for e in implied))
     if is_me and label != "ME":
-        reasons.append("also ME: the entity is rendered with every explicit element")
+        reasons.append(
+            "also ME: the requested work was copied"
+            if requested
+            else "also ME: the entity is rendered with every explicit element"
+        )
     if label not in ("MI", "MU"):
         # The implied elements that were looked for and why they did not count, for the reviewer.
         unshown = [e for e in elements if e["kind"] == "implicit" and e not in implied]
@@ -784,9 +861,9 @@ def _decide(
         "pixel_l2": pixel_max,
         "pixel_tile_share": tile_share,
         "pixel_tile_l2": list(pixel.tile_l2) if pixel_max is not None else None,
-        "region_train_id": region["train_id"] if region else None,
-        "region_tiles": region["tiles"] if region else None,
-        "region_l2": region["l2"] if region else None,
+        "region_train_id": region["train_id"] if region else private.train_id if private else None,
+        "region_tiles": region["tiles"] if region else private.tiles if private else None,
+        "region_l2": region["l2"] if region else private.l2 if private else None,
         "region_background_p99": region_bg,
         "pixel_background_p5": pixel_bg if pixel_max is not None else None,
         "region_breadth": regions.breadth if regions is not None and not replicated else None,

@@ -46,6 +46,9 @@ class EntityStats:
 
     count: int
     centroid: np.ndarray | None
+    # a requested work's own training images, (train_id, image_uri): a sample drawn by train_id hash,
+    # whatever the scan images look like (`signals.work_copies`; empty for other entities)
+    work_copies: tuple[tuple[str, str | None], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -264,7 +267,8 @@ def _contexts(prompts: pa.Table, texts: pa.Table, entities: pa.Table) -> dict[st
     for i, r in enumerate(entities.drop_columns(["clip_centroid"]).to_pylist()):
         reference = None
         if r["train_frequency"] is not None:
-            reference = EntityStats(r["train_frequency"], centroids[i] if has_centroid[i] else None)
+            copies = tuple((c["train_id"], c["image_uri"]) for c in r.get("work_copies") or ())
+            reference = EntityStats(r["train_frequency"], centroids[i] if has_centroid[i] else None, copies)
         by_entity[r["entity"]] = (reference, _associations(r))
     contexts = {}
     for p in prompts.to_pylist():

@@ -31,7 +31,7 @@ from raymem.fetch import FetchLimits
 from raymem.generate import GenerateEmbed, encode_missing_texts, expand_units, unit_fingerprint, work_chunks
 from raymem.identity import scan_id_of, scan_identity
 from raymem.join import RunningTopK, nearest_neighbours, neighbors_table
-from raymem.label import label_units, pixel_check_pairs, region_check_pairs
+from raymem.label import label_units, pixel_check_pairs, region_check_pairs, with_work_copies
 from raymem.label_inputs import LabelInputs, pixel_evidence
 from raymem.mining import EntityAssociations, excluded_terms, mine_associations
 from raymem.outputs import ScanOutputs, one_line_os_error
@@ -240,7 +240,9 @@ def _run(cfg: ScanConfig, outputs: ScanOutputs, prompts, training, timer, rerun_
     with timer("pair_scores"):
         _pair_scores(cfg, training, neighbors, copy_mode)
     with timer("entity_stats"):
-        stats = entity_stats(training, {p.entity for p in prompts})
+        # a requested work's own copies, sampled for the private-mark check (region detection only)
+        works = {p.entity for p in prompts if p.requests_work} if cfg.signals.region_neighbours else set()
+        stats = entity_stats(training, {p.entity for p in prompts}, works, cfg.signals.work_copies)
 
     tables = {
         "prompts": prompts_table(prompts, scan_id),
@@ -274,9 +276,11 @@ def _run(cfg: ScanConfig, outputs: ScanOutputs, prompts, training, timer, rerun_
         # distinct training images share), in one pass: each training image is fetched once.
         # Also the training images compared with one scan image against each other: whether two of its
         # matches are one duplicated patch is measured, not only bounded (regions.same_region).
+        # A requested work's sampled copies are compared with its images too (private marks), but not
+        # with each other: copies of one work are one region by the tags that chose them.
         unit_pairs = region_check_pairs(inputs, cfg.signals.region_neighbours)
         pairs = {
-            **{("units", u): p for u, p in unit_pairs.items()},
+            **{("units", u): p for u, p in with_work_copies(inputs, unit_pairs).items()},
             **{("background", u): p for u, p in _region_background_pairs(cfg, joined).items()},
             **{("training_pairs", a): p for a, p in training_pairs(unit_pairs).items()},
         }

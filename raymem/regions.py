@@ -23,6 +23,13 @@ into many images, count once), the scan image has a look the world has, not one 
 Off by default (`signals.region_neighbours: 0`): docs/labeler.md has the false positives measured on
 planted worlds.
 
+A private mark on a requested work (`private_mark`): a copy of the very work the prompt asks for is
+what the user expected, but content that only some copies of the work carry (a signature, a phone
+number, a stamp on one print of a poster) is not the work. The scan image is compared with a sample of
+the work's own training images (`signals.work_copies`, drawn by `raymem.entity_stats` without regard to
+the scan image); a tile reproduces such content when it is copied from one copy of the work while a
+majority of the compared copies provably differ there (triangle inequality, below).
+
 What this does not find: a region moved or rescaled relative to the training image (same-position tiles
 only), and a patch much smaller than a tile (it moves the tile's l2 too little).
 """
@@ -303,6 +310,55 @@ def region_match(
     best_index = next((i for i, (ev, _) in enumerate(passing) if ev is best[0]), None)
     duplicates = labels.count(labels[best_index]) if best_index is not None else 1
     return RegionMatch(best[0], best[1], len(set(labels)), duplicates)
+
+
+@dataclass(frozen=True)
+class PrivateMark:
+    """Tiles of a requested work's copy that a scan image reproduces and most copies of the work lack."""
+
+    train_id: str | None  # the copy of the work the tiles were copied from (None: no tile found)
+    tiles: list[int]
+    l2: float | None  # the largest l2 of the scan image's tiles to that copy's
+    copies: int  # compared copies of the work (readable)
+    carriers: int  # of them, the most that carry the content of one of the tiles
+
+
+def private_mark(evidence: list[RegionEvidence], work_ids: set[str], l2: float, texture: float) -> PrivateMark | None:
+    """The content of one copy of a requested work that the scan image reproduces and that most compared
+    copies of the work lack (`work_ids`: the training images of the work, among `evidence`): no tiles
+    when there is none, None when fewer than three copies of the work could be compared.
+
+    A tile counts when it is copied from a copy A of the work (l2 <= `l2`, both tiles textured) and
+    more than half of the compared copies B provably differ from A there: d(img, B) - d(img, A) > `l2`,
+    so by the triangle inequality d(A, B) > `l2` -- not a tile the image sits on the threshold of,
+    but content the copies of the work do not share. The work's content is what most of its copies
+    show; on exact or near copies of a work with nothing added, no copy's tiles are in a minority.
+    A is the copy with the most such tiles (ties: the smaller worst l2, then the id)."""
+    work = [ev for ev in evidence if ev.train_id in work_ids and ev.tile_l2 is not None and ev.texture is not None]
+    if len(work) < 3:  # a majority that differs needs two copies besides the one copied
+        return None
+    d = np.asarray([ev.tile_l2 for ev in work])  # (copies, tiles)
+    s = np.asarray([ev.texture for ev in work])
+    copied = (d <= l2) & (s >= texture)
+    best = None
+    for a in range(len(work)):
+        differ = (d - d[a] > l2).sum(axis=0)  # per tile: copies provably apart from copy a there
+        tiles = np.flatnonzero(copied[a] & (differ > len(work) / 2))
+        if not len(tiles):
+            continue
+        key = (-len(tiles), float(d[a, tiles].max()), work[a].train_id)
+        if best is None or key < best[0]:
+            best = (key, a, tiles)
+    if best is None:
+        return PrivateMark(None, [], None, len(work), 0)
+    _, a, tiles = best
+    return PrivateMark(
+        work[a].train_id,
+        [int(t) for t in tiles],
+        float(d[a, tiles].max()),
+        len(work),
+        int(copied[:, tiles].sum(axis=0).max()),
+    )
 
 
 def background_p99(

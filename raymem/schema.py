@@ -192,6 +192,8 @@ def entities_schema(clip_dim: int) -> pa.Schema:
             ("n_captions", pa.int64()),  # mining: captions in the training table
             ("implied", pa.list_(ASSOCIATION)),
             ("instance", pa.list_(ASSOCIATION)),
+            # requested works: the sample of its training images a private mark is measured against
+            ("work_copies", pa.list_(pa.struct([("train_id", pa.string()), ("image_uri", pa.string())]))),
         ]
     )
 

@@ -147,11 +147,15 @@ def test_reduced_benchmark_end_to_end(local_ray, tmp_path):
     # one directory per world and setting
     assert results == tmp_path / "results" / "world7-default-regions3-hard-mining-regioncases"
     images = pq.read_table(results / "images.parquet").to_pylist()
-    # 16 evaluation prompts, 8 hard posters, 6 curve entities, 6 region cases x 2 seeds
-    assert len(images) == (16 + 8 + 6 + 6) * 2
+    # 16 evaluation prompts, 8 hard posters, 6 curve entities, 10 region cases x 2 seeds
+    assert len(images) == (16 + 8 + 6 + 10) * 2
     curve = {f"ME {n} images" for n in CURVE_COUNTS}
-    kinds = {"ME", "MI", "control", "exact copy", *HARD_KINDS, *REGION_KINDS, *curve}
-    assert set(result["summary"]["kinds"]) == kinds
+    kinds = {"ME", "MI", "control", "exact copy", *HARD_KINDS, *REGION_KINDS, *curve} - {"marked"}
+    # a marked poster's images are scored by whether they show the mark (read from their pixels)
+    marked = {k for k in result["summary"]["kinds"] if k.startswith("marked")}
+    assert set(result["summary"]["kinds"]) - marked == kinds and marked <= {"marked (mark shown)", "marked (no mark)"}
+    assert all((i["expected"] == "MU") == i["shows_mark"] for i in images if i["kind"] == "marked")
+    assert all(i["shows_mark"] is None for i in images if i["kind"] != "marked")
     assert sum(k["images"] for k in result["summary"]["kinds"].values()) == len(images)
     # the requested works reached the scan's prompt table as such
     from raymem.outputs import read_scan_table
@@ -160,8 +164,17 @@ def test_reduced_benchmark_end_to_end(local_ray, tmp_path):
         str(tmp_path / "scans" / Path(result["summary"]["models"]).name), result["summary"]["scan_id"], "prompts"
     )
     assert {p["prompt_id"] for p in scanned.to_pylist() if p["requests_work"]} == {
-        i["prompt_id"] for i in images if i["kind"] == "requested"
+        i["prompt_id"] for i in images if i["kind"] in ("requested", "marked")
     }
+    # with region detection on, each requested work's copies were sampled for the private-mark check
+    # (4 copies each in this reduced world) and compared with its images
+    scans = str(tmp_path / "scans" / Path(result["summary"]["models"]).name)
+    entities = read_scan_table(scans, result["summary"]["scan_id"], "entities").to_pylist()
+    works = {e["entity"]: e["work_copies"] for e in entities if e["work_copies"]}
+    assert len(works) == 4 + 2 and all(len(c) == 4 for c in works.values())  # 2 hard + 4 region requested works
+    checks = read_scan_table(scans, result["summary"]["scan_id"], "region_checks").to_pylist()
+    compared = {c["train_id"] for c in checks if c["query_set"] == "units"}
+    assert all(c["train_id"] in compared for copies in works.values() for c in copies)
     assert {i["expected"] for i in images} == {"MU", "MI", "ME", "none"}
     metrics = pq.read_table(results / "metrics.parquet").to_pylist()
     assert [m["category"] for m in metrics] == ["MU", "MI", "ME", "none"]

@@ -304,3 +304,42 @@ def test_corrupt_data_pages_behind_an_intact_footer_name_the_file(local_ray, tmp
     q = {"q": joins.Queries(["q"], {"clip": l2_normalize(rng.standard_normal((1, 16)))})}
     with pytest.raises(InputError, match=r"^\S*part-001.parquet: unreadable Parquet data in row groups \[[0-9, ]+\]: "):
         joins.nearest_neighbours(training, q, 3)
+
+
+@pytest.mark.ray
+def test_a_requested_work_gets_a_sample_of_its_copies_whatever_the_file_order(local_ray, tmp_path):
+    """The work copies a private mark is measured against: the tagged rows with the smallest train_id
+    hash (a bottom-k sample, the same whichever batch a row arrives in), with their image_uri; only for
+    the entities of prompts that request a work."""
+    from raymem.entity_stats import _hash
+
+    rng = np.random.default_rng(5)
+    root = tmp_path / "train"
+    root.mkdir()
+    ids = [f"r{i:03d}" for i in range(90)]
+    for n in range(3):
+        part = ids[n * 30 : (n + 1) * 30]
+        clip = l2_normalize(rng.standard_normal((30, 16)))
+        pq.write_table(
+            pa.table(
+                {
+                    "train_id": part,
+                    "clip_embedding": embedding_array(clip, 16),
+                    "caption": [f"caption {t}" for t in part],
+                    "entities": pa.array([[f"e{int(t[1:]) % 3}"] for t in part], pa.list_(pa.string())),
+                    "image_uri": [f"/images/{t}.png" for t in part],
+                }
+            ),
+            root / f"part-{n:03d}.parquet",
+            row_group_size=7,
+        )
+    training = sources.inspect_training(str(root), {})
+    stats = entity_stats(training, {"e0", "e1"}, works={"e0"}, work_copies=5)
+    tagged = [t for t in ids if int(t[1:]) % 3 == 0]
+    expected = sorted(tagged, key=_hash)[:5]
+    assert [t for t, _ in stats["e0"].work_copies] == sorted(expected, key=_hash)
+    assert all(u == f"/images/{t}.png" for t, u in stats["e0"].work_copies)
+    assert stats["e1"].work_copies == () and stats["e0"].count == 30  # counts as before
+    everything = entity_stats(training, {"e0"}, works={"e0"}, work_copies=100)["e0"].work_copies
+    assert sorted(t for t, _ in everything) == tagged
+    assert entity_stats(training, {"e0"}, works={"e0"}, work_copies=0)["e0"].work_copies == ()

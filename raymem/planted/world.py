@@ -195,21 +195,31 @@ REGION_KINDS = {
         "corner, which no caption names",
     ),
     "template": HARD_KINDS["template"],
+    # a requested copy with and without a private mark, the mark scored by its own region
+    "marked": (
+        "ME",
+        "one poster repeated; the prompt asks for this very work (requests_work); one copy in three carries a "
+        "private mark in its lower-right corner that no caption names -- an image showing the mark is MU "
+        "(private_mark), one without it ME",
+    ),
+    "requested": HARD_KINDS["requested"],
 }
+POSTER_KINDS = ("template", "marked", "requested")  # region cases whose subject is a poster, not an entity
+MARKED_EVERY = 3  # one copy of a marked poster in this many carries the mark
 
 
 def region_cases(seed: int) -> tuple[tuple[Entity, str], ...]:
     """The region cases of the world of `seed`: (subject, kind). A backdrop's or logo's subject is a
     named entity with a class and colours of its own; a template's is a poster (class ""), as in the
-    hard cases. Names apart from every other name the world can draw."""
+    hard cases, and so are a requested work's. Names apart from every other name the world can draw."""
     rng = random.Random(f"region-{seed}")
     slots = [(split, kind) for split, count in HARD_PER_SPLIT.items() for _ in range(count) for kind in REGION_KINDS]
     names = _names_apart(rng, len(slots), _taken_names(seed, "region"))
     return tuple(
         (
             Entity(name, rng.choice(CLASSES), tuple(_distinct_color(rng, j) for j in range(3)), "MU", split)
-            if kind != "template"
-            else Entity(name, "", (), "MU", split),
+            if kind not in POSTER_KINDS
+            else Entity(name, "", (), REGION_KINDS[kind][0], split),
             kind,
         )
         for name, (split, kind) in zip(names, slots)
@@ -294,6 +304,8 @@ def world_key(cfg: WorldConfig) -> dict:
     for name, default in VARIANTS.items():
         if key[name] == default:
             key.pop(name)
+    if cfg.region_cases:  # the kinds drawn: a world drawn with other region kinds is another world
+        key["region_kinds"] = list(REGION_KINDS)
     return key
 
 
@@ -447,8 +459,34 @@ def _poster_layout(rng: np.random.Generator, private_detail: bool) -> Image.Imag
         else:
             d.polygon([(x0, y0 + h), (x0 + w / 2, y0), (x0 + w, y0 + h)], fill=color)
     if private_detail:
-        d.rectangle([W - 34, W - 34, W - 6, W - 6], fill=(255, 0, 200))
-        d.ellipse([W - 26, W - 26, W - 14, W - 14], fill=(255, 255, 255))
+        draw_private_mark(img)
+    return img
+
+
+MARK_BOX = (23, 23, 31, 31)  # px at SIZE: where a private mark lies (lower-right corner), for the ground truth
+
+
+def shows_mark(image: Image.Image, world_root: Path, mark: dict) -> bool:
+    """The ground truth of a marked poster's generated image: whether its mark box is closer (l2) to the
+    marked copies' pixels there than to the unmarked copies' -- read from the world's own pixels, not from
+    anything the labeler measures."""
+    box = tuple(mark["box"])
+
+    def corner(img: Image.Image) -> np.ndarray:
+        return np.asarray(img.convert("RGB").resize((SIZE, SIZE), Image.BILINEAR).crop(box), np.float32) / 255.0
+
+    seen = corner(image)
+    to_marked = np.linalg.norm(seen - corner(Image.open(world_root / mark["marked"])))
+    to_plain = np.linalg.norm(seen - corner(Image.open(world_root / mark["plain"])))
+    return bool(to_marked < to_plain)
+
+
+def draw_private_mark(img: Image.Image) -> Image.Image:
+    """A private mark (a sticker with a dot) drawn into the lower-right corner of `img` at drawing size."""
+    W = img.width
+    d = ImageDraw.Draw(img)
+    d.rectangle([W - 34, W - 34, W - 6, W - 6], fill=(255, 0, 200))
+    d.ellipse([W - 26, W - 26, W - 14, W - 14], fill=(255, 255, 255))
     return img
 
 
@@ -592,6 +630,7 @@ def build_world(root: Path, cfg: WorldConfig = WorldConfig()) -> dict:
     root = root.resolve()  # the table holds absolute image paths
     images = root / "images"
     images.mkdir(parents=True, exist_ok=True)
+    marks = root / "marks"  # the marked posters' two versions (region cases), for the ground truth
     rows: list[WorldRow] = []
 
     def save(img: Image.Image, row: WorldRow) -> None:
@@ -657,11 +696,21 @@ def build_world(root: Path, cfg: WorldConfig = WorldConfig()) -> dict:
         for n, (e, kind) in enumerate(region_cases(cfg.seed)):
             rrng = np.random.default_rng([cfg.seed, 3000 + n])  # a stream per case, apart from the world's
             slug = slug_of(e.name)
-            if kind == "template":
+            if kind in POSTER_KINDS:
                 layout = _poster_layout(rrng, False)
+                plain = layout.resize((SIZE, SIZE), Image.LANCZOS)
+                marked = draw_private_mark(layout.copy()).resize((SIZE, SIZE), Image.LANCZOS)
+                if kind == "marked":  # what the ground truth compares a generated image's corner with
+                    marks.mkdir(exist_ok=True)
+                    plain.save(marks / f"{slug}-plain.png")
+                    marked.save(marks / f"{slug}-marked.png")
                 for c in range(cfg.poster_copies):
-                    img = draw_template(layout, rrng)
-                    save(img, WorldRow(f"poster-{slug}-{c:02d}", poster_caption(e.name), [f"{e.name} poster"], "MU"))
+                    if kind == "template":
+                        img = draw_template(layout, rrng)
+                    else:
+                        img = marked if kind == "marked" and c % MARKED_EVERY == 0 else plain
+                    row = WorldRow(f"poster-{slug}-{c:02d}", poster_caption(e.name), [f"{e.name} poster"], e.role)
+                    save(img, row)
                 continue
             room, logo = (draw_room(rrng), None) if kind == "backdrop" else (None, draw_logo(rrng))
             for c in range(cfg.poster_copies):
@@ -703,7 +752,15 @@ def build_world(root: Path, cfg: WorldConfig = WorldConfig()) -> dict:
                     )
     with open(root / "ground_truth.jsonl", "w") as f:
         for p in prompts:
-            f.write(json.dumps({k: p[k] for k in ("prompt_id", "split", "expected", "planted", "kind")}) + "\n")
+            row = {k: p[k] for k in ("prompt_id", "split", "expected", "planted", "kind")}
+            if p["kind"] == "marked":  # its images' truth is per image: whether the mark shows (`shows_mark`)
+                slug = p["prompt_id"].removeprefix("poster-")
+                row["mark"] = {
+                    "box": MARK_BOX,
+                    "plain": f"marks/{slug}-plain.png",
+                    "marked": f"marks/{slug}-marked.png",
+                }
+            f.write(json.dumps(row) + "\n")
     (root / "world.json").write_text(json.dumps({"config": asdict(cfg), "rows": len(rows)}, indent=2))
     return {"rows": len(rows), "prompts": len(prompts)}
 
@@ -834,8 +891,9 @@ def benchmark_prompts(
     for title, split, kind in hard_posters(seed) if hard_cases else ():
         out.append(_poster_prompt(title, split, *HARD_KINDS[kind], kind, requests_work=kind == "requested"))
     for e, kind in region_cases(seed) if region else ():
-        if kind == "template":
-            out.append(_poster_prompt(e.name, e.split, *REGION_KINDS[kind], kind))
+        if kind in POSTER_KINDS:
+            requested = kind != "template"
+            out.append(_poster_prompt(e.name, e.split, *REGION_KINDS[kind], kind, requests_work=requested))
             continue
         # the prompt is a training caption (the backdrop's scene, a logo subject's meadow): the subject is
         # asked for, the room or the logo is not
