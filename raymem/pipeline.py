@@ -284,7 +284,17 @@ def _run(cfg: ScanConfig, outputs: ScanOutputs, prompts, training, timer, rerun_
             **{("background", u): p for u, p in _region_background_pairs(cfg, joined).items()},
             **{("training_pairs", a): p for a, p in training_pairs(unit_pairs).items()},
         }
-        found = check_regions(pairs, cfg.signals.pixel_size, cfg.signals.region_grid, limits=limits) if pairs else {}
+        found = (
+            check_regions(
+                pairs,
+                cfg.signals.pixel_size,
+                cfg.signals.region_grid,
+                limits=limits,
+                training_queries=[k for k in pairs if k[0] != "units"],  # fetched as training images are
+            )
+            if pairs
+            else {}
+        )
         tables["region_checks"] = region_checks_table(
             scan_id,
             *({u: evs for (qs, u), evs in found.items() if qs == q} for q in ("units", "background", "training_pairs")),

@@ -180,6 +180,31 @@ def test_check_regions_reads_each_training_image_once_and_records_unreadable_one
     }
     found = check_regions(pairs, SIZE, GRID, threads=2)
     assert loads.count(uris["other"]) == 1  # shared by three scan images, read once
+    assert loads.count(gen_uris["g_wm"]) == 1  # a scan image compared with three training images: decoded once
+    by = {u: {e.train_id: e for e in evs} for u, evs in found.items()}
+    assert by["g_bg"]["bg"].copied_tiles(T.region_l2, T.region_texture)
+    assert by["g_wm"]["wm3"].copied_tiles(T.region_l2, T.region_texture) == tiles_in(range(7, 8), range(2, 6))
+    assert by["g_wm"]["gone"].tile_l2 is None and "not_found" in by["g_wm"]["gone"].error
+    assert by["g_none"]["nouri"].error == "the training row has no image_uri"
+    assert all(not e.copied_tiles(T.region_l2, T.region_texture) for e in by["g_none"].values())
+    # a query that is itself a training image (the background sample, training pairs) is fetched as one:
+    # through the Fetcher, with its limits -- the scan's own images are read directly
+    calls = []
+    monkeypatch.setattr(
+        regions,
+        "load_rgb",
+        lambda uri, size, fetcher=None: calls.append((uri, fetcher)) or original(uri, size, fetcher),
+    )
+    check_regions(
+        {("units", "g_bg"): pairs["g_bg"], ("training_pairs", "bg"): (uris["bg"], [("other", uris["other"])])},
+        SIZE,
+        GRID,
+        threads=2,
+        training_queries=[("training_pairs", "bg")],
+    )
+    assert all(f is not None for u, f in calls if u in uris.values()) and [
+        f for u, f in calls if u == gen_uris["g_bg"]
+    ] == [None]
     # the published table round-trips to the same evidence
     table = region_checks_table("s", found, {"b0": found["g_none"]})
     assert region_evidence(table) == found and region_evidence(table, "background") == {"b0": found["g_none"]}
