@@ -468,3 +468,16 @@ def test_caption_mining_finds_what_the_mining_world_planted(local_ray, tmp_path)
     assert set(report) == {e.name for e in named}
     assert all(r["implied_found"] == bool(r["implied"]) and r["detail_mined"] for r in report.values())
     assert not any(r["spurious_implied"] for r in report.values())
+
+
+def test_every_tag_the_world_writes_is_indexed(tmp_path):
+    """The index tags exactly the entities the world's training rows carry (cast, curve, region subjects,
+    every poster -- requested works included: untagged, a requested work has no copies to sample and no
+    frequency), and the controls, which no row carries."""
+    from raymem.planted.benchmark import tagged_entities
+    from raymem.planted.world import DEV_SEED, build_world, cast
+
+    build_world(tmp_path, WorldConfig(per_entity=3, per_class=2, poster_copies=2, hard_cases=True, region_cases=True))
+    rows = [json.loads(line) for line in (tmp_path / "world.jsonl").read_text().splitlines()]
+    carried, tags = {e for r in rows for e in r["entities"]}, set(tagged_entities(tmp_path))
+    assert carried <= tags and tags - carried == {e.name for e in cast(DEV_SEED)[0] if e.role == "control"}

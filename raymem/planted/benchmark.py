@@ -261,30 +261,38 @@ def prepare_presence(cfg: PlantedConfig, models: Path) -> Path:
 
 
 def prepare_index(cfg: PlantedConfig, world_root: Path, models: Path) -> Path:
-    """`models`: the directory whose clip/ embeds (prepare_presence's answer)."""
-    out = Path(cfg.work) / f"index-{_digest([world_root.name, str(models.resolve())])}"
+    """`models`: the directory whose clip/ embeds (prepare_presence's answer). Keyed by the entities it
+    tags too: a world whose tag list changes gets a new index, not yesterday's."""
+    out = Path(cfg.work) / f"index-{_digest([world_root.name, str(models.resolve()), tagged_entities(world_root)])}"
     index_world(world_root, models, out)
     return out
+
+
+def tagged_entities(world_root: Path) -> list[str]:
+    """The entity tags the world's training table is indexed with: the cast, the curve's and the region
+    cases' named subjects, and every poster ("<title> poster": the cast's, the hard cases', the region
+    cases' templates and requested works)."""
+    from raymem.planted.world import POSTER_KINDS, cast, curve_entities, hard_posters, region_cases
+
+    world = json.loads((world_root / "world.json").read_text())["config"]
+    cast_entities, posters = cast(world["seed"])
+    hard = hard_posters(world["seed"]) if world.get("hard_cases") else ()
+    curve = [e for e, _ in curve_entities(world["seed"])] if world.get("hard_cases") else []
+    regions = region_cases(world["seed"]) if world.get("region_cases") else ()
+    subjects = [e.name for e, kind in regions if kind not in POSTER_KINDS]
+    region_posters = [e.name for e, kind in regions if kind in POSTER_KINDS]
+    entities = [e.name for e in (*cast_entities, *curve)] + subjects
+    return entities + [f"{title} poster" for title in (*(t for t, _, _ in (*posters, *hard)), *region_posters)]
 
 
 def index_world(world_root: Path, models: Path, out: Path) -> None:
     """`raymem index` over the world's training table with `models`/clip (skipped when done)."""
     from raymem.config import IndexConfig
     from raymem.index import run_index
-    from raymem.planted.world import cast, curve_entities, hard_posters, region_cases
 
     if (out / "_index.json").exists():
         return
-    world = json.loads((world_root / "world.json").read_text())["config"]
-    cast_entities, posters = cast(world["seed"])
-    hard = hard_posters(world["seed"]) if world.get("hard_cases") else ()
-    curve = [e for e, _ in curve_entities(world["seed"])] if world.get("hard_cases") else []
-    regions = region_cases(world["seed"]) if world.get("region_cases") else ()
-    # a template's subject is a poster (tagged "<name> poster"), a backdrop's or logo's a named entity
-    subjects = [e.name for e, kind in regions if kind != "template"]
-    templates = [e.name for e, kind in regions if kind == "template"]
-    entities = [e.name for e in (*cast_entities, *curve)] + subjects
-    entities += [f"{title} poster" for title in (*(t for t, _, _ in (*posters, *hard)), *templates)]
+    entities = tagged_entities(world_root)
     run_index(
         IndexConfig.model_validate(
             {
