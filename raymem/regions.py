@@ -41,6 +41,7 @@ from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
+from threading import Lock
 
 import numpy as np
 import pyarrow as pa
@@ -130,8 +131,16 @@ def check_regions(
             users[(train_id, train_uri)].append((key, query_uri))
 
     @lru_cache(maxsize=max(8, QUERY_CACHE_BYTES // (size * size * 3 * 4)))
-    def query_image(uri: str, is_training: bool) -> np.ndarray:
+    def decoded(uri: str, is_training: bool) -> np.ndarray:
         return load_rgb(uri, size, fetcher if is_training else None)
+
+    guard, locks = Lock(), defaultdict(Lock)
+
+    def query_image(uri: str, is_training: bool) -> np.ndarray:
+        with guard:
+            lock = locks[uri]
+        with lock:  # two threads wanting one query: the second waits for the first's decode, then hits
+            return decoded(uri, is_training)
 
     def one_training_image(key):
         train_id, train_uri = key
