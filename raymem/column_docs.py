@@ -181,11 +181,12 @@ TABLES: dict[str, tuple[str, dict[str, str]]] = {
         "one row per scan unit: its category and every number and reason behind it",
         {
             "label": "MU, MI, ME or none (precedence in that order); null when the unit failed",
-            "subtype": "MU: verbatim, template, partial, region, private_mark or instance_element; ME: requested_copy",
-            "is_MU": "the image shows MU (a copy, a copied region, a private mark or an instance-specific element), "
-            "whatever the primary label",
-            "mu_subtypes": "every MU kind it shows: verbatim, template, partial, region, private_mark, "
-            "instance_element",
+            "subtype": "MU: verbatim, template, partial, region, duplicated_patch, private_mark or "
+            "instance_element; ME: requested_copy",
+            "is_MU": "the image shows MU (a copy, a copied region or patch, a private mark or an instance-specific "
+            "element), whatever the primary label",
+            "mu_subtypes": "every MU kind it shows: verbatim, template, partial, region, duplicated_patch, "
+            "private_mark, instance_element",
             "is_MI": "an implied element is shown consistently (MI), whatever the primary label",
             "is_ME": "the entity is rendered with every explicit element (ME), whatever the primary label",
             "webster": "Webster's MV (caption matches the prompt), RV or TV, for verbatim and template copies",
@@ -205,10 +206,11 @@ TABLES: dict[str, tuple[str, dict[str, str]]] = {
             "pixel_l2": "largest tile l2 to the top-1 training image, when checked",
             "pixel_tile_share": "share of tiles within the pixel_l2 threshold",
             "pixel_tile_l2": "every tile's l2, so thresholds can be refit",
-            "region_train_id": "the training image a region was copied from (most copied tiles), or the copy of the "
-            "requested work a private mark was copied from, when one was",
-            "region_tiles": "the copied tiles (of the region or the private mark), row-major on the region grid "
-            "(region_checks has every tile)",
+            "region_train_id": "the training image a region was copied from (most copied tiles), the first of the two "
+            "training images sharing a duplicated patch, or the copy of the requested work a private mark was "
+            "copied from, when one was",
+            "region_tiles": "the copied tiles (of the region, the duplicated patch or the private mark), row-major "
+            "on the region grid (region_checks has every tile)",
             "region_l2": "the largest l2 among the copied tiles",
             "pixel_background_p5": "5th percentile of the tiled pixel l2 between sampled training images and their "
             "nearest other training image (near-duplicate pairs left out); a pixel confirmation must come "

@@ -17,6 +17,11 @@ Primary label by precedence MU > MI > ME > none (docs/labeler.md has the sources
           raymem.regions), and more tiles than the region background p99 (what sampled training
           images share with their own nearest training images) -- a copied background, watermark or
           mark. Not MU when that training image is the work the prompt names (`requested_region`).
+      (d) duplicated patch (with region detection on): no whole-image or region copy, but >= `region_tiles`
+          textured tiles reproduced that two distinct compared training images carry as the same pixels
+          (their measured pair within `region_duplicate_l2`) -- a watermark, a logo, a reused backdrop
+          the training set repeats; tiles compared within `region_l2` scaled by their texture
+          (raymem.regions.scaled_bound). Not MU when those images are the work the prompt names.
       (m) private mark (with region detection on, prompts that request a work): >= `region_tiles` tiles
           copied from one copy of the requested work where more than half of the compared copies of the
           work (a sample of its tagged training images, `signals.work_copies`) provably differ --
@@ -56,10 +61,12 @@ from raymem.pixels import PixelEvidence, PixelPair
 from raymem.pixels import background_p5 as pixel_background_p5
 from raymem.probes import LOGIT_SCALE, sigmoid, two_way_logit
 from raymem.regions import (
+    DuplicatedPatch,
     PrivateMark,
     RegionEvidence,
     RegionMatch,
     background_p99,
+    duplicated_patch,
     neighbours_to_compare,
     pair_index,
     private_mark,
@@ -369,9 +376,15 @@ def _label_prompt(
             region_pairs,
             t.region_duplicate_l2,
         )
+        compared = inputs.regions.get(r["unit_id"], [])
         rows_by_id = (
-            {n["train_id"]: n for sp in neighbors.get(r["unit_id"], {}).values() for n in sp}
-            if regions or ctx.requests_work
+            {n["train_id"]: n for sp in neighbors.get(r["unit_id"], {}).values() for n in sp} if compared else None
+        )
+        dup = (
+            duplicated_patch(
+                compared, region_pairs or {}, t.region_l2, t.region_texture, t.region_duplicate_l2, t.region_tiles
+            )
+            if compared
             else None
         )
         mark = (
@@ -395,6 +408,7 @@ def _label_prompt(
             region_bg,
             pixel_bg,
             mark,
+            dup,
         )
         out.append({**base, **decision})
     return out
@@ -556,6 +570,7 @@ def _decide(
     region_bg: float | None = None,
     pixel_bg: float | None = None,
     mark: PrivateMark | None = None,
+    dup: DuplicatedPatch | None = None,
 ) -> dict:
     flags: list[str] = []
     reasons: list[str] = []
@@ -758,6 +773,27 @@ def _decide(
                 else ""
             )
             reasons.append(f"region copy: {region_text}{shared}")
+    # A patch the training set repeats in distinct images (a watermark, a logo, a reused backdrop),
+    # reproduced where neither the whole image nor a region of one image is a copy: the repetition was
+    # memorized -- unless the repeated images are the work the prompt asks for.
+    duplicated = None
+    if dup is not None and not replicated and not region:
+        a, b = dup.train_ids
+        dup_text = (
+            f"{len(dup.tiles)} tiles reproduced that training images '{a}' and '{b}' carry as the same pixels "
+            f"(tiles {dup.tiles}; pair l2 <= region_duplicate_l2 {t.region_duplicate_l2}; scan image l2 <= "
+            f"{_fmt(dup.l2)}, within region_l2 {t.region_l2} x texture / region_texture {t.region_texture}), "
+            f"two images distinct elsewhere"
+        )
+        if any(_names_copied_work(ctx, (rows_by_id or {}).get(x, {"train_id": x})) for x in dup.train_ids):
+            reasons.append(f"duplicated patch of the requested work: {dup_text}")
+        else:
+            duplicated = dup
+            flags.append("duplicated_patch")
+            reasons.append(
+                f"duplicated patch: {dup_text}: content the training set repeats (a watermark, a logo, a "
+                f"reused backdrop), not what the prompt asks for"
+            )
     # Content of one copy of the requested work that most of its copies lack (a private mark on one
     # print of a poster): the work was asked for, the mark was not.
     private = None
@@ -784,6 +820,7 @@ def _decide(
     mu_kinds = (
         ([subtype] if replicated and not requested else [])
         + (["region"] if region else [])
+        + (["duplicated_patch"] if duplicated else [])
         + (["private_mark"] if private else [])
         + (["instance_element"] if instance else [])
     )
@@ -793,6 +830,8 @@ def _decide(
         label = "MU"
     elif region:
         label, subtype = "MU", "region"
+    elif duplicated:
+        label, subtype = "MU", "duplicated_patch"
     elif private:
         label, subtype = "MU", "private_mark"
     elif instance:
@@ -819,7 +858,7 @@ def _decide(
         label = "none"
         if explicit and not explicit_ok:
             reasons.append("missing: " + ", ".join(f"'{e['element']}'" for e in explicit if not e["present"]))
-    if (replicated and not requested or region or private) and instance:
+    if (replicated and not requested or region or duplicated or private) and instance:
         reasons.append(
             "also instance-specific unprompted element shown"
             + _beyond_placebo(ctx)
@@ -861,9 +900,21 @@ def _decide(
         "pixel_l2": pixel_max,
         "pixel_tile_share": tile_share,
         "pixel_tile_l2": list(pixel.tile_l2) if pixel_max is not None else None,
-        "region_train_id": region["train_id"] if region else private.train_id if private else None,
-        "region_tiles": region["tiles"] if region else private.tiles if private else None,
-        "region_l2": region["l2"] if region else private.l2 if private else None,
+        "region_train_id": region["train_id"]
+        if region
+        else duplicated.train_ids[0]
+        if duplicated
+        else private.train_id
+        if private
+        else None,
+        "region_tiles": region["tiles"]
+        if region
+        else duplicated.tiles
+        if duplicated
+        else private.tiles
+        if private
+        else None,
+        "region_l2": region["l2"] if region else duplicated.l2 if duplicated else private.l2 if private else None,
         "region_background_p99": region_bg,
         "pixel_background_p5": pixel_bg if pixel_max is not None else None,
         "region_breadth": regions.breadth if regions is not None and not replicated else None,

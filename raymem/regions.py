@@ -41,6 +41,7 @@ from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
+from itertools import combinations
 from threading import Lock
 
 import numpy as np
@@ -50,6 +51,14 @@ from raymem.duplicates import components
 from raymem.fetch import Fetcher, FetchLimits
 from raymem.pixels import load_rgb, tile_distances
 from raymem.schema import REGION_CHECKS
+
+
+def scaled_bound(texture: np.ndarray, l2: float, floor: float) -> np.ndarray:
+    """Per tile, the l2 within which two tiles of std `texture` are one patch at the correlation the
+    defaults ask at the texture floor (rho >= 1 - l2^2 / (2 floor^2): 0.5 at 0.1 / 0.1): `l2` scaled by
+    texture / floor. A fixed `l2` asks more of a contrasted tile (at std 0.25, rho >= 0.92): what a
+    generator that redraws a logo or a mark at 32 px does not give (measured: docs/planted.md)."""
+    return l2 * np.asarray(texture) / floor
 
 
 @dataclass(frozen=True)
@@ -351,9 +360,10 @@ def private_mark(evidence: list[RegionEvidence], work_ids: set[str], l2: float, 
     copies of the work lack (`work_ids`: the training images of the work, among `evidence`): no tiles
     when there is none, None when fewer than three copies of the work could be compared.
 
-    A tile counts when it is copied from a copy A of the work (l2 <= `l2`, both tiles textured) and
-    more than half of the compared copies B provably differ from A there: d(img, B) - d(img, A) > `l2`,
-    so by the triangle inequality d(A, B) > `l2` -- not a tile the image sits on the threshold of,
+    A tile counts when it is copied from a copy A of the work (l2 within `scaled_bound` of the tile's
+    texture, both tiles textured) and more than half of the compared copies B provably differ from A
+    there: d(img, B) - d(img, A) > that bound, so by the triangle inequality A and B are farther apart
+    than two tiles of one patch -- not a tile the image sits on the threshold of,
     but content the copies of the work do not share. The work's content is what most of its copies
     show; on exact or near copies of a work with nothing added, no copy's tiles are in a minority.
     A is the copy with the most such tiles (ties: the smaller worst l2, then the id)."""
@@ -362,10 +372,11 @@ def private_mark(evidence: list[RegionEvidence], work_ids: set[str], l2: float, 
         return None
     d = np.asarray([ev.tile_l2 for ev in work])  # (copies, tiles)
     s = np.asarray([ev.texture for ev in work])
-    copied = (d <= l2) & (s >= texture)
+    bound = scaled_bound(s, l2, texture)
+    copied = (d <= bound) & (s >= texture)
     best = None
     for a in range(len(work)):
-        differ = (d - d[a] > l2).sum(axis=0)  # per tile: copies provably apart from copy a there
+        differ = (d - d[a] > bound[a]).sum(axis=0)  # per tile: copies provably apart from copy a there
         tiles = np.flatnonzero(copied[a] & (differ > len(work) / 2))
         if not len(tiles):
             continue
@@ -382,6 +393,56 @@ def private_mark(evidence: list[RegionEvidence], work_ids: set[str], l2: float, 
         len(work),
         int(copied[:, tiles].sum(axis=0).max()),
     )
+
+
+@dataclass(frozen=True)
+class DuplicatedPatch:
+    """Tiles a scan image reproduces that two *distinct* compared training images carry as the same
+    pixels: a patch duplicated in the training set (a watermark, an agency's logo, a reused backdrop)."""
+
+    train_ids: tuple[str, str]
+    tiles: list[int]
+    l2: float  # the largest l2 of the scan image's tiles to either training image's
+
+
+def duplicated_patch(
+    evidence: list[RegionEvidence],
+    pairs: Mapping[tuple[str, str], RegionEvidence],
+    l2: float,
+    texture: float,
+    duplicate_l2: float,
+    min_tiles: int,
+) -> DuplicatedPatch | None:
+    """The largest patch the scan image reproduces (each tile within `scaled_bound` of both training
+    images' tiles) that two compared training images share as the same pixels (their measured pair,
+    `training_pairs`: l2 <= `duplicate_l2`, textured) while they are distinct images (>= `min_tiles`
+    textured tiles apart by more than `l2`: whole-image duplicates are the whole-image rules' case).
+    Chance look-alikes do not share pixels at a correlation >= 0.97, so a duplicated patch is what the
+    training set repeats -- and the generator reproducing it is memorization of that repetition
+    (Carlini'23: duplicated data is what is memorized). None when no pair shares such a patch."""
+    by_id = {ev.train_id: ev for ev in evidence if ev.tile_l2 is not None and ev.texture is not None}
+    best = None
+    for a, b in combinations(sorted(by_id), 2):  # the pairs among this image's compared training images
+        pair = pairs.get((a, b))
+        if pair is None or pair.tile_l2 is None or pair.texture is None:
+            continue
+        pd, ps = np.asarray(pair.tile_l2), np.asarray(pair.texture)
+        if ((pd > l2) & (ps >= texture)).sum() < min_tiles:  # one image twice, not a patch two images share
+            continue
+        same = (pd <= duplicate_l2) & (ps >= texture)
+        da, db = np.asarray(by_id[a].tile_l2), np.asarray(by_id[b].tile_l2)
+        sa, sb = np.asarray(by_id[a].texture), np.asarray(by_id[b].texture)
+        copied = (da <= scaled_bound(sa, l2, texture)) & (sa >= texture)
+        copied &= (db <= scaled_bound(sb, l2, texture)) & (sb >= texture)
+        tiles = np.flatnonzero(same & copied)
+        if len(tiles) < min_tiles:
+            continue
+        key = (-len(tiles), float(np.maximum(da, db)[tiles].max()), a, b)
+        if best is None or key < best[0]:
+            best = (key, (a, b), tiles, float(np.maximum(da, db)[tiles].max()))
+    if best is None:
+        return None
+    return DuplicatedPatch(best[1], [int(t) for t in best[2]], best[3])
 
 
 def background_p99(

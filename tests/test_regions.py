@@ -18,6 +18,7 @@ from raymem.regions import (
     background_p99,
     check_regions,
     compare_regions,
+    duplicated_patch,
     most_copied,
     pair_index,
     private_mark,
@@ -471,3 +472,68 @@ def test_a_requested_copy_showing_a_private_mark_is_MU_scored_by_the_mark_alone(
     # the same work without the mark is what the user asked for
     assert (plain["label"], plain["subtype"], plain["is_MU"]) == ("ME", "requested_copy", False)
     assert "no private mark: no tile copied from one of the 6 compared copies" in plain["reasons"]
+
+
+# -- patches the training set repeats -----------------------------------------------------------------
+
+
+def test_a_patch_two_distinct_training_images_share_as_the_same_pixels_is_a_duplicated_patch():
+    """Evidence by hand (8 tiles): training images 'a' and 'b' are the same pixels on tiles 0-1 (a
+    logo) and different content elsewhere; the scan image reproduces the logo at l2 0.15 -- past the
+    fixed region_l2 (0.1), within its texture-scaled bound at tile std 0.25 (0.25)."""
+    tex = (0.25,) * 8
+    img_a = RegionEvidence("a", 2, (0.15, 0.15, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5), tex)
+    img_b = RegionEvidence("b", 2, (0.14, 0.15, 0.6, 0.6, 0.6, 0.6, 0.6, 0.6), tex)
+    pair = RegionEvidence("b", 2, (0.01, 0.02, 0.4, 0.4, 0.4, 0.4, 0.4, 0.4), tex)
+    found = duplicated_patch([img_a, img_b], {("a", "b"): pair}, 0.1, 0.1, 0.025, 2)
+    assert (found.train_ids, found.tiles, found.l2) == (("a", "b"), [0, 1], 0.15)
+    # at the texture floor the bound is region_l2 itself: 0.15 is no copy
+    flat = [replace(e, texture=(0.1,) * 8) for e in (img_a, img_b)]
+    assert duplicated_patch(flat, {("a", "b"): replace(pair, texture=(0.1,) * 8)}, 0.1, 0.1, 0.025, 2) is None
+    # one image twice (nowhere apart) is the whole-image rules' case; an unmeasured pair proves nothing;
+    # tiles the two images share only approximately (a look) are no duplicate
+    twins = replace(pair, tile_l2=(0.01,) * 8)
+    assert duplicated_patch([img_a, img_b], {("a", "b"): twins}, 0.1, 0.1, 0.025, 2) is None
+    assert duplicated_patch([img_a, img_b], {}, 0.1, 0.1, 0.025, 2) is None
+    alike = replace(pair, tile_l2=(0.06, 0.07, *pair.tile_l2[2:]))
+    assert duplicated_patch([img_a, img_b], {("a", "b"): alike}, 0.1, 0.1, 0.025, 2) is None
+
+
+def test_a_logo_the_training_set_repeats_is_MU_when_reproduced_imperfectly(tmp_path):
+    """On disk: two distinct training photos carrying one agency logo (2 x 2 tiles, lower-left); a scan
+    image of new content with the logo redrawn with noise (tile l2 ~0.12: no region copy at the fixed
+    bound), and one without it. Region checks as the scan runs them, training pairs included."""
+    from raymem.regions import training_pairs
+
+    rng = np.random.default_rng(21)
+    logo = np.kron(rng.random((8, 8, 3)), np.ones((4, 4, 1))).astype(np.float32)  # contrasted: std ~0.28
+    train = {}
+    for name in ("s0", "s1"):
+        x = textured(rng)
+        x[96:, :32] = logo
+        train[name] = save(tmp_path / f"{name}.png", x)
+    with_logo, without = textured(rng), textured(rng)
+    with_logo[96:, :32] = np.clip(logo + rng.normal(0, 0.12, logo.shape), 0, 1)
+    gens = {"g_logo": save(tmp_path / "g_logo.png", with_logo), "g_plain": save(tmp_path / "g_plain.png", without)}
+    ctx = context(explicit=(), prompt="a photo of X")
+    rows = [gen(u, i, image(ctx), image_uri=gens[u]) for i, u in enumerate(gens)] + nulls(ctx)
+    low = [{"train_id": t, "score": 0.2, "image_uri": u} for t, u in train.items()]
+    inputs = LabelInputs.from_rows(rows, {"p": ctx}, text_vectors(ctx), {u: {"sscd": low} for u in gens}, BG)
+    unit_pairs = region_check_pairs(inputs, neighbours=3)
+    pairs = {
+        **{("units", u): p for u, p in unit_pairs.items()},
+        **{("tp", a): p for a, p in training_pairs(unit_pairs).items()},
+    }
+    found = check_regions(pairs, SIZE, GRID, threads=2, training_queries=[k for k in pairs if k[0] == "tp"])
+    inputs.regions = {u: evs for (q, u), evs in found.items() if q == "units"}
+    inputs.region_pairs = {a: evs for (q, a), evs in found.items() if q == "tp"}
+    assert not any(e.copied_tiles(T.region_l2, T.region_texture) for e in inputs.regions["g_logo"])  # fixed bound
+    out = {r["unit_id"]: r for r in label_units(inputs, T)}
+    logo_row = out["g_logo"]
+    assert (logo_row["label"], logo_row["subtype"], logo_row["region_tiles"]) == (
+        "MU",
+        "duplicated_patch",
+        tiles_in(range(6, 8), range(0, 2)),
+    )
+    assert "duplicated patch: 4 tiles reproduced that training images 's0' and 's1' carry" in logo_row["reasons"]
+    assert out["g_plain"]["label"] != "MU" and not out["g_plain"]["is_MU"]
