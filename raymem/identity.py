@@ -5,9 +5,12 @@ settings -- never where they sit on disk.
 
 The identity is the settings (the config without its paths, resources, Ray and output location) plus
 fingerprints of what the paths point to: the prompt rows as parsed, the training table's file list and
-footers (names relative to its root, row-group sizes, columns, dimensions), the diffusion model's
-weights and configs, and any local CLIP or copy-detection checkpoint. The same config run from another
-directory is the same scan; a prompt file whose contents changed is another scan.
+footers (names relative to its root, row-group sizes, a digest of each Parquet footer, columns,
+dimensions), the diffusion model's weights and configs, and any local CLIP or copy-detection checkpoint.
+The same config run from another directory is the same scan; a prompt file whose contents changed is
+another scan, and so is a training file rewritten with other tags, captions or ids (their statistics and
+sizes are in the footer). Not seen, since no data is read: a float edited in place in an embedding column
+(no statistics) that leaves the compressed size the same.
 """
 
 from __future__ import annotations
@@ -77,8 +80,9 @@ def _reference(value: str | None) -> str | None:
 
 
 def training_fingerprint(training) -> dict:
-    """The training table by its footers: layout, files relative to its root, rows per row group,
-    columns and dimensions (reading no data)."""
+    """The training table by its footers: layout, files relative to its root, rows per row group, a
+    digest of each Parquet footer (column chunk sizes, offsets, statistics), columns and dimensions
+    (reading no data)."""
     base = training.uri.rstrip("/")
 
     def rel(path: str) -> str:
@@ -86,7 +90,14 @@ def training_fingerprint(training) -> dict:
 
     return {
         "layout": training.layout,
-        "files": [[rel(f), groups] for f, groups in zip(training.files, training.row_groups)],
+        # with each file's footer digest where the layout has one: the same names and row counts with
+        # other contents (re-written tags, re-computed embeddings) are another scan
+        "files": [
+            [rel(f), groups, *([footer] if footer else [])]
+            for f, groups, footer in zip(
+                training.files, training.row_groups, training.footers or [None] * len(training.files)
+            )
+        ],
         "embedding_files": [rel(f) for f in training.embedding_files],
         "columns": sorted(training.columns),
         "dims": training.dims,

@@ -76,6 +76,24 @@ def test_changed_content_settings_or_date_is_another_scan(tmp_path):
     )
     with_more_training = scan_id(config(a))
     assert with_more_training != changed_prompts
+    # the same file names and row counts with other contents (re-written tags) are another scan too
+    pq.write_table(
+        pa.table(
+            {
+                "train_id": ["e"],
+                "clip_embedding": embedding_array(np.eye(1, 8, dtype=np.float32), 8),
+                "entities": pa.array([["Old Mill"]], pa.list_(pa.string())),
+            }
+        ),
+        a / "train" / "part-1.parquet",
+    )
+    retagged = scan_id(config(a))
+    assert retagged != with_more_training
+    pq.write_table(
+        pa.table({"train_id": ["e"], "clip_embedding": embedding_array(np.eye(1, 8, dtype=np.float32), 8)}),
+        a / "train" / "part-1.parquet",
+    )
+    assert scan_id(config(a)) == with_more_training  # rewritten to the same contents: the same scan
     assert scan_id(config(a, generation={"seeds_per_prompt": 8})) != with_more_training
     other_day = config(a, output={"uri": str(a / "out"), "scan_date": "2026-12-01"})
     assert other_day.scan_date == dt.date(2026, 12, 1) and scan_id(other_day) != with_more_training

@@ -32,6 +32,9 @@ class TrainingTable:
     skipped: list[str] = field(default_factory=list)  # "path: why", for files skipped as unreadable
     index: dict | None = None  # _index.json of a `raymem index` output, when present
     row_groups: list[list[int]] = field(default_factory=list)  # rows per row group (clip-retrieval: per file)
+    # per file, a digest of its Parquet footer (column chunk sizes, offsets, statistics): what the scan's
+    # identity knows of the file's contents without reading its data (raymem.identity)
+    footers: list[str] = field(default_factory=list)
 
     def for_spaces(self, spaces: dict[str, int]) -> TrainingTable:
         """The table restricted to the scan's embedding spaces, whose dimensions must match."""

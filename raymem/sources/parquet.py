@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 
 import pyarrow as pa
@@ -24,6 +26,13 @@ def _embedding_dim(source: str, schema: pa.Schema, column: str) -> int | None:
     raise InputError(source, f"expected a list of float32, got {t}", field=column)
 
 
+def footer_digest(meta: pq.FileMetaData) -> str:
+    """A Parquet file's footer as a digest: row groups, and per column chunk its sizes, offsets, encodings
+    and statistics -- rewritten contents change it (other tags, re-computed embeddings), the file's path
+    and modification time do not."""
+    return hashlib.sha256(json.dumps(meta.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 class ParquetSource:
     """raymem's training schema in Parquet files under a directory or prefix (local or s3://)."""
 
@@ -39,7 +48,7 @@ class ParquetSource:
         columns: list[str] | None = None
         dims: dict[str, int] = {}
         num_rows = 0
-        good, skipped, row_groups = [], [], []
+        good, skipped, row_groups, footers = [], [], [], []
         for path in files:
             fs, p = uris.filesystem(path)
             try:
@@ -76,6 +85,7 @@ class ParquetSource:
             num_rows += meta.num_rows
             good.append(path)
             row_groups.append([meta.row_group(i).num_rows for i in range(meta.num_row_groups)])
+            footers.append(footer_digest(meta))
         if num_rows == 0:
             raise InputError(uri, "the training table has no rows")
         # An optional column (sscd_embedding) is only usable when every file has it, and only the scan's
@@ -90,6 +100,7 @@ class ParquetSource:
             skipped=skipped,
             index=read_index_manifest(uri),
             row_groups=row_groups,
+            footers=footers,
         )
 
     def fragments(self, training: TrainingTable, target_rows: int) -> list[dict]:
