@@ -805,9 +805,9 @@ def _decide(
     elif mark is not None:
         mark_text = (
             f"{len(mark.tiles)} tiles of training image '{mark.train_id}' (a copy of the requested work) "
-            f"reproduced at the same position (tiles {mark.tiles}, l2 <= {_fmt(mark.l2)} <= region_l2 "
-            f"{t.region_l2}, texture >= {t.region_texture}), where more than half of the {mark.copies} compared "
-            f"copies of the work provably differ (at most {mark.carriers} carry it)"
+            f"reproduced at the same position (tiles {mark.tiles}, l2 <= {_fmt(mark.l2)}, within region_l2 "
+            f"{t.region_l2} x texture / region_texture {t.region_texture}), where more than half of the "
+            f"{mark.copies} compared copies of the work provably differ (at most {mark.carriers} carry it)"
         )
         if len(mark.tiles) >= t.region_tiles:
             private = mark
