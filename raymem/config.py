@@ -302,9 +302,10 @@ class SignalsConfig(_Strict):
         ge=0,
         le=100,
         description="training images per scan image (top in the copy space and in CLIP space) compared "
-        "region by region, whatever their global score (3 is a good start); 0, the default, switches "
-        "region-level copy detection off: on a fresh planted world 1 of 80 images without a copy came "
-        "out a region copy, and no planted world has a region copy to measure recall on (docs/labeler.md)",
+        "region by region, whatever their global score (3 is a good start): region copies, duplicated "
+        "patches (watermarks, logos) and private marks on requested works; 0, the default, switches them "
+        "off -- each compared training image is fetched once per scan, and they are measured on planted "
+        "worlds only (docs/planted.md)",
     )
     region_grid: int = Field(8, ge=2, le=64, description="tiles per side for region-level copy detection")
     work_copies: int = Field(

@@ -416,7 +416,7 @@ def duplicated_patch(
     """The largest patch the scan image reproduces (each tile within `scaled_bound` of both training
     images' tiles) that two compared training images share as the same pixels (their measured pair,
     `training_pairs`: l2 <= `duplicate_l2`, textured) while they are distinct images (>= `min_tiles`
-    textured tiles apart by more than `l2`: whole-image duplicates are the whole-image rules' case).
+    tiles apart by more than `l2`, textured or not: whole-image duplicates are the whole-image rules' case).
     Chance look-alikes do not share pixels at a correlation >= 0.97, so a duplicated patch is what the
     training set repeats -- and the generator reproducing it is memorization of that repetition
     (Carlini'23: duplicated data is what is memorized). None when no pair shares such a patch."""
@@ -427,7 +427,9 @@ def duplicated_patch(
         if pair is None or pair.tile_l2 is None or pair.texture is None:
             continue
         pd, ps = np.asarray(pair.tile_l2), np.asarray(pair.texture)
-        if ((pd > l2) & (ps >= texture)).sum() < min_tiles:  # one image twice, not a patch two images share
+        # one image twice, not a patch two images share: apart on too few tiles (flat tiles count here --
+        # a blue sky and a green meadow are apart without texture; texture guards sameness, not difference)
+        if (pd > l2).sum() < min_tiles:
             continue
         same = (pd <= duplicate_l2) & (ps >= texture)
         da, db = np.asarray(by_id[a].tile_l2), np.asarray(by_id[b].tile_l2)

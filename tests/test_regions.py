@@ -492,6 +492,9 @@ def test_a_patch_two_distinct_training_images_share_as_the_same_pixels_is_a_dupl
     assert duplicated_patch(flat, {("a", "b"): replace(pair, texture=(0.1,) * 8)}, 0.1, 0.1, 0.025, 2) is None
     # one image twice (nowhere apart) is the whole-image rules' case; an unmeasured pair proves nothing;
     # tiles the two images share only approximately (a look) are no duplicate
+    # two images apart only on flat tiles (a sky and a meadow) are still two images
+    flat_apart = replace(pair, texture=(0.25, 0.25, *(0.0,) * 6))
+    assert duplicated_patch([img_a, img_b], {("a", "b"): flat_apart}, 0.1, 0.1, 0.025, 2).tiles == [0, 1]
     twins = replace(pair, tile_l2=(0.01,) * 8)
     assert duplicated_patch([img_a, img_b], {("a", "b"): twins}, 0.1, 0.1, 0.025, 2) is None
     assert duplicated_patch([img_a, img_b], {}, 0.1, 0.1, 0.025, 2) is None
