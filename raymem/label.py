@@ -388,10 +388,8 @@ def _label_prompt(
             else None
         )
         mark = (
-            private_mark(
-                inputs.regions.get(r["unit_id"], []), _work_ids(ctx, rows_by_id), t.region_l2, t.region_texture
-            )
-            if ctx.requests_work and inputs.regions.get(r["unit_id"])
+            private_mark(compared, _work_ids(ctx, rows_by_id), t.region_l2, t.region_texture)
+            if ctx.requests_work and compared
             else None
         )
         decision = _decide(
@@ -880,6 +878,16 @@ def _decide(
             reasons.append("implied element(s) not counted: " + "; ".join(_why_not(e, t) for e in unshown))
     if cluster_member:
         flags.append("seed_cluster")
+    # the copied part of a training image behind an MU region label: (train_id, tiles, worst l2)
+    copied_patch = (
+        (region["train_id"], region["tiles"], region["l2"])
+        if region
+        else (duplicated.train_ids[0], duplicated.tiles, duplicated.l2)
+        if duplicated
+        else (private.train_id, private.tiles, private.l2)
+        if private
+        else (None, None, None)
+    )
     return {
         "label": label,
         "subtype": subtype,
@@ -900,21 +908,9 @@ def _decide(
         "pixel_l2": pixel_max,
         "pixel_tile_share": tile_share,
         "pixel_tile_l2": list(pixel.tile_l2) if pixel_max is not None else None,
-        "region_train_id": region["train_id"]
-        if region
-        else duplicated.train_ids[0]
-        if duplicated
-        else private.train_id
-        if private
-        else None,
-        "region_tiles": region["tiles"]
-        if region
-        else duplicated.tiles
-        if duplicated
-        else private.tiles
-        if private
-        else None,
-        "region_l2": region["l2"] if region else duplicated.l2 if duplicated else private.l2 if private else None,
+        "region_train_id": copied_patch[0],
+        "region_tiles": copied_patch[1],
+        "region_l2": copied_patch[2],
         "region_background_p99": region_bg,
         "pixel_background_p5": pixel_bg if pixel_max is not None else None,
         "region_breadth": regions.breadth if regions is not None and not replicated else None,
