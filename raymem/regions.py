@@ -61,6 +61,13 @@ def scaled_bound(texture: np.ndarray, l2: float, floor: float) -> np.ndarray:
     return l2 * np.asarray(texture) / floor
 
 
+def scaled_copied(tile_l2, texture, l2: float, floor: float) -> np.ndarray:
+    """Which tiles are copied at the `scaled_bound`: within it, and textured (std >= `floor`) -- per tile
+    of one comparison, or per copy and tile of a stack of them."""
+    d, s = np.asarray(tile_l2), np.asarray(texture)
+    return (d <= scaled_bound(s, l2, floor)) & (s >= floor)
+
+
 @dataclass(frozen=True)
 class RegionEvidence:
     """One scan image against one training image, tile by tile (row-major over the grid)."""
@@ -373,7 +380,7 @@ def private_mark(evidence: list[RegionEvidence], work_ids: set[str], l2: float, 
     d = np.asarray([ev.tile_l2 for ev in work])  # (copies, tiles)
     s = np.asarray([ev.texture for ev in work])
     bound = scaled_bound(s, l2, texture)
-    copied = (d <= bound) & (s >= texture)
+    copied = scaled_copied(d, s, l2, texture)
     best = None
     for a in range(len(work)):
         differ = (d - d[a] > bound[a]).sum(axis=0)  # per tile: copies provably apart from copy a there
@@ -432,19 +439,16 @@ def duplicated_patch(
         if (pd > l2).sum() < min_tiles:
             continue
         same = (pd <= duplicate_l2) & (ps >= texture)
-        da, db = np.asarray(by_id[a].tile_l2), np.asarray(by_id[b].tile_l2)
-        sa, sb = np.asarray(by_id[a].texture), np.asarray(by_id[b].texture)
-        copied = (da <= scaled_bound(sa, l2, texture)) & (sa >= texture)
-        copied &= (db <= scaled_bound(sb, l2, texture)) & (sb >= texture)
+        ea, eb = by_id[a], by_id[b]
+        copied = scaled_copied(ea.tile_l2, ea.texture, l2, texture) & scaled_copied(eb.tile_l2, eb.texture, l2, texture)
         tiles = np.flatnonzero(same & copied)
         if len(tiles) < min_tiles:
             continue
-        key = (-len(tiles), float(np.maximum(da, db)[tiles].max()), a, b)
+        worst = float(np.maximum(ea.tile_l2, eb.tile_l2)[tiles].max())
+        key = (-len(tiles), worst, a, b)
         if best is None or key < best[0]:
-            best = (key, (a, b), tiles, float(np.maximum(da, db)[tiles].max()))
-    if best is None:
-        return None
-    return DuplicatedPatch(best[1], [int(t) for t in best[2]], best[3])
+            best = (key, DuplicatedPatch((a, b), [int(t) for t in tiles], worst))
+    return best[1] if best else None
 
 
 def background_p99(

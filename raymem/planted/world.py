@@ -699,8 +699,10 @@ def build_world(root: Path, cfg: WorldConfig = WorldConfig()) -> dict:
             if kind in POSTER_KINDS:
                 layout = _poster_layout(rrng, False)
                 plain = layout.resize((SIZE, SIZE), Image.LANCZOS)
-                marked = draw_private_mark(layout.copy()).resize((SIZE, SIZE), Image.LANCZOS)
-                if kind == "marked":  # what the ground truth compares a generated image's corner with
+                marked = (
+                    draw_private_mark(layout.copy()).resize((SIZE, SIZE), Image.LANCZOS) if kind == "marked" else None
+                )
+                if marked is not None:  # what the ground truth compares a generated image's corner with
                     marks.mkdir(exist_ok=True)
                     plain.save(marks / f"{slug}-plain.png")
                     marked.save(marks / f"{slug}-marked.png")
@@ -708,7 +710,7 @@ def build_world(root: Path, cfg: WorldConfig = WorldConfig()) -> dict:
                     if kind == "template":
                         img = draw_template(layout, rrng)
                     else:
-                        img = marked if kind == "marked" and c % MARKED_EVERY == 0 else plain
+                        img = marked if marked is not None and c % MARKED_EVERY == 0 else plain
                     row = WorldRow(f"poster-{slug}-{c:02d}", poster_caption(e.name), [f"{e.name} poster"], e.role)
                     save(img, row)
                 continue
