@@ -46,6 +46,49 @@ def test_evaluate_counts_precision_recall_and_confusion():
     assert any("MISSED" in line for line in targets_report(r))
 
 
+def test_what_an_image_shows_overrides_its_prompts_truth():
+    """Marks and logos are truth per image (`image_truth`): an image showing a private mark or a logo is
+    MU whatever its prompt asked; a logo subject's image without its logo is the named subject (ME); a
+    control into which a logo leaked is no negative, and each is counted under a kind of its own."""
+    from raymem.planted.benchmark import expected_label
+
+    truth = {
+        "logo-subject": {"expected": "MU", "planted": "a logo", "kind": "logo"},
+        "poster-x": {"expected": "ME", "planted": "a requested poster", "kind": "marked"},
+        "ctrl": {"expected": "none", "planted": "nothing: never shown", "kind": "control"},
+    }
+    seen = {
+        "1": {"shows_logo": True, "logo": "Subject"},
+        "2": {"shows_logo": False, "logo": None},
+        "3": {"shows_mark": True, "shows_logo": False, "logo": None},
+        "4": {"shows_mark": False, "shows_logo": False, "logo": None},
+        "5": {"shows_logo": True, "logo": "Subject"},
+        "6": {"shows_logo": False, "logo": None},
+    }
+    prompts = ["logo-subject", "logo-subject", "poster-x", "poster-x", "ctrl", "ctrl"]
+    assert [expected_label(truth[p], seen[u]) for u, p in zip("123456", prompts)] == [
+        *("MU", "ME", "MU"),
+        *("ME", "MU", "none"),
+    ]
+    assert expected_label(truth["logo-subject"], {}) == "MU"  # a world without the pixel truth: as drawn
+    labels = [
+        {"unit_id": u, "prompt_id": p, "seed": i, "label": label, "reasons": ""}
+        for i, (u, p, label) in enumerate(zip("123456", prompts, ["MU", "none", "MU", "ME", "none", "none"]))
+    ]
+    r = evaluate(labels, truth, 7, seen=seen)
+    assert [i["expected"] for i in r["images"]] == ["MU", "ME", "MU", "ME", "MU", "none"]
+    assert {k: (v["correct"], v["images"]) for k, v in r["kinds"].items()} == {
+        "logo (logo shown)": (1, 1),
+        "logo (no logo)": (0, 1),
+        "marked (mark shown)": (1, 1),
+        "marked (no mark)": (1, 1),
+        "control (logo leaked)": (0, 1),
+        "control": (1, 1),
+    }
+    assert (r["controls"]["correct"], r["controls"]["images"]) == (1, 1)  # the leak is not a negative
+    assert [i["logo"] for i in r["images"]][:2] == ["Subject", None]
+
+
 def test_runs_pool_over_worlds_with_prompts_of_each_world_as_clusters(tmp_path):
     from raymem.planted.benchmark import pool_results
 
@@ -153,12 +196,17 @@ def test_reduced_benchmark_end_to_end(local_ray, tmp_path):
     # 16 evaluation prompts, 8 hard posters, 6 curve entities, 10 region cases x 2 seeds
     assert len(images) == (16 + 8 + 6 + 10) * 2
     curve = {f"ME {n} images" for n in CURVE_COUNTS}
-    kinds = {"ME", "MI", "control", "exact copy", *HARD_KINDS, *REGION_KINDS, *curve} - {"marked"}
-    # a marked poster's images are scored by whether they show the mark (read from their pixels)
-    marked = {k for k in result["summary"]["kinds"] if k.startswith("marked")}
-    assert set(result["summary"]["kinds"]) - marked == kinds and marked <= {"marked (mark shown)", "marked (no mark)"}
+    kinds = {"ME", "MI", "control", "exact copy", *HARD_KINDS, *REGION_KINDS, *curve} - {"marked", "logo"}
+    # a marked poster's images are scored by whether they show the mark, a logo subject's by whether they
+    # show the logo, and any image that shows a logo its prompt never asked for as a leak (all from pixels)
+    per_image = {"marked (mark shown)", "marked (no mark)", "logo (logo shown)", "logo (no logo)"}
+    found = set(result["summary"]["kinds"])
+    assert found - per_image - {f"{k} (logo leaked)" for k in kinds} == kinds
+    assert found & {"logo (logo shown)", "logo (no logo)"} and found & {"marked (mark shown)", "marked (no mark)"}
     assert all((i["expected"] == "MU") == i["shows_mark"] for i in images if i["kind"] == "marked")
     assert all(i["shows_mark"] is None for i in images if i["kind"] != "marked")
+    assert all(i["shows_logo"] is not None for i in images)  # the world has logos: every image is looked at
+    assert all(i["expected"] == "MU" for i in images if i["shows_logo"])
     assert sum(k["images"] for k in result["summary"]["kinds"].values()) == len(images)
     # the requested works reached the scan's prompt table as such
     from raymem.outputs import read_scan_table

@@ -242,9 +242,12 @@ def test_region_cases_are_planted_as_their_ground_truth_says(tmp_path, seed):
     from raymem.planted.world import (
         HARD_PER_SPLIT,
         LOGO,
+        LOGO_BOX,
         MARK_BOX,
         POSTER_KINDS,
         REGION_KINDS,
+        SIZE,
+        LogoTruth,
         hard_posters,
         region_cases,
         shows_mark,
@@ -334,6 +337,27 @@ def test_region_cases_are_planted_as_their_ground_truth_says(tmp_path, seed):
             np.asarray(Image.open(r["image"])), np.asarray(Image.open(same[r["train_id"]]["image"]))
         )
     assert "region_cases" not in world_key(WorldConfig(**sizes))
+    # the logos' ground truth, from the world's pixels: every logo subject's training image shows its own
+    # logo, no other training image shows one, and neither does a logo subject's image whose corner is
+    # painted over -- while a logo pasted into any other image is seen as that subject's (a leak)
+    logos = LogoTruth(tmp_path / "region")
+    subjects = {e.name for e, kind in cases if kind == "logo"}
+    assert set(logos.logos) == subjects and LogoTruth(tmp_path / "plain").logos == {}
+    assert LogoTruth(tmp_path / "plain").shown(Image.open(world[0]["image"])) is None
+    by_subject = {r["entities"][0]: r for r in world if r["entities"] and r["entities"][0] in subjects}
+    plain_rows = [r for r in world if not set(r["entities"]) & subjects]
+    for subject, r in by_subject.items():
+        stamped = Image.open(r["image"]).convert("RGB")
+        assert logos.shown(stamped) == subject
+        painted = stamped.copy()
+        painted.paste(Image.open(plain_rows[0]["image"]).convert("RGB").crop(LOGO_BOX), LOGO_BOX[:2])
+        assert logos.shown(painted) is None
+        leaked = Image.open(plain_rows[1]["image"]).convert("RGB")
+        leaked.paste(stamped.crop(LOGO_BOX), LOGO_BOX[:2])
+        assert logos.shown(leaked) == subject
+        # a generated image may come larger than the world's: seen at the world's size
+        assert logos.shown(leaked.resize((4 * SIZE, 4 * SIZE), Image.NEAREST)) == subject
+    assert not any(logos.shown(Image.open(r["image"])) for r in plain_rows[:200])
 
 
 def test_the_mining_world_names_implied_elements_and_unseen_details_in_its_captions(tmp_path):

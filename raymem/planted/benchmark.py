@@ -435,52 +435,81 @@ def evaluate(
     probes: dict[str, str] | None = None,
     train_seed: int = 0,
     noisy: dict[str, str] | None = None,
-    marks: dict[str, bool] | None = None,
+    seen: dict[str, dict] | None = None,
 ) -> dict:
-    """Per image: its label against its prompt's expected label (`probes`: the prompts asked about an
-    element their entity does not imply, `probed_prompts`; `noisy`: the prompts whose entity's captions
-    mention a detail its images never show, `noisy_details`; `marks`: per image of a marked poster,
-    whether it shows the private mark (`mark_truth`): MU when it does, the prompt's ME when not), and
-    the kind of case its prompt plants."""
-    marks = marks or {}
-    images = [
-        {
-            "world_seed": world_seed,
-            "train_seed": train_seed,
-            "kind": truth[r["prompt_id"]].get("kind", ""),  # absent in worlds drawn before kinds existed
-            "unit_id": r["unit_id"],
-            "prompt_id": r["prompt_id"],
-            "seed": r["seed"],
-            "expected": "MU" if marks.get(r["unit_id"]) else truth[r["prompt_id"]]["expected"],
-            "predicted": r["label"] or "failed",
-            "shows_mark": marks.get(r["unit_id"]),
-            "control": truth[r["prompt_id"]]["planted"].startswith("nothing"),
-            "negative_probe": (probes or {}).get(r["prompt_id"]),
-            "noisy_detail": (noisy or {}).get(r["prompt_id"]),
-            "instance_element": "instance_element" in (r.get("flags") or ()),
-            "reasons": r["reasons"],
-        }
-        for r in labels
-    ]
+    """Per image: its label against its expected label (`probes`: the prompts asked about an element
+    their entity does not imply, `probed_prompts`; `noisy`: the prompts whose entity's captions mention
+    a detail its images never show, `noisy_details`; `seen`: what each image's pixels show of the marks
+    and logos, `image_truth`, which `expected_label` reads beside the prompt's truth), and the kind of
+    case its prompt plants."""
+    seen = seen or {}
+    images = []
+    for r in labels:
+        prompt = truth[r["prompt_id"]]
+        pixels = seen.get(r["unit_id"], {})
+        images.append(
+            {
+                "world_seed": world_seed,
+                "train_seed": train_seed,
+                "kind": prompt.get("kind", ""),  # absent in worlds drawn before kinds existed
+                "unit_id": r["unit_id"],
+                "prompt_id": r["prompt_id"],
+                "seed": r["seed"],
+                "expected": expected_label(prompt, pixels),
+                "predicted": r["label"] or "failed",
+                "shows_mark": pixels.get("shows_mark"),
+                "shows_logo": pixels.get("shows_logo"),
+                "logo": pixels.get("logo"),
+                # a control into which the generator drew a logo is no negative: it shows a copied patch
+                "control": prompt["planted"].startswith("nothing") and not pixels.get("shows_logo"),
+                "negative_probe": (probes or {}).get(r["prompt_id"]),
+                "noisy_detail": (noisy or {}).get(r["prompt_id"]),
+                "instance_element": "instance_element" in (r.get("flags") or ()),
+                "reasons": r["reasons"],
+            }
+        )
     return score_images(images)
 
 
-def mark_truth(world_root: Path, truth: dict[str, dict], generations: list[dict]) -> dict[str, bool]:
-    """{unit_id: whether the image shows its poster's private mark} for the scored scan images of the
-    marked posters (region cases), read from the images' pixels (`world.shows_mark`)."""
+def expected_label(prompt: dict, pixels: dict) -> str:
+    """An image's expected label: its prompt's (`ground_truth.jsonl`), unless its pixels say otherwise
+    (`image_truth`) -- an image that shows a private mark or an agency's logo is MU, whatever its prompt
+    asked for; a logo subject's image without the logo shows the subject the prompt names, as the ME
+    prompts' entities do."""
+    if pixels.get("shows_mark") or pixels.get("shows_logo"):
+        return "MU"
+    if prompt.get("kind") == "logo" and pixels.get("shows_logo") is False:
+        return "ME"
+    return prompt["expected"]
+
+
+def image_truth(world_root: Path, truth: dict[str, dict], generations: list[dict]) -> dict[str, dict]:
+    """{unit_id: what the image's pixels show} for the scored scan images: for a marked poster's images
+    whether they show its private mark (`shows_mark`, `world.shows_mark`), and in a world with logos, for
+    every image, whether it shows one and whose (`shows_logo`, `logo`; `world.LogoTruth`) -- read from
+    the world's own pixels, never from what the labeler measured."""
     import io
 
     from PIL import Image
 
     from raymem import uri as uris
-    from raymem.planted.world import shows_mark
+    from raymem.planted.world import LogoTruth, shows_mark
     from raymem.schema import ROLE_SCAN, STATUS_OK
 
+    logos = LogoTruth(world_root)
     out = {}
     for g in generations:
         mark = truth.get(g["prompt_id"], {}).get("mark")
-        if mark and g["role"] == ROLE_SCAN and g["status"] == STATUS_OK and g["image_uri"]:
-            out[g["unit_id"]] = shows_mark(Image.open(io.BytesIO(uris.read_bytes(g["image_uri"]))), world_root, mark)
+        if not (g["role"] == ROLE_SCAN and g["status"] == STATUS_OK and g["image_uri"]) or not (mark or logos.logos):
+            continue
+        image = Image.open(io.BytesIO(uris.read_bytes(g["image_uri"])))
+        pixels = {}
+        if mark:
+            pixels["shows_mark"] = shows_mark(image, world_root, mark)
+        if logos.logos:
+            pixels["logo"] = logos.shown(image)
+            pixels["shows_logo"] = pixels["logo"] is not None
+        out[g["unit_id"]] = pixels
     return out
 
 
@@ -548,10 +577,17 @@ def score_images(images: list[dict]) -> dict:
         }
 
     # per kind of planted case (exact copies, the hard cases, each role): the share labelled as expected;
-    # a marked poster's images apart by whether they show the mark (their truth differs)
+    # a marked poster's images apart by whether they show the mark, a logo subject's by whether they show
+    # the logo, and any other image that shows a logo apart as a leak (their truth differs)
     def kind_of(i: dict) -> str:
-        shows = i.get("shows_mark")
-        return (i.get("kind") or "") + ("" if shows is None else " (mark shown)" if shows else " (no mark)")
+        kind, mark, logo = i.get("kind") or "", i.get("shows_mark"), i.get("shows_logo")
+        if not kind:
+            return ""
+        if mark is not None:
+            return kind + (" (mark shown)" if mark else " (no mark)")
+        if kind == "logo" and logo is not None:
+            return kind + (" (logo shown)" if logo else " (no logo)")
+        return kind + (" (logo leaked)" if logo else "")
 
     kinds = {
         kind: negatives(rows, lambda i: i["predicted"] == i["expected"])
@@ -713,10 +749,8 @@ def run_benchmark(cfg: PlantedConfig) -> dict:
             calib = run_scan(calib_cfg)
             inputs = LabelInputs.read(calib_cfg.output.uri, calib.scan_id)
             parent = {g["unit_id"]: g["parent_prompt_id"] for g in inputs.generations}
-            marked = mark_truth(world_root, truth, inputs.generations)  # a marked poster's truth is per image
-            pilot = {
-                uid: "MU" if marked.get(uid) else truth[parent[uid]]["expected"] for uid in inputs.scored_scan_units()
-            }
+            seen = image_truth(world_root, truth, inputs.generations)  # marks and logos: truth per image
+            pilot = {uid: expected_label(truth[parent[uid]], seen.get(uid, {})) for uid in inputs.scored_scan_units()}
             fitted, _ = fit(inputs, pilot, ThresholdsConfig(**thresholds), cfg.target_precision)
             thresholds = json.loads(fitted.model_dump_json())
             timings["calibrate_s"] = time.perf_counter() - t0
@@ -732,8 +766,8 @@ def run_benchmark(cfg: PlantedConfig) -> dict:
     generations = read_scan_table(eval_cfg.output.uri, scan.scan_id, "generations").select(
         ["unit_id", "prompt_id", "role", "status", "image_uri"]
     )
-    marks = mark_truth(world_root, truth, generations.to_pylist())
-    result = evaluate(labels, truth, cfg.world.seed, probes, cfg.train.seed, noisy, marks)
+    seen = image_truth(world_root, truth, generations.to_pylist())
+    result = evaluate(labels, truth, cfg.world.seed, probes, cfg.train.seed, noisy, seen)
     mined = mining_report(scan.counts.get("mined_elements") or {}, cfg.world, truth) if mining_on(cfg) else []
     out = Path(cfg.work) / "results" / run_name(cfg)
     out.mkdir(parents=True, exist_ok=True)

@@ -463,6 +463,11 @@ def _poster_layout(rng: np.random.Generator, private_detail: bool) -> Image.Imag
     return img
 
 
+def _box_pixels(image: Image.Image, box: tuple[int, int, int, int]) -> np.ndarray:
+    """`box` of `image` seen at SIZE (area-averaged: a generated image may come larger), floats in [0, 1]."""
+    return np.asarray(image.convert("RGB").resize((SIZE, SIZE), Image.BOX).crop(box), np.float32) / 255.0
+
+
 MARK_BOX = (23, 23, 31, 31)  # px at SIZE: where a private mark lies (lower-right corner), for the ground truth
 
 
@@ -471,13 +476,9 @@ def shows_mark(image: Image.Image, world_root: Path, mark: dict) -> bool:
     marked copies' pixels there than to the unmarked copies' -- read from the world's own pixels, not from
     anything the labeler measures."""
     box = tuple(mark["box"])
-
-    def corner(img: Image.Image) -> np.ndarray:
-        return np.asarray(img.convert("RGB").resize((SIZE, SIZE), Image.BILINEAR).crop(box), np.float32) / 255.0
-
-    seen = corner(image)
-    to_marked = np.linalg.norm(seen - corner(Image.open(world_root / mark["marked"])))
-    to_plain = np.linalg.norm(seen - corner(Image.open(world_root / mark["plain"])))
+    seen = _box_pixels(image, box)
+    to_marked = np.linalg.norm(seen - _box_pixels(Image.open(world_root / mark["marked"]), box))
+    to_plain = np.linalg.norm(seen - _box_pixels(Image.open(world_root / mark["plain"]), box))
     return bool(to_marked < to_plain)
 
 
@@ -568,6 +569,51 @@ def with_logo(img: Image.Image, logo: Image.Image) -> Image.Image:
     out = img.copy()
     out.paste(logo, (0, SIZE - LOGO))
     return out
+
+
+LOGO_BOX = (0, SIZE - LOGO, LOGO, SIZE)  # px at SIZE: where `with_logo` stamps a logo, for the ground truth
+
+
+class LogoTruth:
+    """The ground truth of the agency logos (region cases), per generated image: which logo, if any, it
+    shows -- read from the world's own pixels, not from anything the labeler measures. An image shows
+    logo L when its logo box is closer (l2) to L than to the other logos and to that box of every training
+    image that carries no logo: closer to the logo than to anything else the world draws there. No
+    threshold to set, as for the private marks (`shows_mark`); a logo the generator did not draw, or drew
+    into an image whose prompt never asked for its subject (a leak), is told apart from the prompt's
+    expectation."""
+
+    def __init__(self, world_root: Path):
+        config = json.loads((world_root / "world.json").read_text())["config"]
+        subjects = (
+            {e.name for e, kind in region_cases(config["seed"]) if kind == "logo"}
+            if config.get("region_cases")
+            else set()
+        )
+        self.logos: dict[str, np.ndarray] = {}
+        plain = []
+        if subjects:
+            for line in (world_root / "world.jsonl").open():
+                row = json.loads(line)
+                subject = next((name for name in row["entities"] if name in subjects), None)
+                if subject is None or subject not in self.logos:  # a subject's images all carry its one logo
+                    box = _box_pixels(Image.open(world_root / "images" / f"{row['train_id']}.png"), LOGO_BOX)
+                    if subject is None:
+                        plain.append(box)
+                    else:
+                        self.logos[subject] = box
+        self.plain = np.stack(plain).reshape(len(plain), -1) if plain else np.zeros((0, 3 * LOGO * LOGO), np.float32)
+
+    def shown(self, image: Image.Image) -> str | None:
+        """The subject whose logo `image` shows, or None (also for a world without logos)."""
+        if not self.logos:
+            return None
+        seen = _box_pixels(image, LOGO_BOX).ravel()
+        names = list(self.logos)
+        to_logo = np.linalg.norm(np.stack([self.logos[n].ravel() for n in names]) - seen, axis=1)
+        nearest = int(to_logo.argmin())
+        to_plain = np.linalg.norm(self.plain - seen, axis=1).min(initial=np.inf)
+        return names[nearest] if to_logo[nearest] < to_plain else None
 
 
 VARIATIONS = ("resize", "jpeg", "crop", "colour")
