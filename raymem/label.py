@@ -367,8 +367,15 @@ def _label_prompt(
             continue
         nbrs = neighbors.get(r["unit_id"], {}).get(space, [])
         copy = _CopyEvidence(space, inputs.copy_evidence, inputs.missing.get(r["unit_id"]), bg)
+        compared = inputs.regions.get(r["unit_id"], [])
+        rows_by_id = (
+            {n["train_id"]: n for sp in neighbors.get(r["unit_id"], {}).values() for n in sp} if compared else None
+        )
+        # A requested work's sampled copies are compared for the private-mark rule alone: the region-copy
+        # and duplicated-patch rules read what the image itself is near (its neighbours), as for any prompt
+        near = [ev for ev in compared if ev.train_id in rows_by_id] if ctx.requests_work and compared else compared
         regions = region_match(
-            inputs.regions.get(r["unit_id"], []),
+            near,
             t.region_l2,
             t.region_texture,
             t.region_tiles,
@@ -376,15 +383,11 @@ def _label_prompt(
             region_pairs,
             t.region_duplicate_l2,
         )
-        compared = inputs.regions.get(r["unit_id"], [])
-        rows_by_id = (
-            {n["train_id"]: n for sp in neighbors.get(r["unit_id"], {}).values() for n in sp} if compared else None
-        )
         dup = (
             duplicated_patch(
-                compared, region_pairs or {}, t.region_l2, t.region_texture, t.region_duplicate_l2, t.region_tiles
+                near, region_pairs or {}, t.region_l2, t.region_texture, t.region_duplicate_l2, t.region_tiles
             )
-            if compared
+            if near
             else None
         )
         mark = (

@@ -276,8 +276,8 @@ def _run(cfg: ScanConfig, outputs: ScanOutputs, prompts, training, timer, rerun_
         # distinct training images share), in one pass: each training image is fetched once.
         # Also the training images compared with one scan image against each other: whether two of its
         # matches are one duplicated patch is measured, not only bounded (regions.same_region).
-        # A requested work's sampled copies are compared with its images too (private marks), but not
-        # with each other: copies of one work are one region by the tags that chose them.
+        # A requested work's sampled copies are compared with its images too (read by the private-mark
+        # rule alone), but not with each other: copies of one work are one region by the tags that chose them.
         unit_pairs = region_check_pairs(inputs, cfg.signals.region_neighbours)
         pairs = {
             **{("units", u): p for u, p in with_work_copies(inputs, unit_pairs).items()},

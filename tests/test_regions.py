@@ -398,6 +398,29 @@ def test_a_region_several_distinct_training_images_share_is_a_look_not_MU(labell
     assert (wide["label"], wide["region_train_id"], wide["region_breadth"]) == ("MU", "bg", 3)
 
 
+def test_a_requested_works_sampled_copies_feed_the_private_mark_rule_alone(labelled_inputs):
+    """An image of a prompt that requests a work reproduces a region of a training image that is not the
+    work ('bg', its neighbour); the work's sampled copies, compared for private marks and not among the
+    image's neighbours, match as many tiles (each a distinct image by the evidence): rules (r) and (d)
+    read what the image itself is near, so the copies neither widen the region into a look nor name it."""
+    inputs = labelled_inputs
+    tiles = {e.train_id: e for e in inputs.regions["g_bg"]}["bg"].copied_tiles(T.region_l2, T.region_texture)
+
+    def evidence(name, l2):
+        return RegionEvidence(name, GRID, tuple(l2 if i in tiles else 0.5 for i in range(64)), (0.2,) * 64)
+
+    copies = tuple((f"copy{i}", None) for i in range(3))
+    q = inputs.contexts["q"]
+    inputs.contexts["q"] = q.__class__(**{**vars(q), "reference": EntityStats(3, None, copies)})
+    inputs.neighbors["g_poster"] = {"sscd": [{"train_id": "bg", "score": 0.2, "image_uri": None, "entities": []}]}
+    inputs.regions["g_poster"] = [evidence("bg", 0.06), *(evidence(t, 0.07) for t, _ in copies)]
+    out = {r["unit_id"]: r for r in label_units(inputs, T)}["g_poster"]
+    assert (out["label"], out["region_train_id"], out["region_breadth"]) == ("MU", "bg", 1)
+    assert "region copy: 48 of 64 tiles of training image 'bg'" in out["reasons"]
+    # the private-mark rule still reads every copy: the three agree everywhere, so no mark
+    assert "no private mark: no tile copied from one of the 3 compared copies" in out["reasons"]
+
+
 def test_a_watermark_shared_by_many_training_images_is_one_region(labelled):
     _, out = labelled
     wm = out["g_wm"]  # the banner is in wm3 and wm17, both compared: one patch, not two regions
