@@ -192,7 +192,8 @@ REGION_KINDS = {
     "logo": (
         "MU",
         "every training image of a named subject (varied scenes) carries one agency's logo in its lower-left "
-        "corner, which no caption names",
+        "corner, which no caption names -- per image: an image showing the logo is MU, one without it the "
+        "named subject (ME; `LogoTruth`)",
     ),
     "template": HARD_KINDS["template"],
     # a requested copy with and without a private mark, the mark scored by its own region
