@@ -591,30 +591,32 @@ class LogoTruth:
             if config.get("region_cases")
             else set()
         )
-        self.logos: dict[str, np.ndarray] = {}
+        self.logos: dict[str, np.ndarray] = {}  # subject -> its logo box, flattened
         plain = []
         if subjects:
             for line in (world_root / "world.jsonl").open():
                 row = json.loads(line)
                 subject = next((name for name in row["entities"] if name in subjects), None)
                 if subject is None or subject not in self.logos:  # a subject's images all carry its one logo
-                    box = _box_pixels(Image.open(world_root / "images" / f"{row['train_id']}.png"), LOGO_BOX)
+                    box = _box_pixels(Image.open(world_root / "images" / f"{row['train_id']}.png"), LOGO_BOX).ravel()
                     if subject is None:
                         plain.append(box)
                     else:
                         self.logos[subject] = box
-        self.plain = np.stack(plain).reshape(len(plain), -1) if plain else np.zeros((0, 3 * LOGO * LOGO), np.float32)
+        empty = np.zeros((0, 3 * LOGO * LOGO), np.float32)
+        self.plain = np.stack(plain) if plain else empty  # the box of every logo-free training image
+        self._names = list(self.logos)
+        self._stacked = np.stack([self.logos[n] for n in self._names]) if self.logos else empty
 
     def shown(self, image: Image.Image) -> str | None:
         """The subject whose logo `image` shows, or None (also for a world without logos)."""
         if not self.logos:
             return None
         seen = _box_pixels(image, LOGO_BOX).ravel()
-        names = list(self.logos)
-        to_logo = np.linalg.norm(np.stack([self.logos[n].ravel() for n in names]) - seen, axis=1)
+        to_logo = np.linalg.norm(self._stacked - seen, axis=1)
         nearest = int(to_logo.argmin())
         to_plain = np.linalg.norm(self.plain - seen, axis=1).min(initial=np.inf)
-        return names[nearest] if to_logo[nearest] < to_plain else None
+        return self._names[nearest] if to_logo[nearest] < to_plain else None
 
 
 VARIATIONS = ("resize", "jpeg", "crop", "colour")
