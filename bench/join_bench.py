@@ -2,6 +2,7 @@
 
     python bench/join_bench.py                      # J1, J2, IVF at 1,000,000 rows
     python bench/join_bench.py --j3                 # also J3: 10,000,000 rows (writes ~20 GB)
+    python bench/join_bench.py --storage packed     # the main table with packed embeddings
 
 J1  raymem's exact join over N x 512 float32 rows in Parquet, 1,024 queries, k = 10, in rows/s,
     against FAISS IndexFlatIP searching the same rows already in memory with the same thread count.
@@ -11,7 +12,8 @@ J3  peak memory of the driver and every Ray process (summed RSS and PSS, sampled
 IVF recall@10 of `join.mode: faiss` (per-shard IVF indexes, nprobe 16) against the exact join, and its
     speed-up.
 Data are unit vectors around 2,000 random centres, written once under --work as `raymem index` writes
-them (100,000 rows per file, 65,536-row row groups); queries are drawn the same way.
+them (100,000 rows per file, 65,536-row row groups; embeddings stored as --storage, `list` by default);
+queries are drawn the same way. The same rows are also joined in the other layouts (--packed, --npy).
 """
 
 from __future__ import annotations
@@ -45,12 +47,15 @@ def clustered(rng, centers: np.ndarray, n: int, spread: float = 0.04) -> np.ndar
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
 
-def make_table(root: Path, rows: int, dim: int, seed: int = 0) -> Path:
+def make_table(root: Path, rows: int, dim: int, seed: int = 0, storage: str = "list") -> Path:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     from raymem.outputs import parquet_options
-    from raymem.schema import embedding_array
+    from raymem.schema import stored_embedding_array
+
+    if storage != "list":
+        root = root.with_name(f"{root.name}-{storage}")
 
     done = root / "_COMPLETE_v3"  # v3: embedding columns uncompressed, as raymem writes them now
     if done.exists():
@@ -62,7 +67,10 @@ def make_table(root: Path, rows: int, dim: int, seed: int = 0) -> Path:
         n = min(ROWS_PER_FILE, rows - start)
         x = clustered(rng, centers, n)
         table = pa.table(
-            {"train_id": pa.array([f"r{start + i}" for i in range(n)]), "clip_embedding": embedding_array(x, dim)}
+            {
+                "train_id": pa.array([f"r{start + i}" for i in range(n)]),
+                "clip_embedding": stored_embedding_array(x, dim, storage),
+            }
         )
         # Written as `raymem index` writes: embedding columns without dictionary encoding.
         pq.write_table(table, root / f"part-{f:05d}.parquet", row_group_size=65_536, **parquet_options(table.schema))
@@ -179,6 +187,17 @@ def main() -> int:
         default="float32,float16",
         help="also join the same rows in the clip-retrieval layout with these .npy dtypes ('' for none)",
     )
+    parser.add_argument(
+        "--storage",
+        default="list",
+        choices=["list", "packed", "packed-float16"],
+        help="embedding storage of the main table (J1, J2, J3)",
+    )
+    parser.add_argument(
+        "--packed",
+        default="packed,packed-float16",
+        help="also join the same rows stored packed (raymem index's embedding_storage; '' for none)",
+    )
     parser.add_argument("--work", default="build/bench-join")
     parser.add_argument("--json", help="write the results here too")
     args = parser.parse_args()
@@ -189,7 +208,7 @@ def main() -> int:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     work = Path(args.work).absolute()
     t0 = time.perf_counter()
-    small = make_table(work / f"rows-{args.rows}", args.rows, args.dim)
+    small = make_table(work / f"rows-{args.rows}", args.rows, args.dim, storage=args.storage)
     print(f"data: {args.rows} x {args.dim} ready in {time.perf_counter() - t0:.1f}s", flush=True)
     rng = np.random.default_rng(1)
     queries = clustered(rng, cluster_centers(args.dim), args.queries)
@@ -200,6 +219,7 @@ def main() -> int:
         "k": args.k,
         "threads": args.threads,
         "machine": f"{os.cpu_count()} CPUs",
+        "storage": args.storage,
     }
 
     ray.init(address="local", num_cpus=args.threads, include_dashboard=False, logging_level="ERROR")
@@ -227,6 +247,20 @@ def main() -> int:
         f"J2 = {t_np / t_ray:.2f} (target >= 0.7)",
         flush=True,
     )
+
+    # The same rows with packed embeddings (one fixed-size binary value per row: no list levels to decode).
+    for storage in filter(None, args.packed.split(",")):
+        if storage == args.storage:
+            continue
+        root = make_table(work / f"rows-{args.rows}", args.rows, args.dim, storage=storage)
+        got, t_packed, _, _ = run_join(root, queries, args.k)
+        same = np.mean([list(got.ids[i]) == list(exact.ids[i]) for i in range(args.queries)])
+        out[f"{storage}_seconds"], out[f"{storage}_J2_ratio"] = t_packed, t_np / t_packed
+        print(
+            f"raymem exact join, Parquet {storage}: {t_packed:.2f}s -> J2 = {t_np / t_packed:.2f}; "
+            f"same top-{args.k} as the {args.storage} join for {same:.1%} of queries",
+            flush=True,
+        )
 
     # The same rows in the clip-retrieval layout: .npy embeddings, no Parquet decode.
     for dtype in filter(None, args.npy.split(",")):
@@ -298,7 +332,7 @@ def main() -> int:
     if args.j3:
         big_rows = 10 * args.rows
         t0 = time.perf_counter()
-        big = make_table(work / f"rows-{big_rows}", big_rows, args.dim, seed=2)
+        big = make_table(work / f"rows-{big_rows}", big_rows, args.dim, seed=2, storage=args.storage)
         print(f"data: {big_rows} x {args.dim} ready in {time.perf_counter() - t0:.1f}s", flush=True)
         _, t_big, mem_big, _ = run_join(big, queries, args.k)
         out.update(

@@ -182,8 +182,11 @@ def cmd_import_embeddings(args) -> int:
     from raymem.laion import convert
 
     with runtime.ray_session():
-        result = convert(args.root, args.output, load_entities(args.entities) or None)
-    print(f"converted {result['rows']} rows ({result['dim']}-d) into {result['files']} files under {args.output}")
+        result = convert(args.root, args.output, load_entities(args.entities) or None, storage=args.storage)
+    print(
+        f"converted {result['rows']} rows ({result['dim']}-d, {args.storage}) into {result['files']} files "
+        f"under {args.output}"
+    )
     return 0
 
 
@@ -371,6 +374,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("root", help="directory holding img_emb/ and metadata/ (local or s3://)")
     p.add_argument("output", help="directory for raymem training-embeddings Parquet")
     p.add_argument("--entities", help="file with one entity name per line, to tag captions")
+    p.add_argument(
+        "--storage",
+        choices=["list", "packed", "packed-float16"],  # raymem.schema.EMBEDDING_STORAGES (imported lazily)
+        default="list",
+        help="embedding column: list (default; every reader decodes it), packed (float32 bytes, joined "
+        "without a decode pass), packed-float16 (LAION's own precision, half the bytes); docs/join.md",
+    )
     p.set_defaults(fn=cmd_import_embeddings)
 
     p = command("calibrate", help="fit the labeler's thresholds on a human-labelled pilot set")

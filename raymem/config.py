@@ -477,6 +477,12 @@ class IndexConfig(_Strict):
     shard_size: int = Field(10_000, ge=1, description="images per output shard (folder and table inputs)")
     batch_size: int = Field(64, ge=1, description="images per embedding batch")
     background_sample: int = Field(1000, ge=0, description="training rows for the train-train background")
+    embedding_storage: Literal["list", "packed", "packed-float16"] = Field(
+        "list",
+        description="list: fixed_size_list<float32> (every Parquet reader decodes it); packed: float32 bytes "
+        "per row, read without a decode pass (docs/join.md); packed-float16: half the bytes, scores from "
+        "float16-rounded embeddings",
+    )
     faiss: FaissConfig = FaissConfig()
     resources: IndexResourcesConfig = IndexResourcesConfig()
     ray: RayConfig = RayConfig()

@@ -40,12 +40,12 @@ def _build_shard(row: dict) -> dict:
     import faiss
 
     from raymem.schema import SPACE_COLUMNS
-    from raymem.sources import checked_matrix
+    from raymem.sources import checked_matrix, path_column
 
     path, space, nlist = row["file"], row["space"], row["nlist"]
     fs, p = uris.filesystem(path)
     table = pq.read_table(p, filesystem=fs, columns=["train_id", SPACE_COLUMNS[space]])
-    table = table.append_column("path", pa.array([path] * table.num_rows))
+    table = table.append_column("path", path_column(path, table.num_rows))
     x = checked_matrix(table, SPACE_COLUMNS[space], row["dim"])
     lists = nlist or default_nlist(len(x))
     quantizer = faiss.IndexFlatIP(x.shape[1])
@@ -91,13 +91,14 @@ class FaissShardSearch:
 
         from raymem.candidates import candidates_table
         from raymem.schema import META_COLUMNS
+        from raymem.sources import path_column
 
         out = []
         for path in batch.column("file").to_pylist():
             fs, p = uris.filesystem(path)
             names = pq.read_schema(p, filesystem=fs).names
             meta = pq.read_table(p, filesystem=fs, columns=["train_id", *[c for c in META_COLUMNS if c in names]])
-            meta = meta.append_column("path", pa.array([path] * meta.num_rows))
+            meta = meta.append_column("path", path_column(path, meta.num_rows))
             parts = []
             for name, qs in self.queries.items():
                 for space, q in qs.matrices.items():

@@ -36,7 +36,7 @@ from raymem.captions import tag_entities
 from raymem.config import ActorRange, FaissConfig, IndexConfig
 from raymem.errors import InputError
 from raymem.outputs import redacted
-from raymem.schema import embedding_array
+from raymem.schema import stored_embedding_array
 
 log = logging.getLogger(__name__)
 
@@ -286,10 +286,12 @@ class IndexEmbed:
 
         cols = {
             "train_id": pa.array(ok["train_id"], pa.string()),
-            "clip_embedding": embedding_array(np.array(ok["clip"]).reshape(-1, self.clip.dim), self.clip.dim),
+            "clip_embedding": stored_embedding_array(np.array(ok["clip"]), self.clip.dim, self.cfg.embedding_storage),
         }
         if self.sscd is not None:
-            cols["sscd_embedding"] = embedding_array(np.array(ok["sscd"]).reshape(-1, self.sscd.dim), self.sscd.dim)
+            cols["sscd_embedding"] = stored_embedding_array(
+                np.array(ok["sscd"]), self.sscd.dim, self.cfg.embedding_storage
+            )
         cols["caption"] = pa.array(ok["caption"], pa.string())
         cols["image_uri"] = pa.array(ok["image_uri"], pa.string())
         cols["entities"] = pa.array([tag_entities(c, self.entities) for c in ok["caption"]], pa.list_(pa.string()))

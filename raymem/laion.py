@@ -9,11 +9,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from raymem import uri as uris
+from raymem.schema import embedding_matrix, stored_embedding_array
 from raymem.sources.clip_retrieval import inspect_clip_retrieval, read_pair
 
 
-def convert(root: str, output: str, entities: list[str] | None = None) -> dict:
-    """Convert a clip-retrieval layout into raymem's Parquet schema, one output file per pair, on Ray."""
+def convert(root: str, output: str, entities: list[str] | None = None, storage: str = "list") -> dict:
+    """Convert a clip-retrieval layout into raymem's Parquet schema, one output file per pair, on Ray;
+    embeddings stored as `storage` (raymem.schema.EMBEDDING_STORAGES)."""
     import ray
 
     from raymem.captions import tag_entities
@@ -30,6 +32,10 @@ def convert(root: str, output: str, entities: list[str] | None = None) -> dict:
             writer = None
             for table in read_pair(meta_path, npy_path):  # chunk by chunk: memory stays flat
                 table = table.drop_columns(["path"])
+                if storage != "list":
+                    at = table.column_names.index("clip_embedding")
+                    packed = stored_embedding_array(embedding_matrix(table.column(at)), training.dims["clip"], storage)
+                    table = table.set_column(at, "clip_embedding", packed)
                 if entities:
                     captions = table.column("caption").to_pylist() if "caption" in table.column_names else []
                     tags = [tag_entities(c, entities) for c in captions]

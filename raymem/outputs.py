@@ -40,7 +40,7 @@ from raymem import uri as uris
 from raymem.column_docs import with_descriptions
 from raymem.config import ScanConfig
 from raymem.errors import ScanBusy
-from raymem.schema import PUBLISHED_TABLES
+from raymem.schema import PUBLISHED_TABLES, is_embedding_type
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ def parquet_options(schema: pa.Schema) -> dict:
     """Write options: embedding columns PLAIN and uncompressed, so a reader hands their pages to the
     matrix product without a decode pass (random floats never repeat, and zstd saves ~8 % of their bytes
     for twice the read time); zstd and dictionaries for the rest."""
-    embeddings = {f.name for f in schema if pa.types.is_fixed_size_list(f.type)}
+    embeddings = {f.name for f in schema if is_embedding_type(f.type)}
     return {
         "compression": {f.name: "none" if f.name in embeddings else "zstd" for f in schema},
         "use_dictionary": [f.name for f in schema if f.name not in embeddings],

@@ -1,10 +1,15 @@
 """Arrow schemas of every table that crosses a stage boundary or is published.
 
 Embeddings are plain `fixed_size_list<float32>[d]` columns (not Ray's tensor extension type) so DuckDB,
-pyarrow, pandas and Spark read them without Ray installed.
+pyarrow, pandas and Spark read them without Ray installed. Training tables may instead hold them
+*packed* (`raymem index` with `embedding_storage: packed | packed-float16`): each row's floats as one
+fixed-size binary value, which Parquet stores without the per-float repetition and definition levels a
+list needs, so the join hands the pages to the matrix product without a decode pass (docs/join.md).
 """
 
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import pyarrow as pa
@@ -48,6 +53,64 @@ def embedding_type(dim: int) -> pa.DataType:
     return pa.list_(pa.float32(), dim)
 
 
+# How `raymem index` may store a training table's embeddings: the dtype of each packed layout.
+EMBEDDING_STORAGES = {"list": None, "packed": "float32", "packed-float16": "float16"}
+
+
+class PackedEmbeddingType(pa.ExtensionType):
+    """`dim` little-endian floats (float32 or float16) per row in one fixed-size binary value.
+
+    An Arrow extension type, so the dtype and dimension travel in the Parquet file's Arrow schema; a
+    reader without raymem sees the storage type (a fixed-size binary: `np.frombuffer(value, "<f4")`)."""
+
+    def __init__(self, dim: int, dtype: str = "float32"):
+        if dtype not in ("float32", "float16"):
+            raise ValueError(f"packed embeddings are float32 or float16, not {dtype}")
+        self.dim, self.dtype = int(dim), dtype
+        super().__init__(pa.binary(self.dim * np.dtype(dtype).itemsize), "raymem.embedding")
+
+    def __arrow_ext_serialize__(self) -> bytes:
+        return json.dumps({"dim": self.dim, "dtype": self.dtype}).encode()
+
+    @classmethod
+    def __arrow_ext_deserialize__(cls, storage_type, serialized):
+        meta = json.loads(serialized.decode())
+        return cls(meta["dim"], meta["dtype"])
+
+
+try:  # once per process; readers of Parquet files then get the type back instead of the raw binary
+    pa.register_extension_type(PackedEmbeddingType(1))
+except pa.ArrowKeyError:
+    pass
+
+
+def is_embedding_type(t: pa.DataType) -> bool:
+    return pa.types.is_fixed_size_list(t) or isinstance(t, PackedEmbeddingType)
+
+
+def embedding_dim(t: pa.DataType) -> int:
+    return t.dim if isinstance(t, PackedEmbeddingType) else t.list_size
+
+
+def stored_embedding_array(matrix: np.ndarray, dim: int, storage: str = "list") -> pa.Array:
+    """(n, dim) matrix -> a training table's embedding column in `storage` (EMBEDDING_STORAGES)."""
+    dtype = EMBEDDING_STORAGES[storage]
+    if dtype is None:
+        return embedding_array(matrix, dim)
+    packed = np.ascontiguousarray(np.asarray(matrix).reshape(-1, dim), dtype=np.dtype(dtype).newbyteorder("<"))
+    kind = PackedEmbeddingType(dim, dtype)
+    values = pa.FixedSizeBinaryArray.from_buffers(kind.storage_type, len(packed), [None, pa.py_buffer(packed)])
+    return pa.ExtensionArray.from_storage(kind, values)
+
+
+def _unpacked(chunk: pa.ExtensionArray) -> np.ndarray:
+    kind, storage = chunk.type, chunk.storage
+    width = kind.storage_type.byte_width
+    # zero copy: the binary values buffer, from the chunk's offset (a slice shares its parent's buffer)
+    raw = np.frombuffer(storage.buffers()[1], dtype=np.uint8, count=len(storage) * width, offset=storage.offset * width)
+    return raw.view(np.dtype(kind.dtype).newbyteorder("<")).reshape(-1, kind.dim)
+
+
 def embedding_array(matrix: np.ndarray | None, dim: int, valid: np.ndarray | None = None) -> pa.Array:
     """(n, dim) float32 matrix -> fixed_size_list array; rows where `valid` is False become null."""
     if matrix is None:
@@ -59,11 +122,21 @@ def embedding_array(matrix: np.ndarray | None, dim: int, valid: np.ndarray | Non
 
 
 def embedding_matrix(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
-    """fixed_size_list or list<float> column -> (n, d) float32 matrix without per-row Python work."""
+    """fixed_size_list, list<float> or packed column -> (n, d) float32 matrix without per-row Python work."""
     if isinstance(column, pa.ChunkedArray):
+        if isinstance(column.type, PackedEmbeddingType) and column.num_chunks > 1:
+            # one chunk per row group: join the matrices, not the binary chunks (one copy instead of two)
+            return np.concatenate([embedding_matrix(c) for c in column.chunks])
         column = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
     if column.null_count:
         raise ValueError(f"{column.null_count} embedding(s) are null")
+    if isinstance(column.type, PackedEmbeddingType):
+        return _unpacked(column).astype(np.float32, copy=False)
+    if pa.types.is_fixed_size_binary(column.type):
+        raise TypeError(
+            f"a {column.type} column without raymem's packed-embedding type: its dtype is unknown "
+            "(write it with raymem index's embedding_storage, or as fixed_size_list<float32>)"
+        )
     if pa.types.is_fixed_size_list(column.type):
         dim = column.type.list_size
         # flatten() honours the array's offset *and* length (a slice keeps its parent's full .values)
@@ -386,5 +459,5 @@ ENTITY_TALLIES = pa.schema(
 )
 
 # Columns a training-embeddings table must / may have.
-TRAIN_REQUIRED = {"train_id": "string or integer", "clip_embedding": "fixed_size_list<float32>"}
+TRAIN_REQUIRED = {"train_id": "string or integer", "clip_embedding": "fixed_size_list<float32> or packed"}
 TRAIN_OPTIONAL = ("caption", "image_uri", "entities", "sscd_embedding", "image_hash")

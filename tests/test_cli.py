@@ -91,6 +91,21 @@ def test_help_lists_the_commands():
         assert command in out.stdout
 
 
+def test_embedding_storage_choices_are_the_schemas():
+    """The CLI lists the storages without importing pyarrow; they must stay the schema's and the config's."""
+    import typing
+
+    from raymem.cli import build_parser
+    from raymem.config import IndexConfig
+    from raymem.schema import EMBEDDING_STORAGES
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    storage = next(a for a in sub.choices["import-embeddings"]._actions if a.dest == "storage")
+    assert storage.choices == list(EMBEDDING_STORAGES) and storage.default == "list"
+    field = IndexConfig.model_fields["embedding_storage"]
+    assert list(typing.get_args(field.annotation)) == list(EMBEDDING_STORAGES) and field.default == "list"
+
+
 def test_an_unreachable_ray_address_is_one_line_not_a_retry_loop(demo_raw, tmp_path):
     import socket
     import time

@@ -16,6 +16,7 @@ from raymem.config import IndexConfig
 from raymem.errors import InputError
 from raymem.index import plan_shards, run_index
 from raymem.join import Queries, nearest_neighbours
+from raymem.schema import PackedEmbeddingType, embedding_matrix
 from raymem.sources import inspect_training
 
 pytestmark = pytest.mark.ray
@@ -97,11 +98,19 @@ def test_table_index_and_its_input_errors(local_ray, demo_root, tmp_path):
         "caption_column": "text",
         "id_column": "id",
     }
-    manifest = run_index(config(demo_root, tmp_path, input=inp))
+    # Packed embeddings (embedding_storage): one binary value per row, the join's fast layout.
+    manifest = run_index(config(demo_root, tmp_path, input=inp, embedding_storage="packed"))
     assert manifest["rows"] == 5 and manifest["errors"] == 1
     table = pa.concat_tables([pq.read_table(p) for p in sorted((tmp_path / "index").glob("part-*.parquet"))])
     assert table.column("train_id").to_pylist() == [f"t{i}" for i in range(5)]
     assert table.column("entities").to_pylist()[0] == ["Qadira"]
+    assert table.schema.field("clip_embedding").type == PackedEmbeddingType(64)
+    assert table.schema.field("sscd_embedding").type == PackedEmbeddingType(512)
+    clip = embedding_matrix(table.column("clip_embedding"))
+    np.testing.assert_allclose(np.linalg.norm(clip, axis=1), 1.0, rtol=1e-5)
+    assert inspect_training(str(tmp_path / "index"), {"clip": 64, "sscd": 512}).dims == {"clip": 64, "sscd": 512}
+    with pytest.raises(ValueError, match="embedding_storage"):
+        config(demo_root, tmp_path, input=inp, embedding_storage="packed-int8")
     # Bad input: one line naming the file, row and field, before anything runs.
     (tmp_path / "dup.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:2] + rows[:1]))
     with pytest.raises(InputError, match=r"dup.jsonl: row 3, field 'id': duplicate id 't0' \(first at row 1\)"):

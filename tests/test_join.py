@@ -8,11 +8,12 @@ from raymem import join as joins
 from raymem.encoders import l2_normalize
 from raymem.entity_stats import entity_stats
 from raymem.errors import InputError
-from raymem.schema import embedding_array
+from raymem.schema import PackedEmbeddingType, embedding_array, stored_embedding_array
 
 
-def write_training(root, rng, sizes, dim=16, sscd_dim=8, with_meta=True):
-    """Several Parquet files of random unit vectors; returns (ids, clip matrix, sscd matrix)."""
+def write_training(root, rng, sizes, dim=16, sscd_dim=8, with_meta=True, storage="list"):
+    """Several Parquet files of random unit vectors (embeddings stored as `storage`, raymem index's
+    embedding_storage); returns (ids, clip matrix, sscd matrix) as drawn, before any rounding."""
     root.mkdir(parents=True, exist_ok=True)
     ids, clips, sscds = [], [], []
     start = 0
@@ -22,8 +23,8 @@ def write_training(root, rng, sizes, dim=16, sscd_dim=8, with_meta=True):
         tid = [f"t{start + i:06d}" for i in range(size)]
         cols = {
             "train_id": tid,
-            "clip_embedding": embedding_array(clip, dim),
-            "sscd_embedding": embedding_array(sscd, sscd_dim),
+            "clip_embedding": stored_embedding_array(clip, dim, storage),
+            "sscd_embedding": stored_embedding_array(sscd, sscd_dim, storage),
         }
         if with_meta:
             cols["caption"] = [f"caption {t}" for t in tid]
@@ -208,6 +209,67 @@ def test_exact_topk_equals_numpy_across_files_and_batches(local_ray, tmp_path):
             assert all(r["caption"] == f"caption {r['train_id']}" for r in rows)
     assert result["units"]["clip"].rows[0][0]["train_id"] == ids[300]
     assert result["units"]["sscd"].rows[5][0]["train_id"] == ids[825]
+
+
+@pytest.mark.ray
+def test_packed_embeddings_join_exactly_like_lists(local_ray, tmp_path):
+    """`embedding_storage: packed` stores each row's floats as one binary value (no list levels to decode):
+    the same rows give the same neighbours and scores; packed-float16 gives the exact top-k of the
+    float16-rounded rows."""
+    k, qids = 5, [f"q{i}" for i in range(9)]
+    results, matrices = {}, {}
+    for storage in ("list", "packed", "packed-float16"):
+        rng = np.random.default_rng(11)  # the same draws for every storage
+        ids, clip, sscd = write_training(tmp_path / storage, rng, sizes=[70, 3, 101], storage=storage)
+        training = sources.inspect_training(str(tmp_path / storage), {"clip": 16, "sscd": 8})
+        assert training.dims == {"clip": 16, "sscd": 8}
+        q = {"clip": l2_normalize(rng.standard_normal((9, 16))), "sscd": l2_normalize(rng.standard_normal((9, 8)))}
+        result = joins.nearest_neighbours(training, {"units": joins.Queries(qids, q)}, k, batch_rows=40)
+        results[storage], matrices[storage] = result["units"], (ids, clip, sscd, q)
+        # the stats pass reads the same column type (entity centroids from packed rows)
+        if storage == "packed":
+            assert entity_stats(training, {"e0"})["e0"].count == 24 + 1 + 34
+    for space in ("clip", "sscd"):
+        listed, packed = results["list"][space].rows, results["packed"][space].rows
+        assert [[(r["train_id"], r["score"]) for r in rows] for rows in packed] == [
+            [(r["train_id"], r["score"]) for r in rows] for rows in listed
+        ]
+        ids, clip, sscd, q = matrices["packed-float16"]
+        x = {"clip": clip, "sscd": sscd}[space].astype(np.float16).astype(np.float32)
+        # (rounded unit rows stay within the join's 1e-3 norm tolerance: scored as they are stored)
+        for (exp_ids, exp_scores), rows in zip(brute_force(q[space], x, ids, k), results["packed-float16"][space].rows):
+            assert [r["train_id"] for r in rows] == exp_ids
+            np.testing.assert_allclose([r["score"] for r in rows], exp_scores, rtol=1e-5, atol=1e-6)
+
+
+def test_packed_embeddings_read_back_everywhere(tmp_path):
+    """A packed file is plain Parquet: the type travels in its Arrow schema (float32 or float16, the
+    dimension); a reader without raymem gets fixed-size binary values that numpy decodes; a fixed-size
+    binary column without the type is refused, naming file and field, since its dtype is unknown."""
+    import duckdb
+
+    from raymem.schema import embedding_matrix
+
+    x = l2_normalize(np.random.default_rng(2).standard_normal((6, 4)))
+    for storage, dtype in (("packed", "<f4"), ("packed-float16", "<f2")):
+        path = tmp_path / f"{storage}.parquet"
+        pq.write_table(pa.table({"e": stored_embedding_array(x, 4, storage)}), path, row_group_size=4)
+        column = pq.read_table(path).column("e")
+        assert column.type == PackedEmbeddingType(4, dtype="float32" if storage == "packed" else "float16")
+        expected = x.astype(dtype).astype(np.float32)
+        np.testing.assert_array_equal(embedding_matrix(column), expected)  # two row groups, two chunks
+        np.testing.assert_array_equal(embedding_matrix(column.slice(3, 2)), expected[3:5])
+        blobs = duckdb.sql(f"SELECT e FROM '{path}'").fetchall()
+        np.testing.assert_array_equal(np.stack([np.frombuffer(b, dtype) for (b,) in blobs]), x.astype(dtype))
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    raw = pa.FixedSizeBinaryArray.from_buffers(pa.binary(16), 6, [None, pa.py_buffer(x.tobytes())])
+    pq.write_table(pa.table({"train_id": [str(i) for i in range(6)], "clip_embedding": raw}), bare / "a.parquet")
+    with pytest.raises(
+        InputError,
+        match=r"a.parquet: field 'clip_embedding': fixed_size_binary\[16\] without raymem's packed-embedding type",
+    ):
+        sources.inspect_training(str(bare), {})
 
 
 @pytest.mark.ray

@@ -10,6 +10,7 @@ from raymem import sources
 from raymem.encoders import l2_normalize
 from raymem.errors import InputError
 from raymem.laion import convert
+from raymem.schema import PackedEmbeddingType, embedding_matrix
 from raymem.sources.clip_retrieval import inspect_clip_retrieval
 
 pytestmark = pytest.mark.ray
@@ -90,6 +91,18 @@ def test_convert_writes_raymem_parquet(local_ray, tmp_path):
         and table.column("entities").to_pylist()[40] == []
     )
     assert sources.inspect_training(str(tmp_path / "out"), {"clip": 12}).num_rows == 65
+
+
+def test_convert_keeps_laions_float16_bytes_when_packed(local_ray, tmp_path):
+    """LAION ships float16: `--storage packed-float16` keeps those values exactly at half the bytes of
+    float32, and the join reads them without a decode pass."""
+    x, keys = write_layout(tmp_path / "laion", [30, 9], dtype=np.float16)
+    result = convert(str(tmp_path / "laion"), str(tmp_path / "out"), storage="packed-float16")
+    assert result["rows"] == 39
+    table = pa.concat_tables([pq.read_table(tmp_path / "out" / f"part-0000{n}.parquet") for n in (0, 1)])
+    assert table.schema.field("clip_embedding").type == PackedEmbeddingType(12, "float16")
+    np.testing.assert_array_equal(embedding_matrix(table.column("clip_embedding")), x)
+    assert table.column("train_id").to_pylist() == list(keys)
 
 
 def test_layout_errors(tmp_path):

@@ -22,6 +22,7 @@ from raymem.sources.base import (
     TrainingTable,
     checked_matrix,
     parquet_dataset,
+    path_column,
     take_sample,
     to_text,
 )
@@ -36,6 +37,7 @@ __all__ = [
     "checked_matrix",
     "inspect_training",
     "parquet_dataset",
+    "path_column",
     "source_for",
     "take_sample",
     "to_text",

@@ -75,6 +75,12 @@ def to_text(col) -> pa.Array:
     return col if pa.types.is_string(col.type) else col.cast(pa.string())
 
 
+def path_column(path: str, n: int) -> pa.Array:
+    """The file every row of a batch came from (`path`): one value repeated, built without n Python
+    strings (that took as long as decoding the batch's embeddings)."""
+    return pa.repeat(pa.scalar(path, pa.string()), n)
+
+
 def _batch_source(batch: pa.Table) -> str:
     return batch.column("path")[0].as_py() if "path" in batch.column_names and batch.num_rows else "training table"
 

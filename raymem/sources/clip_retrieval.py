@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 from raymem import uri as uris
 from raymem.errors import InputError
 from raymem.schema import embedding_array
-from raymem.sources.base import TrainingTable, parquet_dataset, take_sample
+from raymem.sources.base import TrainingTable, parquet_dataset, path_column, take_sample
 
 log = logging.getLogger(__name__)
 
@@ -191,7 +191,7 @@ def _pair_table(meta_path, npy_path, header, meta, id_col, uri_col, start: int, 
         cols["caption"] = meta.column("caption").cast(pa.string())
     if uri_col:
         cols["image_uri"] = meta.column(uri_col).cast(pa.string())
-    cols["path"] = pa.array([npy_path] * n, pa.string())
+    cols["path"] = path_column(npy_path, n)
     return pa.table(cols)
 
 

@@ -11,19 +11,23 @@ import pyarrow.parquet as pq
 
 from raymem import uri as uris
 from raymem.errors import InputError
-from raymem.schema import META_COLUMNS, SPACE_COLUMNS, TRAIN_REQUIRED
-from raymem.sources.base import TrainingTable, parquet_dataset, read_index_manifest, take_sample
+from raymem.schema import META_COLUMNS, SPACE_COLUMNS, TRAIN_REQUIRED, embedding_dim, is_embedding_type
+from raymem.sources.base import TrainingTable, parquet_dataset, path_column, read_index_manifest, take_sample
 
 log = logging.getLogger(__name__)
 
 
 def _embedding_dim(source: str, schema: pa.Schema, column: str) -> int | None:
     t = schema.field(column).type
-    if pa.types.is_fixed_size_list(t):
-        return t.list_size
+    if is_embedding_type(t):
+        return embedding_dim(t)
     if pa.types.is_list(t) or pa.types.is_large_list(t):
         return None  # checked per batch
-    raise InputError(source, f"expected a list of float32, got {t}", field=column)
+    if pa.types.is_fixed_size_binary(t):
+        raise InputError(
+            source, f"{t} without raymem's packed-embedding type: its dtype and dimension are unknown", field=column
+        )
+    raise InputError(source, f"expected a list of float32 or packed embeddings, got {t}", field=column)
 
 
 def footer_digest(meta: pq.FileMetaData) -> str:
@@ -124,7 +128,10 @@ class ParquetSource:
 
     def read(self, item: dict, columns: list[str]) -> pa.Table:
         fs, p = uris.filesystem(item["path"])
-        pf = pq.ParquetFile(p, filesystem=fs)
+        if uris.is_remote(item["path"]):
+            pf = pq.ParquetFile(p, filesystem=fs)
+        else:  # memory-mapped, as local .npy files are: PLAIN pages are not copied into a read buffer first
+            pf = pq.ParquetFile(p, memory_map=True)
         present = [c for c in columns if c in pf.schema_arrow.names]
         # One thread: this runs beside the BLAS threads scoring the previous item.
         try:
@@ -135,7 +142,7 @@ class ParquetSource:
             raise InputError(
                 item["path"], f"unreadable Parquet data in row groups {item['row_groups']}: {first}"
             ) from None
-        return table.append_column("path", pa.array([item["path"]] * table.num_rows, pa.string()))
+        return table.append_column("path", path_column(item["path"], table.num_rows))
 
     def sample(self, training: TrainingTable, n: int, spaces: list[str]) -> list[pa.Table]:
         step = max(1, len(training.files) // n)
@@ -150,7 +157,7 @@ class ParquetSource:
                 wanted = columns + [c for c in ("image_hash", "image_uri") if c in pf.schema_arrow.names]
                 batch = next(pf.iter_batches(batch_size=per_file, columns=wanted), None)
                 if batch is not None:
-                    yield pa.Table.from_batches([batch]).append_column("path", pa.array([path] * batch.num_rows))
+                    yield pa.Table.from_batches([batch]).append_column("path", path_column(path, batch.num_rows))
 
         return take_sample(heads(), n, columns)
 
