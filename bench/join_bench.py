@@ -26,7 +26,24 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
+
+def _name_the_blas_kernels() -> None:
+    """faiss-cpu's bundled OpenBLAS (0.3.15) does not recognise newer CPUs and falls back to its slowest
+    kernels (`Prescott`, SSE3): J1 would then be measured against a crippled FAISS (4-5x slower than its
+    sgemm on a 2026 Xeon). Name the kernel family the CPU has, before any BLAS loads; numpy's OpenBLAS
+    picks the same one on its own. An OPENBLAS_CORETYPE already set is kept."""
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return
+    kernels = "SkylakeX" if "avx512f" in flags else "Haswell" if "avx2" in flags else None
+    if kernels:
+        os.environ.setdefault("OPENBLAS_CORETYPE", kernels)
+
+
+_name_the_blas_kernels()
+
+import numpy as np  # noqa: E402  (after the BLAS kernels are named)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -113,7 +130,9 @@ class MemorySampler:
         self._thread.join()
 
 
-def run_join(uri: str | Path, queries: np.ndarray, k: int, mode: str = "exact", nprobe: int = 16):
+def run_join(
+    uri: str | Path, queries: np.ndarray, k: int, mode: str = "exact", nprobe: int = 16, first_pass: str = "auto"
+):
     """Join `queries` against the training table at `uri` (a path, or `clip-retrieval:<root>`)."""
     from raymem import runtime
     from raymem.config import ActorRange
@@ -133,6 +152,7 @@ def run_join(uri: str | Path, queries: np.ndarray, k: int, mode: str = "exact", 
             plan=plan,
             mode=mode,
             nprobe=nprobe,
+            first_pass=first_pass,
         )
         seconds = time.perf_counter() - start
     return result["q"]["clip"], seconds, mem, training
@@ -198,12 +218,21 @@ def main() -> int:
         default="packed,packed-float16",
         help="also join the same rows stored packed (raymem index's embedding_storage; '' for none)",
     )
+    parser.add_argument(
+        "--first-pass",
+        default="auto",
+        choices=["auto", "none", "bfloat16"],
+        help="join.first_pass of the timed joins; with auto or bfloat16 the float32-only join is timed too",
+    )
     parser.add_argument("--work", default="build/bench-join")
     parser.add_argument("--json", help="write the results here too")
     args = parser.parse_args()
 
     import faiss
     import ray
+    from threadpoolctl import threadpool_info
+
+    from raymem.join import bfloat16_native
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     work = Path(args.work).absolute()
@@ -220,6 +249,12 @@ def main() -> int:
         "threads": args.threads,
         "machine": f"{os.cpu_count()} CPUs",
         "storage": args.storage,
+        "first_pass": args.first_pass,
+        "bfloat16_native": bfloat16_native(),
+        "blas": [
+            f"{i['internal_api']} {i.get('version')} {i.get('architecture')} ({Path(i['filepath']).name})"
+            for i in threadpool_info()
+        ],
     }
 
     ray.init(address="local", num_cpus=args.threads, include_dashboard=False, logging_level="ERROR")
@@ -232,7 +267,7 @@ def main() -> int:
     out["first_ray_data_join_1000_rows_seconds"], out["fixed_seconds_1000_rows"] = t_first, t_fixed
     print(f"fixed cost: a 1,000-row join {t_fixed:.2f}s (the first in this process {t_first:.2f}s)", flush=True)
     t_np_before = sgemm_seconds(queries, args.rows, args.dim, rng)
-    exact, t_ray, mem_small, training = run_join(small, queries, args.k)
+    exact, t_ray, mem_small, training = run_join(small, queries, args.k, first_pass=args.first_pass)
     out["raymem_seconds"] = t_ray
     out["raymem_rows_per_s"] = args.rows / t_ray
     out["peak_rss_bytes"], out["peak_pss_bytes"] = mem_small.peak_rss, mem_small.peak_pss
@@ -248,12 +283,23 @@ def main() -> int:
         flush=True,
     )
 
+    # The same join scored in float32 only (no bfloat16 first pass): what the first pass buys.
+    if args.first_pass != "none":
+        plain, t_plain, _, _ = run_join(small, queries, args.k, first_pass="none")
+        same = np.mean([list(plain.ids[i]) == list(exact.ids[i]) for i in range(args.queries)])
+        out["float32_only_seconds"], out["float32_only_J2_ratio"] = t_plain, t_np / t_plain
+        print(
+            f"raymem exact join, float32 only: {t_plain:.2f}s -> J2 = {t_np / t_plain:.2f}; "
+            f"same top-{args.k} (ids, in order) as the timed join for {same:.1%} of queries",
+            flush=True,
+        )
+
     # The same rows with packed embeddings (one fixed-size binary value per row: no list levels to decode).
     for storage in filter(None, args.packed.split(",")):
         if storage == args.storage:
             continue
         root = make_table(work / f"rows-{args.rows}", args.rows, args.dim, storage=storage)
-        got, t_packed, _, _ = run_join(root, queries, args.k)
+        got, t_packed, _, _ = run_join(root, queries, args.k, first_pass=args.first_pass)
         same = np.mean([list(got.ids[i]) == list(exact.ids[i]) for i in range(args.queries)])
         out[f"{storage}_seconds"], out[f"{storage}_J2_ratio"] = t_packed, t_np / t_packed
         print(
@@ -265,7 +311,7 @@ def main() -> int:
     # The same rows in the clip-retrieval layout: .npy embeddings, no Parquet decode.
     for dtype in filter(None, args.npy.split(",")):
         root = clip_retrieval_copy(small, work / f"rows-{args.rows}-npy-{dtype}", dtype)
-        got, t_npy, _, _ = run_join(f"clip-retrieval:{root}", queries, args.k)
+        got, t_npy, _, _ = run_join(f"clip-retrieval:{root}", queries, args.k, first_pass=args.first_pass)
         same = np.mean([list(got.ids[i]) == list(exact.ids[i]) for i in range(args.queries)])
         out[f"npy_{dtype}_seconds"], out[f"npy_{dtype}_J2_ratio"] = t_npy, t_np / t_npy
         print(
@@ -334,7 +380,7 @@ def main() -> int:
         t0 = time.perf_counter()
         big = make_table(work / f"rows-{big_rows}", big_rows, args.dim, seed=2, storage=args.storage)
         print(f"data: {big_rows} x {args.dim} ready in {time.perf_counter() - t0:.1f}s", flush=True)
-        _, t_big, mem_big, _ = run_join(big, queries, args.k)
+        _, t_big, mem_big, _ = run_join(big, queries, args.k, first_pass=args.first_pass)
         out.update(
             j3_rows=big_rows,
             j3_seconds=t_big,

@@ -149,6 +149,12 @@ class JoinConfig(_Strict):
         "exact", description="exact streaming top-k, or the FAISS IVF indexes built by `raymem index --faiss`"
     )
     nprobe: int = Field(16, ge=1, description="IVF lists searched per query in faiss mode")
+    first_pass: Literal["auto", "none", "bfloat16"] = Field(
+        "auto",
+        description="CPU exact mode: bfloat16 scores every row and float32 re-scores those within the "
+        "bfloat16 error bound of a top-k (the same exact top-k); auto: bfloat16 for joins of at least 2e12 "
+        "multiply-adds on CPUs that multiply bfloat16 in hardware (AVX512_BF16, AMX), none otherwise",
+    )
     skip_bad_files: bool = Field(
         False, description="skip unreadable training Parquet files (listed in the manifest) instead of failing"
     )

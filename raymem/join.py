@@ -6,8 +6,11 @@ actor reads itself, so embeddings never cross the object store. An actor holds t
 query matrices (put once in the object store), reads the next item in a thread while it scores the
 current one with one matrix product per query tile (numpy sgemm on CPUs, torch on its GPU when Ray
 gave it one), checks the embeddings (dimension, NaN/inf, zero norm), and returns only the item's
-top-k per query. The driver folds candidates into a running (Q, k) top-k with vectorised sorts.
-Peak memory is bounded by the item size and Q * k, never by the number of training rows.
+top-k per query. On CPUs that multiply bfloat16 in hardware (`join.first_pass`), a bfloat16 product
+scores every row first and only the rows within its proven error bound of a top-k are re-scored in
+float32: the same exact top-k for about a third of the multiply. The driver folds candidates into a
+running (Q, k) top-k with vectorised sorts. Peak memory is bounded by the item size and Q * k, never
+by the number of training rows.
 
 FAISS mode searches per shard the IVF indexes `raymem index --faiss` built next to the shards, and
 merges the per-shard top-k the same way: approximate, with recall measured at index time.
@@ -16,6 +19,9 @@ merges the per-shard top-k the same way: approximate, with recall measured at in
 from __future__ import annotations
 
 import logging
+import re
+import warnings
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -36,11 +42,87 @@ log = logging.getLogger(__name__)
 MAX_SCORE_ELEMENTS = 64 * 1024 * 1024
 
 
+def bfloat16_native() -> bool:
+    """Whether this CPU multiplies bfloat16 in hardware (AVX512_BF16 or AMX): there the bfloat16 product
+    takes about a third of sgemm's time; elsewhere it is emulated and slower than float32."""
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return re.search(r"\b(avx512_bf16|amx_bf16)\b", cpuinfo) is not None
+
+
+def bfloat16_error_bound(dim: int, norms: float = 1.0) -> float:
+    """The largest |bfloat16 score - float32 score| of two `dim`-vectors whose norms multiply to at most
+    `norms`: both inputs rounded to bfloat16 (unit roundoff u = 2^-8, so 2u + u^2 of sum |q_i x_i|, which
+    is at most the norms' product), their products summed in float32 (dim * 2^-24), the sum rounded to
+    bfloat16 (u); 25 % margin on top."""
+    u = 2.0**-8
+    return 1.25 * (3 * u + 3 * u * u + dim * 2.0**-24) * norms
+
+
+# checked_matrix leaves a training row unnormalised only when its squared norm is within 1e-3 of 1
+ROW_NORM_MAX = float(np.sqrt(1.001))
+
+# `join.first_pass: auto` uses the bfloat16 pass only for joins of at least this many multiply-adds
+# (training rows x queries x dimension): below it, importing torch in each join actor (2-3 s) costs
+# more than the pass saves (a third to a half of the sgemm time; docs/join.md).
+AUTO_FIRST_PASS_MACS = 2 * 10**12
+
+
+def first_pass_for(first_pass: str, training_rows: int, queries: dict[str, Queries]) -> str:
+    """`join.first_pass` as the join actors get it: `auto` stays `auto` (each actor then checks its own
+    CPU) only for joins large enough to repay the pass."""
+    if first_pass != "auto":
+        return first_pass
+    macs = training_rows * sum(len(qs.ids) * m.shape[1] for qs in queries.values() for m in qs.matrices.values())
+    return "auto" if macs >= AUTO_FIRST_PASS_MACS else "none"
+
+
+class BFloat16FirstPass:
+    """The bfloat16 product of a CPU join actor (torch, whose CPU kernels accumulate bfloat16 products
+    in float32). A self-check on random rows refuses a backend whose error exceeds the bound."""
+
+    def __init__(self, threads: int):
+        import torch
+
+        torch.set_num_threads(max(1, threads))
+        self.torch = torch
+        self.queries: dict[tuple, object] = {}
+        rng = np.random.default_rng(0)
+        a, b = (rng.standard_normal((n, 256)).astype(np.float32) for n in (64, 512))
+        a, b = a / np.linalg.norm(a, axis=1, keepdims=True), b / np.linalg.norm(b, axis=1, keepdims=True)
+        error = float(np.abs(self.scores(("self-check",), a, self.rows(b)).float().numpy() - a @ b.T).max())
+        if error > bfloat16_error_bound(256, ROW_NORM_MAX):
+            raise RuntimeError(f"bfloat16 products off by {error:.4f}, beyond the bound: not used")
+
+    def rows(self, x: np.ndarray):
+        with warnings.catch_warnings():  # a read-only array (Arrow's buffer) is only read, into a copy
+            warnings.simplefilter("ignore", UserWarning)
+            return self.torch.from_numpy(x).to(self.torch.bfloat16)
+
+    def scores(self, key: tuple, q: np.ndarray, rows):
+        """The bfloat16 scores of queries `q` (cached under `key`) against `rows`, as a torch tensor."""
+        qb = self.queries.get(key)
+        if qb is None:
+            qb = self.queries[key] = self.torch.from_numpy(np.ascontiguousarray(q)).to(self.torch.bfloat16)
+        return qb @ rows.T
+
+
+def exact_scores(q: np.ndarray, x: np.ndarray, rows: np.ndarray, cols: np.ndarray, chunk: int = 65_536):
+    """float32 dot products of the (query row, training row) pairs, in chunks (bounded gathers)."""
+    out = np.empty(len(rows), np.float32)
+    for start in range(0, len(rows), chunk):
+        r, c = rows[start : start + chunk], cols[start : start + chunk]
+        out[start : start + chunk] = np.einsum("ij,ij->i", q[r], x[c])
+    return out
+
+
 class TopKScorer:
     """Ray Data callable class: a batch of training rows in, the rows of that batch that can still be in
     some query's top-k out (at most the batch's top-k per query, ties kept)."""
 
-    def __init__(self, queries_ref, k: int, threads: int = 1):
+    def __init__(self, queries_ref, k: int, threads: int = 1, first_pass: str = "none"):
         import ray
 
         queries = ray.get(queries_ref) if isinstance(queries_ref, ray.ObjectRef) else queries_ref
@@ -52,6 +134,12 @@ class TopKScorer:
                 self.device = "cuda"
         self.threads = threads
         self.k = k
+        self.first_pass = None
+        if self.device == "cpu" and (first_pass == "bfloat16" or (first_pass == "auto" and bfloat16_native())):
+            try:
+                self.first_pass = BFloat16FirstPass(threads)  # only then does a CPU actor import torch
+            except RuntimeError as err:
+                log.warning("join: %s; scoring in float32", err)
 
         def place(m):
             m = np.ascontiguousarray(m, dtype=np.float32)
@@ -105,10 +193,23 @@ class TopKScorer:
                 k = min(self.k, n)
                 best = self.best.setdefault((name, space), np.full((q.shape[0], self.k), -np.inf, np.float32))
                 tile = max(1, MAX_SCORE_ELEMENTS // n)
+                xb = self.first_pass.rows(x) if self.first_pass is not None else None
                 for start in range(0, q.shape[0], tile):
                     tile_masks = [(qi - start, j) for qi, j in masks if start <= qi < start + tile]
                     if self.device == "cuda":
                         rows, vals, idx = self._topk_cuda(q[start : start + tile], x, k, tile_masks)
+                    elif xb is not None:
+                        qt = q[start : start + tile]
+                        approx = self.first_pass.scores((name, space, start), qt, xb)
+                        for qi, j in tile_masks:
+                            approx[qi, j] = -float("inf")
+                        rows, idx, vals = top_rows_bounded(
+                            approx,
+                            k,
+                            best[start : start + tile],
+                            bfloat16_error_bound(q.shape[1], float(np.linalg.norm(qt, axis=1).max()) * ROW_NORM_MAX),
+                            lambda r, c, qt=qt, x=x: exact_scores(qt, x, r, c),
+                        )
                     else:
                         with threadpool_limits(limits=self.threads, user_api="blas"):
                             scores = q[start : start + tile] @ x.T
@@ -138,25 +239,68 @@ def top_rows(scores: np.ndarray, k: int, best: np.ndarray, block: int = 1024) ->
     reach it), are each at most the row's true k-th best, so nothing dropped could be in the top-k.
     Costs about one pass over `scores` (block maxima) plus work on the few blocks that reach the floor.
     """
+    rows, cols = _candidates(scores, k, best[:, best.shape[1] - 1], 0.0, block)
+    return _keep_top(rows, cols, scores[rows, cols], scores.shape[0], k, best)
+
+
+def top_rows_bounded(approx, k: int, best: np.ndarray, error: float, rescore, block: int = 1024):
+    """`top_rows` from approximate scores: `approx` (numpy, or the first pass's torch tensor) is within
+    +-`error` of the true scores, and `rescore(rows, cols)` returns the true scores of those entries.
+    Every entry whose approximate score could still belong to its row's top-k is re-scored exactly, the
+    rest are dropped.
+
+    Exact: an entry whose true score reaches the row's k-th best has approx >= (k-th best - error); the
+    k-th best is at least the floor in `best`, and at least (k-th largest approximate block maximum -
+    error) since k distinct entries have an approximate score that high. So every entry below both
+    lowered floors is provably out of the top-k, and the kept ones carry their true scores."""
+    rows, cols = _candidates(approx, k, best[:, best.shape[1] - 1] - error, error, block)
+    return _keep_top(rows, cols, rescore(rows, cols), approx.shape[0], k, best)
+
+
+def _candidates(scores, k: int, floor: np.ndarray, error: float, block: int):
+    """(row, column) of every entry at or above the row's floor, or above its k-th largest block maximum
+    less 2 x `error` (one pass for the block maxima, then only the blocks that reach the floor)."""
     q, n = scores.shape
-    kk = best.shape[1]
-    floor = best[:, kk - 1].copy()
+    floor = floor.copy()
     block = max(1, min(block, n // k))
     nb = n // block
-    # a view of the full blocks (a reshape of the column slice would copy the matrix)
-    s0, s1 = scores.strides
-    body = np.lib.stride_tricks.as_strided(scores, (q, nb, block), (s0, block * s1, s1), writeable=False)
-    maxima = body.max(axis=2)
+    if isinstance(scores, np.ndarray):
+        # a view of the full blocks (a reshape of the column slice would copy the matrix)
+        s0, s1 = scores.strides
+        body = np.lib.stride_tricks.as_strided(scores, (q, nb, block), (s0, block * s1, s1), writeable=False)
+        maxima = body.max(axis=2)
+
+        def blocks(qi, bi):
+            return body[qi, bi]
+
+        def tail():
+            return scores[:, nb * block :]
+    else:  # a torch tensor (the bfloat16 first pass): reduce there, convert only the blocks looked at
+        import torch
+
+        body = scores.contiguous().as_strided((q, nb, block), (n, block, 1))
+        maxima = body.amax(dim=2).float().numpy()
+
+        def blocks(qi, bi):
+            return body[torch.from_numpy(qi), torch.from_numpy(bi)].float().numpy()
+
+        def tail():
+            return scores[:, nb * block :].float().numpy()
+
     if nb >= k:  # the k-th largest block maximum: k distinct scores reach it
-        floor = np.maximum(floor, np.partition(maxima, nb - k, axis=1)[:, nb - k])
+        floor = np.maximum(floor, np.partition(maxima, nb - k, axis=1)[:, nb - k] - 2 * error)
     qi, bi = np.nonzero(maxima >= floor[:, None])
-    sub = body[qi, bi]
-    r, c = np.nonzero(sub >= floor[qi][:, None])
+    r, c = np.nonzero(blocks(qi, bi) >= floor[qi][:, None])
     rows, cols = qi[r], bi[r] * block + c
     if nb * block < n:  # the columns past the last full block
-        tr, tc = np.nonzero(scores[:, nb * block :] >= floor[:, None])
+        tr, tc = np.nonzero(tail() >= floor[:, None])
         rows, cols = np.concatenate([rows, tr]), np.concatenate([cols, tc + nb * block])
-    vals = scores[rows, cols]
+    return rows, cols
+
+
+def _keep_top(rows: np.ndarray, cols: np.ndarray, vals: np.ndarray, q: int, k: int, best: np.ndarray):
+    """Of the candidate (row, column, score)s, each row's top k with ties at the k-th, folded into `best`."""
+    kk = best.shape[1]
     # keep each row's top k, with ties at the k-th
     order = np.lexsort((-vals, rows))
     rows, cols, vals = rows[order], cols[order], vals[order]
@@ -261,10 +405,19 @@ class FragmentScorer(TopKScorer):
     """Ray Data callable class: fragments in, their top-k per query out; the next fragment is read
     in a thread while the current one is scored (pyarrow and BLAS both release the GIL)."""
 
-    def __init__(self, queries_ref, k: int, layout: str, columns: list[str], batch_rows: int | None, threads: int = 1):
+    def __init__(
+        self,
+        queries_ref,
+        k: int,
+        layout: str,
+        columns: list[str],
+        batch_rows: int | None,
+        threads: int = 1,
+        first_pass: str = "none",
+    ):
         import concurrent.futures
 
-        super().__init__(queries_ref, k, threads)
+        super().__init__(queries_ref, k, threads, first_pass)
         self.source = source_for(layout)
         self.columns, self.batch_rows = columns, batch_rows
         self.reader = concurrent.futures.ThreadPoolExecutor(max_workers=1)
@@ -300,6 +453,7 @@ def nearest_neighbours(
     plan: runtime.JoinPlan | None = None,
     mode: str = "exact",
     nprobe: int = 16,
+    first_pass: str = "auto",
 ) -> dict[str, dict[str, RunningTopK]]:
     """Top-k for every query set and space: {query_set: {space: RunningTopK}}."""
     import ray
@@ -326,6 +480,7 @@ def nearest_neighbours(
                 "columns": columns,
                 "batch_rows": batch_rows,
                 "threads": plan.threads,
+                "first_pass": first_pass_for(first_pass, training.num_rows, queries),
             },
             batch_size=per_call,
             blocks=max(1, min(len(items), -(-len(items) // per_call))),

@@ -466,6 +466,7 @@ def _join(cfg: ScanConfig, training: TrainingTable, ok: pa.Table, cluster, copy_
             plan=runtime.plan_join(cfg.resources.join_actors, cluster, device),
             mode=cfg.join.mode,
             nprobe=cfg.join.nprobe,
+            first_pass=cfg.join.first_pass,
         )
         if query_ids or bg is not None
         else {}

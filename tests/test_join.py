@@ -114,9 +114,12 @@ def test_bad_embedding_values_name_the_file_and_row():
     np.testing.assert_allclose(m, [[0.6, 0.8], [0, 1]])
 
 
+@pytest.mark.parametrize("bounded", [False, True])
 @pytest.mark.parametrize("tied", [False, True])
-def test_top_rows_streamed_over_batches_keeps_the_exact_top_k_and_every_tie(tied):
-    rng = np.random.default_rng(11 + tied)
+def test_top_rows_streamed_over_batches_keeps_the_exact_top_k_and_every_tie(tied, bounded):
+    """top_rows on the true scores, and top_rows_bounded on scores off by up to +-error (the bfloat16 first
+    pass) that re-scores its candidates: both keep every score that can be in the top-k, ties included."""
+    rng = np.random.default_rng(11 + tied + 2 * bounded)
     for _ in range(40):
         q, k, total = int(rng.integers(1, 9)), int(rng.integers(1, 12)), int(rng.integers(1, 4000))
         scores = (
@@ -130,9 +133,16 @@ def test_top_rows_streamed_over_batches_keeps_the_exact_top_k_and_every_tie(tied
         while start < total:
             n = int(rng.integers(1, 1500))
             part = scores[:, start : start + n]
-            rows, cols, vals = joins.top_rows(
-                part if n % 2 else part.copy(), min(k, part.shape[1]), best, block=int(rng.choice([1, 7, 256]))
-            )
+            block = int(rng.choice([1, 7, 256]))
+            if bounded:
+                error = float(rng.choice([0.01, 0.3, 2.0]))
+                # (0.99: the float32 cast of approx must not push it past the bound)
+                approx = (part + rng.uniform(-0.99 * error, 0.99 * error, part.shape)).astype(np.float32)
+                rows, cols, vals = joins.top_rows_bounded(
+                    approx, min(k, part.shape[1]), best, error, lambda r, c, part=part: part[r, c], block
+                )
+            else:
+                rows, cols, vals = joins.top_rows(part if n % 2 else part.copy(), min(k, part.shape[1]), best, block)
             np.testing.assert_array_equal(vals, part[rows, cols])
             for r, c, v in zip(rows, cols, vals):
                 emitted[r][start + int(c)] = v
@@ -143,6 +153,67 @@ def test_top_rows_streamed_over_batches_keeps_the_exact_top_k_and_every_tie(tied
             assert set(np.flatnonzero(scores[i] >= kth)) <= set(emitted[i]), (i, kth)
             # ... and the running best is the true top k
             np.testing.assert_array_equal(best[i], np.sort(scores[i])[::-1][:k])
+
+
+def test_bfloat16_scores_stay_within_the_bound():
+    """The bound the bfloat16 first pass relies on, against float64 dot products, on vectors made to round
+    badly (components at bfloat16's rounding midpoints, a few large components, random)."""
+    rng = np.random.default_rng(3)
+    first = joins.BFloat16FirstPass(threads=1)
+    for dim in (16, 512, 1024):
+        mid = np.full((8, dim), 1 + 2.0**-9, np.float32) * rng.choice([-1, 1], (8, dim))  # halfway between bf16s
+        sparse = np.zeros((8, dim), np.float32)
+        sparse[np.arange(8), rng.integers(0, dim, 8)] = 1 + 2.0**-9
+        sparse[:, 0] += 0.3
+        x = np.concatenate([mid, sparse, rng.standard_normal((48, dim)).astype(np.float32)])
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        q = x[rng.permutation(len(x))[:24]] * np.float32(1.0004)  # rows as long as the join lets through
+        approx = first.scores(("t", dim), q, first.rows(x)).float().numpy()
+        error = np.abs(approx - q.astype(np.float64) @ x.astype(np.float64).T).max()
+        assert error <= joins.bfloat16_error_bound(dim, 1.0004 * joins.ROW_NORM_MAX), (dim, error)
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_the_bfloat16_first_pass_gives_the_float32_top_k(ties):
+    """A scorer with the bfloat16 first pass returns what the float32 scorer returns: the same rows in the
+    same order and their float32 scores, over several batches, with self-exclusion and exact ties."""
+    rng = np.random.default_rng(9)
+    centres = l2_normalize(rng.standard_normal((5, 64)))
+    x = l2_normalize(centres[rng.integers(0, 5, 3000)] + 0.15 * rng.standard_normal((3000, 64)))
+    if ties:
+        x[1500:] = x[:1500]  # every row twice, under another id
+    ids = [f"t{i:05d}" for i in range(len(x))]
+    picked = rng.choice(len(x), 40, replace=False)  # background-style queries: training rows, themselves excluded
+    table = pa.table({"train_id": ids, "clip_embedding": embedding_array(x, 64), "path": ["p"] * len(ids)})
+    qs = {"u": joins.Queries([ids[i] for i in picked], {"clip": x[picked]}, exclude_self=True)}
+
+    def joined(first_pass):
+        scorer = joins.TopKScorer(qs, 7, first_pass=first_pass)
+        assert (scorer.first_pass is not None) == (first_pass == "bfloat16")
+        result = {"u": {"clip": joins.RunningTopK(40, 7, exclude=qs["u"].ids)}}
+        for start in range(0, len(x), 700):
+            joins.fold(scorer(table.slice(start, 700)), result)
+        return result["u"]["clip"].rows
+
+    plain, first = joined("none"), joined("bfloat16")
+    assert [[r["train_id"] for r in rows] for rows in first] == [[r["train_id"] for r in rows] for rows in plain]
+    np.testing.assert_allclose(
+        [[r["score"] for r in rows] for rows in first], [[r["score"] for r in rows] for rows in plain], rtol=1e-5
+    )
+
+
+def test_auto_first_pass_only_where_it_repays_itself(monkeypatch):
+    """auto: the bfloat16 pass for joins large enough to repay importing torch, and only on an actor whose
+    CPU multiplies bfloat16 in hardware (emulated, it is slower than float32)."""
+    q = {"u": joins.Queries([f"q{i}" for i in range(1024)], {"clip": np.zeros((1024, 512), np.float32)})}
+    assert joins.first_pass_for("auto", 1_000_000, q) == "none"  # 5.4e11 multiply-adds
+    assert joins.first_pass_for("auto", 10_000_000, q) == "auto"
+    assert joins.first_pass_for("bfloat16", 10, q) == "bfloat16" and joins.first_pass_for("none", 10**9, q) == "none"
+    small = {"u": joins.Queries(["a"], {"clip": l2_normalize(np.ones((1, 8)))})}
+    for native in (False, True):
+        monkeypatch.setattr(joins, "bfloat16_native", lambda native=native: native)
+        assert (joins.TopKScorer(small, 2, first_pass="auto").first_pass is not None) == native
+    assert joins.TopKScorer(small, 2, first_pass="none").first_pass is None
 
 
 def test_top_rows_discards_batches_below_the_floor():
@@ -229,6 +300,20 @@ def test_packed_embeddings_join_exactly_like_lists(local_ray, tmp_path):
         # the stats pass reads the same column type (entity centroids from packed rows)
         if storage == "packed":
             assert entity_stats(training, {"e0"})["e0"].count == 24 + 1 + 34
+            # and the join actors' bfloat16 first pass (join.first_pass) finds the same neighbours
+            first = joins.nearest_neighbours(
+                training, {"units": joins.Queries(qids, q)}, k, batch_rows=40, first_pass="bfloat16"
+            )
+            for space in ("clip", "sscd"):
+                got, want = first["units"][space].rows, result["units"][space].rows
+                assert [[r["train_id"] for r in rows] for rows in got] == [
+                    [r["train_id"] for r in rows] for rows in want
+                ]
+                np.testing.assert_allclose(
+                    [[r["score"] for r in rows] for rows in got],
+                    [[r["score"] for r in rows] for rows in want],
+                    rtol=1e-5,
+                )
     for space in ("clip", "sscd"):
         listed, packed = results["list"][space].rows, results["packed"][space].rows
         assert [[(r["train_id"], r["score"]) for r in rows] for rows in packed] == [
