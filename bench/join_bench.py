@@ -269,7 +269,7 @@ def main() -> int:
     import ray
     from threadpoolctl import threadpool_info
 
-    from raymem.join import bfloat16_native
+    from raymem.join import Queries, bfloat16_native, first_pass_for
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     work = Path(args.work).absolute()
@@ -278,6 +278,14 @@ def main() -> int:
     print(f"data: {args.rows} x {args.dim} ready in {time.perf_counter() - t0:.1f}s", flush=True)
     rng = np.random.default_rng(1)
     queries = clustered(rng, cluster_centers(args.dim), args.queries)
+    # One first pass for every timed join: `auto` would pick float32 at 1 M rows and bfloat16 at 10 M
+    # (torch's libraries then sit in the join actor), and J3 would compare two configurations.
+    largest = 10 * args.rows if args.j3 else args.rows
+    first_pass = args.first_pass
+    if first_pass == "auto":
+        chosen = first_pass_for("auto", largest, {"q": Queries(["q"] * args.queries, {"clip": queries})})
+        first_pass = "bfloat16" if chosen == "auto" and bfloat16_native() else "none"
+    print(f"first pass: {first_pass} (--first-pass {args.first_pass})", flush=True)
     out = {
         "rows": args.rows,
         "dim": args.dim,
@@ -286,7 +294,7 @@ def main() -> int:
         "threads": args.threads,
         "machine": f"{os.cpu_count()} CPUs",
         "storage": args.storage,
-        "first_pass": args.first_pass,
+        "first_pass": first_pass,
         "bfloat16_native": bfloat16_native(),
         "blas": [
             f"{i['internal_api']} {i.get('version')} {i.get('architecture')} ({Path(i['filepath']).name})"
@@ -304,7 +312,7 @@ def main() -> int:
     out["first_ray_data_join_1000_rows_seconds"], out["fixed_seconds_1000_rows"] = t_first, t_fixed
     print(f"fixed cost: a 1,000-row join {t_fixed:.2f}s (the first in this process {t_first:.2f}s)", flush=True)
     t_np_before = sgemm_seconds(queries, args.rows, args.dim, rng)
-    exact, t_ray, mem_small, training = run_join(small, queries, args.k, first_pass=args.first_pass)
+    exact, t_ray, mem_small, training = run_join(small, queries, args.k, first_pass=first_pass)
     out["raymem_seconds"] = t_ray
     out["raymem_rows_per_s"] = args.rows / t_ray
     out["peak_rss_bytes"], out["peak_pss_bytes"] = mem_small.peak_rss, mem_small.peak_pss
@@ -321,7 +329,7 @@ def main() -> int:
     )
 
     # The same join scored in float32 only (no bfloat16 first pass): what the first pass buys.
-    if args.first_pass != "none":
+    if first_pass != "none":
         plain, t_plain, _, _ = run_join(small, queries, args.k, first_pass="none")
         same = np.mean([list(plain.ids[i]) == list(exact.ids[i]) for i in range(args.queries)])
         out["float32_only_seconds"], out["float32_only_J2_ratio"] = t_plain, t_np / t_plain
@@ -336,7 +344,7 @@ def main() -> int:
         if storage == args.storage:
             continue
         root = make_table(work / f"rows-{args.rows}", args.rows, args.dim, storage=storage)
-        got, t_packed, _, _ = run_join(root, queries, args.k, first_pass=args.first_pass)
+        got, t_packed, _, _ = run_join(root, queries, args.k, first_pass=first_pass)
         same = np.mean([list(got.ids[i]) == list(exact.ids[i]) for i in range(args.queries)])
         out[f"{storage}_seconds"], out[f"{storage}_J2_ratio"] = t_packed, t_np / t_packed
         print(
@@ -348,7 +356,7 @@ def main() -> int:
     # The same rows in the clip-retrieval layout: .npy embeddings, no Parquet decode.
     for dtype in filter(None, args.npy.split(",")):
         root = clip_retrieval_copy(small, work / f"rows-{args.rows}-npy-{dtype}", dtype)
-        got, t_npy, _, _ = run_join(f"clip-retrieval:{root}", queries, args.k, first_pass=args.first_pass)
+        got, t_npy, _, _ = run_join(f"clip-retrieval:{root}", queries, args.k, first_pass=first_pass)
         same = np.mean([list(got.ids[i]) == list(exact.ids[i]) for i in range(args.queries)])
         out[f"npy_{dtype}_seconds"], out[f"npy_{dtype}_J2_ratio"] = t_npy, t_np / t_npy
         print(
@@ -396,7 +404,7 @@ def main() -> int:
         t0 = time.perf_counter()
         big = make_table(work / f"rows-{big_rows}", big_rows, args.dim, seed=2, storage=args.storage)
         print(f"data: {big_rows} x {args.dim} ready in {time.perf_counter() - t0:.1f}s", flush=True)
-        exact_big, t_big, mem_big, training_big = run_join(big, queries, args.k, first_pass=args.first_pass)
+        exact_big, t_big, mem_big, training_big = run_join(big, queries, args.k, first_pass=first_pass)
         out.update(
             j3_rows=big_rows,
             j3_seconds=t_big,
