@@ -88,12 +88,13 @@ class BFloat16FirstPass:
 
         torch.set_num_threads(max(1, threads))
         self.torch = torch
-        self.queries: dict[tuple, object] = {}
+        self.queries: dict[tuple, tuple] = {}  # key -> (the query matrix in bfloat16, its row norms)
         rng = np.random.default_rng(0)
         a, b = (rng.standard_normal((n, 256)).astype(np.float32) for n in (64, 512))
         a, b = a / np.linalg.norm(a, axis=1, keepdims=True), b / np.linalg.norm(b, axis=1, keepdims=True)
-        error = float(np.abs(self.scores(("self-check",), a, self.rows(b)).float().numpy() - a @ b.T).max())
-        if error > bfloat16_error_bound(256, ROW_NORM_MAX):
+        approx, bound = self.scores(("self-check",), a, self.rows(b))
+        error = float(np.abs(approx.float().numpy() - a @ b.T).max())
+        if error > bound:
             raise RuntimeError(f"bfloat16 products off by {error:.4f}, beyond the bound: not used")
 
     def rows(self, x: np.ndarray):
@@ -101,12 +102,18 @@ class BFloat16FirstPass:
             warnings.simplefilter("ignore", UserWarning)
             return self.torch.from_numpy(x).to(self.torch.bfloat16)
 
-    def scores(self, key: tuple, q: np.ndarray, rows):
-        """The bfloat16 scores of queries `q` (cached under `key`) against `rows`, as a torch tensor."""
-        qb = self.queries.get(key)
-        if qb is None:
-            qb = self.queries[key] = self.torch.from_numpy(np.ascontiguousarray(q)).to(self.torch.bfloat16)
-        return qb @ rows.T
+    def scores(self, key: tuple, q: np.ndarray, rows, start: int = 0, stop: int | None = None):
+        """The bfloat16 scores of queries `q[start:stop]` against `rows` (a torch tensor), and the bound on
+        their error. `q` is converted once and cached under `key` whole: the query tiles change with
+        each batch's size, so a tile is a slice of the cached matrix, never a cache entry of its own."""
+        cached = self.queries.get(key)
+        if cached is None:
+            qb = self.torch.from_numpy(np.ascontiguousarray(q)).to(self.torch.bfloat16)
+            cached = self.queries[key] = (qb, np.linalg.norm(q, axis=1))
+        qb, norms = cached
+        stop = len(q) if stop is None else min(stop, len(q))
+        bound = bfloat16_error_bound(q.shape[1], float(norms[start:stop].max()) * ROW_NORM_MAX)
+        return qb[start:stop] @ rows.T, bound
 
 
 def exact_scores(q: np.ndarray, x: np.ndarray, rows: np.ndarray, cols: np.ndarray, chunk: int = 65_536):
@@ -200,14 +207,14 @@ class TopKScorer:
                         rows, vals, idx = self._topk_cuda(q[start : start + tile], x, k, tile_masks)
                     elif xb is not None:
                         qt = q[start : start + tile]
-                        approx = self.first_pass.scores((name, space, start), qt, xb)
+                        approx, bound = self.first_pass.scores((name, space), q, xb, start, start + tile)
                         for qi, j in tile_masks:
                             approx[qi, j] = -float("inf")
                         rows, idx, vals = top_rows_bounded(
                             approx,
                             k,
                             best[start : start + tile],
-                            bfloat16_error_bound(q.shape[1], float(np.linalg.norm(qt, axis=1).max()) * ROW_NORM_MAX),
+                            bound,
                             lambda r, c, qt=qt, x=x: exact_scores(qt, x, r, c),
                         )
                     else:

@@ -168,15 +168,20 @@ def test_bfloat16_scores_stay_within_the_bound():
         x = np.concatenate([mid, sparse, rng.standard_normal((48, dim)).astype(np.float32)])
         x /= np.linalg.norm(x, axis=1, keepdims=True)
         q = x[rng.permutation(len(x))[:24]] * np.float32(1.0004)  # rows as long as the join lets through
-        approx = first.scores(("t", dim), q, first.rows(x)).float().numpy()
-        error = np.abs(approx - q.astype(np.float64) @ x.astype(np.float64).T).max()
+        approx, bound = first.scores(("t", dim), q, first.rows(x))
+        error = np.abs(approx.float().numpy() - q.astype(np.float64) @ x.astype(np.float64).T).max()
         assert error <= joins.bfloat16_error_bound(dim, 1.0004 * joins.ROW_NORM_MAX), (dim, error)
+        assert bound >= joins.bfloat16_error_bound(dim, joins.ROW_NORM_MAX)  # from the queries' own norms
 
 
+@pytest.mark.parametrize("tiled", [False, True])
 @pytest.mark.parametrize("ties", [False, True])
-def test_the_bfloat16_first_pass_gives_the_float32_top_k(ties):
+def test_the_bfloat16_first_pass_gives_the_float32_top_k(ties, tiled, monkeypatch):
     """A scorer with the bfloat16 first pass returns what the float32 scorer returns: the same rows in the
-    same order and their float32 scores, over several batches, with self-exclusion and exact ties."""
+    same order and their float32 scores, over several batches, with self-exclusion and exact ties; tiled,
+    the query tiles change size with the batches (700 rows, then 200)."""
+    if tiled:
+        monkeypatch.setattr(joins, "MAX_SCORE_ELEMENTS", 700 * 16)  # 16 queries per tile of 700 rows, 56 of 200
     rng = np.random.default_rng(9)
     centres = l2_normalize(rng.standard_normal((5, 64)))
     x = l2_normalize(centres[rng.integers(0, 5, 3000)] + 0.15 * rng.standard_normal((3000, 64)))
