@@ -339,42 +339,30 @@ def main() -> int:
         flush=True,
     )
 
+    def compare(key: str, label: str, uri, join_first_pass: str) -> None:
+        """The same rows joined another way: its time, its J2, and how many queries get the timed
+        join's top-k (ids, in order)."""
+        got, seconds, _, _ = run_join(uri, queries, args.k, first_pass=join_first_pass)
+        same = np.mean([list(got.ids[i]) == list(exact.ids[i]) for i in range(args.queries)])
+        out[f"{key}_seconds"], out[f"{key}_J2_ratio"] = seconds, t_np / seconds
+        print(
+            f"raymem exact join, {label}: {seconds:.2f}s -> J2 = {t_np / seconds:.2f}; same top-{args.k} "
+            f"(ids, in order) as the timed {args.storage} join for {same:.1%} of queries",
+            flush=True,
+        )
+
     # The same join scored in float32 only (no bfloat16 first pass): what the first pass buys.
     if first_pass != "none":
-        plain, t_plain, _, _ = run_join(small, queries, args.k, first_pass="none")
-        same = np.mean([list(plain.ids[i]) == list(exact.ids[i]) for i in range(args.queries)])
-        out["float32_only_seconds"], out["float32_only_J2_ratio"] = t_plain, t_np / t_plain
-        print(
-            f"raymem exact join, float32 only: {t_plain:.2f}s -> J2 = {t_np / t_plain:.2f}; "
-            f"same top-{args.k} (ids, in order) as the timed join for {same:.1%} of queries",
-            flush=True,
-        )
-
-    # The same rows with packed embeddings (one fixed-size binary value per row: no list levels to decode).
+        compare("float32_only", "float32 only", small, "none")
+    # The same rows stored otherwise: packed (one fixed-size binary value per row, no list levels to
+    # decode) or a list, and in the clip-retrieval layout (.npy embeddings, no Parquet decode).
     for storage in filter(None, args.packed.split(",")):
-        if storage == args.storage:
-            continue
-        root = make_table(work / f"rows-{args.rows}", args.rows, args.dim, storage=storage)
-        got, t_packed, _, _ = run_join(root, queries, args.k, first_pass=first_pass)
-        same = np.mean([list(got.ids[i]) == list(exact.ids[i]) for i in range(args.queries)])
-        out[f"{storage}_seconds"], out[f"{storage}_J2_ratio"] = t_packed, t_np / t_packed
-        print(
-            f"raymem exact join, Parquet {storage}: {t_packed:.2f}s -> J2 = {t_np / t_packed:.2f}; "
-            f"same top-{args.k} as the {args.storage} join for {same:.1%} of queries",
-            flush=True,
-        )
-
-    # The same rows in the clip-retrieval layout: .npy embeddings, no Parquet decode.
+        if storage != args.storage:
+            root = make_table(work / f"rows-{args.rows}", args.rows, args.dim, storage=storage)
+            compare(storage, f"Parquet {storage}", root, first_pass)
     for dtype in filter(None, args.npy.split(",")):
         root = clip_retrieval_copy(small, work / f"rows-{args.rows}-npy-{dtype}", dtype)
-        got, t_npy, _, _ = run_join(f"clip-retrieval:{root}", queries, args.k, first_pass=first_pass)
-        same = np.mean([list(got.ids[i]) == list(exact.ids[i]) for i in range(args.queries)])
-        out[f"npy_{dtype}_seconds"], out[f"npy_{dtype}_J2_ratio"] = t_npy, t_np / t_npy
-        print(
-            f"raymem exact join, clip-retrieval layout ({dtype} .npy): {t_npy:.2f}s -> J2 = {t_np / t_npy:.2f}; "
-            f"same top-{args.k} as the Parquet join for {same:.1%} of queries",
-            flush=True,
-        )
+        compare(f"npy_{dtype}", f"clip-retrieval layout ({dtype} .npy)", f"clip-retrieval:{root}", first_pass)
 
     # J1: FAISS IndexFlatIP on the same rows held in memory, same thread count.
     faiss.omp_set_num_threads(args.threads)

@@ -64,7 +64,7 @@ class PackedEmbeddingType(pa.ExtensionType):
     reader without raymem sees the storage type (a fixed-size binary: `np.frombuffer(value, "<f4")`)."""
 
     def __init__(self, dim: int, dtype: str = "float32"):
-        if dtype not in ("float32", "float16"):
+        if dtype not in EMBEDDING_STORAGES.values() or dtype is None:
             raise ValueError(f"packed embeddings are float32 or float16, not {dtype}")
         self.dim, self.dtype = int(dim), dtype
         super().__init__(pa.binary(self.dim * np.dtype(dtype).itemsize), "raymem.embedding")
