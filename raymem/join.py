@@ -18,6 +18,7 @@ merges the per-shard top-k the same way: approximate, with recall measured at in
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import re
 import warnings
@@ -59,6 +60,13 @@ def bfloat16_error_bound(dim: int, norms: float = 1.0) -> float:
     bfloat16 (u); 25 % margin on top."""
     u = 2.0**-8
     return 1.25 * (3 * u + 3 * u * u + dim * 2.0**-24) * norms
+
+
+def float32_error_bound(dim: int, norms: float = 1.0) -> float:
+    """The largest difference between two float32 computations of the same `dim`-dot product summed in
+    different orders (sgemm's blocking, exact_scores' einsum): each within dim * 2^-24 of the exact sum
+    of |q_i x_i| <= the norms' product; 25 % margin on top."""
+    return 1.25 * 2 * dim * 2.0**-24 * norms
 
 
 # checked_matrix leaves a training row unnormalised only when its squared norm is within 1e-3 of 1
@@ -141,12 +149,14 @@ class TopKScorer:
                 self.device = "cuda"
         self.threads = threads
         self.k = k
-        self.first_pass = None
+        self._first_pass: BFloat16FirstPass | None = None
+        self._warming = None
         if self.device == "cpu" and (first_pass == "bfloat16" or (first_pass == "auto" and bfloat16_native())):
-            try:
-                self.first_pass = BFloat16FirstPass(threads)  # only then does a CPU actor import torch
-            except RuntimeError as err:
-                log.warning("join: %s; scoring in float32", err)
+            # Only then does a CPU actor import torch: 2-3 s, in a thread, while the first items are scored
+            # in float32 (the results are the same either way; only the speed changes when it is ready).
+            warmer = concurrent.futures.ThreadPoolExecutor(1, "bfloat16-first-pass")
+            self._warming = warmer.submit(BFloat16FirstPass, threads)
+            warmer.shutdown(wait=False)  # its one task still runs; the thread ends with it
 
         def place(m):
             m = np.ascontiguousarray(m, dtype=np.float32)
@@ -163,6 +173,27 @@ class TopKScorer:
         # below which no later row can enter that query's top-k, so most scores are discarded by one
         # compare instead of a top-k selection (CPU path).
         self.best: dict[tuple[str, str], np.ndarray] = {}
+
+    @property
+    def first_pass(self) -> BFloat16FirstPass | None:
+        """The bfloat16 first pass once it is ready; None while torch is still being imported, when it was
+        not asked for, or when it failed its self-check."""
+        if self._warming is not None and self._warming.done():
+            self._take_first_pass()
+        return self._first_pass
+
+    def warmed(self) -> BFloat16FirstPass | None:
+        """The first pass, waiting for it to be ready (tests; a join never waits)."""
+        if self._warming is not None:
+            self._take_first_pass()
+        return self._first_pass
+
+    def _take_first_pass(self) -> None:
+        warming, self._warming = self._warming, None
+        try:
+            self._first_pass = warming.result()
+        except Exception as err:  # an unusable bfloat16 backend costs speed, never results
+            log.warning("join: bfloat16 first pass unavailable (%s); scoring in float32", err)
 
     @staticmethod
     def _self_keys(qs: Queries) -> dict[str, list[int]] | None:
@@ -190,6 +221,7 @@ class TopKScorer:
     def __call__(self, batch: pa.Table) -> pa.Table:
         n = batch.num_rows
         parts = []
+        first_pass = self.first_pass  # one scoring path for the whole batch
         for name, mats, self_keys in self.query_sets:
             masks = self._masks(batch, self_keys) if self_keys is not None else []
             for space, q in mats.items():
@@ -200,29 +232,31 @@ class TopKScorer:
                 k = min(self.k, n)
                 best = self.best.setdefault((name, space), np.full((q.shape[0], self.k), -np.inf, np.float32))
                 tile = max(1, MAX_SCORE_ELEMENTS // n)
-                xb = self.first_pass.rows(x) if self.first_pass is not None else None
+                xb = first_pass.rows(x) if first_pass is not None else None
                 for start in range(0, q.shape[0], tile):
                     tile_masks = [(qi - start, j) for qi, j in masks if start <= qi < start + tile]
+                    qt = q[start : start + tile]
                     if self.device == "cuda":
-                        rows, vals, idx = self._topk_cuda(q[start : start + tile], x, k, tile_masks)
-                    elif xb is not None:
-                        qt = q[start : start + tile]
-                        approx, bound = self.first_pass.scores((name, space), q, xb, start, start + tile)
-                        for qi, j in tile_masks:
-                            approx[qi, j] = -float("inf")
-                        rows, idx, vals = top_rows_bounded(
-                            approx,
-                            k,
-                            best[start : start + tile],
-                            bound,
-                            lambda r, c, qt=qt, x=x: exact_scores(qt, x, r, c),
-                        )
+                        rows, vals, idx = self._topk_cuda(qt, x, k, tile_masks)
+                        parts.append((name, space, rows + start, vals, idx))
+                        continue
+                    if xb is not None:
+                        approx, bound = first_pass.scores((name, space), q, xb, start, start + tile)
                     else:
                         with threadpool_limits(limits=self.threads, user_api="blas"):
-                            scores = q[start : start + tile] @ x.T
-                        for qi, j in tile_masks:
-                            scores[qi, j] = -np.inf
-                        rows, idx, vals = top_rows(scores, k, best[start : start + tile])
+                            approx = qt @ x.T
+                        bound = float32_error_bound(q.shape[1], float(np.linalg.norm(qt, axis=1).max()) * ROW_NORM_MAX)
+                    for qi, j in tile_masks:
+                        approx[qi, j] = -float("inf")
+                    # Both paths report the same float32 scores (exact_scores of the kept entries): a join
+                    # whose first pass becomes ready part-way gives what either path alone gives, ties included.
+                    rows, idx, vals = top_rows_bounded(
+                        approx,
+                        k,
+                        best[start : start + tile],
+                        bound,
+                        lambda r, c, qt=qt, x=x: exact_scores(qt, x, r, c),
+                    )
                     parts.append((name, space, rows + start, vals, idx))
         return candidates_table(batch, parts)
 
@@ -268,7 +302,8 @@ def _candidates(scores, k: int, floor: np.ndarray, error: float, block: int):
     """(row, column) of every entry at or above the row's floor, or above its k-th largest block maximum
     less 2 x `error` (one pass for the block maxima, then only the blocks that reach the floor)."""
     q, n = scores.shape
-    floor = floor.copy()
+    # a masked entry (-inf: a query and itself) is never a candidate, even before any floor is known
+    floor = np.maximum(floor, -np.finfo(np.float32).max)
     block = max(1, min(block, n // k))
     nb = n // block
     if isinstance(scores, np.ndarray):
@@ -422,8 +457,6 @@ class FragmentScorer(TopKScorer):
         threads: int = 1,
         first_pass: str = "none",
     ):
-        import concurrent.futures
-
         super().__init__(queries_ref, k, threads, first_pass)
         self.source = source_for(layout)
         self.columns, self.batch_rows = columns, batch_rows

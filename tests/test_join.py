@@ -1,3 +1,5 @@
+import threading
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -192,19 +194,52 @@ def test_the_bfloat16_first_pass_gives_the_float32_top_k(ties, tiled, monkeypatc
     table = pa.table({"train_id": ids, "clip_embedding": embedding_array(x, 64), "path": ["p"] * len(ids)})
     qs = {"u": joins.Queries([ids[i] for i in picked], {"clip": x[picked]}, exclude_self=True)}
 
-    def joined(first_pass):
+    def joined(first_pass, ready_after=0):
+        """The scorer's result; with the first pass, it becomes ready after `ready_after` batches (torch is
+        imported in a thread: the first batches of a join are scored in float32)."""
+        ready = threading.Event()
+        real = joins.BFloat16FirstPass
+
+        def slow_to_import(threads):
+            assert ready.wait(60)
+            return real(threads)
+
+        monkeypatch.setattr(joins, "BFloat16FirstPass", slow_to_import)
         scorer = joins.TopKScorer(qs, 7, first_pass=first_pass)
-        assert (scorer.first_pass is not None) == (first_pass == "bfloat16")
         result = {"u": {"clip": joins.RunningTopK(40, 7, exclude=qs["u"].ids)}}
-        for start in range(0, len(x), 700):
+        for i, start in enumerate(range(0, len(x), 700)):
+            if i == ready_after:
+                ready.set()
+                assert (scorer.warmed() is not None) == (first_pass == "bfloat16")
+            elif i < ready_after:
+                assert scorer.first_pass is None  # still warming: this batch is scored in float32
             joins.fold(scorer(table.slice(start, 700)), result)
+        monkeypatch.setattr(joins, "BFloat16FirstPass", real)
         return result["u"]["clip"].rows
 
-    plain, first = joined("none"), joined("bfloat16")
-    assert [[r["train_id"] for r in rows] for rows in first] == [[r["train_id"] for r in rows] for rows in plain]
-    np.testing.assert_allclose(
-        [[r["score"] for r in rows] for rows in first], [[r["score"] for r in rows] for rows in plain], rtol=1e-5
-    )
+    plain = joined("none")
+    for first in (joined("bfloat16"), joined("bfloat16", ready_after=2)):
+        assert [[r["train_id"] for r in rows] for rows in first] == [[r["train_id"] for r in rows] for rows in plain]
+        np.testing.assert_allclose(
+            [[r["score"] for r in rows] for rows in first], [[r["score"] for r in rows] for rows in plain], rtol=1e-5
+        )
+
+
+def test_an_unusable_first_pass_costs_speed_not_results(monkeypatch, caplog):
+    """A first pass that fails (its self-check, or torch's import) leaves the scorer in float32, with a warning."""
+
+    def broken(threads):
+        raise RuntimeError("bfloat16 products off by 0.5, beyond the bound: not used")
+
+    monkeypatch.setattr(joins, "BFloat16FirstPass", broken)
+    q = {"u": joins.Queries(["a"], {"clip": l2_normalize(np.ones((1, 8)))})}
+    scorer = joins.TopKScorer(q, 2, first_pass="bfloat16")
+    with caplog.at_level("WARNING", logger="raymem.join"):
+        assert scorer.warmed() is None
+    assert "scoring in float32" in caplog.text
+    x = l2_normalize(np.arange(24, dtype=np.float32).reshape(3, 8) + 1)
+    out = scorer(pa.table({"train_id": ["x", "y", "z"], "clip_embedding": embedding_array(x, 8), "path": ["p"] * 3}))
+    assert sorted(out.column("train_id").to_pylist()) == ["y", "z"]
 
 
 def test_auto_first_pass_only_where_it_repays_itself(monkeypatch):
@@ -217,8 +252,8 @@ def test_auto_first_pass_only_where_it_repays_itself(monkeypatch):
     small = {"u": joins.Queries(["a"], {"clip": l2_normalize(np.ones((1, 8)))})}
     for native in (False, True):
         monkeypatch.setattr(joins, "bfloat16_native", lambda native=native: native)
-        assert (joins.TopKScorer(small, 2, first_pass="auto").first_pass is not None) == native
-    assert joins.TopKScorer(small, 2, first_pass="none").first_pass is None
+        assert (joins.TopKScorer(small, 2, first_pass="auto").warmed() is not None) == native
+    assert joins.TopKScorer(small, 2, first_pass="none").warmed() is None
 
 
 def test_top_rows_discards_batches_below_the_floor():
@@ -495,3 +530,24 @@ def test_a_requested_work_gets_a_sample_of_its_copies_whatever_the_file_order(lo
     everything = entity_stats(training, {"e0"}, works={"e0"}, work_copies=100)["e0"].work_copies
     assert sorted(t for t, _ in everything) == tagged
     assert entity_stats(training, {"e0"}, works={"e0"}, work_copies=0)["e0"].work_copies == ()
+
+
+@pytest.mark.parametrize("first_pass", ["none", "bfloat16"])
+def test_a_query_never_matches_its_exact_duplicate_in_a_batch_smaller_than_k(first_pass):
+    """A background query's exact duplicate (same image_hash, another id) is masked even in a batch of
+    fewer rows than k, before any floor is known: no path re-scores a masked entry back in."""
+    x = l2_normalize(np.array([[1, 0, 0, 0], [1, 0, 0, 0], [0.8, 0.6, 0, 0]], np.float32))
+    table = pa.table(
+        {
+            "train_id": ["a", "a-copy", "c"],
+            "image_hash": ["h", "h", "other"],
+            "clip_embedding": embedding_array(x, 4),
+            "path": ["p"] * 3,
+        }
+    )
+    qs = {"bg": joins.Queries(["a"], {"clip": x[:1]}, exclude_self=True, hashes=["h"])}
+    scorer = joins.TopKScorer(qs, 5, first_pass=first_pass)
+    scorer.warmed()
+    out = scorer(table)
+    assert out.column("train_id").to_pylist() == ["c"]
+    assert out.column("score").to_pylist() == pytest.approx([0.8])
