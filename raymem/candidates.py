@@ -23,6 +23,35 @@ class Queries:
     image_uris: list[str | None] | None = None  # background queries: their own images (two-stage copy detection)
 
 
+# Every candidate as it leaves a join actor (missing metadata as nulls): one type for every call's output
+CANDIDATES = pa.schema(
+    [
+        ("query_set", pa.string()),
+        ("space", pa.string()),
+        ("query", pa.int32()),
+        ("score", pa.float32()),
+        ("train_id", pa.string()),
+        ("caption", pa.string()),
+        ("image_uri", pa.string()),
+        ("entities", pa.list_(pa.string())),
+        ("image_hash", pa.string()),
+        ("path", pa.string()),
+    ]
+)
+
+
+def conformed(table: pa.Table) -> pa.Table:
+    """A candidates table with exactly the CANDIDATES columns (absent metadata as nulls)."""
+    n = table.num_rows
+    return pa.table(
+        [
+            table.column(f.name).cast(f.type) if f.name in table.column_names else pa.nulls(n, f.type)
+            for f in CANDIDATES
+        ],
+        schema=CANDIDATES,
+    )
+
+
 def candidates_table(batch: pa.Table, parts) -> pa.Table:
     """[(query_set, space, query rows, scores, batch row indices)] -> one candidates table."""
     if not parts:

@@ -30,8 +30,9 @@ import pyarrow.compute as pc
 from threadpoolctl import threadpool_limits
 
 from raymem import runtime
-from raymem.candidates import Queries, candidates_table
+from raymem.candidates import CANDIDATES, Queries, candidates_table, conformed
 from raymem.errors import InputError
+from raymem.passes import TablePass, fold_all, indexed, packed_row, run_passes, struct_of, unpacked
 from raymem.schema import META_COLUMNS, NEIGHBORS, SPACE_COLUMNS
 from raymem.sources import TrainingTable, checked_matrix, source_for, to_text
 
@@ -456,31 +457,35 @@ class FragmentScorer(TopKScorer):
         batch_rows: int | None,
         threads: int = 1,
         first_pass: str = "none",
+        passes: list[TablePass] = (),
     ):
         super().__init__(queries_ref, k, threads, first_pass)
         self.source = source_for(layout)
         self.columns, self.batch_rows = columns, batch_rows
+        self.passes = list(passes)
         self.reader = concurrent.futures.ThreadPoolExecutor(max_workers=1)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        """One row: the training rows scored, the candidates, and each pass's partials (`raymem.passes`)."""
         items = batch.to_pylist()
         pending = self.reader.submit(self.source.read, items[0], self.columns) if items else None
-        out, tables = [], []
-        for i in range(len(items)):
+        out, scored = [], 0
+        partials: dict[str, list[pa.Table]] = {p.name: [] for p in self.passes}
+        for i, item in enumerate(items):
             table = pending.result()
-            tables.append(table)
+            scored += table.num_rows
             pending = self.reader.submit(self.source.read, items[i + 1], self.columns) if i + 1 < len(items) else None
+            for p in self.passes:  # on the rows as read: the pass sees what a read of its own would
+                partials[p.name].append(p.partial(table, item))
             step = self.batch_rows or max(1, table.num_rows)
             for start in range(0, table.num_rows, step):
                 out.append(super().__call__(table.slice(start, step)))
-        out = [t for t in out if t.num_rows]
-        if not out:
-            return pa.table({"query_set": pa.array([], pa.string())})
-        result = pa.concat_tables(out)
-        # how many training rows this call scored, on its first row: the driver's progress line
-        scored = np.zeros(result.num_rows, np.int64)
-        scored[0] = sum(t.num_rows for t in tables)
-        return result.append_column("rows_scored", pa.array(scored))
+        parts = {
+            "candidates": pa.concat_tables([conformed(t) for t in out]) if out else CANDIDATES.empty_table(),
+            **{p.name: pa.concat_tables(partials[p.name]) for p in self.passes},
+        }
+        types = {"candidates": struct_of(CANDIDATES), **{p.name: struct_of(p.partial_schema) for p in self.passes}}
+        return packed_row(parts, types, rows_scored=scored)
 
 
 @runtime.reraise_user_errors
@@ -494,53 +499,80 @@ def nearest_neighbours(
     mode: str = "exact",
     nprobe: int = 16,
     first_pass: str = "auto",
+    passes: list[TablePass] = (),
 ) -> dict[str, dict[str, RunningTopK]]:
-    """Top-k for every query set and space: {query_set: {space: RunningTopK}}."""
+    """Top-k for every query set and space: {query_set: {space: RunningTopK}}. `passes` run on the rows
+    the exact join reads (on a read of their own in FAISS mode, which reads no rows); each is finished
+    when this returns, and its spill removed whatever happens."""
     import ray
 
     plan = plan or runtime.JoinPlan.fixed(1, num_gpus=0.0, num_cpus=1.0)
+    passes = list(passes)
     queries_ref = ray.put(queries)
-    if mode == "faiss":
-        from raymem.faiss_index import faiss_candidates
+    try:
+        if mode == "faiss":
+            from raymem.faiss_index import faiss_candidates
 
-        candidates = faiss_candidates(training, queries_ref, k, nprobe, actors=plan.actors)
-    else:
-        columns = ["train_id", *[SPACE_COLUMNS[s] for s in training.dims], *META_COLUMNS]
-        items = source_for(training.layout).fragments(training, batch_rows or DEFAULT_FRAGMENT_ROWS)
-        per_call = 4  # fragments per actor call: enough to overlap reading with scoring
-        candidates = runtime.map_stage(
-            "join",
-            items,
-            FragmentScorer,
-            plan,
-            constructor_kwargs={
-                "queries_ref": queries_ref,
-                "k": k,
-                "layout": training.layout,
-                "columns": columns,
-                "batch_rows": batch_rows,
-                "threads": plan.threads,
-                "first_pass": first_pass_for(first_pass, training.num_rows, queries),
-            },
-            batch_size=per_call,
-            blocks=max(1, min(len(items), -(-len(items) // per_call))),
-        )
-    result = {
-        name: {
-            space: RunningTopK(len(qs.ids), k, exclude=qs.ids if qs.exclude_self else None)
-            for space in qs.matrices
-            if space in training.dims
+            run_passes(training, passes, fragment_rows=DEFAULT_FRAGMENT_ROWS, name="table_passes")
+            passes = []
+            candidates = faiss_candidates(training, queries_ref, k, nprobe, actors=plan.actors)
+        else:
+            columns = ["train_id", *[SPACE_COLUMNS[s] for s in training.dims], *META_COLUMNS]
+            columns += [c for p in passes for c in p.columns if c not in columns]
+            source = source_for(training.layout)
+            items = indexed(source.fragments(training, batch_rows or DEFAULT_FRAGMENT_ROWS))
+            for p in passes:
+                p.start(items, source)
+            per_call = 4  # fragments per actor call: enough to overlap reading with scoring
+            candidates = runtime.map_stage(
+                "join",
+                items,
+                FragmentScorer,
+                plan,
+                constructor_kwargs={
+                    "queries_ref": queries_ref,
+                    "k": k,
+                    "layout": training.layout,
+                    "columns": columns,
+                    "batch_rows": batch_rows,
+                    "threads": plan.threads,
+                    "first_pass": first_pass_for(first_pass, training.num_rows, queries),
+                    "passes": passes,
+                },
+                batch_size=per_call,
+                blocks=max(1, min(len(items), -(-len(items) // per_call))),
+            )
+        result = {
+            name: {
+                space: RunningTopK(len(qs.ids), k, exclude=qs.ids if qs.exclude_self else None)
+                for space in qs.matrices
+                if space in training.dims
+            }
+            for name, qs in queries.items()
         }
-        for name, qs in queries.items()
-    }
-    progress = runtime.Progress("join", training.num_rows, "training rows")
-    for batch in candidates:
-        if batch.num_rows:
-            fold(batch, result)
-            progress.advance(_rows_scored(batch))
-    progress.done = training.num_rows  # every fragment was scored (a fragment's rows are not in its result)
-    progress.finish()
-    return result
+        progress = runtime.Progress("join", training.num_rows, "training rows")
+        for batch in candidates:
+            scored = _rows_scored(batch)
+            if "candidates" in batch.column_names:  # the exact join: one row per actor call
+                fold_all(batch, passes)
+                batch = unpacked(batch, "candidates")
+            try:
+                fold(batch, result)
+            except InputError:
+                # A train_id in two top-k lists: the id check (when it rides along) has seen both rows
+                # (a call's ids are folded before its candidates) and names them, with their rows.
+                for p in passes:
+                    p.finish()
+                raise
+            progress.advance(scored)
+        progress.done = training.num_rows  # every fragment was scored (a fragment's rows are not in its result)
+        progress.finish()
+        for p in passes:
+            p.finish()
+        return result
+    finally:
+        for p in passes:
+            p.close()
 
 
 def _rows_scored(batch: pa.Table) -> int:

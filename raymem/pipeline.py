@@ -25,16 +25,17 @@ from raymem.captions import caption_terms
 from raymem.config import ActorRange, ScanConfig
 from raymem.copy_candidates import MODE_CANDIDATES, MODE_OFF, CandidateQueries, copy_detection_mode, rescore
 from raymem.duplicates import attach_pair_scores, read_embeddings, rows_to_read
-from raymem.entity_stats import entities_table, entity_stats
+from raymem.entity_stats import EntityStatsPass, entities_table, wants_entity_stats
 from raymem.errors import InputError, OutputError, RaymemError, ScanFailed
 from raymem.fetch import FetchLimits
 from raymem.generate import GenerateEmbed, encode_missing_texts, expand_units, unit_fingerprint, work_chunks
 from raymem.identity import scan_id_of, scan_identity
-from raymem.join import RunningTopK, nearest_neighbours, neighbors_table
+from raymem.join import DEFAULT_FRAGMENT_ROWS, RunningTopK, nearest_neighbours, neighbors_table
 from raymem.label import label_units, pixel_check_pairs, region_check_pairs, with_work_copies
 from raymem.label_inputs import LabelInputs, pixel_evidence
 from raymem.mining import EntityAssociations, excluded_terms, mine_associations
 from raymem.outputs import ScanOutputs, one_line_os_error
+from raymem.passes import TablePass, run_passes
 from raymem.pixels import PixelPair, confirm_pairs, pixel_checks_table
 from raymem.probes import Probe, probes_for
 from raymem.prompts import Prompt, prompts_table, read_prompts
@@ -63,7 +64,7 @@ from raymem.schema import (
 )
 from raymem.sources import TrainingTable, inspect_training
 from raymem.store import TextCache, UnitStore
-from raymem.train_ids import check_train_ids
+from raymem.train_ids import TrainIdCheck
 
 log = logging.getLogger(__name__)
 
@@ -219,10 +220,28 @@ def _run(cfg: ScanConfig, outputs: ScanOutputs, prompts, training, timer, rerun_
     training = training.for_spaces({"clip": clip_dim, **({"sscd": sscd_dim} if sscd_dim else {})})
 
     copy_mode = copy_detection_mode(cfg, training)
-    with timer("check_train_ids"):
-        check_train_ids(training)  # a null or repeated id anywhere in the table is bad input
+    # Whole-table passes ride along the join's read of the table (one read instead of three): a null or
+    # repeated train_id anywhere is bad input; the entity counts and centroids are the labeler's reference.
+    id_check = TrainIdCheck(training.num_rows)
+    entities = {p.entity for p in prompts}
+    # a requested work's own copies, sampled for the private-mark check (region detection only)
+    works = {p.entity for p in prompts if p.requests_work} if cfg.signals.region_neighbours else set()
+    entity_pass = (
+        EntityStatsPass(training, entities, works, cfg.signals.work_copies)
+        if wants_entity_stats(training, entities)
+        else None
+    )
     with timer("join"):
-        joined = _join(cfg, training, ok, runtime.ClusterResources.current(), copy_mode, device)
+        joined = _join(
+            cfg,
+            training,
+            ok,
+            runtime.ClusterResources.current(),
+            copy_mode,
+            device,
+            [id_check, *([entity_pass] if entity_pass else [])],
+        )
+    stats = entity_pass.result() if entity_pass else {}
     neighbors = {
         space: (joined.query_ids, [rows[: cfg.join.k] for rows in per_query], "join")
         for space, per_query in joined.units.items()
@@ -239,10 +258,6 @@ def _run(cfg: ScanConfig, outputs: ScanOutputs, prompts, training, timer, rerun_
         counts["copy_candidates"] = found.stats
     with timer("pair_scores"):
         _pair_scores(cfg, training, neighbors, copy_mode)
-    with timer("entity_stats"):
-        # a requested work's own copies, sampled for the private-mark check (region detection only)
-        works = {p.entity for p in prompts if p.requests_work} if cfg.signals.region_neighbours else set()
-        stats = entity_stats(training, {p.entity for p in prompts}, works, cfg.signals.work_copies)
 
     tables = {
         "prompts": prompts_table(prompts, scan_id),
@@ -435,10 +450,13 @@ class _Joined:
     background_source: str  # index | scan
 
 
-def _join(cfg: ScanConfig, training: TrainingTable, ok: pa.Table, cluster, copy_mode: str, device) -> _Joined:
+def _join(
+    cfg: ScanConfig, training: TrainingTable, ok: pa.Table, cluster, copy_mode: str, device, passes: list[TablePass]
+) -> _Joined:
     """Top-k neighbours of every scored scan image in every space, and the train-train background
-    (the index's precomputed one when `raymem index` wrote it, else sampled in the same pass). With
-    two-stage copy detection the CLIP top-k is deep enough to hold the copy candidates."""
+    (the index's precomputed one when `raymem index` wrote it, else sampled in the same pass), with the
+    whole-table `passes` run on the same read. With two-stage copy detection the CLIP top-k is deep
+    enough to hold the copy candidates."""
     query_ids = ok.column("unit_id").to_pylist()
     queries = {
         "units": Queries(
@@ -467,10 +485,13 @@ def _join(cfg: ScanConfig, training: TrainingTable, ok: pa.Table, cluster, copy_
             mode=cfg.join.mode,
             nprobe=cfg.join.nprobe,
             first_pass=cfg.join.first_pass,
+            passes=passes,
         )
         if query_ids or bg is not None
         else {}
     )
+    if not (query_ids or bg is not None):  # nothing to join: the passes read the table on their own
+        run_passes(training, passes, fragment_rows=DEFAULT_FRAGMENT_ROWS, name="table_passes")
     units = {space: running.rows for space, running in topk.get("units", {}).items()} if query_ids else {}
     background_topk = topk.get("background", {})
     return _Joined(

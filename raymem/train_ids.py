@@ -2,8 +2,9 @@
 
 A duplicate id makes two training images indistinguishable in every table downstream (a copy "of
 training image 'x'" could be either), and a null id names no image at all, so both are bad input
-however far apart the rows sit. Workers read only the `train_id` column of each fragment and return a
-64-bit hash, fragment and row per training row; the driver spills them into hash partitions on local
+however far apart the rows sit. Workers read only the `train_id` column of each fragment (on their own,
+or as part of the exact join's read: `raymem.passes`) and return a 64-bit hash, fragment and row per
+training row; the driver spills them into hash partitions on local
 disk (16 bytes a row), then sorts one partition at a time (memory: rows / partitions x 16 bytes) and
 confirms each equal hash by reading the ids themselves, so a hash collision is never reported.
 """
@@ -17,9 +18,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from raymem import runtime
 from raymem.errors import InputError
-from raymem.sources import TrainingTable, source_for, to_text
+from raymem.passes import TablePass, run_passes
+from raymem.sources import TrainingTable, to_text
 
 log = logging.getLogger(__name__)
 
@@ -34,63 +35,78 @@ def hash_ids(ids: pa.Array) -> np.ndarray:
     return pd.util.hash_array(to_text(ids).to_numpy(zero_copy_only=False), categorize=False)
 
 
-class IdHasher:
-    """Ray Data callable class: fragments in, (hash, fragment, row) of every training row out."""
+class TrainIdCheck(TablePass):
+    """No null `train_id` (raised by the worker that reads it) and no id twice (found on the driver once
+    every row was seen): a (hash, item, row) per training row, spilled into hash partitions on local
+    disk as the partials arrive."""
 
-    def __init__(self, layout: str):
-        self.source = source_for(layout)
+    name = "train_id_check"
+    columns = ("train_id",)
+    partial_schema = pa.schema([("hash", pa.uint64()), ("fragment", pa.uint32()), ("row", pa.uint32())])
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        parts = []
-        for item in batch.to_pylist():
-            ids = self.source.read(item, ["train_id"]).column("train_id")
-            if ids.null_count:
-                first_null = int(np.flatnonzero(ids.is_null().to_numpy(zero_copy_only=False))[0])
-                row = item["start"] + first_null + 1
-                raise InputError(
-                    item["path"], f"train_id is null ({ids.null_count} null(s))", row=row, field="train_id"
-                )
-            n = len(ids)
-            parts.append(
-                pa.table(
-                    {
-                        "hash": pa.array(hash_ids(ids), pa.uint64()),
-                        "fragment": pa.array(np.full(n, item["index"], np.uint32)),
-                        "row": pa.array(np.arange(n, dtype=np.uint32)),
-                    }
-                )
-            )
-        return pa.concat_tables(parts) if parts else pa.table({"hash": pa.array([], pa.uint64())})
+    def __init__(self, num_rows: int, partition_rows: int = PARTITION_ROWS):
+        self.partitions = max(1, -(-num_rows // partition_rows))
 
+    def start(self, items: list[dict], source) -> None:
+        self._items, self._source = items, source
+        self._tmp = tempfile.TemporaryDirectory(prefix="raymem-ids-")
+        self._files = [Path(self._tmp.name) / f"{p:05d}.bin" for p in range(self.partitions)]
+        self._handles = [open(f, "wb") for f in self._files]  # noqa: SIM115 - closed in finish
 
-@runtime.reraise_user_errors
-def check_train_ids(training: TrainingTable, *, partition_rows: int = PARTITION_ROWS) -> None:
-    """Raise a one-line InputError (file, row, field) for a null or duplicate `train_id` anywhere."""
-    source = source_for(training.layout)
-    items = [{**item, "index": i} for i, item in enumerate(source.fragments(training, FRAGMENT_ROWS))]
-    partitions = max(1, -(-training.num_rows // partition_rows))
-    cluster = runtime.ClusterResources.current()
-    plan = runtime.StagePlan.fixed(max(1, min(len(items), int(max(cluster.cpus - 1, 1)))), num_gpus=0.0, num_cpus=1.0)
-    with tempfile.TemporaryDirectory(prefix="raymem-ids-") as tmp:
-        files = [Path(tmp) / f"{p:05d}.bin" for p in range(partitions)]
-        handles = [open(f, "wb") for f in files]  # noqa: SIM115 - closed below
+    def partial(self, table: pa.Table, item: dict) -> pa.Table:
+        ids = table.column("train_id")
+        if ids.null_count:
+            first_null = int(np.flatnonzero(ids.is_null().to_numpy(zero_copy_only=False))[0])
+            row = item["start"] + first_null + 1
+            raise InputError(item["path"], f"train_id is null ({ids.null_count} null(s))", row=row, field="train_id")
+        n = len(ids)
+        return pa.table(
+            {
+                "hash": pa.array(hash_ids(ids), pa.uint64()),
+                "fragment": pa.array(np.full(n, item["index"], np.uint32)),
+                "row": pa.array(np.arange(n, dtype=np.uint32)),
+            },
+            schema=self.partial_schema,
+        )
+
+    def fold(self, partial: pa.Table) -> None:
+        if not partial.num_rows:
+            return
+        rows = np.empty(partial.num_rows, ROW)
+        for name in ROW.names:
+            rows[name] = partial.column(name).to_numpy()
+        which = rows["hash"] % np.uint64(self.partitions)
+        for p in np.unique(which):
+            rows[which == p].tofile(self._handles[int(p)])
+
+    def finish(self) -> None:
+        """Raise a one-line InputError (file, row, field) for the first duplicate; the spill is removed
+        either way."""
         try:
-            for batch in runtime.map_stage(
-                "check_train_ids", items, IdHasher, plan, constructor_kwargs={"layout": training.layout}, batch_size=4
-            ):
-                if not batch.num_rows:
-                    continue
-                rows = np.empty(batch.num_rows, ROW)
-                for name in ROW.names:
-                    rows[name] = batch.column(name).to_numpy()
-                which = rows["hash"] % np.uint64(partitions)
-                for p in np.unique(which):
-                    rows[which == p].tofile(handles[int(p)])
-        finally:
-            for h in handles:
+            for h in self._handles:
                 h.close()
-        for f in files:
-            _check_partition(np.fromfile(f, ROW), items, source)
+            for f in self._files:
+                _check_partition(np.fromfile(f, ROW), self._items, self._source)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Remove the spill (also when the pass it rode along failed)."""
+        for h in getattr(self, "_handles", ()):
+            h.close()
+        if getattr(self, "_tmp", None) is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+
+def check_train_ids(training: TrainingTable, *, partition_rows: int = PARTITION_ROWS) -> None:
+    """Raise a one-line InputError (file, row, field) for a null or duplicate `train_id` anywhere, on a
+    read of the ids alone (the exact join runs the same check on its own read: `TrainIdCheck`)."""
+    check = TrainIdCheck(training.num_rows, partition_rows)
+    try:
+        run_passes(training, [check], fragment_rows=FRAGMENT_ROWS, name="check_train_ids")
+    finally:
+        check.close()
 
 
 def _check_partition(rows: np.ndarray, items: list[dict], source) -> None:
