@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from raymem.schema import META_COLUMNS
+from raymem.schema import META_COLUMNS, NEIGHBORS
 from raymem.sources import to_text
 
 
@@ -23,7 +23,8 @@ class Queries:
     image_uris: list[str | None] | None = None  # background queries: their own images (two-stage copy detection)
 
 
-# Every candidate as it leaves a join actor (missing metadata as nulls): one type for every call's output
+# Every candidate as it leaves a join actor (missing metadata as nulls): one type for every call's output;
+# the metadata typed as the published neighbours carry it
 CANDIDATES = pa.schema(
     [
         ("query_set", pa.string()),
@@ -31,10 +32,7 @@ CANDIDATES = pa.schema(
         ("query", pa.int32()),
         ("score", pa.float32()),
         ("train_id", pa.string()),
-        ("caption", pa.string()),
-        ("image_uri", pa.string()),
-        ("entities", pa.list_(pa.string())),
-        ("image_hash", pa.string()),
+        *(NEIGHBORS.field(c) for c in META_COLUMNS),
         ("path", pa.string()),
     ]
 )
