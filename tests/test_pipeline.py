@@ -362,3 +362,40 @@ def test_no_secret_reaches_the_ray_session_logs(first_scan):
     logs = [p for p in (session / "logs").rglob("*") if p.is_file()]
     assert logs, session
     assert not [p for p in logs if CANARY.encode() in p.read_bytes()]
+
+
+def test_a_repeated_or_null_train_id_anywhere_fails_the_scan_and_publishes_nothing(ray_two_gpus, scan_config, tmp_path):
+    """The id check rides along the join's read: an id repeated in two files (its two rows in no top-k
+    together) or a null id fails the scan with one line naming file, row and field; nothing is published."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from raymem.errors import InputError
+
+    base = scan_config("out-ids")
+    files = sorted(Path(base.training.embeddings).glob("*.parquet"))
+    first, last = pq.read_table(files[0]), pq.read_table(files[-1])
+    repeated = first.column("train_id")[3].as_py()
+
+    def with_ids(table: pa.Table, row: int, value) -> pa.Table:
+        ids = table.column("train_id").to_pylist()
+        ids[row] = value
+        return table.set_column(table.schema.get_field_index("train_id"), "train_id", pa.array(ids, pa.string()))
+
+    for case, value, expected in [
+        ("dup", repeated, rf"part-2.parquet: row 5, field 'train_id': duplicate train_id '{repeated}' \(also at "),
+        ("null", None, r"part-2.parquet: row 5, field 'train_id': train_id is null"),
+    ]:
+        train = tmp_path / case
+        train.mkdir()
+        pq.write_table(first, train / "part-0.parquet")
+        for i, f in enumerate(files[1:-1]):
+            pq.write_table(pq.read_table(f), train / f"part-1-{i}.parquet")
+        pq.write_table(with_ids(last, 4, value), train / "part-2.parquet")  # the last file's 5th row
+        cfg = parse_config({**base.model_dump(mode="json"), "training": {"embeddings": str(train)}})
+        with pytest.raises(InputError, match=expected):
+            run_scan(cfg)
+    root = Path(base.output.uri)
+    manifests = [json.loads(m.read_text()) for m in (root / "manifests").glob("*.json")]
+    assert manifests and all(m["status"] == "failed" for m in manifests)
+    assert not list(root.glob("labels/**/*.parquet")) and not list(root.glob("generations/**/*.parquet"))
