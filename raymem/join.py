@@ -117,7 +117,8 @@ class BFloat16FirstPass:
         each batch's size, so a tile is a slice of the cached matrix, never a cache entry of its own."""
         cached = self.queries.get(key)
         if cached is None:
-            qb = self.torch.from_numpy(np.ascontiguousarray(q)).to(self.torch.bfloat16)
+            # a writable copy (the queries come read-only from the object store; torch warns on those)
+            qb = self.torch.from_numpy(np.array(q, dtype=np.float32, order="C")).to(self.torch.bfloat16)
             cached = self.queries[key] = (qb, np.linalg.norm(q, axis=1))
         qb, norms = cached
         stop = len(q) if stop is None else min(stop, len(q))

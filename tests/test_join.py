@@ -551,3 +551,24 @@ def test_a_query_never_matches_its_exact_duplicate_in_a_batch_smaller_than_k(fir
     out = scorer(table)
     assert out.column("train_id").to_pylist() == ["c"]
     assert out.column("score").to_pylist() == pytest.approx([0.8])
+
+
+def test_read_only_queries_convert_without_a_warning():
+    """Queries arrive read-only from the object store: the first pass copies them rather than have torch
+    print a non-writable-array warning into every scan's log. (In a fresh process: torch warns once per
+    process, so an earlier test could have used up the warning.)"""
+    import subprocess
+    import sys
+
+    script = """
+import numpy as np
+from raymem import join as joins
+first = joins.BFloat16FirstPass(threads=1)
+q = np.full((4, 8), 8 ** -0.5, np.float32)
+q.setflags(write=False)
+approx, _ = first.scores(("read-only",), q, first.rows(np.full((5, 8), 8 ** -0.5, np.float32)))
+assert approx.shape == (4, 5)
+"""
+    run = subprocess.run([sys.executable, "-W", "always", "-c", script], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "not writable" not in run.stderr
