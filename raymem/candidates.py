@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from raymem.schema import META_COLUMNS, NEIGHBORS
+from raymem.schema import META_COLUMNS, NEIGHBORS, conformed
 from raymem.sources import to_text
 
 
@@ -38,22 +38,11 @@ CANDIDATES = pa.schema(
 )
 
 
-def conformed(table: pa.Table) -> pa.Table:
-    """A candidates table with exactly the CANDIDATES columns (absent metadata as nulls)."""
-    n = table.num_rows
-    return pa.table(
-        [
-            table.column(f.name).cast(f.type) if f.name in table.column_names else pa.nulls(n, f.type)
-            for f in CANDIDATES
-        ],
-        schema=CANDIDATES,
-    )
-
-
 def candidates_table(batch: pa.Table, parts) -> pa.Table:
-    """[(query_set, space, query rows, scores, batch row indices)] -> one candidates table."""
+    """[(query_set, space, query rows, scores, batch row indices)] -> one candidates table (CANDIDATES:
+    metadata the training table lacks as nulls)."""
     if not parts:
-        return pa.table({"query_set": pa.array([], pa.string())})
+        return CANDIDATES.empty_table()
     take = pa.array(np.concatenate([p[4] for p in parts]))
     cols = {
         "query_set": pa.array(np.concatenate([np.full(len(p[2]), p[0], dtype=object) for p in parts]), pa.string()),
@@ -66,4 +55,4 @@ def candidates_table(batch: pa.Table, parts) -> pa.Table:
         if name in batch.column_names:
             col = batch.column(name).combine_chunks().take(take)
             cols[name] = col if name == "entities" else to_text(col)
-    return pa.table(cols)
+    return conformed(pa.table(cols), CANDIDATES)

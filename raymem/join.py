@@ -30,7 +30,7 @@ import pyarrow.compute as pc
 from threadpoolctl import threadpool_limits
 
 from raymem import runtime
-from raymem.candidates import CANDIDATES, Queries, candidates_table, conformed
+from raymem.candidates import CANDIDATES, Queries, candidates_table
 from raymem.errors import InputError
 from raymem.passes import TablePass, fold_all, indexed, packed_row, run_passes, struct_of, unpacked
 from raymem.schema import META_COLUMNS, NEIGHBORS, SPACE_COLUMNS
@@ -282,8 +282,7 @@ def top_rows(scores: np.ndarray, k: int, best: np.ndarray, block: int = 1024) ->
     reach it), are each at most the row's true k-th best, so nothing dropped could be in the top-k.
     Costs about one pass over `scores` (block maxima) plus work on the few blocks that reach the floor.
     """
-    rows, cols = _candidates(scores, k, best[:, best.shape[1] - 1], 0.0, block)
-    return _keep_top(rows, cols, scores[rows, cols], scores.shape[0], k, best)
+    return top_rows_bounded(scores, k, best, 0.0, lambda rows, cols: scores[rows, cols], block)
 
 
 def top_rows_bounded(approx, k: int, best: np.ndarray, error: float, rescore, block: int = 1024):
@@ -482,7 +481,7 @@ class FragmentScorer(TopKScorer):
             for start in range(0, table.num_rows, step):
                 out.append(super().__call__(table.slice(start, step)))
         parts = {
-            "candidates": pa.concat_tables([conformed(t) for t in out]) if out else CANDIDATES.empty_table(),
+            "candidates": pa.concat_tables(out) if out else CANDIDATES.empty_table(),
             **{p.name: pa.concat_tables(partials[p.name]) for p in self.passes},
         }
         types = {"candidates": struct_of(CANDIDATES), **{p.name: struct_of(p.partial_schema) for p in self.passes}}
@@ -519,7 +518,7 @@ def nearest_neighbours(
             candidates = faiss_candidates(training, queries_ref, k, nprobe, actors=plan.actors)
         else:
             columns = ["train_id", *[SPACE_COLUMNS[s] for s in training.dims], *META_COLUMNS]
-            columns += [c for p in passes for c in p.columns if c not in columns]
+            columns = list(dict.fromkeys([*columns, *(c for p in passes for c in p.columns)]))
             source = source_for(training.layout)
             items = indexed(source.fragments(training, batch_rows or DEFAULT_FRAGMENT_ROWS))
             for p in passes:

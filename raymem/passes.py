@@ -106,20 +106,20 @@ class PassReader:
 
 @runtime.reraise_user_errors
 def run_passes(training: TrainingTable, passes: list[TablePass], *, fragment_rows: int, name: str) -> None:
-    """The passes on a read of their own: CPU actors (all CPUs but one), items of ~`fragment_rows`."""
+    """The passes on a read of their own: CPU actors (all CPUs but one), items of ~`fragment_rows`. Each
+    pass is finished, and closed whatever happens."""
     if not passes:
         return
     source = source_for(training.layout)
     items = indexed(source.fragments(training, fragment_rows))
-    for p in passes:
-        p.start(items, source)
     cluster = runtime.ClusterResources.current()
     actors = max(1, min(len(items), int(max(cluster.cpus - 1, 1))))
     plan = runtime.StagePlan.fixed(actors, num_gpus=0.0, num_cpus=1.0)
-    stage = runtime.map_stage(
-        name, items, PassReader, plan, constructor_kwargs={"layout": training.layout, "passes": passes}, batch_size=4
-    )
     try:
+        for p in passes:
+            p.start(items, source)
+        kwargs = {"layout": training.layout, "passes": passes}
+        stage = runtime.map_stage(name, items, PassReader, plan, constructor_kwargs=kwargs, batch_size=4)
         for batch in stage:
             fold_all(batch, passes)
         for p in passes:

@@ -57,6 +57,7 @@ from raymem.schema import (
     SPACE_COLUMNS,
     STATUS_FAILED,
     STATUS_OK,
+    conformed,
     embedding_array,
     embedding_matrix,
     generations_schema,
@@ -261,7 +262,8 @@ def _run(cfg: ScanConfig, outputs: ScanOutputs, prompts, training, timer, rerun_
 
     tables = {
         "prompts": prompts_table(prompts, scan_id),
-        "generations": _conformed(generations, generations_schema(clip_dim, sscd_dim)),
+        # columns that units computed by an older raymem lack are null
+        "generations": conformed(generations, generations_schema(clip_dim, sscd_dim)),
         "texts": _texts_table(scan_id, probes, texts, clip_dim),
         "neighbors": neighbors_table(scan_id, neighbors),
         "candidates": candidates,
@@ -475,8 +477,8 @@ def _join(
     if bg is not None:
         queries["background"] = bg
     k = max(cfg.join.k, cfg.embedding.copy_detection.candidates.k) if two_stage else cfg.join.k
-    topk = (
-        nearest_neighbours(
+    if query_ids or bg is not None:
+        topk = nearest_neighbours(
             training,
             queries,
             k,
@@ -487,10 +489,8 @@ def _join(
             first_pass=cfg.join.first_pass,
             passes=passes,
         )
-        if query_ids or bg is not None
-        else {}
-    )
-    if not (query_ids or bg is not None):  # nothing to join: the passes read the table on their own
+    else:  # nothing to join: the passes read the table on their own
+        topk = {}
         run_passes(training, passes, fragment_rows=DEFAULT_FRAGMENT_ROWS, name="table_passes")
     units = {space: running.rows for space, running in topk.get("units", {}).items()} if query_ids else {}
     background_topk = topk.get("background", {})
@@ -600,14 +600,6 @@ def _collect(outputs: ScanOutputs, units, scan_id: str) -> pa.Table:
     ):
         table = table.set_column(table.schema.get_field_index(name), name, pa.array(values, pa.string()))
     return table
-
-
-def _conformed(table: pa.Table, schema: pa.Schema) -> pa.Table:
-    """`table` in `schema`: columns that units computed by an older raymem lack are null."""
-    for f in schema:
-        if f.name not in table.column_names:
-            table = table.append_column(f.name, pa.nulls(table.num_rows, f.type))
-    return table.select(schema.names).cast(schema)
 
 
 def _texts_table(scan_id: str, probes: dict[str, list[Probe]], texts: dict, clip_dim: int) -> pa.Table:

@@ -461,3 +461,11 @@ ENTITY_TALLIES = pa.schema(
 # Columns a training-embeddings table must / may have.
 TRAIN_REQUIRED = {"train_id": "string or integer", "clip_embedding": "fixed_size_list<float32> or packed"}
 TRAIN_OPTIONAL = ("caption", "image_uri", "entities", "sscd_embedding", "image_hash")
+
+
+def conformed(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """`table` in `schema`: the schema's columns in its order and types, those the table lacks as nulls."""
+    for f in schema:
+        if f.name not in table.column_names:
+            table = table.append_column(f.name, pa.nulls(table.num_rows, f.type))
+    return table.select(schema.names).cast(schema)

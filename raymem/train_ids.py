@@ -103,10 +103,7 @@ def check_train_ids(training: TrainingTable, *, partition_rows: int = PARTITION_
     """Raise a one-line InputError (file, row, field) for a null or duplicate `train_id` anywhere, on a
     read of the ids alone (the exact join runs the same check on its own read: `TrainIdCheck`)."""
     check = TrainIdCheck(training.num_rows, partition_rows)
-    try:
-        run_passes(training, [check], fragment_rows=FRAGMENT_ROWS, name="check_train_ids")
-    finally:
-        check.close()
+    run_passes(training, [check], fragment_rows=FRAGMENT_ROWS, name="check_train_ids")
 
 
 def _check_partition(rows: np.ndarray, items: list[dict], source) -> None:
