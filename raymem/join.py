@@ -98,6 +98,9 @@ class BFloat16FirstPass:
         torch.set_num_threads(max(1, threads))
         self.torch = torch
         self.queries: dict[tuple, tuple] = {}  # key -> (the query matrix in bfloat16, its row norms)
+        # Reused for every item: written into fresh memory (page faults on 128 MiB each time) the product
+        # of a 65,536-row item took twice as long, and the conversion to bfloat16 three times (docs/join.md).
+        self.buffers: dict[str, object] = {}
         rng = np.random.default_rng(0)
         a, b = (rng.standard_normal((n, 256)).astype(np.float32) for n in (64, 512))
         a, b = a / np.linalg.norm(a, axis=1, keepdims=True), b / np.linalg.norm(b, axis=1, keepdims=True)
@@ -106,15 +109,27 @@ class BFloat16FirstPass:
         if error > bound:
             raise RuntimeError(f"bfloat16 products off by {error:.4f}, beyond the bound: not used")
 
+    def _buffer(self, name: str, shape: tuple[int, int]):
+        """A bfloat16 `shape` view of the reusable buffer `name` (grown when too small)."""
+        size = shape[0] * shape[1]
+        flat = self.buffers.get(name)
+        if flat is None or flat.numel() < size:
+            flat = self.buffers[name] = self.torch.empty(size, dtype=self.torch.bfloat16)
+        return flat[:size].view(shape)
+
     def rows(self, x: np.ndarray):
+        """`x` in bfloat16: a view of a reused buffer, valid until the next call."""
+        out = self._buffer("rows", x.shape)
         with warnings.catch_warnings():  # a read-only array (Arrow's buffer) is only read, into a copy
             warnings.simplefilter("ignore", UserWarning)
-            return self.torch.from_numpy(x).to(self.torch.bfloat16)
+            out.copy_(self.torch.from_numpy(x))
+        return out
 
     def scores(self, key: tuple, q: np.ndarray, rows, start: int = 0, stop: int | None = None):
         """The bfloat16 scores of queries `q[start:stop]` against `rows` (a torch tensor), and the bound on
-        their error. `q` is converted once and cached under `key` whole: the query tiles change with
-        each batch's size, so a tile is a slice of the cached matrix, never a cache entry of its own."""
+        their error; the scores are a view of a reused buffer, valid until the next call. `q` is converted
+        once and cached under `key` whole: the query tiles change with each batch's size, so a tile is a
+        slice of the cached matrix, never a cache entry of its own."""
         cached = self.queries.get(key)
         if cached is None:
             # a writable copy (the queries come read-only from the object store; torch warns on those)
@@ -123,7 +138,9 @@ class BFloat16FirstPass:
         qb, norms = cached
         stop = len(q) if stop is None else min(stop, len(q))
         bound = bfloat16_error_bound(q.shape[1], float(norms[start:stop].max()) * ROW_NORM_MAX)
-        return qb[start:stop] @ rows.T, bound
+        out = self._buffer("scores", (len(qb[start:stop]), rows.shape[0]))
+        self.torch.mm(qb[start:stop], rows.T, out=out)
+        return out, bound
 
 
 def exact_scores(q: np.ndarray, x: np.ndarray, rows: np.ndarray, cols: np.ndarray, chunk: int = 65_536):

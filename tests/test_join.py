@@ -225,6 +225,56 @@ def test_the_bfloat16_first_pass_gives_the_float32_top_k(ties, tiled, monkeypatc
         )
 
 
+def test_the_first_pass_reuses_its_buffers_safely_across_spaces_sets_and_batch_sizes():
+    """The first pass writes every item's bfloat16 rows and scores into buffers it reuses: two query sets,
+    two spaces of different dimensions and batches that grow and shrink (the buffers grow, then are
+    viewed smaller) give exactly what the float32 path gives."""
+    rng = np.random.default_rng(21)
+    clip = l2_normalize(rng.standard_normal((1400, 64)))
+    sscd = l2_normalize(rng.standard_normal((1400, 32)))
+    ids = [f"t{i:04d}" for i in range(1400)]
+    table = pa.table(
+        {
+            "train_id": ids,
+            "clip_embedding": embedding_array(clip, 64),
+            "sscd_embedding": embedding_array(sscd, 32),
+            "path": ["p"] * len(ids),
+        }
+    )
+    picked = rng.choice(1400, 30, replace=False)
+    qs = {
+        "units": joins.Queries([f"u{i}" for i in range(12)], {"clip": clip[:12] * 0.9 + 0.1, "sscd": sscd[:12]}),
+        "background": joins.Queries(
+            [ids[i] for i in picked], {"clip": clip[picked], "sscd": sscd[picked]}, exclude_self=True
+        ),
+    }
+
+    def joined(first_pass):
+        scorer = joins.TopKScorer(qs, 5, first_pass=first_pass)
+        assert (scorer.warmed() is not None) == (first_pass == "bfloat16")
+        result = {
+            name: {s: joins.RunningTopK(len(q.ids), 5, exclude=q.ids if q.exclude_self else None) for s in q.matrices}
+            for name, q in qs.items()
+        }
+        start = 0
+        for size in (200, 900, 300):  # grow, then shrink
+            joins.fold(scorer(table.slice(start, size)), result)
+            start += size
+        return {(name, s): running.rows for name, spaces in result.items() for s, running in spaces.items()}
+
+    plain, first = joined("none"), joined("bfloat16")
+    assert set(first) == {(n, s) for n in qs for s in ("clip", "sscd")}
+    for key in plain:
+        assert [[r["train_id"] for r in rows] for rows in first[key]] == [
+            [r["train_id"] for r in rows] for rows in plain[key]
+        ], key
+        np.testing.assert_allclose(
+            [[r["score"] for r in rows] for rows in first[key]],
+            [[r["score"] for r in rows] for rows in plain[key]],
+            rtol=1e-6,
+        )
+
+
 def test_an_unusable_first_pass_costs_speed_not_results(monkeypatch, caplog):
     """A first pass that fails (its self-check, or torch's import) leaves the scorer in float32, with a warning."""
 
