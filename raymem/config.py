@@ -384,7 +384,9 @@ class ResourcesConfig(_Strict):
     )
     gpus_per_actor: float = Field(1.0, gt=0, le=8)
     cpus_per_actor: float = Field(1.0, gt=0)
-    join_actors: ActorCount = Field(ActorRange(1, 1), description="a count or min..max; one GPU each on GPU")
+    join_actors: ActorCount = Field(
+        ActorRange(1, 1), description="a count or min..max: CPU join tasks at a time, or GPU actors (one GPU each)"
+    )
 
 
 class RayConfig(_Strict):

@@ -1,9 +1,9 @@
 """The nearest-neighbour join: top-k of every generated image against the training embeddings.
 
-Exact mode streams the training table (any `raymem.sources` layout; local or s3://) through a Ray
-Data actor pool, sharded by the source's fragments: work items of ~`join.batch_rows` rows that each
-actor reads itself, so embeddings never cross the object store. An actor holds the
-query matrices (put once in the object store), reads the next item in a thread while it scores the
+Exact mode streams the training table (any `raymem.sources` layout; local or s3://) through Ray
+Data (CPU: tasks in reused worker processes; GPU: an actor per GPU), sharded by the source's
+fragments: work items of ~`join.batch_rows` rows that each scorer reads itself, so embeddings never
+cross the object store. A scorer holds the query matrices (put once in the object store), reads the next item in a thread while it scores the
 current one with one matrix product per query tile (numpy sgemm on CPUs, torch on its GPU when Ray
 gave it one), checks the embeddings (dimension, NaN/inf, zero norm), and returns only the item's
 top-k per query. On CPUs that multiply bfloat16 in hardware (`join.first_pass`), a bfloat16 product
@@ -74,13 +74,13 @@ def float32_error_bound(dim: int, norms: float = 1.0) -> float:
 ROW_NORM_MAX = float(np.sqrt(1.001))
 
 # `join.first_pass: auto` uses the bfloat16 pass only for joins of at least this many multiply-adds
-# (training rows x queries x dimension): below it, importing torch in each join actor (2-3 s) costs
+# (training rows x queries x dimension): below it, importing torch in each join worker (2-3 s) costs
 # more than the pass saves (a third to a half of the sgemm time; docs/join.md).
 AUTO_FIRST_PASS_MACS = 2 * 10**12
 
 
 def first_pass_for(first_pass: str, training_rows: int, queries: dict[str, Queries]) -> str:
-    """`join.first_pass` as the join actors get it: `auto` stays `auto` (each actor then checks its own
+    """`join.first_pass` as the join's scorers get it: `auto` stays `auto` (each then checks its own
     CPU) only for joins large enough to repay the pass."""
     if first_pass != "auto":
         return first_pass
@@ -89,7 +89,7 @@ def first_pass_for(first_pass: str, training_rows: int, queries: dict[str, Queri
 
 
 class BFloat16FirstPass:
-    """The bfloat16 product of a CPU join actor (torch, whose CPU kernels accumulate bfloat16 products
+    """The bfloat16 product of a CPU join scorer (torch, whose CPU kernels accumulate bfloat16 products
     in float32). A self-check on random rows refuses a backend whose error exceeds the bound."""
 
     def __init__(self, threads: int):
@@ -171,7 +171,7 @@ class TopKScorer:
         self._first_pass: BFloat16FirstPass | None = None
         self._warming = None
         if self.device == "cpu" and (first_pass == "bfloat16" or (first_pass == "auto" and bfloat16_native())):
-            # Only then does a CPU actor import torch: 2-3 s, in a thread, while the first items are scored
+            # Only then does a CPU scorer import torch: 2-3 s, in a thread, while the first items are scored
             # in float32 (the results are the same either way; only the speed changes when it is ready).
             warmer = concurrent.futures.ThreadPoolExecutor(1, "bfloat16-first-pass")
             self._warming = warmer.submit(BFloat16FirstPass, threads)
@@ -188,7 +188,7 @@ class TopKScorer:
         self.query_sets = [
             (name, {s: place(m) for s, m in qs.matrices.items()}, self._self_keys(qs)) for name, qs in queries.items()
         ]
-        # Per (query set, space): the k best scores this actor has seen per query. Their k-th is a floor
+        # Per (query set, space): the k best scores this scorer has seen per query. Their k-th is a floor
         # below which no later row can enter that query's top-k, so most scores are discarded by one
         # compare instead of a top-k selection (CPU path).
         self.best: dict[tuple[str, str], np.ndarray] = {}
@@ -540,7 +540,7 @@ def nearest_neighbours(
             items = indexed(source.fragments(training, batch_rows or DEFAULT_FRAGMENT_ROWS))
             for p in passes:
                 p.start(items, source)
-            per_call = 4  # fragments per actor call: enough to overlap reading with scoring
+            per_call = 4  # fragments per call: enough to overlap reading with scoring
             candidates = runtime.map_stage(
                 "join",
                 items,
@@ -558,6 +558,7 @@ def nearest_neighbours(
                 },
                 batch_size=per_call,
                 blocks=max(1, min(len(items), -(-len(items) // per_call))),
+                reuse_workers=True,  # the floors only prune: any scorer instance gives the same candidates
             )
         result = {
             name: {
@@ -570,7 +571,7 @@ def nearest_neighbours(
         progress = runtime.Progress("join", training.num_rows, "training rows")
         for batch in candidates:
             scored = _rows_scored(batch)
-            if "candidates" in batch.column_names:  # the exact join: one row per actor call
+            if "candidates" in batch.column_names:  # the exact join: one row per call
                 fold_all(batch, passes)
                 batch = unpacked(batch, "candidates")
             try:

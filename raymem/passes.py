@@ -106,8 +106,8 @@ class PassReader:
 
 @runtime.reraise_user_errors
 def run_passes(training: TrainingTable, passes: list[TablePass], *, fragment_rows: int, name: str) -> None:
-    """The passes on a read of their own: CPU actors (all CPUs but one), items of ~`fragment_rows`. Each
-    pass is finished, and closed whatever happens."""
+    """The passes on a read of their own: CPU tasks in reused workers (all CPUs but one at a time), items
+    of ~`fragment_rows`. Each pass is finished, and closed whatever happens."""
     if not passes:
         return
     source = source_for(training.layout)
@@ -119,7 +119,9 @@ def run_passes(training: TrainingTable, passes: list[TablePass], *, fragment_row
         for p in passes:
             p.start(items, source)
         kwargs = {"layout": training.layout, "passes": passes}
-        stage = runtime.map_stage(name, items, PassReader, plan, constructor_kwargs=kwargs, batch_size=4)
+        stage = runtime.map_stage(
+            name, items, PassReader, plan, constructor_kwargs=kwargs, batch_size=4, reuse_workers=True
+        )
         for batch in stage:
             fold_all(batch, passes)
         for p in passes:

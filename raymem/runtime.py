@@ -354,14 +354,31 @@ def map_stage(
     constructor_kwargs: dict | None = None,
     batch_size: int = 1,
     blocks: int | None = None,
+    reuse_workers: bool = False,
 ) -> Iterator:
     """The one way raymem runs a stage on Ray: `items` (small dicts naming the work) through a pool of
     `plan.actors` instances of the callable class `fn`, each built once with `constructor_kwargs` (models
     load there) and called with Arrow batches of `batch_size` items. Yields the output Arrow batches as
-    they complete; the same code runs on a laptop's local Ray and on a cluster."""
+    they complete; the same code runs on a laptop's local Ray and on a cluster.
+
+    `reuse_workers` (CPU stages whose results never depend on which instance scored an item): at most
+    `plan.actors` Ray Data *tasks* at a time instead of an actor pool, each task calling an instance cached
+    in its worker process (`cached_instance`). Starting an actor pool costs 1-2 s per stage on a small
+    machine (a fresh worker process that imports Ray Data), a task runs in a worker Ray already has
+    (docs/join.md). GPU stages keep their actors: Ray ends a GPU task's worker after each task."""
     import ray
 
     ds = ray.data.from_items(items, override_num_blocks=blocks or max(1, len(items)))
+    if reuse_workers and not plan.num_gpus:
+        out = ds.map_batches(
+            cached_call,
+            fn_kwargs={"cls": fn, "kwargs": constructor_kwargs or {}, "key": f"{name}-{os.urandom(8).hex()}"},
+            batch_size=batch_size,
+            batch_format="pyarrow",
+            compute=ray.data.TaskPoolStrategy(size=max(1, min(plan.max_actors, len(items)))),
+            **plan.remote_args(),
+        )
+        return named(out, name)
     # Actors stay restartable (Ray Data's default) even on a local Ray: a worker killed by the OOM
     # killer is replaced and its chunk re-run. The price is one Ray 2.60 error line per pool
     # (ray-project/ray#57733: Ray Data's own constructor arguments live in the object store).
@@ -374,6 +391,29 @@ def map_stage(
         **plan.remote_args(),
     )
     return named(out, name)
+
+
+# Per worker process: the instances of the stages its recent tasks ran (`map_stage(reuse_workers=True)`),
+# most recent last. Two, so that two stages running at once on one cluster do not rebuild each other's.
+_INSTANCES: dict[str, object] = {}
+KEEP_INSTANCES = 2
+
+
+def cached_instance(key: str, cls, kwargs: dict):
+    """The instance of `cls` this worker process built for the stage run `key`, built now if there is
+    none; older stage runs' instances are dropped beyond `KEEP_INSTANCES`."""
+    instance = _INSTANCES.pop(key, None)
+    if instance is None:
+        instance = cls(**kwargs)
+    _INSTANCES[key] = instance
+    while len(_INSTANCES) > KEEP_INSTANCES:
+        _INSTANCES.pop(next(iter(_INSTANCES)))
+    return instance
+
+
+def cached_call(batch, *, cls, kwargs: dict, key: str):
+    """A Ray Data task of a reused-worker stage: `batch` through this process's instance for the stage."""
+    return cached_instance(key, cls, kwargs)(batch)
 
 
 def user_error(err: BaseException) -> BaseException | None:

@@ -1,6 +1,7 @@
 """Sizing and device choice as pure functions of the config and what the cluster reports
 (raymem.runtime); the same decisions against a real autoscaling cluster are in test_autoscaling.py."""
 
+import pyarrow as pa
 import pytest
 
 from raymem.config import ActorRange, ResourcesConfig
@@ -109,3 +110,77 @@ def test_actor_counts_round_trip_through_yaml_text():
     dumped = cfg.model_dump()
     assert dumped["generation_actors"] == "2..6" and dumped["join_actors"] == "3"
     assert ResourcesConfig.model_validate(dumped) == cfg
+
+
+class _Counted:
+    """A stage instance that says which process and which instance handled each item."""
+
+    def __init__(self, tag: str):
+        self.tag, self.calls = tag, 0
+
+    def __call__(self, batch):
+        import os
+
+        import pyarrow as pa
+
+        from raymem import runtime
+
+        self.calls += 1
+        n = batch.num_rows
+        return pa.table(
+            {
+                "item": batch.column("i"),
+                "pid": [os.getpid()] * n,
+                "instance": [id(self)] * n,
+                "call": [self.calls] * n,
+                "tag": [self.tag] * n,
+                "cached": [any(v is self for v in runtime._INSTANCES.values())] * n,  # a task, not an actor
+            }
+        )
+
+
+def test_a_reused_worker_stage_builds_one_instance_per_process_and_run(local_ray):
+    """`map_stage(reuse_workers=True)` runs the callable class as Ray Data tasks: every item is handled
+    once, by an instance built once per worker process for this run (its calls count up), and the next
+    run of the stage builds its own instance even in the same process."""
+    from raymem import runtime
+
+    plan = StagePlan.fixed(1, num_gpus=0.0, num_cpus=1.0)
+
+    def run(tag):
+        items = [{"i": i} for i in range(8)]
+        out = runtime.map_stage("counted", items, _Counted, plan, constructor_kwargs={"tag": tag}, reuse_workers=True)
+        return pa.concat_tables(list(out)).to_pylist()
+
+    first, second = run("a"), run("b")
+    for rows, tag in ((first, "a"), (second, "b")):
+        assert sorted(r["item"] for r in rows) == list(range(8))
+        assert {r["tag"] for r in rows} == {tag}
+        assert all(r["cached"] for r in rows)
+        by_instance = {}
+        for r in rows:
+            by_instance.setdefault((r["pid"], r["instance"]), []).append(r["call"])
+        assert len({pid for pid, _ in by_instance}) == len(by_instance)  # one instance per process and run
+        for calls in by_instance.values():
+            assert sorted(calls) == list(range(1, len(calls) + 1))  # reused, not rebuilt per task
+    first_instances = {(r["pid"], r["instance"]) for r in first}
+    assert not first_instances & {(r["pid"], r["instance"]) for r in second}
+
+
+def test_the_worker_cache_keeps_the_latest_stage_runs_only(monkeypatch):
+    """A worker process keeps the instances of its last `KEEP_INSTANCES` stage runs; an older run's
+    instance is dropped (and rebuilt if that run's tasks come back)."""
+    from raymem import runtime
+
+    monkeypatch.setattr(runtime, "_INSTANCES", {})
+    built = []
+
+    class Tracked:
+        def __init__(self, name):
+            built.append(name)
+
+    for key in ("a", "b", "a", "c", "b", "a"):
+        runtime.cached_instance(key, Tracked, {"name": key})
+    # a, b built; a reused; c evicts b (a was used more recently); b rebuilt evicts a; a rebuilt evicts c
+    assert built == ["a", "b", "c", "b", "a"]
+    assert list(runtime._INSTANCES) == ["b", "a"]
