@@ -3,11 +3,11 @@
 Exact mode streams the training table (any `raymem.sources` layout; local or s3://) through Ray
 Data (CPU: tasks in reused worker processes; GPU: an actor per GPU), sharded by the source's
 fragments: work items of ~`join.batch_rows` rows that each scorer reads itself, so embeddings never
-cross the object store. A scorer holds the query matrices (put once in the object store), reads the next item in a thread while it scores the
-current one with one matrix product per query tile (numpy sgemm on CPUs, torch on its GPU when Ray
-gave it one), checks the embeddings (dimension, NaN/inf, zero norm), and returns only the item's
-top-k per query. On CPUs that multiply bfloat16 in hardware (`join.first_pass`), a bfloat16 product
-scores every row first and only the rows within its proven error bound of a top-k are re-scored in
+cross the object store. A scorer holds the query matrices (put once in the object store), reads the
+next item in a thread while it scores the current one with one matrix product per query tile (numpy
+sgemm on CPUs, torch on its GPU when Ray gave it one), checks the embeddings (dimension, NaN/inf,
+zero norm), and returns only the item's top-k per query. On CPUs that multiply bfloat16 in hardware
+(`join.first_pass`), a bfloat16 product scores every row first and only the rows within its proven error bound of a top-k are re-scored in
 float32: the same exact top-k for about a third of the multiply. The driver folds candidates into a
 running (Q, k) top-k with vectorised sorts. Peak memory is bounded by the item size and Q * k, never
 by the number of training rows.
