@@ -7,10 +7,10 @@ cross the object store. A scorer holds the query matrices (put once in the objec
 next item in a thread while it scores the current one with one matrix product per query tile (numpy
 sgemm on CPUs, torch on its GPU when Ray gave it one), checks the embeddings (dimension, NaN/inf,
 zero norm), and returns only the item's top-k per query. On CPUs that multiply bfloat16 in hardware
-(`join.first_pass`), a bfloat16 product scores every row first and only the rows within its proven error bound of a top-k are re-scored in
-float32: the same exact top-k for about a third of the multiply. The driver folds candidates into a
-running (Q, k) top-k with vectorised sorts. Peak memory is bounded by the item size and Q * k, never
-by the number of training rows.
+(`join.first_pass`), a bfloat16 product scores every row first and only the rows within its proven
+error bound of a top-k are re-scored in float32: the same exact top-k for about a third of the
+multiply. The driver folds candidates into a running (Q, k) top-k with vectorised sorts. Peak memory
+is bounded by the item size and Q * k, never by the number of training rows.
 
 FAISS mode searches per shard the IVF indexes `raymem index --faiss` built next to the shards, and
 merges the per-shard top-k the same way: approximate, with recall measured at index time.
