@@ -152,7 +152,7 @@ class JoinConfig(_Strict):
     first_pass: Literal["auto", "none", "bfloat16"] = Field(
         "auto",
         description="CPU exact mode: bfloat16 scores every row and float32 re-scores those within the "
-        "bfloat16 error bound of a top-k (the same exact top-k); auto: bfloat16 for joins of at least 2e12 "
+        "bfloat16 error bound of a top-k (the same exact top-k); auto: bfloat16 for joins of at least 1e12 "
         "multiply-adds on CPUs that multiply bfloat16 in hardware (AVX512_BF16, AMX), none otherwise",
     )
     skip_bad_files: bool = Field(

@@ -74,9 +74,10 @@ def float32_error_bound(dim: int, norms: float = 1.0) -> float:
 ROW_NORM_MAX = float(np.sqrt(1.001))
 
 # `join.first_pass: auto` uses the bfloat16 pass only for joins of at least this many multiply-adds
-# (training rows x queries x dimension): below it, importing torch in each join worker (2-3 s) costs
-# more than the pass saves (a third to a half of the sgemm time; docs/join.md).
-AUTO_FIRST_PASS_MACS = 2 * 10**12
+# (training rows x queries x dimension): below it, importing torch in each join worker (2-3 s of a core)
+# costs about what the pass saves. Measured on 2 cores (docs/join.md, 2026-12-02): float32 faster at
+# 1.6e11, level at 5.4e11, bfloat16 twice as fast at 1.6e12.
+AUTO_FIRST_PASS_MACS = 10**12
 
 
 def first_pass_for(first_pass: str, training_rows: int, queries: dict[str, Queries]) -> str:

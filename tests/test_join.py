@@ -297,6 +297,7 @@ def test_auto_first_pass_only_where_it_repays_itself(monkeypatch):
     CPU multiplies bfloat16 in hardware (emulated, it is slower than float32)."""
     q = {"u": joins.Queries([f"q{i}" for i in range(1024)], {"clip": np.zeros((1024, 512), np.float32)})}
     assert joins.first_pass_for("auto", 1_000_000, q) == "none"  # 5.4e11 multiply-adds
+    assert joins.first_pass_for("auto", 3_000_000, q) == "auto"  # 1.6e12: twice as fast with the pass
     assert joins.first_pass_for("auto", 10_000_000, q) == "auto"
     assert joins.first_pass_for("bfloat16", 10, q) == "bfloat16" and joins.first_pass_for("none", 10**9, q) == "none"
     small = {"u": joins.Queries(["a"], {"clip": l2_normalize(np.ones((1, 8)))})}
