@@ -139,8 +139,9 @@ class BFloat16FirstPass:
         qb, norms = cached
         stop = len(q) if stop is None else min(stop, len(q))
         bound = bfloat16_error_bound(q.shape[1], float(norms[start:stop].max()) * ROW_NORM_MAX)
-        out = self._buffer("scores", (len(qb[start:stop]), rows.shape[0]))
-        self.torch.mm(qb[start:stop], rows.T, out=out)
+        tile = qb[start:stop]
+        out = self._buffer("scores", (len(tile), rows.shape[0]))
+        self.torch.mm(tile, rows.T, out=out)
         return out, bound
 
 

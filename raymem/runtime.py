@@ -132,11 +132,14 @@ class StagePlan:
             args["num_gpus"] = self.num_gpus
         return args
 
-    def compute(self, items: int):
-        """Ray Data's pool for `items` work items: fixed when min == max, autoscaling otherwise."""
+    def compute(self, items: int, tasks: bool = False):
+        """Ray Data's pool for `items` work items: fixed when min == max, autoscaling otherwise; with
+        `tasks`, at most `max_actors` tasks at a time instead."""
         import ray
 
         low, high = min(self.min_actors, max(1, items)), min(self.max_actors, max(1, items))
+        if tasks:
+            return ray.data.TaskPoolStrategy(size=high)
         if low == high:
             return ray.data.ActorPoolStrategy(size=high)
         return ray.data.ActorPoolStrategy(min_size=low, max_size=high)
@@ -369,25 +372,20 @@ def map_stage(
     import ray
 
     ds = ray.data.from_items(items, override_num_blocks=blocks or max(1, len(items)))
-    if reuse_workers and not plan.num_gpus:
-        out = ds.map_batches(
-            cached_call,
-            fn_kwargs={"cls": fn, "kwargs": constructor_kwargs or {}, "key": f"{name}-{os.urandom(8).hex()}"},
-            batch_size=batch_size,
-            batch_format="pyarrow",
-            compute=ray.data.TaskPoolStrategy(size=max(1, min(plan.max_actors, len(items)))),
-            **plan.remote_args(),
-        )
-        return named(out, name)
-    # Actors stay restartable (Ray Data's default) even on a local Ray: a worker killed by the OOM
-    # killer is replaced and its chunk re-run. The price is one Ray 2.60 error line per pool
-    # (ray-project/ray#57733: Ray Data's own constructor arguments live in the object store).
+    tasks = reuse_workers and not plan.num_gpus
+    if tasks:
+        key = f"{name}-{os.urandom(8).hex()}"  # this run's instance in each worker process
+        call = {"fn": cached_call, "fn_kwargs": {"cls": fn, "kwargs": constructor_kwargs or {}, "key": key}}
+    else:
+        # Actors stay restartable (Ray Data's default) even on a local Ray: a worker killed by the OOM
+        # killer is replaced and its chunk re-run. The price is one Ray 2.60 error line per pool
+        # (ray-project/ray#57733: Ray Data's own constructor arguments live in the object store).
+        call = {"fn": fn, "fn_constructor_kwargs": constructor_kwargs or {}}
     out = ds.map_batches(
-        fn,
-        fn_constructor_kwargs=constructor_kwargs or {},
+        **call,
         batch_size=batch_size,
         batch_format="pyarrow",
-        compute=plan.compute(len(items)),
+        compute=plan.compute(len(items), tasks=tasks),
         **plan.remote_args(),
     )
     return named(out, name)

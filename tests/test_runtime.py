@@ -95,6 +95,8 @@ def test_pools_are_fixed_or_autoscaling_and_never_larger_than_the_work():
     assert isinstance(fixed, ray.data.ActorPoolStrategy) and (fixed.min_size, fixed.max_size) == (3, 3)
     pool = StagePlan(1, 8, num_gpus=1.0, num_cpus=1.0).compute(items=5)
     assert (pool.min_size, pool.max_size) == (1, 5)
+    tasks = StagePlan(1, 8, num_gpus=0.0, num_cpus=1.0).compute(items=5, tasks=True)
+    assert isinstance(tasks, ray.data.TaskPoolStrategy) and tasks.size == 5  # at most the work, at once
     assert plan_actors(None, 1.0, 1.0, ClusterResources(cpus=2.0, gpus=0.0), "cuda").max_actors == 1
 
 
