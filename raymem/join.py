@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
+import os
 import re
+import sys
 import warnings
 from pathlib import Path
 
@@ -83,10 +85,56 @@ AUTO_FIRST_PASS_MACS = 10**12
 def first_pass_for(first_pass: str, training_rows: int, queries: dict[str, Queries]) -> str:
     """`join.first_pass` as the join's scorers get it: `auto` stays `auto` (each then checks its own
     CPU) only for joins large enough to repay the pass."""
+    macs = training_rows * sum(len(qs.ids) * m.shape[1] for qs in queries.values() for m in qs.matrices.values())
+    return first_pass_for_macs(first_pass, macs)
+
+
+def first_pass_for_macs(first_pass: str, macs: int) -> str:
+    """`first_pass_for` of a join of `macs` multiply-adds (known before its queries are)."""
     if first_pass != "auto":
         return first_pass
-    macs = training_rows * sum(len(qs.ids) * m.shape[1] for qs in queries.values() for m in qs.matrices.values())
     return "auto" if macs >= AUTO_FIRST_PASS_MACS else "none"
+
+
+def wants_first_pass(first_pass: str) -> bool:
+    """Whether a CPU scorer given `first_pass` (as `first_pass_for` returns it) builds the bfloat16 pass."""
+    return first_pass == "bfloat16" or (first_pass == "auto" and bfloat16_native())
+
+
+def torch_imported() -> bool:
+    """Whether this process has imported torch (a warmed join worker): a first pass then costs ~10 ms."""
+    return "torch" in sys.modules
+
+
+def warm_first_pass(threads: int, first_pass: str = "bfloat16") -> int:
+    """Import torch and check its bfloat16 product in this worker process (a Ray task of
+    `warm_join_workers`), so that a join scorer later built here has its first pass at once; nothing
+    where the scorer would not build it (`auto` on a CPU without bfloat16 in hardware). The pid."""
+    if not wants_first_pass(first_pass):
+        return os.getpid()
+    try:
+        BFloat16FirstPass(threads)
+    except Exception as err:  # the join's own scorer says so again, and scores in float32
+        log.warning("join: bfloat16 first pass unavailable (%s)", err)
+    return os.getpid()
+
+
+def warm_join_workers(plan: runtime.JoinPlan, first_pass: str, macs: int) -> list:
+    """Start warming the worker processes a CPU join of `macs` multiply-adds will run in (one Ray task
+    per join task it runs at once; `warm_first_pass`), when the join will use the bfloat16 first pass.
+    A scan calls this while its images are being generated: importing torch costs each join worker
+    2-3 s of a core, which a cold join pays beside its first items (docs/join.md). Returns the tasks'
+    refs, nothing to wait for: a join in a worker that missed the warming imports torch itself.
+
+    Ray hands a task the worker that went idle last, so a join that follows the warming with no other
+    tasks in between runs in the warmed workers."""
+    import ray
+
+    first_pass = first_pass_for_macs(first_pass, macs)
+    if plan.num_gpus or first_pass == "none":
+        return []
+    warm = ray.remote(warm_first_pass).options(**plan.remote_args(), name="warm_join_workers")
+    return [warm.remote(plan.threads, first_pass) for _ in range(plan.actors)]  # `auto`: each checks its CPU
 
 
 class BFloat16FirstPass:
@@ -172,12 +220,16 @@ class TopKScorer:
         self.k = k
         self._first_pass: BFloat16FirstPass | None = None
         self._warming = None
-        if self.device == "cpu" and (first_pass == "bfloat16" or (first_pass == "auto" and bfloat16_native())):
-            # Only then does a CPU scorer import torch: 2-3 s, in a thread, while the first items are scored
-            # in float32 (the results are the same either way; only the speed changes when it is ready).
-            warmer = concurrent.futures.ThreadPoolExecutor(1, "bfloat16-first-pass")
-            self._warming = warmer.submit(BFloat16FirstPass, threads)
-            warmer.shutdown(wait=False)  # its one task still runs; the thread ends with it
+        self.rows_first_pass = 0  # rows this scorer scored through the bfloat16 first pass
+        if self.device == "cpu" and wants_first_pass(first_pass):
+            if torch_imported():  # a warmed worker (warm_join_workers): the pass is built in ~10 ms
+                self._first_pass = self._built(lambda: BFloat16FirstPass(threads))
+            else:
+                # Only then does a CPU scorer import torch: 2-3 s, in a thread, while the first items are
+                # scored in float32 (the results are the same either way; only the speed changes).
+                warmer = concurrent.futures.ThreadPoolExecutor(1, "bfloat16-first-pass")
+                self._warming = warmer.submit(BFloat16FirstPass, threads)
+                warmer.shutdown(wait=False)  # its one task still runs; the thread ends with it
 
         def place(m):
             m = np.ascontiguousarray(m, dtype=np.float32)
@@ -211,10 +263,15 @@ class TopKScorer:
 
     def _take_first_pass(self) -> None:
         warming, self._warming = self._warming, None
+        self._first_pass = self._built(warming.result)
+
+    @staticmethod
+    def _built(build) -> BFloat16FirstPass | None:
         try:
-            self._first_pass = warming.result()
+            return build()
         except Exception as err:  # an unusable bfloat16 backend costs speed, never results
             log.warning("join: bfloat16 first pass unavailable (%s); scoring in float32", err)
+            return None
 
     @staticmethod
     def _self_keys(qs: Queries) -> dict[str, list[int]] | None:
@@ -243,6 +300,7 @@ class TopKScorer:
         n = batch.num_rows
         parts = []
         first_pass = self.first_pass  # one scoring path for the whole batch
+        self.rows_first_pass += n if first_pass is not None else 0
         for name, mats, self_keys in self.query_sets:
             masks = self._masks(batch, self_keys) if self_keys is not None else []
             for space, q in mats.items():
@@ -488,7 +546,7 @@ class FragmentScorer(TopKScorer):
         """One row: the training rows scored, the candidates, and each pass's partials (`raymem.passes`)."""
         items = batch.to_pylist()
         pending = self.reader.submit(self.source.read, items[0], self.columns) if items else None
-        out, scored = [], 0
+        out, scored, first_pass_before = [], 0, self.rows_first_pass
         partials: dict[str, list[pa.Table]] = {p.name: [] for p in self.passes}
         for i, item in enumerate(items):
             table = pending.result()
@@ -504,7 +562,7 @@ class FragmentScorer(TopKScorer):
             **{p.name: pa.concat_tables(partials[p.name]) for p in self.passes},
         }
         types = {"candidates": struct_of(CANDIDATES), **{p.name: struct_of(p.partial_schema) for p in self.passes}}
-        return packed_row(parts, types, rows_scored=scored)
+        return packed_row(parts, types, rows_scored=scored, rows_first_pass=self.rows_first_pass - first_pass_before)
 
 
 @runtime.reraise_user_errors
@@ -519,10 +577,12 @@ def nearest_neighbours(
     nprobe: int = 16,
     first_pass: str = "auto",
     passes: list[TablePass] = (),
+    stats: dict | None = None,
 ) -> dict[str, dict[str, RunningTopK]]:
     """Top-k for every query set and space: {query_set: {space: RunningTopK}}. `passes` run on the rows
     the exact join reads (on a read of their own in FAISS mode, which reads no rows); each is finished
-    when this returns, and its spill removed whatever happens."""
+    when this returns, and its spill removed whatever happens. `stats`, when given, gets the training
+    rows scored and how many of them went through the bfloat16 first pass."""
     import ray
 
     plan = plan or runtime.JoinPlan.fixed(1, num_gpus=0.0, num_cpus=1.0)
@@ -571,8 +631,10 @@ def nearest_neighbours(
             for name, qs in queries.items()
         }
         progress = runtime.Progress("join", training.num_rows, "training rows")
+        first_passed = 0
         for batch in candidates:
-            scored = _rows_scored(batch)
+            scored = _column_sum(batch, "rows_scored")
+            first_passed += _column_sum(batch, "rows_first_pass")
             if "candidates" in batch.column_names:  # the exact join: one row per call
                 fold_all(batch, passes)
                 batch = unpacked(batch, "candidates")
@@ -587,6 +649,12 @@ def nearest_neighbours(
             progress.advance(scored)
         progress.done = training.num_rows  # every fragment was scored (a fragment's rows are not in its result)
         progress.finish()
+        if mode != "faiss":
+            log.info(
+                "join: %d of %d training rows scored through the bfloat16 first pass", first_passed, training.num_rows
+            )
+            if stats is not None:
+                stats.update(rows_scored=training.num_rows, rows_first_pass=first_passed)
         for p in passes:
             p.finish()
         return result
@@ -595,11 +663,12 @@ def nearest_neighbours(
             p.close()
 
 
-def _rows_scored(batch: pa.Table) -> int:
-    """Training rows behind one result batch (FragmentScorer marks them; FAISS results do not)."""
-    if "rows_scored" not in batch.column_names:
+def _column_sum(batch: pa.Table, column: str) -> int:
+    """A count over one result batch: `rows_scored` (the training rows behind it) or `rows_first_pass`
+    (FragmentScorer marks them; FAISS results do not)."""
+    if column not in batch.column_names:
         return 0
-    return int(pc.sum(batch.column("rows_scored")).as_py() or 0)
+    return int(pc.sum(batch.column(column)).as_py() or 0)
 
 
 def fold(batch: pa.Table, result: dict[str, dict[str, RunningTopK]]) -> None:

@@ -30,7 +30,7 @@ from raymem.errors import InputError, OutputError, RaymemError, ScanFailed
 from raymem.fetch import FetchLimits
 from raymem.generate import GenerateEmbed, encode_missing_texts, expand_units, unit_fingerprint, work_chunks
 from raymem.identity import scan_id_of, scan_identity
-from raymem.join import DEFAULT_FRAGMENT_ROWS, RunningTopK, nearest_neighbours, neighbors_table
+from raymem.join import DEFAULT_FRAGMENT_ROWS, RunningTopK, nearest_neighbours, neighbors_table, warm_join_workers
 from raymem.label import label_units, pixel_check_pairs, region_check_pairs, with_work_copies
 from raymem.label_inputs import LabelInputs, pixel_evidence
 from raymem.mining import EntityAssociations, excluded_terms, mine_associations
@@ -196,7 +196,15 @@ def _run(cfg: ScanConfig, outputs: ScanOutputs, prompts, training, timer, rerun_
         have = text_cache.embeddings(wanted_texts)
     texts_by_prompt = {pid: [p.text for p in ps if p.text not in have] for pid, ps in probes.items()}
     units = expand_units(prompts, cfg, unit_fingerprint(cfg, outputs.identity["model"]), cfg.signals.null_seeds)
-    counts = _generate(cfg, outputs, units, texts_by_prompt, rerun_failed, timer)
+    counts = _generate(
+        cfg,
+        outputs,
+        units,
+        texts_by_prompt,
+        rerun_failed,
+        timer,
+        lambda device: _warm_join(cfg, training, units, device),
+    )
     device = counts.get("resources", {}).get("device")
     texts = text_cache.embeddings(wanted_texts)
     if wanted_texts - texts.keys():  # units were reused but probes changed: encode what is missing
@@ -232,6 +240,7 @@ def _run(cfg: ScanConfig, outputs: ScanOutputs, prompts, training, timer, rerun_
         if wants_entity_stats(training, entities)
         else None
     )
+    join_stats: dict = {}
     with timer("join"):
         joined = _join(
             cfg,
@@ -241,7 +250,10 @@ def _run(cfg: ScanConfig, outputs: ScanOutputs, prompts, training, timer, rerun_
             copy_mode,
             device,
             [id_check, *([entity_pass] if entity_pass else [])],
+            join_stats,
         )
+    if join_stats:
+        counts["join"] = join_stats
     stats = entity_pass.result() if entity_pass else {}
     neighbors = {
         space: (joined.query_ids, [rows[: cfg.join.k] for rows in per_query], "join")
@@ -400,7 +412,22 @@ def _probes(p: Prompt, assoc: EntityAssociations | None) -> list[Probe]:
     return probes_for(p.prompt, p.entity, p.entity_class, p.explicit_elements, p.implicit_elements, mined, instance)
 
 
-def _generate(cfg: ScanConfig, outputs: ScanOutputs, units, texts_by_prompt, rerun_failed: bool, timer):
+def _warm_join(cfg: ScanConfig, training: TrainingTable, units, device: str) -> list:
+    """Warm the workers of the join this scan will run (`join.warm_join_workers`), its size estimated
+    from the units and the largest background sample before the images exist."""
+    if cfg.join.mode == "faiss":
+        return []
+    queries = len(units) + max(BACKGROUND_SAMPLE, cfg.signals.region_background, cfg.signals.pixel_background)
+    macs = training.num_rows * queries * sum(training.dims.values())
+    plan = runtime.plan_join(cfg.resources.join_actors, runtime.ClusterResources.current(), device)
+    return warm_join_workers(plan, cfg.join.first_pass, macs)
+
+
+def _generate(
+    cfg: ScanConfig, outputs: ScanOutputs, units, texts_by_prompt, rerun_failed: bool, timer, while_generating=None
+):
+    """Generate and embed the units not yet computed; `while_generating(device)` is called once the
+    first images are back (the stage's actors hold their workers by then)."""
     store = UnitStore(outputs.unit_store)
     with timer("resume_check"):
         known = store.status({u.unit_id for u in units})
@@ -429,8 +456,11 @@ def _generate(cfg: ScanConfig, outputs: ScanOutputs, units, texts_by_prompt, rer
     )
     failed = 0
     progress = runtime.Progress("generate", len(todo), "units")
+    warming = None
     with timer("generate"):
         for batch in results:
+            if warming is None and while_generating is not None:
+                warming = while_generating(choice.device)
             failed += int(pc.sum(pc.equal(batch.column("status"), STATUS_FAILED)).as_py() or 0)
             progress.advance(batch.num_rows, f"{failed} failed" if failed else "")
     progress.finish()
@@ -453,7 +483,14 @@ class _Joined:
 
 
 def _join(
-    cfg: ScanConfig, training: TrainingTable, ok: pa.Table, cluster, copy_mode: str, device, passes: list[TablePass]
+    cfg: ScanConfig,
+    training: TrainingTable,
+    ok: pa.Table,
+    cluster,
+    copy_mode: str,
+    device,
+    passes: list[TablePass],
+    stats: dict | None = None,
 ) -> _Joined:
     """Top-k neighbours of every scored scan image in every space, and the train-train background
     (the index's precomputed one when `raymem index` wrote it, else sampled in the same pass), with the
@@ -488,6 +525,7 @@ def _join(
             nprobe=cfg.join.nprobe,
             first_pass=cfg.join.first_pass,
             passes=passes,
+            stats=stats,
         )
     else:  # nothing to join: the passes read the table on their own
         topk = {}

@@ -63,7 +63,8 @@ def local_ray():
 def two_scans(demo_root, tmp_path_factory):
     """Two complete demo scans under one output root: A with the first three prompts, B with all six.
 
-    B adds the captain prompt, whose seed 1 is planted in the training set: a new MU prompt.
+    B adds the captain prompt, whose seed 1 is planted in the training set: a new MU prompt. B joins
+    through the bfloat16 first pass (exact all the same), in the workers it warmed while generating.
     """
     import ray
 
@@ -87,6 +88,8 @@ def two_scans(demo_root, tmp_path_factory):
         raw["output"] = {"uri": str(root / "out"), "scan_date": "2026-11-27" if name == "a" else "2026-11-28"}
         raw["generation"]["seeds_per_prompt"] = 2
         raw["signals"]["null_seeds"] = 2
+        if name == "b":
+            raw["join"] = {**raw.get("join", {}), "first_pass": "bfloat16"}
         results[name] = run_scan(parse_config(raw))
     if started:
         ray.shutdown()

@@ -205,6 +205,7 @@ def test_the_bfloat16_first_pass_gives_the_float32_top_k(ties, tiled, monkeypatc
             return real(threads)
 
         monkeypatch.setattr(joins, "BFloat16FirstPass", slow_to_import)
+        monkeypatch.setattr(joins, "torch_imported", lambda: False)  # a cold worker: torch imports in a thread
         scorer = joins.TopKScorer(qs, 7, first_pass=first_pass)
         result = {"u": {"clip": joins.RunningTopK(40, 7, exclude=qs["u"].ids)}}
         for i, start in enumerate(range(0, len(x), 700)):
@@ -623,3 +624,73 @@ assert approx.shape == (4, 5)
     run = subprocess.run([sys.executable, "-W", "always", "-c", script], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     assert "not writable" not in run.stderr
+
+
+def test_a_scorer_in_a_process_that_imported_torch_has_its_first_pass_at_once():
+    """A warmed worker (torch imported): the first pass is built in the constructor, so the first rows
+    the scorer gets are scored through it, not in float32 while a thread imports torch."""
+    import torch  # noqa: F401  (what warm_first_pass leaves in a worker process)
+
+    q = {"u": joins.Queries(["a"], {"clip": l2_normalize(np.ones((1, 8)))})}
+    scorer = joins.TopKScorer(q, 2, first_pass="bfloat16")
+    assert scorer.first_pass is not None  # no waiting: `warmed()` would wait for a thread
+    x = l2_normalize(np.arange(24, dtype=np.float32).reshape(3, 8) + 1)
+    scorer(pa.table({"train_id": ["x", "y", "z"], "clip_embedding": embedding_array(x, 8), "path": ["p"] * 3}))
+    assert scorer.rows_first_pass == 3
+
+
+def test_join_workers_are_warmed_only_for_a_cpu_join_through_the_first_pass(monkeypatch):
+    """No warming tasks for a GPU join or one in float32; a warming task imports torch only where the
+    join's scorer would use the pass (`auto`: on a CPU with bfloat16 in hardware)."""
+    cpu = runtime.JoinPlan.fixed(2, num_gpus=0.0, num_cpus=1.0, threads=1)
+    gpu = runtime.JoinPlan.fixed(2, num_gpus=1.0, num_cpus=0.5, threads=1)
+    monkeypatch.setattr(joins, "bfloat16_native", lambda: True)
+    assert joins.warm_join_workers(gpu, "bfloat16", 10**13) == []  # a GPU actor multiplies on its device
+    assert joins.warm_join_workers(cpu, "none", 10**13) == []
+    assert joins.warm_join_workers(cpu, "auto", joins.AUTO_FIRST_PASS_MACS - 1) == []  # auto: too small to repay
+    built = []
+    monkeypatch.setattr(joins, "BFloat16FirstPass", built.append)
+    joins.warm_first_pass(3, "auto")
+    assert built == [3]
+    monkeypatch.setattr(joins, "bfloat16_native", lambda: False)  # the worker's own CPU decides `auto`
+    joins.warm_first_pass(3, "auto")
+    joins.warm_first_pass(3, "none")
+    assert built == [3]
+    joins.warm_first_pass(3, "bfloat16")
+    assert built == [3, 3]
+
+
+@pytest.mark.ray
+def test_a_join_after_warming_scores_every_row_through_the_first_pass(local_ray, tmp_path):
+    """The warming tasks leave torch imported in the workers; the join's tasks then run there (Ray hands a
+    task the worker that went idle last) and score every row in bfloat16 from the first, exactly."""
+    from raymem.config import ActorRange
+
+    rng = np.random.default_rng(11)
+    ids, clip, _ = write_training(tmp_path / "train", rng, sizes=[300, 200])
+    training = sources.inspect_training(str(tmp_path / "train"), {"clip": 16})
+    plan = runtime.plan_join(ActorRange(1, 1), runtime.ClusterResources.current())
+    pids = local_ray.get(joins.warm_join_workers(plan, "bfloat16", 10**13))
+    assert len(pids) == plan.actors
+    q = l2_normalize(rng.standard_normal((9, 16)))
+    stats: dict = {}
+    result = joins.nearest_neighbours(
+        training,
+        {"u": joins.Queries([f"q{i}" for i in range(9)], {"clip": q})},
+        5,
+        plan=plan,
+        first_pass="bfloat16",
+        stats=stats,
+    )
+    assert stats == {"rows_scored": 500, "rows_first_pass": 500}
+    for (exp_ids, _), rows in zip(brute_force(q, clip, ids, 5), result["u"]["clip"].rows):
+        assert [r["train_id"] for r in rows] == exp_ids
+
+
+def test_a_scan_joins_in_the_workers_it_warmed_while_generating(two_scans):
+    """Scan B forces the first pass: its join workers were warmed while its images were generated, so
+    every training row went through it (a cold worker scores this small table in float32 before torch is
+    imported). Scan A (auto, too small a join to repay the pass) scored all in float32."""
+    _, a, b = two_scans
+    assert b.counts["join"]["rows_first_pass"] == b.counts["join"]["rows_scored"] > 0
+    assert a.counts["join"] == {"rows_scored": b.counts["join"]["rows_scored"], "rows_first_pass": 0}
