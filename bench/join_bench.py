@@ -172,6 +172,7 @@ def run_join(
             mode=mode,
             nprobe=nprobe,
             first_pass=first_pass,
+            warmed=warmed,
         )
         seconds = time.perf_counter() - start
     return result["q"]["clip"], seconds, mem, training

@@ -80,20 +80,25 @@ ROW_NORM_MAX = float(np.sqrt(1.001))
 # costs about what the pass saves. Measured on 2 cores (docs/join.md, 2026-12-02): float32 faster at
 # 1.6e11, level at 5.4e11, bfloat16 twice as fast at 1.6e12.
 AUTO_FIRST_PASS_MACS = 10**12
+# The same for a join whose workers were warmed beforehand (`warm_join_workers`, as a scan does while it
+# generates): torch's import is off the join, so the pass repays itself on smaller joins. Measured on
+# 2 cores (docs/join.md, 2026-12-02, later), warmed bfloat16 against float32: 0.70 vs 0.60 s at 1.6e10,
+# 0.93-1.47 vs 1.36-1.74 s at 5.2e10, 2.1-2.6 vs 4.2-5.0 s at 1.6e11.
+AUTO_FIRST_PASS_MACS_WARMED = 5 * 10**10
 
 
-def first_pass_for(first_pass: str, training_rows: int, queries: dict[str, Queries]) -> str:
+def first_pass_for(first_pass: str, training_rows: int, queries: dict[str, Queries], warmed: bool = False) -> str:
     """`join.first_pass` as the join's scorers get it: `auto` stays `auto` (each then checks its own
-    CPU) only for joins large enough to repay the pass."""
+    CPU) only for joins large enough to repay the pass (smaller ones when the workers were `warmed`)."""
     macs = training_rows * sum(len(qs.ids) * m.shape[1] for qs in queries.values() for m in qs.matrices.values())
-    return first_pass_for_macs(first_pass, macs)
+    return first_pass_for_macs(first_pass, macs, warmed)
 
 
-def first_pass_for_macs(first_pass: str, macs: int) -> str:
+def first_pass_for_macs(first_pass: str, macs: int, warmed: bool = False) -> str:
     """`first_pass_for` of a join of `macs` multiply-adds (known before its queries are)."""
     if first_pass != "auto":
         return first_pass
-    return "auto" if macs >= AUTO_FIRST_PASS_MACS else "none"
+    return "auto" if macs >= (AUTO_FIRST_PASS_MACS_WARMED if warmed else AUTO_FIRST_PASS_MACS) else "none"
 
 
 def wants_first_pass(first_pass: str) -> bool:
@@ -130,7 +135,7 @@ def warm_join_workers(plan: runtime.JoinPlan, first_pass: str, macs: int) -> lis
     tasks in between runs in the warmed workers."""
     import ray
 
-    first_pass = first_pass_for_macs(first_pass, macs)
+    first_pass = first_pass_for_macs(first_pass, macs, warmed=True)
     if plan.num_gpus or first_pass == "none":
         return []
     warm = ray.remote(warm_first_pass).options(**plan.remote_args(), name="warm_join_workers")
@@ -578,11 +583,13 @@ def nearest_neighbours(
     first_pass: str = "auto",
     passes: list[TablePass] = (),
     stats: dict | None = None,
+    warmed: bool = False,
 ) -> dict[str, dict[str, RunningTopK]]:
     """Top-k for every query set and space: {query_set: {space: RunningTopK}}. `passes` run on the rows
     the exact join reads (on a read of their own in FAISS mode, which reads no rows); each is finished
     when this returns, and its spill removed whatever happens. `stats`, when given, gets the training
-    rows scored and how many of them went through the bfloat16 first pass."""
+    rows scored and how many of them went through the bfloat16 first pass. `warmed`: the caller started
+    `warm_join_workers` for this join (`auto` then uses the pass from its lower threshold)."""
     import ray
 
     plan = plan or runtime.JoinPlan.fixed(1, num_gpus=0.0, num_cpus=1.0)
@@ -615,7 +622,7 @@ def nearest_neighbours(
                     "columns": columns,
                     "batch_rows": batch_rows,
                     "threads": plan.threads,
-                    "first_pass": first_pass_for(first_pass, training.num_rows, queries),
+                    "first_pass": first_pass_for(first_pass, training.num_rows, queries, warmed),
                     "passes": passes,
                 },
                 batch_size=per_call,

@@ -196,6 +196,7 @@ def _run(cfg: ScanConfig, outputs: ScanOutputs, prompts, training, timer, rerun_
         have = text_cache.embeddings(wanted_texts)
     texts_by_prompt = {pid: [p.text for p in ps if p.text not in have] for pid, ps in probes.items()}
     units = expand_units(prompts, cfg, unit_fingerprint(cfg, outputs.identity["model"]), cfg.signals.null_seeds)
+    warming: list = []  # the join's warming tasks, started once generation is under way
     counts = _generate(
         cfg,
         outputs,
@@ -203,7 +204,7 @@ def _run(cfg: ScanConfig, outputs: ScanOutputs, prompts, training, timer, rerun_
         texts_by_prompt,
         rerun_failed,
         timer,
-        lambda device: _warm_join(cfg, training, units, device),
+        lambda device: warming.extend(_warm_join(cfg, training, units, device)),
     )
     device = counts.get("resources", {}).get("device")
     texts = text_cache.embeddings(wanted_texts)
@@ -251,6 +252,7 @@ def _run(cfg: ScanConfig, outputs: ScanOutputs, prompts, training, timer, rerun_
             device,
             [id_check, *([entity_pass] if entity_pass else [])],
             join_stats,
+            warmed=bool(warming),
         )
     if join_stats:
         counts["join"] = join_stats
@@ -456,11 +458,12 @@ def _generate(
     )
     failed = 0
     progress = runtime.Progress("generate", len(todo), "units")
-    warming = None
+    started = False
     with timer("generate"):
         for batch in results:
-            if warming is None and while_generating is not None:
-                warming = while_generating(choice.device)
+            if not started and while_generating is not None:
+                started = True
+                while_generating(choice.device)
             failed += int(pc.sum(pc.equal(batch.column("status"), STATUS_FAILED)).as_py() or 0)
             progress.advance(batch.num_rows, f"{failed} failed" if failed else "")
     progress.finish()
@@ -491,6 +494,7 @@ def _join(
     device,
     passes: list[TablePass],
     stats: dict | None = None,
+    warmed: bool = False,
 ) -> _Joined:
     """Top-k neighbours of every scored scan image in every space, and the train-train background
     (the index's precomputed one when `raymem index` wrote it, else sampled in the same pass), with the
@@ -526,6 +530,7 @@ def _join(
             first_pass=cfg.join.first_pass,
             passes=passes,
             stats=stats,
+            warmed=warmed,
         )
     else:  # nothing to join: the passes read the table on their own
         topk = {}

@@ -301,6 +301,10 @@ def test_auto_first_pass_only_where_it_repays_itself(monkeypatch):
     assert joins.first_pass_for("auto", 3_000_000, q) == "auto"  # 1.6e12: twice as fast with the pass
     assert joins.first_pass_for("auto", 10_000_000, q) == "auto"
     assert joins.first_pass_for("bfloat16", 10, q) == "bfloat16" and joins.first_pass_for("none", 10**9, q) == "none"
+    # in warmed workers (a scan's join) torch's import is off the join: the pass repays itself sooner
+    assert joins.AUTO_FIRST_PASS_MACS_WARMED < joins.AUTO_FIRST_PASS_MACS
+    assert joins.first_pass_for("auto", 1_000_000, q, warmed=True) == "auto"
+    assert joins.first_pass_for_macs("auto", joins.AUTO_FIRST_PASS_MACS_WARMED - 1, warmed=True) == "none"
     small = {"u": joins.Queries(["a"], {"clip": l2_normalize(np.ones((1, 8)))})}
     for native in (False, True):
         monkeypatch.setattr(joins, "bfloat16_native", lambda native=native: native)
@@ -647,7 +651,7 @@ def test_join_workers_are_warmed_only_for_a_cpu_join_through_the_first_pass(monk
     monkeypatch.setattr(joins, "bfloat16_native", lambda: True)
     assert joins.warm_join_workers(gpu, "bfloat16", 10**13) == []  # a GPU actor multiplies on its device
     assert joins.warm_join_workers(cpu, "none", 10**13) == []
-    assert joins.warm_join_workers(cpu, "auto", joins.AUTO_FIRST_PASS_MACS - 1) == []  # auto: too small to repay
+    assert joins.warm_join_workers(cpu, "auto", joins.AUTO_FIRST_PASS_MACS_WARMED - 1) == []  # too small to repay
     built = []
     monkeypatch.setattr(joins, "BFloat16FirstPass", built.append)
     joins.warm_first_pass(3, "auto")
