@@ -152,14 +152,14 @@ def run_join(
 
     from raymem import runtime
     from raymem.config import ActorRange
-    from raymem.join import Queries, nearest_neighbours, warm_join_workers
+    from raymem.join import Queries, join_macs, nearest_neighbours, warm_join_workers
     from raymem.sources import inspect_training
 
     training = inspect_training(str(uri), {"clip": queries.shape[1]})
     plan = runtime.plan_join(ActorRange(1, 1), runtime.ClusterResources.current())
-    if warmed:
-        ray.get(warm_join_workers(plan, first_pass, training.num_rows * queries.shape[0] * queries.shape[1]))
     q = {"q": Queries([f"q{i}" for i in range(len(queries))], {"clip": queries})}
+    if warmed:
+        ray.get(warm_join_workers(plan, first_pass, join_macs(training.num_rows, q)))
     with MemorySampler() as mem:
         mem.driver_rss_at_start = mem.proc.memory_info().rss
         start = time.perf_counter()

@@ -90,8 +90,12 @@ AUTO_FIRST_PASS_MACS_WARMED = 5 * 10**10
 def first_pass_for(first_pass: str, training_rows: int, queries: dict[str, Queries], warmed: bool = False) -> str:
     """`join.first_pass` as the join's scorers get it: `auto` stays `auto` (each then checks its own
     CPU) only for joins large enough to repay the pass (smaller ones when the workers were `warmed`)."""
-    macs = training_rows * sum(len(qs.ids) * m.shape[1] for qs in queries.values() for m in qs.matrices.values())
-    return first_pass_for_macs(first_pass, macs, warmed)
+    return first_pass_for_macs(first_pass, join_macs(training_rows, queries), warmed)
+
+
+def join_macs(training_rows: int, queries: dict[str, Queries]) -> int:
+    """The multiply-adds of a join: training rows x queries x dimension, over every query set and space."""
+    return training_rows * sum(len(qs.ids) * m.shape[1] for qs in queries.values() for m in qs.matrices.values())
 
 
 def first_pass_for_macs(first_pass: str, macs: int, warmed: bool = False) -> str:

@@ -416,10 +416,10 @@ def _probes(p: Prompt, assoc: EntityAssociations | None) -> list[Probe]:
 
 def _warm_join(cfg: ScanConfig, training: TrainingTable, units, device: str) -> list:
     """Warm the workers of the join this scan will run (`join.warm_join_workers`), its size estimated
-    from the units and the largest background sample before the images exist."""
+    before the images exist: every unit and the background sample the join will take."""
     if cfg.join.mode == "faiss":
         return []
-    queries = len(units) + max(BACKGROUND_SAMPLE, cfg.signals.region_background, cfg.signals.pixel_background)
+    queries = len(units) + _background_sample_size(cfg, training, copy_detection_mode(cfg, training))
     macs = training.num_rows * queries * sum(training.dims.values())
     plan = runtime.plan_join(cfg.resources.join_actors, runtime.ClusterResources.current(), device)
     return warm_join_workers(plan, cfg.join.first_pass, macs)
@@ -485,6 +485,18 @@ class _Joined:
     background_source: str  # index | scan
 
 
+def _background_sample_size(cfg: ScanConfig, training: TrainingTable, copy_mode: str) -> int:
+    """How many training rows the join samples as background queries (0: the index's background serves)."""
+    stored = (training.index or {}).get("background") or {}
+    sample = 0 if stored else BACKGROUND_SAMPLE
+    if cfg.signals.region_neighbours:  # region copies are measured against sampled training images too
+        sample = max(sample, cfg.signals.region_background)
+    sample = max(sample, cfg.signals.pixel_background)  # and pixel confirmations (read only when needed)
+    if copy_mode == MODE_CANDIDATES and "sscd" not in stored:  # the SSCD background: the sample's candidates
+        sample = max(sample, cfg.embedding.copy_detection.candidates.background_sample)
+    return sample
+
+
 def _join(
     cfg: ScanConfig,
     training: TrainingTable,
@@ -508,12 +520,7 @@ def _join(
     }
     two_stage = copy_mode == MODE_CANDIDATES
     stored = (training.index or {}).get("background") or {}
-    sample = 0 if stored else BACKGROUND_SAMPLE
-    if cfg.signals.region_neighbours:  # region copies are measured against sampled training images too
-        sample = max(sample, cfg.signals.region_background)
-    sample = max(sample, cfg.signals.pixel_background)  # and pixel confirmations (read only when needed)
-    if two_stage and "sscd" not in stored:  # the SSCD background comes from the sample's own candidates
-        sample = max(sample, cfg.embedding.copy_detection.candidates.background_sample)
+    sample = _background_sample_size(cfg, training, copy_mode)
     bg = background_sample(training, sample, list(training.dims)) if sample else None
     if bg is not None:
         queries["background"] = bg
