@@ -416,13 +416,20 @@ def _probes(p: Prompt, assoc: EntityAssociations | None) -> list[Probe]:
 
 def _warm_join(cfg: ScanConfig, training: TrainingTable, units, device: str) -> list:
     """Warm the workers of the join this scan will run (`join.warm_join_workers`), its size estimated
-    before the images exist: every unit and the background sample the join will take."""
+    before the images exist: every unit and the background sample the join will take.
+
+    Only ever a speed-up: if starting the warming fails (Ray refusing the tasks, the cluster's resources
+    unreadable), the scan logs why and goes on; its join then imports torch itself, as a cold one does."""
     if cfg.join.mode == "faiss":
         return []
-    queries = len(units) + _background_sample_size(cfg, training, copy_detection_mode(cfg, training))
-    macs = training.num_rows * queries * sum(training.dims.values())
-    plan = runtime.plan_join(cfg.resources.join_actors, runtime.ClusterResources.current(), device)
-    return warm_join_workers(plan, cfg.join.first_pass, macs)
+    try:
+        queries = len(units) + _background_sample_size(cfg, training, copy_detection_mode(cfg, training))
+        macs = training.num_rows * queries * sum(training.dims.values())
+        plan = runtime.plan_join(cfg.resources.join_actors, runtime.ClusterResources.current(), device)
+        return warm_join_workers(plan, cfg.join.first_pass, macs)
+    except Exception as err:  # noqa: BLE001 -- an optimisation must never fail the scan
+        log.warning("join warming not started (%s: %s); the join starts cold", type(err).__name__, err)
+        return []
 
 
 def _generate(

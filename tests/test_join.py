@@ -664,6 +664,32 @@ def test_join_workers_are_warmed_only_for_a_cpu_join_through_the_first_pass(monk
     assert built == [3, 3]
 
 
+def test_a_warming_that_ray_refuses_is_logged_and_the_scan_goes_on(tmp_path, monkeypatch, caplog):
+    """The warming is only a speed-up: when Ray refuses its tasks (here a plan asking for -1 CPUs, which
+    Ray's own option check rejects) the scan logs it and its join starts cold instead of failing."""
+    from raymem import pipeline
+    from raymem.config import parse_config
+
+    write_training(tmp_path / "train", np.random.default_rng(3), sizes=[40])
+    training = sources.inspect_training(str(tmp_path / "train"), {"clip": 16})
+    cfg = parse_config(
+        {
+            "name": "t",
+            "model": {"id": "org/model"},
+            "prompts": "p.jsonl",
+            "training": {"embeddings": str(tmp_path / "train")},
+            "output": {"uri": str(tmp_path / "out")},
+            "join": {"first_pass": "bfloat16"},
+        }
+    )
+    refused = runtime.JoinPlan.fixed(1, num_gpus=0.0, num_cpus=-1.0, threads=1)
+    monkeypatch.setattr(runtime, "plan_join", lambda *args: refused)
+    monkeypatch.setattr(runtime.ClusterResources, "current", classmethod(lambda cls: None))
+    with caplog.at_level("WARNING", logger="raymem.pipeline"):
+        assert pipeline._warm_join(cfg, training, ["u"] * 10, "cpu") == []
+    assert "join warming not started (ValueError" in caplog.text
+
+
 @pytest.mark.ray
 def test_a_join_after_warming_scores_every_row_through_the_first_pass(local_ray, tmp_path):
     """The warming tasks leave torch imported in the workers; the join's tasks then run there (Ray hands a
