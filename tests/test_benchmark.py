@@ -2,6 +2,9 @@
 
 import dataclasses
 import json
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pyarrow as pa
@@ -17,7 +20,7 @@ from raymem.planted.benchmark import (
     targets_report,
 )
 from raymem.planted.training import TrainConfig
-from raymem.planted.world import CURVE_COUNTS, ENTITIES, HARD_KINDS, REGION_KINDS, PresenceConfig, WorldConfig
+from raymem.planted.world import CURVE_COUNTS, ELEMENTS, ENTITIES, HARD_KINDS, REGION_KINDS, PresenceConfig, WorldConfig
 
 
 def test_evaluate_counts_precision_recall_and_confusion():
@@ -260,6 +263,23 @@ def test_reduced_benchmark_end_to_end(local_ray, tmp_path):
     assert all(
         m["recall_ci"] is None or 0 <= m["recall_ci"][0] <= m["recall_ci"][1] <= 1 for m in calibrated["metrics"]
     )
+    # bench/element_readout.py reads a published planted scan: an AUC per element and embedding space,
+    # and a decision per implied-element probe
+    readout = subprocess.run(
+        [sys.executable, "bench/element_readout.py", f"{scans}:{result['summary']['scan_id']}"],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).resolve().parents[1],
+    ).stdout
+    ceiling = readout.split("\n2. ")[0].splitlines()
+    aucs = [float(line.split()[-1]) for line in ceiling if line.startswith("   world")]
+    assert len(aucs) == 3 * len(ELEMENTS) and all(0 <= a <= 1 for a in aucs)  # text probe, CLIP, SSCD
+    pooled = readout.split("pooled:")[1]
+    assert "text probe (the scan's test)" in pooled and "sscd read-out" in pooled
+    found = re.search(r"text probe \(the scan's test\)\s+found \d+/(\d+) .* rejected \d+/(\d+) ", pooled)
+    # this world's prompts list no implied elements (mining's) and its few images mine none: negatives only
+    assert found and int(found[2]) > 0, readout
 
 
 def test_the_committed_models_are_the_default_worlds():
