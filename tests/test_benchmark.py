@@ -263,10 +263,10 @@ def test_reduced_benchmark_end_to_end(local_ray, tmp_path):
     assert all(
         m["recall_ci"] is None or 0 <= m["recall_ci"][0] <= m["recall_ci"][1] <= 1 for m in calibrated["metrics"]
     )
-    # bench/element_readout.py reads a published planted scan: an AUC per element and embedding space,
+    # bench/presence_readout.py reads a published planted scan: an AUC per element and embedding space,
     # and a decision per implied-element probe
     readout = subprocess.run(
-        [sys.executable, "bench/element_readout.py", f"{scans}:{result['summary']['scan_id']}"],
+        [sys.executable, "bench/presence_readout.py", f"{scans}:{result['summary']['scan_id']}"],
         capture_output=True,
         text=True,
         check=True,
@@ -280,6 +280,8 @@ def test_reduced_benchmark_end_to_end(local_ray, tmp_path):
     found = re.search(r"text probe \(the scan's test\)\s+found \d+/(\d+) .* rejected \d+/(\d+) ", pooled)
     # this world's prompts list no implied elements (mining's) and its few images mine none: negatives only
     assert found and int(found[2]) > 0, readout
+    entities = readout.split("\n3. ")[1]
+    assert re.search(r"ME  prompts, scan images drawn +\d+/\d+ ", entities.split("pooled:")[1]), readout
 
 
 def test_the_committed_models_are_the_default_worlds():

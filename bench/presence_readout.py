@@ -1,6 +1,6 @@
-"""How well can a planted scan's embeddings tell an implied element at all? (what limits the MI rule)
+"""What can a planted scan's embeddings tell of an element, or an entity, at all? (what limits MI and ME)
 
-Two measurements per planted scan (its world's training table and its scan and null images):
+Three measurements per planted scan (its world's training table and its scan and null images):
 
 1. **The read-out ceiling.** For each world element, a linear read-out (LDA with a shrunk covariance)
    of "the caption names the element" over the training images that carry no entity, two-fold
@@ -14,8 +14,14 @@ Two measurements per planted scan (its world's training table and its scan and n
    of the same seed, p <= 0.05) and by alternatives: the same test beyond the placebo words' shifts,
    the image-space read-outs of (1) tested the same way, and each also required to shift more than the
    world's other elements. Counts per world and pooled, with exact 95 % intervals.
+3. **Entities.** Can the CLIP embedding tell an entity's training images from its class's generic
+   ones (AUC of the cosine to the centroid of half the entity's images, on the other half and the
+   generics)? And how often does the generator draw it: the share of the scan's images of each role,
+   and of their null images, closer to the entity's centroid than 95 % of the class's generic
+   training images (a reference that needs no null images), and of the scan images drawn and not
+   drawn, the share the scan labelled ME (and why not, for drawn ME entities).
 
-    python bench/element_readout.py ROOT:SCAN_ID [ROOT:SCAN_ID ...] [--relocate OLD=NEW]
+    python bench/presence_readout.py ROOT:SCAN_ID [ROOT:SCAN_ID ...] [--relocate OLD=NEW]
 
 ROOT is a scan output root (`build/planted/scans/models-<digest>`), SCAN_ID a complete planted scan;
 `--relocate` rewrites a path prefix recorded in a manifest (a CLIP directory since moved).
@@ -27,7 +33,7 @@ import argparse
 import glob
 import json
 import sys
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from raymem.config import ClipConfig  # noqa: E402
 from raymem.encoders import ClipEncoder  # noqa: E402
 from raymem.label_inputs import LabelInputs  # noqa: E402
-from raymem.outputs import read_manifest  # noqa: E402
+from raymem.outputs import read_manifest, read_scan_table  # noqa: E402
 from raymem.planted.world import CLASSES, ELEMENTS, cast  # noqa: E402
 from raymem.probes import PLACEBO_ELEMENTS, element_text  # noqa: E402
 from raymem.stats import clopper_pearson, paired_p  # noqa: E402
@@ -59,6 +65,10 @@ def _lda(x: np.ndarray, positive: np.ndarray) -> np.ndarray:
     return np.linalg.solve(cov, x[positive].mean(0) - x[~positive].mean(0))
 
 
+def _unit(v: np.ndarray) -> np.ndarray:
+    return v / np.linalg.norm(v)
+
+
 def _paired(diffs: np.ndarray) -> tuple[float, float]:
     """One-sided paired t over seeds: (p, mean difference)."""
     from scipy import stats as st
@@ -76,10 +86,14 @@ class Scan:
         self.seed = json.loads((self.world / "world.json").read_text())["config"]["seed"]
         self.encoder = ClipEncoder(ClipConfig(model=fix(cfg["embedding"]["clip"]["model"]), pretrained=None))
         self.inputs = LabelInputs.read(root, scan_id)
+        self.null_alpha = cfg["thresholds"]["null_alpha"]
+        labels = read_scan_table(root, scan_id, "labels").select(["unit_id", "label", "entity_p", "elements"])
+        self.labels = {r["unit_id"]: r for r in labels.to_pylist()}
         import pyarrow.parquet as pq
 
         table = pq.read_table(sorted(glob.glob(f"{fix(cfg['training']['embeddings'])}/part-*.parquet")))
         self.captions = table.column("caption").to_pylist()
+        self.ids, self.tags = table.column("train_id").to_pylist(), table.column("entities").to_pylist()
         self.generic = np.array([not tags for tags in table.column("entities").to_pylist()])
         self.train = {
             space: np.stack(table.column(f"{space}_embedding").to_numpy(zero_copy_only=False)).astype(np.float64)
@@ -117,6 +131,55 @@ class Scan:
                 keep = self.generic & ~np.isnan(scores)
                 out["text probe", element] = _auc(scores[keep], y[keep])
         return out
+
+    def entities(self) -> tuple[dict[str, float], dict[tuple[str, str], list[int]], Counter]:
+        """({entity: held-out AUC of its centroid cosine}, {(role, what): [count, images]}, {why an image of a
+        drawn ME entity is not ME: images})."""
+        x, ids = self.train["clip"], self.ids
+        tags = [set(t or ()) for t in self.tags]
+        aucs: dict[str, float] = {}
+        drawn: dict = defaultdict(lambda: [0, 0])
+        misses: Counter = Counter()
+        cast_by_name = {e.name: e for e in cast(self.seed)[0] if e.colors}
+        reference = {}
+        rng = np.random.default_rng(0)
+        for e in cast_by_name.values():
+            mine = np.array([e.name in t for t in tags])
+            generic = np.array([i.startswith(f"{e.cls}-") for i in ids])  # "tower-017": the class's own images
+            fit = np.zeros(len(ids), bool)
+            fit[rng.permutation(np.flatnonzero(mine))[: mine.sum() // 2]] = True
+            held = (mine & ~fit) | generic
+            aucs[e.name] = _auc(x[held] @ _unit(x[fit].mean(0)), mine[held])
+            centroid = _unit(x[mine].mean(0))  # as the scan's reference: every tagged image
+            reference[e.name] = (centroid, float(np.quantile(x[generic] @ centroid, 0.95)))
+        for i, g in enumerate(self.inputs.generations):
+            ctx = self.inputs.contexts.get(g.get("parent_prompt_id") or g["prompt_id"])
+            if g["status"] != "ok" or ctx is None or ctx.entity not in reference:
+                continue
+            centroid, bound = reference[ctx.entity]
+            is_drawn = float(self.inputs.clip[i] @ centroid) > bound
+            seat = drawn[cast_by_name[ctx.entity].role, f"{g['role']} images drawn"]
+            seat[0] += is_drawn
+            seat[1] += 1
+            if g["role"] == "scan" and g["unit_id"] in self.labels:  # what the scan called it, drawn or not
+                label = self.labels[g["unit_id"]]
+                seat = drawn[cast_by_name[ctx.entity].role, f"{'drawn' if is_drawn else 'not drawn'}: labelled ME"]
+                seat[0] += label["label"] == "ME"
+                seat[1] += 1
+                if is_drawn and label["label"] != "ME" and cast_by_name[ctx.entity].role == "ME":
+                    misses[self._why_not_me(label)] += 1
+        return aucs, drawn, misses
+
+    def _why_not_me(self, label: dict) -> str:
+        """Why the scan did not call an image of a drawn ME entity ME (the first that applies)."""
+        if label["label"] == "MI":
+            rendered = label["entity_p"] is not None and label["entity_p"] <= self.null_alpha
+            return f"MI (an implied-element probe passed; entity test {'passed' if rendered else 'not passed'})"
+        if label["entity_p"] is None or label["entity_p"] > self.null_alpha:
+            return f"{label['label']}: entity test not passed"
+        if any(e["kind"] == "explicit" and not e["present"] for e in label["elements"] or ()):
+            return f"{label['label']}: a requested element not seen"
+        return f"{label['label']}: other"
 
     def decisions(self) -> list[tuple[bool, dict[str, bool]]]:
         """Per implied-element probe with >= 2 seed pairs: (truly implied, {rule: beyond the null})."""
@@ -214,6 +277,28 @@ def main() -> int:
     print("   pooled:")
     for rule, c in totals.items():
         print(f"     {rule:36s} found {_share(c[0], c[1])}  rejected {_share(c[2], c[3])}")
+
+    print("\n3. entities: held-out AUC of the CLIP centroid cosine; images closer to the entity than 95 % of its class")
+    drawn_total: dict = defaultdict(lambda: [0, 0])
+    misses_total: Counter = Counter()
+    seen = set()
+    for scan in scans:
+        if (scan.seed, scan.split) in seen:
+            continue
+        seen.add((scan.seed, scan.split))
+        aucs, drawn, misses = scan.entities()
+        misses_total.update(misses)
+        if scan.split == "eval":  # the training side is the world's: print it once
+            print(f"   world {scan.seed:3d}  AUC " + ", ".join(f"{n} {a:.2f}" for n, a in aucs.items()))
+        for key, (k, n) in sorted(drawn.items()):
+            print(f"   world {scan.seed:3d} {scan.split:5s}  {key[0]:3s} prompts, {key[1]:24s} {k}/{n}")
+            drawn_total[key] = [drawn_total[key][0] + k, drawn_total[key][1] + n]
+    print("   pooled:")
+    for key, (k, n) in sorted(drawn_total.items()):
+        print(f"     {key[0]:3s} prompts, {key[1]:24s} {_share(k, n)}")
+    print("   images of a drawn ME entity not labelled ME, by why (pooled):")
+    for why, n in misses_total.most_common():
+        print(f"     {n:4d}  {why}")
     return 0
 
 
