@@ -79,8 +79,8 @@ TABLES: dict[str, tuple[str, dict[str, str]]] = {
     "texts": (
         "one row per probe text of a prompt, with its CLIP text embedding",
         {
-            "kind": "prompt, entity, entity_null, explicit, implicit, mined, instance or placebo (made-up words "
-            "an instance element must beat)",
+            "kind": "prompt, entity, entity_null, explicit, implicit, mined, instance, placebo (made-up words "
+            "an instance element must beat) or control (another entity's implied element, never labelled)",
             "element": "the entity or element probed",
             "text": "the probe text",
         },
@@ -231,7 +231,8 @@ TABLES: dict[str, tuple[str, dict[str, str]]] = {
             "null_images": "null images the prompt was calibrated against",
             "elements": "per probed element: kind, zero-shot presence, t and BH-adjusted p of this image against "
             "the null (instance), BH-adjusted paired p and mean logit difference over seeds (unprompted), shown, "
-            "share of seeds, lift and support",
+            "share of seeds, lift and support; kind control: another entity's implied element, its paired p "
+            "unadjusted, never shown (the MI rule's false-positive check, manifest counts.implied_controls)",
             "noise_norm": "Wen et al.'s text-conditional noise norm",
             "memorized_prompt": "the prompt's seeds converge (consistency) or its noise norm passes the threshold",
         },

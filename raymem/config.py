@@ -281,6 +281,14 @@ class SignalsConfig(_Strict):
     )
     mine_elements: bool = Field(True, description="mine implied/instance elements from training captions")
     mined_per_entity: int = Field(5, ge=0, le=50, description="mined elements kept per entity and kind")
+    implied_controls: int = Field(
+        4,
+        ge=0,
+        le=50,
+        description="per prompt with a class noun, implied elements of other entities of the scan tested "
+        "as MI would test them and never labelled: the MI rule's false-positive rate measured on this model "
+        "and CLIP (manifest counts.implied_controls); 0 disables",
+    )
     pixel_size: int = Field(256, ge=16, le=2048, description="side images are resized to for tiled l2")
     pixel_tiles: int = Field(4, ge=1, le=32, description="tiles per side for tiled l2")
     pixel_background: int = Field(

@@ -137,7 +137,7 @@ class _Logits:
         return {
             (kind, element): two_way_logit(s, base)
             for (kind, element), s in self.score.items()
-            if kind in ("explicit", "implicit", "mined", "instance", "placebo")
+            if kind in ("explicit", "implicit", "mined", "instance", "placebo", "control")
         }
 
 
@@ -484,8 +484,9 @@ def _image_evidence(ctx, ent_logit, element_logits, null: _Null, entity_test, pr
     image_tests = {
         key: prediction_p(logit, list(null.elements[key].values()))
         for key, logit in element_logits.items()
-        # placebos are compared with the instance element's logit directly: no test of their own here
-        if key[0] not in ("explicit", "placebo") and key in null.elements
+        # placebos are compared with the instance element's logit directly, controls are tested per prompt
+        # only: no image test of their own here
+        if key[0] not in ("explicit", "placebo", "control") and key in null.elements
     }
     image_p = _bh_per_group(image_tests)
     # made-up words probed beside instance elements (scans before them have none): an instance element
@@ -501,6 +502,10 @@ def _image_evidence(ctx, ent_logit, element_logits, null: _Null, entity_test, pr
         test, pp, ip = prompt_tests.get(key), prompt_p.get(key), image_p.get(key)
         if kind == "explicit":
             beyond_null = True
+        elif kind == "control":
+            # never shown: its prompt-level test as the MI rule takes it for a prompt's one implied element
+            # (unadjusted) is the rule's false-positive check (`implied_control_rate`)
+            beyond_null, pp = False, (test.p if test else None)
         elif kind in IMPLIED_KINDS:
             # the prompt's paired test; with fewer than two seed pairs the image's own; with no null
             # images at all, never: zero-shot alone called elements MI that the entity never shows

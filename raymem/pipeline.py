@@ -37,9 +37,9 @@ from raymem.mining import EntityAssociations, excluded_terms, mine_associations
 from raymem.outputs import ScanOutputs, one_line_os_error
 from raymem.passes import TablePass, run_passes
 from raymem.pixels import PixelPair, confirm_pairs, pixel_checks_table
-from raymem.probes import Probe, probes_for
+from raymem.probes import Probe, control_elements, probes_for
 from raymem.prompts import Prompt, prompts_table, read_prompts
-from raymem.reduce import entity_tallies, prompt_tallies
+from raymem.reduce import entity_tallies, implied_control_rate, prompt_tallies
 from raymem.regions import (
     check_regions,
     neighbours_to_compare,
@@ -188,7 +188,7 @@ def _run(cfg: ScanConfig, outputs: ScanOutputs, prompts, training, timer, rerun_
     scan_id = outputs.scan_id
     runtime.data_context()
     associations = _mine(cfg, prompts, training, timer)
-    probes = {p.prompt_id: _probes(p, associations.get(p.entity)) for p in prompts}
+    probes = _scan_probes(prompts, associations, cfg.signals.implied_controls)
 
     text_cache = TextCache(outputs.text_cache)
     wanted_texts = {probe.text for ps in probes.values() for probe in ps}
@@ -362,6 +362,10 @@ def _run(cfg: ScanConfig, outputs: ScanOutputs, prompts, training, timer, rerun_
         **{f"label_{k}": sum(1 for r in labels if r["label"] == k) for k in LABELS},
     )
     counts["background_p95"] = {s: b.p95 for s, b in background.items()}
+    controls = implied_control_rate(labels, cfg.thresholds.null_alpha)
+    if controls:
+        counts["implied_controls"] = controls
+        _warn_if_mi_unspecific(controls)
     counts["mined_elements"] = {
         e: {"implied": [vars(a) for a in assoc.implied], "instance": [vars(a) for a in assoc.instance]}
         for e, assoc in associations.items()
@@ -369,6 +373,19 @@ def _run(cfg: ScanConfig, outputs: ScanOutputs, prompts, training, timer, rerun_
     return ScanResult(
         scan_id=scan_id, manifest_uri=outputs.manifest_uri, tables=published, counts=counts, entity_tallies=e_tallies
     )
+
+
+def _warn_if_mi_unspecific(controls: dict) -> None:
+    """Say so when implied elements of other entities pass the MI test more often than its level allows."""
+    low, high = controls["interval"]
+    line = (
+        f"implied-element controls beyond the null: {controls['beyond_null']} of {controls['probes']} "
+        f"({controls['rate']:.0%}, 95 % interval {low:.0%}-{high:.0%}; the test's level {controls['null_alpha']})"
+    )
+    if low > controls["null_alpha"]:
+        log.warning("%s: MI labels are not specific on this model and CLIP (docs/labeler.md)", line)
+    else:
+        log.info(line)
 
 
 def _noise_norm_status(ok: pa.Table) -> str:
@@ -401,7 +418,26 @@ def _mine(cfg: ScanConfig, prompts: list[Prompt], training: TrainingTable, timer
         )
 
 
-def _probes(p: Prompt, assoc: EntityAssociations | None) -> list[Probe]:
+def _scan_probes(prompts: list[Prompt], associations: dict, controls: int) -> dict[str, list[Probe]]:
+    """Every prompt's probe texts: its own (`_probes`), then up to `controls` implied elements of the
+    scan's other entities as controls (`probes.control_elements`)."""
+    own = {p.prompt_id: _probes(p, associations.get(p.entity)) for p in prompts}
+    implied_by_entity: dict[str, set[str]] = {}
+    for p in prompts:
+        implied = {q.element for q in own[p.prompt_id] if q.kind in ("implicit", "mined")}
+        implied_by_entity.setdefault(p.entity, set()).update(implied)
+    vocabulary = set().union(*implied_by_entity.values()) if implied_by_entity else set()
+    if not controls or not vocabulary:
+        return own
+    out = {}
+    for p in prompts:
+        asked = implied_by_entity[p.entity] | {q.element for q in own[p.prompt_id] if q.element}
+        picked = control_elements(p.prompt_id, asked, vocabulary, controls)
+        out[p.prompt_id] = _probes(p, associations.get(p.entity), picked)
+    return out
+
+
+def _probes(p: Prompt, assoc: EntityAssociations | None, controls: tuple[str, ...] = ()) -> list[Probe]:
     """A prompt's probe texts, with its entity's mined elements that the prompt does not already name."""
     excluded = excluded_terms(p.prompt, p.entity, p.explicit_elements)
 
@@ -411,7 +447,9 @@ def _probes(p: Prompt, assoc: EntityAssociations | None) -> list[Probe]:
     # Mined implied elements stand in only when the prompt set lists none (the user's list wins).
     mined = allowed(assoc.implied) if assoc and not p.implicit_elements else ()
     instance = allowed(assoc.instance) if assoc else ()
-    return probes_for(p.prompt, p.entity, p.entity_class, p.explicit_elements, p.implicit_elements, mined, instance)
+    return probes_for(
+        p.prompt, p.entity, p.entity_class, p.explicit_elements, p.implicit_elements, mined, instance, controls
+    )
 
 
 def _warm_join(cfg: ScanConfig, training: TrainingTable, units, device: str) -> list:

@@ -10,6 +10,9 @@ For a prompt naming entity e (class noun c) with elements a:
   instance       same, for rare elements seen with only a few training images of e (MU candidates)
   placebo        same, for made-up words (PLACEBO_ELEMENTS) beside instance elements: what appending
                  a word that names nothing does to an image, which an instance element must beat
+  control        same, for implied elements of *other* entities of the scan (`control_elements`):
+                 never labelled; how often they pass the MI rule's test is that rule's false-positive
+                 rate measured on this model and CLIP (manifest `counts.implied_controls`)
 Each comparison is a two-way softmax at CLIP's logit scale (100), as in CLIP's zero-shot
 classification. The labeler then calibrates these logits against the same logits measured on images
 of the null prompt (e replaced by c), so no raw cosine cut-off is needed.
@@ -17,6 +20,7 @@ of the null prompt (e replaced by c), so no raw cosine cut-off is needed.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass
 
@@ -71,6 +75,7 @@ def probes_for(
     implicit: tuple[str, ...] = (),
     mined: tuple[str, ...] = (),
     instance: tuple[str, ...] = (),
+    controls: tuple[str, ...] = (),
 ) -> list[Probe]:
     probes = [Probe("prompt", "", prompt), Probe("entity", entity, f"a photo of {entity}")]
     if entity_class:
@@ -87,7 +92,19 @@ def probes_for(
                 probes.append(Probe(kind, a, element_text(subject, a)))
     if any(p.kind == "instance" for p in probes):
         probes += [Probe("placebo", w, element_text(subject, w)) for w in PLACEBO_ELEMENTS if w not in seen]
+    if entity_class:  # a control is tested against the null images, which need a class noun
+        probes += [Probe("control", a, element_text(subject, a)) for a in controls if a not in seen]
     return probes
+
+
+def control_elements(prompt_id: str, own: set[str], vocabulary: set[str], n: int) -> tuple[str, ...]:
+    """Up to `n` implied elements of the scan's other entities for one prompt to be asked about as
+    controls: elements its own entity is not expected to show (`own`: its implied elements in any prompt,
+    and what this prompt asks for or mines). Chosen by a hash of (prompt, element), so the choice is
+    stable across runs and spread over the vocabulary. A control can still be truly shown (elements
+    co-occur), so the rate they give is an upper bound on the MI rule's false positives."""
+    candidates = sorted(vocabulary - own, key=lambda a: hashlib.sha256(f"{prompt_id}\0{a}".encode()).digest())
+    return tuple(candidates[:n])
 
 
 def null_prompt(prompt: str, entity: str, entity_class: str) -> str:

@@ -11,6 +11,7 @@ from collections import defaultdict
 import numpy as np
 
 from raymem.schema import LABELS, STATUS_OK
+from raymem.stats import clopper_pearson
 
 # An entity with fewer training images than this is "under-represented" (MIMETIC2: 200-600 images
 # before a model imitates a concept reliably).
@@ -95,3 +96,25 @@ def entity_tallies(labels: list[dict], train_frequency: dict[str, int]) -> list[
             }
         )
     return out
+
+
+def implied_control_rate(labels: list[dict], null_alpha: float) -> dict | None:
+    """The MI rule's false-positive rate measured on this scan: of the control probes (implied elements
+    of other entities, one test per prompt and element), the share beyond the null at `null_alpha`, with
+    an exact 95 % interval. None when the scan asked none (no implied elements, or no class nouns)."""
+    beyond: dict[tuple[str, str], bool] = {}
+    for r in labels:
+        for e in r.get("elements") or ():
+            if e["kind"] == "control" and e.get("prompt_p") is not None:
+                beyond[(r["prompt_id"], e["element"])] = e["prompt_p"] <= null_alpha
+    if not beyond:
+        return None
+    k, n = sum(beyond.values()), len(beyond)
+    return {
+        "probes": n,
+        "beyond_null": k,
+        "rate": k / n,
+        "interval": list(clopper_pearson(k, n)),
+        "null_alpha": null_alpha,
+        "prompts": len({prompt for prompt, _ in beyond}),
+    }

@@ -280,6 +280,25 @@ def test_implied_element_in_too_few_seeds_is_not_MI():
     assert "shown in only 25% of seeds (< consistency 0.5)" in out["u0"]["reasons"]
 
 
+def test_a_control_element_is_tested_as_MI_would_be_and_never_shown():
+    """A control (another entity's implied element) that goes beyond the null exactly as an implied
+    element would is recorded with its unadjusted paired p, and is never shown: the images stay ME. The
+    same images with it listed as implied are MI, so the control is the MI rule's own test."""
+    probes = probes_for("a photo of X", "X", "a man", (), (), (), (), ("minarets",))
+    ctx = PromptContext("p", "a photo of X", "X", "a man", tuple(probes), None)
+    rows = [gen(f"u{i}", i, image(ctx, elements={"minarets": 0.05})) for i in range(4)]
+    out = run(ctx, rows + nulls(ctx), {f"u{i}": nbrs(0.1) for i in range(4)})
+    assert {r["label"] for r in out.values()} == {"ME"} and not any(r["is_MI"] for r in out.values())
+    [control] = out["u0"]["elements"]
+    assert control["kind"] == "control" and not control["present"] and control["prompt_p"] <= T.null_alpha
+    assert "minarets" not in out["u0"]["reasons"] and not any("minarets" in f for f in out["u0"]["flags"])
+    implied = context(explicit=(), implicit=("minarets",))
+    rows = [gen(f"u{i}", i, image(implied, elements={"minarets": 0.05})) for i in range(4)]
+    assert run(implied, rows + nulls(implied), {f"u{i}": nbrs(0.1) for i in range(4)})["u0"]["label"] == "MI"
+    # without a class noun there is no null to test a control against: none is probed
+    assert not [p for p in probes_for("a photo of X", "X", "", (), (), (), (), ("minarets",)) if p.kind == "control"]
+
+
 @pytest.mark.parametrize("lift, support, label", [(3.0, 80, "MI"), (1.5, 80, "ME"), (3.0, 20, "ME")])
 def test_mined_element_needs_lift_and_support(lift, support, label):
     assoc = EntityAssociations("X", 100, 1000, implied=[Association("domes", support, 30, lift)])

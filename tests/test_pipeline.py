@@ -113,6 +113,30 @@ def test_every_unit_has_a_row_and_the_crash_is_recorded(first_scan):
     assert tallies["crash"]["n_failed"] == 4 and tallies["crash"]["n_scored"] == 0
 
 
+def test_the_manifest_measures_the_mi_rules_false_positives_on_controls(first_scan):
+    """Every prompt with a class noun was asked about other entities' implied elements (listed, as the
+    demo's minarets, or mined); none is ever shown, and the manifest counts how many passed the MI rule's
+    test, once per prompt and element."""
+    cfg, result = first_scan
+    labels = read(Path(cfg.output.uri), "labels").to_pylist()
+    tested = {
+        (r["prompt_id"], e["element"]): e["prompt_p"] <= cfg.thresholds.null_alpha
+        for r in labels
+        if r["status"] == "ok"
+        for e in r["elements"]
+        if e["kind"] == "control" and e["prompt_p"] is not None
+    }
+    assert tested and not any(e["present"] for r in labels for e in r["elements"] or () if e["kind"] == "control")
+    controls = json.loads(Path(result.manifest_uri).read_text())["counts"]["implied_controls"]
+    assert controls == result.counts["implied_controls"]
+    assert (controls["probes"], controls["beyond_null"]) == (len(tested), sum(tested.values()))
+    texts = read(Path(cfg.output.uri), "texts").to_pylist()  # every prompt's probes, failed ones' too
+    implied = {t["element"] for t in texts if t["kind"] in ("implicit", "mined")}
+    assert {e for _, e in tested} <= implied and {"minarets", "clouds"} <= implied
+    for prompt_id, element in tested:  # never one the prompt is asked about itself
+        assert not any(t["element"] == element and t["kind"] != "control" for t in texts if t["prompt_id"] == prompt_id)
+
+
 def test_two_actors_were_pinned_to_different_gpus(first_scan):
     cfg, _ = first_scan
     gens = read(Path(cfg.output.uri), "generations").to_pylist()
@@ -399,3 +423,31 @@ def test_a_repeated_or_null_train_id_anywhere_fails_the_scan_and_publishes_nothi
     manifests = [json.loads(m.read_text()) for m in (root / "manifests").glob("*.json")]
     assert manifests and all(m["status"] == "failed" for m in manifests)
     assert not list(root.glob("labels/**/*.parquet")) and not list(root.glob("generations/**/*.parquet"))
+
+
+def test_each_prompt_is_asked_about_other_entities_implied_elements_as_controls():
+    """Controls come from the scan's implied elements (listed or mined), never one the prompt's own
+    entity implies in any of its prompts, only where a class noun gives null images; 0 turns them off."""
+    from raymem.pipeline import _scan_probes
+    from raymem.prompts import Prompt
+
+    def prompt(pid, entity, cls, implicit=(), explicit=()):
+        return Prompt(pid, f"a photo of {entity}", entity, cls, tuple(explicit), tuple(implicit))
+
+    prompts = [
+        prompt("q1", "Qadira", "a city", implicit=("minarets",)),
+        prompt("q2", "Qadira", "a city", implicit=("domes",)),
+        prompt("m", "Old Mill", "a windmill", implicit=("a river",)),
+        prompt("f", "Sunset Ferry", "a boat", explicit=("seagulls",)),
+        prompt("n", "Nameless", ""),
+    ]
+    probes = _scan_probes(prompts, {}, 4)
+
+    def controls(pid):
+        return {p.element for p in probes[pid] if p.kind == "control"}
+
+    assert controls("q1") == controls("q2") == {"a river"}  # not domes: Qadira implies it elsewhere
+    assert controls("m") == {"minarets", "domes"}
+    assert controls("f") == {"minarets", "domes", "a river"}
+    assert controls("n") == set()  # no class noun, no null images
+    assert not any(p.kind == "control" for ps in _scan_probes(prompts, {}, 0).values() for p in ps)

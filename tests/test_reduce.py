@@ -1,6 +1,6 @@
 import pytest
 
-from raymem.reduce import entity_tallies, prompt_tallies
+from raymem.reduce import entity_tallies, implied_control_rate, prompt_tallies
 
 
 def lab(uid, prompt, entity, label, status="ok", presence=0.9, memorized=False, flags=("entity_rendered",), score=0.2):
@@ -68,3 +68,23 @@ def test_every_category_an_image_shows_is_tallied_beside_the_primary_label():
     assert (t["n_any_MU"], t["n_any_ME"], t["n_any_MI"]) == (2, 2, 1)
     assert t["rate_any_ME"] == pytest.approx(2 / 3) and t["n_ME_and_MU"] == 1 and t["n_MI_and_MU"] == 1
     assert t["n_ME_and_MI"] == 0
+
+
+def test_the_implied_control_rate_counts_each_prompt_and_control_once():
+    """Every image of a prompt carries the prompt's control tests; the rate counts each (prompt, element)
+    once, with an exact interval, and ignores the other kinds."""
+
+    def element(name, kind, p):
+        return {"element": name, "kind": kind, "prompt_p": p, "present": False}
+
+    rows = [
+        {**lab(f"a{i}", "a", "A", "ME"), "elements": [element("minarets", "control", 0.01), element("x", "implicit", 0.0)]}
+        for i in range(4)
+    ] + [
+        {**lab("b0", "b", "B", "ME"), "elements": [element("minarets", "control", 0.4), element("a river", "control", 0.3)]},
+        {**lab("c0", "c", "C", "none"), "elements": [element("seagulls", "control", None)]},  # too few seeds
+    ]
+    rate = implied_control_rate(rows, 0.05)
+    assert {k: rate[k] for k in ("probes", "beyond_null", "prompts")} == {"probes": 3, "beyond_null": 1, "prompts": 2}
+    assert rate["rate"] == pytest.approx(1 / 3) and 0 < rate["interval"][0] < 1 / 3 < rate["interval"][1] < 1
+    assert implied_control_rate([lab("d", "d", "D", "ME")], 0.05) is None  # no controls asked

@@ -62,6 +62,8 @@ def test_report_renders_with_images(two_scans, tmp_path, capsys):
     assert ">0.5</text>" in html and ">images</text>" in html  # both axes have ticks and a title
     assert 'aria-label="render rate against training frequency"' in html and html.count("<circle") == 6
     assert "showing ME" in html and "ME and MU" in html  # co-occurrence beside the primary labels
+    controls = b.counts["implied_controls"]  # the MI rule's false positives measured on this scan, in words
+    assert f"{controls['beyond_null']} of {controls['probes']}\ncontrols" in html and 'id="implied-controls"' in html
 
     profile = tmp_path / "profile"
     dom = dump_dom(chromium, page, "", profile)
