@@ -2,6 +2,7 @@
 first run must show every category found where it was planted and nothing where nothing was."""
 
 import json
+import re
 
 import pytest
 import yaml
@@ -61,6 +62,8 @@ def test_make_demo_finds_each_category_where_it_was_planted(tmp_path, capsys):
     assert found["none"][0] >= found["none"][1] - 2
     assert found["ME"][0] >= 1
     assert "next: raymem report latest --output" in out.splitlines()[-2]
+    # the MI rule's false positives, measured on the scan's own controls, printed beside its findings
+    assert re.search(r"^MI controls: \d+ of \d+ other entities' implied elements pass the MI test", out, re.M)
     # Nothing planted, nothing found: no control prompt has an MU, MI or ME image.
     controls = [line for line in out.splitlines() if "nothing: the world never shows this name" in line]
     assert len(controls) == 4 and all(line.split()[2:4] == ["none", "8"] for line in controls)
