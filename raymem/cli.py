@@ -24,12 +24,9 @@ def _print_result(result, root: str | None = None, next_steps: bool = True) -> N
     labels = ", ".join(f"{k} {c.get(f'label_{k}', 0)}" for k in ("MU", "MI", "ME", "none"))
     print(f"labels: {labels}")
     if mc := c.get("implied_controls"):  # the MI rule's false positives, measured on this scan
-        low, high = mc["interval"]
-        verdict = "MI is not specific on this model and CLIP" if low > mc["null_alpha"] else "within the test's level"
-        print(
-            f"MI controls: {mc['beyond_null']} of {mc['probes']} other entities' implied elements pass the MI test "
-            f"({mc['rate']:.0%}, 95 % interval {low:.0%}-{high:.0%}; level {mc['null_alpha']}): {verdict}"
-        )
+        from raymem.reduce import describe_controls
+
+        print(f"MI controls: {describe_controls(mc)}")
     if result.timings:
         total = sum(v for v in result.timings.values() if isinstance(v, (int, float)))
         stages = " · ".join(f"{k} {v:.1f} s" for k, v in result.timings.items() if v >= 0.05)

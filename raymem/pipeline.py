@@ -39,7 +39,7 @@ from raymem.passes import TablePass, run_passes
 from raymem.pixels import PixelPair, confirm_pairs, pixel_checks_table
 from raymem.probes import Probe, control_elements, probes_for
 from raymem.prompts import Prompt, prompts_table, read_prompts
-from raymem.reduce import entity_tallies, implied_control_rate, prompt_tallies
+from raymem.reduce import describe_controls, entity_tallies, implied_control_rate, mi_unspecific, prompt_tallies
 from raymem.regions import (
     check_regions,
     neighbours_to_compare,
@@ -365,7 +365,7 @@ def _run(cfg: ScanConfig, outputs: ScanOutputs, prompts, training, timer, rerun_
     controls = implied_control_rate(labels, cfg.thresholds.null_alpha)
     if controls:
         counts["implied_controls"] = controls
-        _warn_if_mi_unspecific(controls)
+        (log.warning if mi_unspecific(controls) else log.info)("MI controls: %s", describe_controls(controls))
     counts["mined_elements"] = {
         e: {"implied": [vars(a) for a in assoc.implied], "instance": [vars(a) for a in assoc.instance]}
         for e, assoc in associations.items()
@@ -373,19 +373,6 @@ def _run(cfg: ScanConfig, outputs: ScanOutputs, prompts, training, timer, rerun_
     return ScanResult(
         scan_id=scan_id, manifest_uri=outputs.manifest_uri, tables=published, counts=counts, entity_tallies=e_tallies
     )
-
-
-def _warn_if_mi_unspecific(controls: dict) -> None:
-    """Say so when implied elements of other entities pass the MI test more often than its level allows."""
-    low, high = controls["interval"]
-    line = (
-        f"implied-element controls beyond the null: {controls['beyond_null']} of {controls['probes']} "
-        f"({controls['rate']:.0%}, 95 % interval {low:.0%}-{high:.0%}; the test's level {controls['null_alpha']})"
-    )
-    if low > controls["null_alpha"]:
-        log.warning("%s: MI labels are not specific on this model and CLIP (docs/labeler.md)", line)
-    else:
-        log.info(line)
 
 
 def _noise_norm_status(ok: pa.Table) -> str:

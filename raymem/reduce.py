@@ -118,3 +118,18 @@ def implied_control_rate(labels: list[dict], null_alpha: float) -> dict | None:
         "null_alpha": null_alpha,
         "prompts": len({prompt for prompt, _ in beyond}),
     }
+
+
+def mi_unspecific(controls: dict) -> bool:
+    """Whether the MI rule passed controls more often than its level allows (the interval's low end above it)."""
+    return controls["interval"][0] > controls["null_alpha"]
+
+
+def describe_controls(controls: dict) -> str:
+    """`implied_control_rate`'s result in one line, for the log and the scan's summary."""
+    low, high = controls["interval"]
+    verdict = "MI is not specific on this model and CLIP" if mi_unspecific(controls) else "within the test's level"
+    return (
+        f"{controls['beyond_null']} of {controls['probes']} other entities' implied elements pass the MI test "
+        f"({controls['rate']:.0%}, 95 % interval {low:.0%}-{high:.0%}; level {controls['null_alpha']}): {verdict}"
+    )

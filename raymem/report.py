@@ -22,6 +22,7 @@ from raymem import __version__
 from raymem import uri as uris
 from raymem.column_docs import description
 from raymem.outputs import read_manifest, resolve_scan
+from raymem.reduce import mi_unspecific
 from raymem.results import scan_table
 
 log = logging.getLogger(__name__)
@@ -328,7 +329,7 @@ def report_context(root: str, scan_id: str, out: Path, top: int = 12) -> dict:
             "units": counts.get("units", len(labels)),
             "failed": counts.get("units_failed", 0),
             "labels": {c: counts.get(f"label_{c}", sum(1 for r in labels if r["label"] == c)) for c in CATEGORIES},
-            "implied_controls": counts.get("implied_controls"),
+            "implied_controls": (mc := counts.get("implied_controls")) and {**mc, "unspecific": mi_unspecific(mc)},
         },
         "version": __version__,
         "categories": CATEGORIES,

@@ -1,6 +1,6 @@
 import pytest
 
-from raymem.reduce import entity_tallies, implied_control_rate, prompt_tallies
+from raymem.reduce import describe_controls, entity_tallies, implied_control_rate, mi_unspecific, prompt_tallies
 
 
 def lab(uid, prompt, entity, label, status="ok", presence=0.9, memorized=False, flags=("entity_rendered",), score=0.2):
@@ -78,13 +78,29 @@ def test_the_implied_control_rate_counts_each_prompt_and_control_once():
         return {"element": name, "kind": kind, "prompt_p": p, "present": False}
 
     rows = [
-        {**lab(f"a{i}", "a", "A", "ME"), "elements": [element("minarets", "control", 0.01), element("x", "implicit", 0.0)]}
+        {
+            **lab(f"a{i}", "a", "A", "ME"),
+            "elements": [element("minarets", "control", 0.01), element("x", "implicit", 0.0)],
+        }
         for i in range(4)
     ] + [
-        {**lab("b0", "b", "B", "ME"), "elements": [element("minarets", "control", 0.4), element("a river", "control", 0.3)]},
+        {
+            **lab("b0", "b", "B", "ME"),
+            "elements": [element("minarets", "control", 0.4), element("a river", "control", 0.3)],
+        },
         {**lab("c0", "c", "C", "none"), "elements": [element("seagulls", "control", None)]},  # too few seeds
     ]
     rate = implied_control_rate(rows, 0.05)
     assert {k: rate[k] for k in ("probes", "beyond_null", "prompts")} == {"probes": 3, "beyond_null": 1, "prompts": 2}
     assert rate["rate"] == pytest.approx(1 / 3) and 0 < rate["interval"][0] < 1 / 3 < rate["interval"][1] < 1
     assert implied_control_rate([lab("d", "d", "D", "ME")], 0.05) is None  # no controls asked
+    # one of three is within a 0.05 test's level (the interval reaches below it); twenty of thirty is not
+    assert not mi_unspecific(rate) and describe_controls(rate).endswith("within the test's level")
+    many = implied_control_rate(
+        [
+            {**lab(f"m{i}", f"m{i}", "M", "ME"), "elements": [element("minarets", "control", 0.01 if i < 20 else 0.5)]}
+            for i in range(30)
+        ],
+        0.05,
+    )
+    assert mi_unspecific(many) and describe_controls(many).startswith("20 of 30 other entities' implied elements")
