@@ -114,6 +114,52 @@ def test_actor_counts_round_trip_through_yaml_text():
     assert ResourcesConfig.model_validate(dumped) == cfg
 
 
+_LISTENING_SOCKETS_OF_A_SCAN_RAY = """
+import json, psutil, ray
+from raymem.config import RayConfig
+from raymem.runtime import ray_session
+
+with ray_session(RayConfig()):
+    assert ray.get(ray.remote(lambda: 1).remote()) == 1  # a worker, with its own server, is up
+    driver = psutil.Process()
+    names = {p.pid: p.name() for p in [driver, *driver.children(recursive=True)]}
+    sockets = [
+        (c.laddr.ip, c.laddr.port, names[c.pid])
+        for c in psutil.net_connections("tcp")
+        if c.status == psutil.CONN_LISTEN and c.pid in names
+    ]
+    print(json.dumps({"node": ray.util.get_node_ip_address(), "sockets": sockets}))
+"""
+
+
+def _is_loopback(address: str) -> bool:
+    import ipaddress
+
+    ip = ipaddress.ip_address(address.split("%")[0])
+    return (getattr(ip, "ipv4_mapped", None) or ip).is_loopback
+
+
+@pytest.mark.ray
+def test_a_local_ray_started_by_raymem_listens_on_loopback_only():
+    """Nothing on the network can reach the Ray a scan starts: the GCS, the raylet, the workers, the
+    agents and the metrics servers all listen on 127.0.0.1 (Ray 2.60 binds the machine's address
+    and `::` by default). Its own process, so no Ray this test process holds is in the way."""
+    import json
+    import subprocess
+    import sys
+
+    run = subprocess.run(
+        [sys.executable, "-c", _LISTENING_SOCKETS_OF_A_SCAN_RAY], capture_output=True, text=True, timeout=300
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    seen = json.loads(run.stdout.strip().splitlines()[-1])
+    names = {name for _, _, name in seen["sockets"]}
+    assert {"gcs_server", "raylet"} <= names, names
+    exposed = [s for s in seen["sockets"] if not _is_loopback(s[0])]
+    assert not exposed, f"listening beyond loopback: {exposed}"
+    assert seen["node"] == "127.0.0.1"
+
+
 class _Counted:
     """A stage instance that says which process and which instance handled each item."""
 
