@@ -86,3 +86,21 @@ def test_region_thresholds_are_fitted_after_whole_image_copies_and_switched_off_
     fitted, met = fit(inputs, {"copy": "MU", "region": "none", "look1": "none", "look2": "none"}, start, target=1.0)
     assert met["MU"] and {r["unit_id"] for r in label_units(inputs, fitted) if r["label"] == "MU"} == {"copy"}
     assert fitted.region_tiles > 24 or fitted.region_l2 < 0.02  # stricter than the real copy: no region copies
+
+
+def test_the_null_level_is_never_fitted_beyond_a_test_level():
+    """A pilot whose ME images the null explains about as well (entity test p 0.25-0.45) would be served
+    best by a level of 0.5: the fit keeps the level a test's (at most 0.1) and says ME is not met."""
+    ctx = context(explicit=())
+    strengths = {"u0": 0.206, "u1": 0.208, "u2": 0.21, "u3": 0.209}  # entity test p 0.44 down to 0.25
+    rows = [gen(u, i, image(ctx, entity=e, null=0.20)) for i, (u, e) in enumerate(strengths.items())]
+    rows += nulls(ctx, entity=0.20, null=0.20, spread=0.01)
+    inputs = LabelInputs.from_rows(rows, {"p": ctx}, text_vectors(ctx), {}, {}, {})
+    pilot = dict.fromkeys(strengths, "ME")
+    labels = {r["unit_id"]: r for r in label_units(inputs, ThresholdsConfig())}
+    assert all(0.2 < labels[u]["entity_p"] < 0.5 for u in strengths)
+    fitted, met = fit(inputs, pilot, ThresholdsConfig(), target=0.9)
+    assert fitted.null_alpha <= 0.1 and not met["ME"]
+    # the level the fit refuses would have served this pilot perfectly
+    wide = precision_recall(label_units(inputs, ThresholdsConfig(null_alpha=0.5)), pilot)["ME"]
+    assert wide["precision"] == 1.0 and wide["recall"] == 1.0
