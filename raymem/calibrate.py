@@ -25,6 +25,7 @@ from raymem.label import label_units
 from raymem.label_inputs import LabelInputs
 from raymem.prompts import read_records
 from raymem.schema import LABELS
+from raymem.stats import clopper_pearson
 
 # Candidate values per threshold, and which category each one is fitted for (in precedence order).
 GRID = {
@@ -82,7 +83,10 @@ def read_pilot(source: str, inputs: LabelInputs) -> dict[str, str]:
 
 
 def precision_recall(labels: list[dict], pilot: dict[str, str]) -> dict[str, dict]:
+    """Per category: pilot images (`n`) and the prompts they come from, predicted, correct, precision
+    and recall."""
     predicted = {r["unit_id"]: r["label"] for r in labels if r["unit_id"] in pilot}
+    prompt_of = {r["unit_id"]: r.get("prompt_id") for r in labels if r["unit_id"] in pilot}
     out = {}
     for category in LABELS:
         tp = sum(1 for u, h in pilot.items() if h == category and predicted.get(u) == category)
@@ -90,10 +94,32 @@ def precision_recall(labels: list[dict], pilot: dict[str, str]) -> dict[str, dic
         n_true = sum(1 for h in pilot.values() if h == category)
         out[category] = {
             "n": n_true,
+            "prompts": len({prompt_of.get(u) for u, h in pilot.items() if h == category}),
             "predicted": n_pred,
+            "correct": tp,
             "precision": tp / n_pred if n_pred else None,
             "recall": tp / n_true if n_true else None,
         }
+    return out
+
+
+def precision_interval(pr: dict) -> tuple[float, float] | None:
+    """Exact 95 % interval of a category's precision on the pilot (images as if independent: a pilot of
+    few prompts is less sure than this says)."""
+    return clopper_pearson(pr["correct"], pr["predicted"])
+
+
+def unproven(after: dict, target: float) -> dict[str, str]:
+    """{category: why}, for categories whose fitted precision reaches the target on the pilot while its
+    interval's low end does not: the pilot is too small to show the target was met."""
+    out = {}
+    for category, pr in after.items():
+        interval = precision_interval(pr)
+        if pr["precision"] is not None and pr["precision"] >= target and interval and interval[0] < target:
+            out[category] = (
+                f"precision {pr['correct']}/{pr['predicted']}, 95 % interval [{interval[0]:.2f}, {interval[1]:.2f}], "
+                f"from {pr['prompts']} prompt(s)"
+            )
     return out
 
 
@@ -159,12 +185,16 @@ def report(before: dict, after: dict) -> str:
     def f(x):
         return "  -  " if x is None else f"{x:5.2f}"
 
-    lines = ["category  n_human  precision  recall   ->  precision  recall"]
+    def interval(pr):
+        bounds = precision_interval(pr)
+        return "" if bounds is None else f"[{bounds[0]:.2f}, {bounds[1]:.2f}]"
+
+    lines = ["category  n_human  prompts  precision  recall   ->  precision  recall   precision 95 %"]
     for c in LABELS:
         b, a = before[c], after[c]
         lines.append(
-            f"{c:8s}  {b['n']:7d}  {f(b['precision'])}      {f(b['recall'])}    ->  "
-            f"{f(a['precision'])}      {f(a['recall'])}"
+            f"{c:8s}  {b['n']:7d}  {b['prompts']:7d}  {f(b['precision'])}      {f(b['recall'])}    ->  "
+            f"{f(a['precision'])}      {f(a['recall'])}   {interval(a)}"
         )
     return "\n".join(lines)
 

@@ -129,7 +129,7 @@ def cmd_validate(args) -> int:
 
 
 def cmd_calibrate(args) -> int:
-    from raymem.calibrate import calibrate, report, thresholds_yaml
+    from raymem.calibrate import calibrate, report, thresholds_yaml, unproven
     from raymem.config import load_config
 
     cfg = load_config(args.config)
@@ -151,6 +151,11 @@ def cmd_calibrate(args) -> int:
     for category, ok in result.met.items():
         if not ok:
             print(f"warning: target precision not reached for {category}; kept the most precise value")
+    for category, why in unproven(result.after, result.target_precision).items():
+        print(
+            f"warning: {category} reaches the target on this pilot, but the pilot is too small to show it "
+            f"({why}); label more prompts"
+        )
     text = thresholds_yaml(result.fitted)
     print("\nfitted thresholds:\n" + text)
     if args.write:

@@ -104,3 +104,23 @@ def test_the_null_level_is_never_fitted_beyond_a_test_level():
     # the level the fit refuses would have served this pilot perfectly
     wide = precision_recall(label_units(inputs, ThresholdsConfig(null_alpha=0.5)), pilot)["ME"]
     assert wide["precision"] == 1.0 and wide["recall"] == 1.0
+
+
+def test_a_target_met_on_a_small_pilot_is_reported_as_unproven():
+    """Precision on a pilot is a proportion of few images: the report gives its exact interval and flags a
+    target met on the point estimate that the interval does not exclude missing."""
+    from raymem.calibrate import precision_interval, report, unproven
+
+    labels = [{"unit_id": f"u{i}", "prompt_id": f"p{i // 4}", "label": "MU" if i < 10 else "none"} for i in range(40)]
+    small = {f"u{i}": "MU" for i in range(10)} | {f"u{i}": "none" for i in range(10, 12)}
+    pr = precision_recall(labels, small)
+    assert (pr["MU"]["n"], pr["MU"]["prompts"], pr["MU"]["correct"], pr["MU"]["predicted"]) == (10, 3, 10, 10)
+    assert precision_interval(pr["MU"]) == pytest.approx((0.6915, 1.0), abs=1e-4)
+    assert set(unproven(pr, 0.9)) == {"MU", "none"}  # none: 2/2 is no evidence either
+    assert "[0.69, 1.00]" in report(pr, pr).splitlines()[1]
+    # 40 correct of 40 predicted: the interval's low end is above 0.9, nothing to flag
+    large = {f"u{i}": "MU" for i in range(40)}
+    labels = [{**r, "label": "MU"} for r in labels]
+    assert unproven(precision_recall(labels, large), 0.9) == {}
+    # a target missed on the point estimate is the fit's own warning, not this one
+    assert unproven(precision_recall(labels, small), 0.9) == {}

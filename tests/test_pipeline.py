@@ -299,8 +299,13 @@ def test_calibrate_fits_thresholds_to_a_pilot_set(first_scan, tmp_path, capsys):
     )
     out = capsys.readouterr().out
     assert code == 0, out
-    mu = next(line for line in out.splitlines() if line.startswith("MU "))
-    assert mu.split()[-2:] == ["1.00", "1.00"]  # after fitting: every planted copy, nothing else
+    mu = next(line for line in out.splitlines() if line.startswith("MU ")).split()
+    assert mu[1:3] == ["2", "2"]  # two pilot copies, from two prompts
+    assert mu[6:8] == ["1.00", "1.00"]  # after fitting: every planted copy, nothing else
+    # ... which two images cannot show a precision of 1.0: the interval says so, and a warning
+    assert " ".join(mu[8:]) == "[0.16, 1.00]"
+    assert "warning: MU reaches the target on this pilot, but the pilot is too small to show it" in out
+    assert "(precision 2/2, 95 % interval [0.16, 1.00], from 2 prompt(s))" in out
     thresholds = yaml.safe_load(fitted.read_text())["thresholds"]
     assert thresholds["replication"] > cfg.thresholds.replication
     # A pilot row that is not an image of this scan is refused with its row and field.
