@@ -260,6 +260,15 @@ def test_reduced_benchmark_end_to_end(local_ray, tmp_path):
     assert isinstance(fitted, dict) and set(fitted) >= {"replication", "null_alpha", "element_presence"}
     assert calibrated["summary"]["models"] == result["summary"]["models"]
     assert "calibrate_s" in calibrated["summary"]["timings"]
+    # ... and what the fit did on its own pilot: per category precision with its interval, and whether the
+    # pilot (a few prompts) shows the target at all
+    pilot = {f["category"]: f for f in calibrated["summary"]["calibration"]}
+    assert pilot and all(f["images"] > 0 and f["prompts"] >= 1 for f in pilot.values())
+    for f in pilot.values():
+        assert f["precision_ci"] is None or f["precision_ci"][0] <= f["precision"] <= f["precision_ci"][1]
+        assert not f["unproven"] or (f["target_met"] and f["precision_ci"][0] < cfg.target_precision)
+    report = "\n".join(targets_report(calibrated))
+    assert report.count("calibration pilot, ") == len(pilot)
     assert all(
         m["recall_ci"] is None or 0 <= m["recall_ci"][0] <= m["recall_ci"][1] <= 1 for m in calibrated["metrics"]
     )

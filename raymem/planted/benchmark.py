@@ -699,11 +699,50 @@ def targets_report(result: dict) -> list[str]:
             f"  {kind:12s} {_f(share['rate'])} {_ci(share['ci'])} ({share['correct']}/{share['images']}); "
             f"by prompt {_ci(share.get('ci_prompts'))}"
         )
+    for fit in result.get("calibration") or []:
+        verdict = (
+            "target not reached"
+            if not fit["target_met"]
+            else "target reached, not shown by the pilot"
+            if fit["unproven"]
+            else "target reached"
+        )
+        lines.append(
+            f"calibration pilot, {fit['category']:4s}: precision {_f(fit['precision'])} {_ci(fit['precision_ci'])} "
+            f"({fit['correct']}/{fit['predicted']}), recall {_f(fit['recall'])}, {fit['images']} images of "
+            f"{fit['prompts']} prompts: {verdict}"
+        )
     header = "expected \\ predicted  " + "  ".join(f"{c:>6s}" for c in [*LABELS, "failed"])
     lines.append(header)
     for row in result["confusion"]:
         lines.append(f"{row['expected']:20s}  " + "  ".join(f"{row[f'predicted_{c}']:6d}" for c in [*LABELS, "failed"]))
     return lines
+
+
+def pilot_fit(inputs, pilot: dict[str, str], fitted, target: float) -> list[dict]:
+    """Per category, the fitted thresholds on the calibration pilot they were fitted to: precision with
+    its exact interval, recall, the prompts behind it, and whether the pilot shows the target at all."""
+    from raymem.calibrate import precision_interval, precision_recall, unproven
+    from raymem.label import label_units
+
+    after = precision_recall(label_units(inputs, fitted), pilot)
+    doubtful = unproven(after, target)
+    return [
+        {
+            "category": category,
+            "images": pr["n"],
+            "prompts": pr["prompts"],
+            "correct": pr["correct"],
+            "predicted": pr["predicted"],
+            "precision": pr["precision"],
+            "precision_ci": precision_interval(pr),
+            "recall": pr["recall"],
+            "target_met": pr["precision"] is not None and pr["precision"] >= target,
+            "unproven": category in doubtful,
+        }
+        for category, pr in after.items()
+        if pr["n"]
+    ]
 
 
 def _ci(ci) -> str:
@@ -743,6 +782,7 @@ def run_benchmark(cfg: PlantedConfig) -> dict:
             for split in ("calib", "eval"):
                 probed_prompts(world_root, split, cfg.world.seed)
         thresholds: dict = base_thresholds(cfg)
+        calibration: list[dict] = []
         if cfg.calibrate:
             t0 = time.perf_counter()
             calib_cfg = scan_config(cfg, world_root, models, index, "calib", thresholds, presence)
@@ -753,6 +793,7 @@ def run_benchmark(cfg: PlantedConfig) -> dict:
             pilot = {uid: expected_label(truth[parent[uid]], seen.get(uid, {})) for uid in inputs.scored_scan_units()}
             fitted, _ = fit(inputs, pilot, ThresholdsConfig(**thresholds), cfg.target_precision)
             thresholds = json.loads(fitted.model_dump_json())
+            calibration = pilot_fit(inputs, pilot, fitted, cfg.target_precision)
             timings["calibrate_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         eval_cfg = scan_config(cfg, world_root, models, index, "eval", thresholds, presence)
@@ -777,6 +818,7 @@ def run_benchmark(cfg: PlantedConfig) -> dict:
     summary = {
         "scan_id": scan.scan_id,
         "thresholds": thresholds or "config defaults",
+        "calibration": calibration,
         "timings": timings,
         "metrics": result["metrics"],
         "control_none_rate": result["control_none_rate"],
@@ -790,5 +832,5 @@ def run_benchmark(cfg: PlantedConfig) -> dict:
         "world": str(world_root),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-    result.update(summary=summary, results_dir=str(out), mining=mined)
+    result.update(summary=summary, results_dir=str(out), mining=mined, calibration=calibration)
     return result
