@@ -12,8 +12,10 @@ Three measurements per planted scan (its world's training table and its scan and
    probes") -- decided
    by the scan's own test (the text probe's paired t over the seeds, scan image against the null image
    of the same seed, p <= 0.05) and by alternatives: the same test beyond the placebo words' shifts,
-   the image-space read-outs of (1) tested the same way, and each also required to shift more than the
-   world's other elements. Counts per world and pooled, with exact 95 % intervals.
+   the image-space read-outs of (1) tested the same way, each also required to shift more than the
+   world's other elements, and the text probe judged against the scan's own MI controls (its p below
+   the controls' 5 % quantile: an empirical null; scans with 20 controls or more). Counts per world and
+   pooled, with exact 95 % intervals.
 3. **Entities.** Can the CLIP embedding tell an entity's training images from its class's generic
    ones (AUC of the cosine to the centroid of half the entity's images, on the other half and the
    generics)? And how often does the generator draw it: the share of the scan's images of each role,
@@ -87,8 +89,14 @@ class Scan:
         self.encoder = ClipEncoder(ClipConfig(model=fix(cfg["embedding"]["clip"]["model"]), pretrained=None))
         self.inputs = LabelInputs.read(root, scan_id)
         self.null_alpha = cfg["thresholds"]["null_alpha"]
-        labels = read_scan_table(root, scan_id, "labels").select(["unit_id", "label", "entity_p", "elements"])
+        labels = read_scan_table(root, scan_id, "labels").select(
+            ["unit_id", "prompt_id", "label", "entity_p", "elements"]
+        )
         self.labels = {r["unit_id"]: r for r in labels.to_pylist()}
+        # prompt id -> the elements the scan asked about as MI controls (never shown; docs/labeler.md)
+        self.controls: dict[str, set[str]] = defaultdict(set)
+        for r in self.labels.values():
+            self.controls[r["prompt_id"]].update(e["element"] for e in r["elements"] or () if e["kind"] == "control")
         import pyarrow.parquet as pq
 
         table = pq.read_table(sorted(glob.glob(f"{fix(cfg['training']['embeddings'])}/part-*.parquet")))
@@ -193,7 +201,8 @@ class Scan:
                 sscd = None if self.inputs.sscd is None else self.inputs.sscd[i]
                 seat = images[g.get("parent_prompt_id") or g["prompt_id"]][g["role"]]
                 seat[g["seed"]] = {"clip": self.inputs.clip[i], "sscd": sscd}
-        out = []
+        out, pending = [], []
+        control_ps: list[float] = []  # the scan's MI controls, tested as the scan's test does
         words = list(ELEMENTS) + list(PLACEBO_ELEMENTS)
         for pid, ctx in sorted(self.inputs.contexts.items()):
             scan, null = images[pid].get("scan", {}), images[pid].get("null", {})
@@ -212,6 +221,7 @@ class Scan:
                 )
                 for j, w in enumerate(words)
             }
+            control_ps += [text[c].p for c in self.controls.get(pid, ()) if c in text]
             for element in implied:
                 truly = self.implies.get(ctx.entity) == element
                 if not truly and self.negatives.get(pid) != element:
@@ -236,7 +246,15 @@ class Scan:
                     rules[f"{space} read-out, largest element shift"] = p <= ALPHA and mean > max(
                         m for e, (_, m) in shift.items() if e != element
                     )
-                out.append((truly, rules))
+                pending.append((truly, rules, text[element].p))
+        # The text probe judged against the scan's own controls instead of the nominal level: beyond the
+        # null only when its p is below the 5 % quantile of the controls' (an empirical null; a scan
+        # without controls cannot have this rule)
+        level = float(np.quantile(control_ps, ALPHA)) if len(control_ps) >= 20 else None
+        for truly, rules, p in pending:
+            if level is not None:
+                rules["text probe, below 5 % of the controls"] = p <= min(level, ALPHA)
+            out.append((truly, rules))
         return out
 
 
