@@ -48,9 +48,7 @@ def connect_ray(ray_cfg: RayConfig) -> bool:
         # Ray 2.60 turns token auth on for the local Ray it starts and says so at WARNING each time;
         # that is the safe default raymem wants, not news. (A warning that auth is *off* still shows.)
         logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(_TOKEN_AUTH_ON_NOTICE)
-        with loopback_only():
-            ray.init(**kwargs)
-    else:
+    with loopback_only() if address == "local" else contextlib.nullcontext():
         ray.init(**kwargs)
     ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
     return True
@@ -63,11 +61,12 @@ CONNECT_TIMEOUT_S = 10.0
 def loopback_only() -> Iterator[None]:
     """Start a local Ray that listens on 127.0.0.1 only, so nothing on the network can reach it.
 
-    Ray 2.60 has no bind setting: every process binds to the node's address, and `ray.init` turns a
-    127.0.0.1 node address into the machine's public one (`services.resolve_ip_for_localhost`) unless
-    Ray believes it cannot form a cluster here, as on macOS and Windows (`ENABLE_RAY_CLUSTER`, read
-    from RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER at import). Lowering that flag while the node starts gives
-    the GCS, raylet, workers, agents and metrics servers 127.0.0.1; the node keeps it after `init`.
+    Ray 2.60 has no bind setting: its servers listen on all interfaces (or the node's address) unless
+    the node's address is loopback, and `ray.init` turns a 127.0.0.1 node address into the machine's
+    public one (`services.resolve_ip_for_localhost`) unless Ray believes it cannot form a cluster here,
+    as on macOS and Windows (`ENABLE_RAY_CLUSTER`, read from RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER at
+    import). Lowering that flag while the node starts gives the GCS, raylet, workers, agents and
+    metrics servers 127.0.0.1; the node keeps it after `init`.
     test_runtime checks every listening socket, so a Ray that moves the flag fails there, not silently.
     """
     from ray._private import ray_constants
