@@ -149,16 +149,13 @@ def fit_order(inputs: LabelInputs) -> tuple[tuple[str, tuple[str, ...]], ...]:
 
 
 def _score(pr: dict, target: float) -> tuple:
-    """Order of preference: a precision the pilot *shows* reaches the target (the low end of its exact
-    interval, so 3 of 3 does not count as 0.9 while 35 of 35 does), then recall; short of that, the
-    highest precision, then recall (not the interval's low end: it would prefer 2 of 4 to 1 of 1)."""
+    """Order of preference: precision at the target first, then recall (or precision below it)."""
     p, r = pr["precision"] or 0.0, pr["recall"] or 0.0
-    shown = (precision_interval(pr) or (0.0, 0.0))[0] >= target
-    return (shown, r if shown else p, p if shown else r)
+    return (p >= target, r if p >= target else p, p if p >= target else r)
 
 
 def fit(inputs: LabelInputs, pilot: dict[str, str], start: ThresholdsConfig, target: float):
-    """Coordinate-wise fit; returns (fitted thresholds, {category: does the pilot show the target met?})."""
+    """Coordinate-wise fit; returns (fitted thresholds, {category: met target?})."""
     prompts = {g["parent_prompt_id"] for g in inputs.generations if g["unit_id"] in pilot}
     ev = inputs.restricted(prompts)
     t = start
@@ -179,7 +176,8 @@ def fit(inputs: LabelInputs, pilot: dict[str, str], start: ThresholdsConfig, tar
                 if key > best_key:
                     best_key, best_value = key, value
             t = _with(t, name, best_value)
-        met[category] = _score(precision_recall(label_units(ev, t), pilot)[category], target)[0]
+        precision = precision_recall(label_units(ev, t), pilot)[category]["precision"]
+        met[category] = precision is not None and precision >= target
     return t, met
 
 

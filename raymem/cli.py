@@ -148,17 +148,14 @@ def cmd_calibrate(args) -> int:
             f"prompts; threshold at {nn.false_positive_rate:.0%} false positives: {at}"
             + ("" if nn.auc is not None and nn.auc > 0.5 else " (not used: not better than chance)")
         )
-    doubtful = unproven(result.after, result.target_precision)
-    for category, shown in result.met.items():
-        if shown:
-            continue
-        if category in doubtful:
-            print(
-                f"warning: {category} reaches the target on this pilot, but the pilot is too small to show it "
-                f"({doubtful[category]}); kept the most precise value; label more prompts"
-            )
-        else:
+    for category, ok in result.met.items():
+        if not ok:
             print(f"warning: target precision not reached for {category}; kept the most precise value")
+    for category, why in unproven(result.after, result.target_precision).items():
+        print(
+            f"warning: {category} reaches the target on this pilot, but the pilot is too small to show it "
+            f"({why}); label more prompts"
+        )
     text = thresholds_yaml(result.fitted)
     print("\nfitted thresholds:\n" + text)
     if args.write:
