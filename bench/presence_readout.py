@@ -14,8 +14,8 @@ Three measurements per planted scan (its world's training table and its scan and
    of the same seed, p <= 0.05) and by alternatives: the same test beyond the placebo words' shifts,
    the image-space read-outs of (1) tested the same way, each also required to shift more than the
    world's other elements, and the text probe judged against the scan's own MI controls (its p below
-   the controls' 5 % quantile: an empirical null; scans with 20 controls or more). Counts per world and
-   pooled, with exact 95 % intervals.
+   the controls' 5 % quantile, never above 0.05: an empirical null; scans with 20 controls or more).
+   Counts per world and pooled, with exact 95 % intervals.
 3. **Entities.** Can the CLIP embedding tell an entity's training images from its class's generic
    ones (AUC of the cosine to the centroid of half the entity's images, on the other half and the
    generics)? And how often does the generator draw it: the share of the scan's images of each role,
