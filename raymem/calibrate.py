@@ -103,6 +103,11 @@ def precision_recall(labels: list[dict], pilot: dict[str, str]) -> dict[str, dic
     return out
 
 
+def reaches_target(pr: dict, target: float) -> bool:
+    """Whether a category's precision on the pilot (its point estimate) reaches the target."""
+    return pr["precision"] is not None and pr["precision"] >= target
+
+
 def precision_interval(pr: dict) -> tuple[float, float] | None:
     """Exact 95 % interval of a category's precision on the pilot (images as if independent: a pilot of
     few prompts is less sure than this says)."""
@@ -115,7 +120,7 @@ def unproven(after: dict, target: float) -> dict[str, str]:
     out = {}
     for category, pr in after.items():
         interval = precision_interval(pr)
-        if pr["precision"] is not None and pr["precision"] >= target and interval and interval[0] < target:
+        if reaches_target(pr, target) and interval and interval[0] < target:
             out[category] = (
                 f"precision {pr['correct']}/{pr['predicted']}, 95 % interval [{interval[0]:.2f}, {interval[1]:.2f}], "
                 f"from {pr['prompts']} prompt(s)"
@@ -176,8 +181,7 @@ def fit(inputs: LabelInputs, pilot: dict[str, str], start: ThresholdsConfig, tar
                 if key > best_key:
                     best_key, best_value = key, value
             t = _with(t, name, best_value)
-        precision = precision_recall(label_units(ev, t), pilot)[category]["precision"]
-        met[category] = precision is not None and precision >= target
+        met[category] = reaches_target(precision_recall(label_units(ev, t), pilot)[category], target)
     return t, met
 
 

@@ -722,7 +722,7 @@ def targets_report(result: dict) -> list[str]:
 def pilot_fit(inputs, pilot: dict[str, str], fitted, target: float) -> list[dict]:
     """Per category, the fitted thresholds on the calibration pilot they were fitted to: precision with
     its exact interval, recall, the prompts behind it, and whether the pilot shows the target at all."""
-    from raymem.calibrate import precision_interval, precision_recall, unproven
+    from raymem.calibrate import precision_interval, precision_recall, reaches_target, unproven
     from raymem.label import label_units
 
     after = precision_recall(label_units(inputs, fitted), pilot)
@@ -737,7 +737,7 @@ def pilot_fit(inputs, pilot: dict[str, str], fitted, target: float) -> list[dict
             "precision": pr["precision"],
             "precision_ci": precision_interval(pr),
             "recall": pr["recall"],
-            "target_met": pr["precision"] is not None and pr["precision"] >= target,
+            "target_met": reaches_target(pr, target),
             "unproven": category in doubtful,
         }
         for category, pr in after.items()
