@@ -710,7 +710,7 @@ def targets_report(result: dict) -> list[str]:
         lines.append(
             f"calibration pilot, {fit['category']:4s}: precision {_f(fit['precision'])} {_ci(fit['precision_ci'])} "
             f"({fit['correct']}/{fit['predicted']}), recall {_f(fit['recall'])}, {fit['images']} images of "
-            f"{fit['prompts']} prompts: {verdict}"
+            f"{fit['prompts']} prompt{'' if fit['prompts'] == 1 else 's'}: {verdict}"
         )
     header = "expected \\ predicted  " + "  ".join(f"{c:>6s}" for c in [*LABELS, "failed"])
     lines.append(header)
