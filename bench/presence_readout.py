@@ -54,7 +54,7 @@ ALPHA = 0.05
 SHRINK = 1e-2  # covariance shrinkage of the LDA read-outs (embeddings are unit vectors)
 
 
-def _auc(scores: np.ndarray, positive: np.ndarray) -> float:
+def auc(scores: np.ndarray, positive: np.ndarray) -> float:
     from scipy.stats import rankdata
 
     ranks = rankdata(scores)
@@ -62,7 +62,7 @@ def _auc(scores: np.ndarray, positive: np.ndarray) -> float:
     return float((ranks[positive].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
 
 
-def _lda(x: np.ndarray, positive: np.ndarray) -> np.ndarray:
+def lda(x: np.ndarray, positive: np.ndarray) -> np.ndarray:
     cov = np.cov(x.T) + SHRINK * np.eye(x.shape[1])
     return np.linalg.solve(cov, x[positive].mean(0) - x[~positive].mean(0))
 
@@ -124,8 +124,8 @@ class Scan:
                 y, scores = self.names(element), np.zeros(len(self.captions))
                 for f in (0, 1):
                     fit = self.generic & (fold != f)
-                    scores[fold == f] = x[fold == f] @ _lda(x[fit], y[fit])
-                out[space, element] = _auc(scores[self.generic], y[self.generic])
+                    scores[fold == f] = x[fold == f] @ lda(x[fit], y[fit])
+                out[space, element] = auc(scores[self.generic], y[self.generic])
         # the zero-shot text probe the scan uses, on the same images: "a photo of a <class> with <element>"
         # against "a photo of a <class>", the class read from the image's own caption
         if "clip" in self.train:
@@ -137,7 +137,7 @@ class Scan:
                     rows = np.array([k == c for k in classes])
                     scores[rows] = self.train["clip"][rows] @ (100 * (t[1] - t[0]))
                 keep = self.generic & ~np.isnan(scores)
-                out["text probe", element] = _auc(scores[keep], y[keep])
+                out["text probe", element] = auc(scores[keep], y[keep])
         return out
 
     def entities(self) -> tuple[dict[str, float], dict[tuple[str, str], list[int]], Counter]:
@@ -157,7 +157,7 @@ class Scan:
             fit = np.zeros(len(ids), bool)
             fit[rng.permutation(np.flatnonzero(mine))[: mine.sum() // 2]] = True
             held = (mine & ~fit) | generic
-            aucs[e.name] = _auc(x[held] @ _unit(x[fit].mean(0)), mine[held])
+            aucs[e.name] = auc(x[held] @ _unit(x[fit].mean(0)), mine[held])
             centroid = _unit(x[mine].mean(0))  # as the scan's reference: every tagged image
             reference[e.name] = (centroid, float(np.quantile(x[generic] @ centroid, 0.95)))
         for i, g in enumerate(self.inputs.generations):
@@ -192,7 +192,7 @@ class Scan:
     def decisions(self) -> list[tuple[bool, dict[str, bool]]]:
         """Per implied-element probe with >= 2 seed pairs: (truly implied, {rule: beyond the null})."""
         readouts = {
-            space: {e: _lda(x[self.generic], self.names(e)[self.generic]) for e in ELEMENTS}
+            space: {e: lda(x[self.generic], self.names(e)[self.generic]) for e in ELEMENTS}
             for space, x in self.train.items()
         }
         images: dict = defaultdict(lambda: defaultdict(dict))

@@ -293,6 +293,24 @@ def test_reduced_benchmark_end_to_end(local_ray, tmp_path):
     assert re.search(r"ME  prompts, scan images drawn +\d+/\d+ ", entities.split("pooled:")[1]), readout
 
 
+def test_presence_training_bench_reads_every_variant(tmp_path):
+    """bench/presence_training.py (what limits MI: the presence CLIP's recipe or the world?) trains its
+    variants and prints, per variant, a text-probe and a linear read-out AUC for every element."""
+    out = subprocess.run(
+        [sys.executable, "bench/presence_training.py", "--steps", "4", "--longer", "2", "--work", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).resolve().parents[1],
+    ).stdout
+    rows = {line.split()[0]: line for line in out.splitlines()[2:]}
+    assert set(rows) == {"baseline", "longer", "pairs"}, out
+    for line in rows.values():
+        aucs = [float(a) for a in re.findall(r"(\d\.\d\d) /(\d\.\d\d)", line) for a in a]
+        assert len(aucs) == 2 * len(ELEMENTS) and all(0 <= a <= 1 for a in aucs), line
+    assert {p.name for p in (tmp_path / "world7").iterdir()} >= {"baseline4", "longer8", "pairs4"}
+
+
 def test_the_committed_models_are_the_default_worlds():
     """assets/planted-models belongs to the default world and training configs: the benchmark and the
     demo use it instead of training. A change to either config makes this fail until the models are

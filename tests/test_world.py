@@ -113,6 +113,27 @@ def test_training_is_deterministic(tmp_path):
     assert any(name.endswith(".safetensors") for name in a) and a == b
 
 
+def test_clip_batches_with_same_subject_partners(tmp_path):
+    """bench/presence_training.py's `pairs` variant: half of a batch random, the other half one image of
+    the same subject each; training with it runs, and without partners nothing changes (the test above)."""
+    import torch
+
+    from raymem.planted.training import TrainConfig, _with_partners, load_world, train_clip
+
+    partners = [[1, 2], [0, 2], [0, 1], [4], [3]]  # never the anchor itself: a copy would fail
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        anchors = torch.randint(0, 5, (4,), generator=g)
+        batch = _with_partners(anchors, partners, g).tolist()
+        assert len(batch) == 8 and batch[:4] == anchors.tolist()
+        assert all(b in partners[a] for a, b in zip(batch[:4], batch[4:]))
+    build_world(tmp_path / "world", WorldConfig(per_entity=2, per_class=2, poster_copies=2))
+    pixels, captions = load_world(tmp_path / "world")
+    by_caption = [[j for j, c in enumerate(captions) if c.split()[-1] == cap.split()[-1]] for cap in captions]
+    model = train_clip(pixels, captions, TrainConfig(clip_steps=4, clip_batch_size=8), by_caption)
+    assert model.encode_image(pixels[:2]).shape == (2, 64)
+
+
 @pytest.mark.parametrize("seed", [DEV_SEED, 11])
 def test_the_presence_corpus_is_the_same_world_seen_apart_from_the_generators(tmp_path, seed):
     """Issue 12's independent measurement: the presence CLIP learns from other images (none is a

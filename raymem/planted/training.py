@@ -190,7 +190,10 @@ def train_unet(latents: torch.Tensor, captions: list[str], cfg: TrainConfig):
     return unet.eval(), text.eval()
 
 
-def train_clip(pixels: torch.Tensor, captions: list[str], cfg: TrainConfig):
+def train_clip(pixels: torch.Tensor, captions: list[str], cfg: TrainConfig, partners: list[list[int]] | None = None):
+    """A tiny open_clip CLIP trained contrastively on (pixels, captions). With `partners` (per image, the
+    images that show the same subject), half of every batch is random and the other half one partner of
+    each: hard negatives that differ only in scene, colours or element (bench/presence_training.py)."""
     import open_clip
 
     torch.manual_seed(cfg.seed + 2)
@@ -205,7 +208,10 @@ def train_clip(pixels: torch.Tensor, captions: list[str], cfg: TrainConfig):
     g = torch.Generator().manual_seed(cfg.seed + 3)
     start = time.perf_counter()
     for step in range(1, cfg.clip_steps + 1):
-        idx = torch.randint(0, len(images), (cfg.clip_batch_size,), generator=g)
+        if partners is None:
+            idx = torch.randint(0, len(images), (cfg.clip_batch_size,), generator=g)
+        else:
+            idx = _with_partners(torch.randint(0, len(images), (cfg.clip_batch_size // 2,), generator=g), partners, g)
         img_f = F.normalize(model.encode_image(images[idx]), dim=-1)
         txt_f = F.normalize(model.encode_text(tokens[idx]), dim=-1)
         logits = model.logit_scale.exp() * img_f @ txt_f.T
@@ -221,6 +227,11 @@ def train_clip(pixels: torch.Tensor, captions: list[str], cfg: TrainConfig):
             model.logit_scale.clamp_(0, np.log(100))
         _progress("clip", step, cfg.clip_steps, loss.item(), start)
     return model.eval()
+
+
+def _with_partners(anchors: torch.Tensor, partners: list[list[int]], g: torch.Generator) -> torch.Tensor:
+    picks = [partners[i][int(torch.randint(0, len(partners[i]), (1,), generator=g))] for i in anchors.tolist()]
+    return torch.cat([anchors, torch.tensor(picks, dtype=anchors.dtype)])
 
 
 def save_clip(model, target: Path) -> None:
