@@ -12,13 +12,15 @@ element, over the world's generic training images (no entity; 12-17 % name each 
   from the CLIP embedding: what any rule on the embedding could reach.
 
 Variants: `baseline` (the benchmark's recipe: 1,100 steps, batch 64; for the development world the
-committed weights), `longer` (the same recipe, `--longer` times the steps) and `pairs` (the baseline's
+committed weights), `longer` (the same recipe, `--longer` times the steps), `pairs` (the baseline's
 steps, half of every batch random and the other half one image of the same subject each: hard negatives
-that differ only in scene, colours or element; `training.train_clip(partners=...)`).
+that differ only in scene, colours or element; `training.train_clip(partners=...)`) and `resnet` (the
+baseline's recipe and text tower, the image tower open_clip's ModifiedResNet instead of the ViT with
+4-px patches: convolutions see a few-pixel blob where a patch embedding averages it away).
 
     python bench/presence_training.py [--world-seed 7] [--longer 3] [--work build/presence-training]
 
-Minutes on 2 cores: baseline 6 (0 for seed 7), longer 6 x N, pairs 6.
+Minutes on 2 cores: baseline 6 (0 for seed 7), longer 6 x N, pairs 6, resnet 8.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from presence_readout import auc, lda  # noqa: E402
 from raymem.config import ClipConfig  # noqa: E402
 from raymem.encoders import ClipEncoder  # noqa: E402
 from raymem.planted.benchmark import COMMITTED_PRESENCE, PlantedConfig, _presence_training  # noqa: E402
+from raymem.planted.training import CLIP_CONFIG  # noqa: E402
 from raymem.planted.world import CLASSES, ELEMENTS, WorldConfig, build_presence_corpus, build_world  # noqa: E402
 from raymem.probes import element_text  # noqa: E402
 
@@ -56,7 +59,14 @@ def subject_partners(corpus: Path) -> list[list[int]]:
     return [groups[s] for s in subjects]
 
 
-def train_variant(corpus: Path, out: Path, steps: int, partners: list[list[int]] | None) -> Path:
+# The `resnet` variant's CLIP: the benchmark's text tower and embedding size, open_clip's ModifiedResNet
+# (a tuple of layers selects it) as the image tower, one bottleneck block a stage.
+RESNET_CLIP_CONFIG = {**CLIP_CONFIG, "vision_cfg": {"image_size": 32, "layers": [1, 1, 1, 1], "width": 16}}
+
+
+def train_variant(
+    corpus: Path, out: Path, steps: int, partners: list[list[int]] | None = None, model_cfg: dict = CLIP_CONFIG
+) -> Path:
     from raymem.planted.training import load_world, save_clip, train_clip
 
     if not (out / "clip" / "open_clip_model.safetensors").exists():
@@ -65,7 +75,7 @@ def train_variant(corpus: Path, out: Path, steps: int, partners: list[list[int]]
         train.clip_steps = steps
         log.info("training %s (%d steps%s)", out.name, steps, ", same-subject pairs" if partners else "")
         pixels, captions = load_world(corpus, "presence.jsonl")
-        save_clip(train_clip(pixels, captions, train, partners), out / "clip")
+        save_clip(train_clip(pixels, captions, train, partners, model_cfg), out / "clip", model_cfg)
     return out / "clip"
 
 
@@ -123,6 +133,7 @@ def main() -> int:
             corpus, work / f"longer{steps * args.longer}", steps * args.longer, None
         ),
         "pairs": train_variant(corpus, work / f"pairs{steps}", steps, subject_partners(corpus)),
+        "resnet": train_variant(corpus, work / f"resnet{steps}", steps, model_cfg=RESNET_CLIP_CONFIG),
     }
     print(f"world {args.world_seed}: AUC over its generic training images, text probe / CLIP linear read-out")
     print(f"{'variant':16s}" + "".join(f"{e:>14s}" for e in ELEMENTS))

@@ -304,11 +304,13 @@ def test_presence_training_bench_reads_every_variant(tmp_path):
         cwd=Path(__file__).resolve().parents[1],
     ).stdout
     rows = {line.split()[0]: line for line in out.splitlines()[2:]}
-    assert set(rows) == {"baseline", "longer", "pairs"}, out
+    assert set(rows) == {"baseline", "longer", "pairs", "resnet"}, out
     for line in rows.values():
         aucs = [float(a) for a in re.findall(r"(\d\.\d\d) /(\d\.\d\d)", line) for a in a]
         assert len(aucs) == 2 * len(ELEMENTS) and all(0 <= a <= 1 for a in aucs), line
-    assert {p.name for p in (tmp_path / "world7").iterdir()} >= {"baseline4", "longer8", "pairs4"}
+    assert {p.name for p in (tmp_path / "world7").iterdir()} >= {"baseline4", "longer8", "pairs4", "resnet4"}
+    resnet = json.loads((tmp_path / "world7" / "resnet4" / "clip" / "open_clip_config.json").read_text())
+    assert resnet["model_cfg"]["vision_cfg"]["layers"] == [1, 1, 1, 1]  # saved as trained: loads as a ResNet
 
 
 def test_the_committed_models_are_the_default_worlds():

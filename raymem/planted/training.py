@@ -190,15 +190,22 @@ def train_unet(latents: torch.Tensor, captions: list[str], cfg: TrainConfig):
     return unet.eval(), text.eval()
 
 
-def train_clip(pixels: torch.Tensor, captions: list[str], cfg: TrainConfig, partners: list[list[int]] | None = None):
-    """A tiny open_clip CLIP trained contrastively on (pixels, captions). With `partners` (per image, the
-    images that show the same subject), half of every batch is random and the other half one partner of
-    each: hard negatives that differ only in scene, colours or element (bench/presence_training.py)."""
+def train_clip(
+    pixels: torch.Tensor,
+    captions: list[str],
+    cfg: TrainConfig,
+    partners: list[list[int]] | None = None,
+    model_cfg: dict = CLIP_CONFIG,
+):
+    """A tiny open_clip CLIP (`model_cfg`) trained contrastively on (pixels, captions). With `partners` (per
+    image, the images that show the same subject), half of every batch is random and the other half one
+    partner of each: hard negatives that differ only in scene, colours or element. Both options are for
+    bench/presence_training.py; the benchmark trains with neither."""
     import open_clip
 
     torch.manual_seed(cfg.seed + 2)
-    model = open_clip.CLIP(**CLIP_CONFIG)
-    tokenizer = open_clip.SimpleTokenizer(context_length=CLIP_CONFIG["text_cfg"]["context_length"])
+    model = open_clip.CLIP(**model_cfg)
+    tokenizer = open_clip.SimpleTokenizer(context_length=model_cfg["text_cfg"]["context_length"])
     tokens = tokenizer(captions)
     mean = torch.tensor((0.48145466, 0.4578275, 0.40821073)).view(1, 3, 1, 1)
     std = torch.tensor((0.26862954, 0.26130258, 0.27577711)).view(1, 3, 1, 1)
@@ -234,13 +241,11 @@ def _with_partners(anchors: torch.Tensor, partners: list[list[int]], g: torch.Ge
     return torch.cat([anchors, torch.tensor(picks, dtype=anchors.dtype)])
 
 
-def save_clip(model, target: Path) -> None:
+def save_clip(model, target: Path, model_cfg: dict = CLIP_CONFIG) -> None:
     from safetensors.torch import save_file
 
     target.mkdir(parents=True, exist_ok=True)
-    (target / "open_clip_config.json").write_text(
-        json.dumps({"model_cfg": CLIP_CONFIG, "preprocess_cfg": {}}, indent=2)
-    )
+    (target / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg, "preprocess_cfg": {}}, indent=2))
     state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(target / "open_clip_model.safetensors"))
 
