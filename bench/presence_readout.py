@@ -67,6 +67,29 @@ def lda(x: np.ndarray, positive: np.ndarray) -> np.ndarray:
     return np.linalg.solve(cov, x[positive].mean(0) - x[~positive].mean(0))
 
 
+def readout_scores(x: np.ndarray, y: np.ndarray, fit: np.ndarray, fold: np.ndarray) -> np.ndarray:
+    """The two-fold cross-validated LDA read-out of `y` from `x`: each fold scored by the read-out fitted
+    on the other fold's `fit` rows."""
+    scores = np.zeros(len(x))
+    for f in (0, 1):
+        train = fit & (fold != f)
+        scores[fold == f] = x[fold == f] @ lda(x[train], y[train])
+    return scores
+
+
+def text_probe_scores(encoder: ClipEncoder, x: np.ndarray, captions: list[str], element: str) -> np.ndarray:
+    """The zero-shot text probe the scan uses, on image embeddings `x`: "a photo of a <class> with
+    <element>" against "a photo of a <class>", the class read from each image's caption (NaN where the
+    caption names none)."""
+    classes = [next((c for c in CLASSES if f"of a {c}" in cap), None) for cap in captions]
+    scores = np.full(len(captions), np.nan)
+    for c in CLASSES:
+        t = encoder.encode_texts([f"a photo of a {c}", element_text(f"a {c}", element)])
+        rows = np.array([k == c for k in classes])
+        scores[rows] = x[rows] @ (100 * (t[1] - t[0]))
+    return scores
+
+
 def _unit(v: np.ndarray) -> np.ndarray:
     return v / np.linalg.norm(v)
 
@@ -121,23 +144,15 @@ class Scan:
         out = {}
         for space, x in self.train.items():
             for element in ELEMENTS:
-                y, scores = self.names(element), np.zeros(len(self.captions))
-                for f in (0, 1):
-                    fit = self.generic & (fold != f)
-                    scores[fold == f] = x[fold == f] @ lda(x[fit], y[fit])
+                y = self.names(element)
+                scores = readout_scores(x, y, self.generic, fold)
                 out[space, element] = auc(scores[self.generic], y[self.generic])
-        # the zero-shot text probe the scan uses, on the same images: "a photo of a <class> with <element>"
-        # against "a photo of a <class>", the class read from the image's own caption
+        # the zero-shot text probe the scan uses, on the same images
         if "clip" in self.train:
-            classes = [next((c for c in CLASSES if f"of a {c}" in cap), None) for cap in self.captions]
             for element in ELEMENTS:
-                y, scores = self.names(element), np.full(len(self.captions), np.nan)
-                for c in CLASSES:
-                    t = self.encoder.encode_texts([f"a photo of a {c}", element_text(f"a {c}", element)])
-                    rows = np.array([k == c for k in classes])
-                    scores[rows] = self.train["clip"][rows] @ (100 * (t[1] - t[0]))
+                scores = text_probe_scores(self.encoder, self.train["clip"], self.captions, element)
                 keep = self.generic & ~np.isnan(scores)
-                out["text probe", element] = auc(scores[keep], y[keep])
+                out["text probe", element] = auc(scores[keep], self.names(element)[keep])
         return out
 
     def entities(self) -> tuple[dict[str, float], dict[tuple[str, str], list[int]], Counter]:

@@ -37,14 +37,13 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from presence_readout import auc, lda  # noqa: E402
+from presence_readout import auc, readout_scores, text_probe_scores  # noqa: E402
 
 from raymem.config import ClipConfig  # noqa: E402
 from raymem.encoders import ClipEncoder  # noqa: E402
 from raymem.planted.benchmark import COMMITTED_PRESENCE, PlantedConfig, _presence_training  # noqa: E402
 from raymem.planted.training import CLIP_CONFIG  # noqa: E402
-from raymem.planted.world import CLASSES, ELEMENTS, WorldConfig, build_presence_corpus, build_world  # noqa: E402
-from raymem.probes import element_text  # noqa: E402
+from raymem.planted.world import ELEMENTS, WorldConfig, build_presence_corpus, build_world  # noqa: E402
 
 log = logging.getLogger("presence_training")
 
@@ -87,22 +86,15 @@ def element_aucs(world: Path, clip_dir: Path) -> dict[str, tuple[float, float]]:
     rows = [json.loads(line) for line in (world / "world.jsonl").read_text().splitlines()]
     rows = [r for r in rows if r["role"] == "generic"]
     captions = [r["caption"] for r in rows]
-    classes = [next(c for c in CLASSES if f"of a {c}" in cap) for cap in captions]
     encoder = ClipEncoder(ClipConfig(model=f"local-dir:{clip_dir}", pretrained=None))
     x = encoder.encode_images([np.asarray(Image.open(r["image"]).convert("RGB")) for r in rows]).astype(np.float64)
     fold = np.random.default_rng(0).integers(0, 2, len(rows))
+    every = np.ones(len(rows), bool)
     out = {}
     for element in ELEMENTS:
         y = np.array([element in c for c in captions])
-        probe = np.zeros(len(rows))
-        for c in CLASSES:
-            t = encoder.encode_texts([f"a photo of a {c}", element_text(f"a {c}", element)])
-            mask = np.array([k == c for k in classes])
-            probe[mask] = x[mask] @ (t[1] - t[0])
-        readout = np.zeros(len(rows))
-        for f in (0, 1):
-            readout[fold == f] = x[fold == f] @ lda(x[fold != f], y[fold != f])
-        out[element] = (auc(probe, y), auc(readout, y))
+        probe = text_probe_scores(encoder, x, captions, element)  # every generic caption names its class
+        out[element] = (auc(probe, y), auc(readout_scores(x, y, every, fold), y))
     return out
 
 
