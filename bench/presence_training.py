@@ -42,7 +42,7 @@ from presence_readout import auc, readout_scores, text_probe_scores  # noqa: E40
 from raymem.config import ClipConfig  # noqa: E402
 from raymem.encoders import ClipEncoder  # noqa: E402
 from raymem.planted.benchmark import COMMITTED_PRESENCE, PlantedConfig, _presence_training  # noqa: E402
-from raymem.planted.training import CLIP_CONFIG  # noqa: E402
+from raymem.planted.training import CLIP_CONFIG, RESNET_CLIP_CONFIG  # noqa: E402
 from raymem.planted.world import ELEMENTS, WorldConfig, build_presence_corpus, build_world  # noqa: E402
 
 log = logging.getLogger("presence_training")
@@ -57,11 +57,6 @@ def subject_partners(corpus: Path) -> list[list[int]]:
     for i, s in enumerate(subjects):
         groups.setdefault(s, []).append(i)
     return [groups[s] for s in subjects]
-
-
-# The `resnet` variant's CLIP: the benchmark's text tower and embedding size, open_clip's ModifiedResNet
-# (a tuple of layers selects it) as the image tower, one bottleneck block a stage.
-RESNET_CLIP_CONFIG = {**CLIP_CONFIG, "vision_cfg": {"image_size": 32, "layers": [1, 1, 1, 1], "width": 16}}
 
 
 def train_variant(

@@ -11,6 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from raymem.errors import ConfigError
 from raymem.planted.benchmark import (
     PlantedConfig,
     _presence_training,
@@ -432,6 +433,14 @@ def test_both_entry_points_build_the_config_one_way():
     assert run_name(region) == "world7-default-regions3-regioncases"
     assert planted_config(work="w", region_cases=True, region_neighbours=0).region_neighbours == 0
     assert planted_config(work="w").region_neighbours == 0
+    # the presence CLIP's image tower: a ResNet is another instrument, named apart; meaningless when shared
+    resnet = planted_config(work="w", region_cases=True, presence_tower="resnet")
+    assert resnet.presence == PresenceConfig(image_tower="resnet") and resnet.world == region.world
+    assert run_name(resnet) == "world7-default-regions3-regioncases-resnetclip"
+    with pytest.raises(ConfigError, match="--presence-tower"):
+        planted_config(work="w", presence_tower="resnet", shared_clip=True)
+    with pytest.raises(ConfigError, match="'swin' is not one of vit, resnet"):
+        planted_config(work="w", presence_tower="swin")
 
 
 def test_the_script_and_the_cli_parse_the_same_options_into_the_same_config():
@@ -450,6 +459,7 @@ def test_the_script_and_the_cli_parse_the_same_options_into_the_same_config():
         ["--hard-cases", "--mining"],
         ["--region-cases"],
         ["--region-cases", "--region-neighbours", "0"],
+        ["--region-cases", "--presence-tower", "resnet"],
         ["--quick", "--region-neighbours", "3", "--work", "w2", "--models", "m", "--retrain", "--train-seed", "2"],
     ):
         from_script = planted_config_from_args(script.build_parser().parse_args(argv))
@@ -583,3 +593,42 @@ def test_every_tag_the_world_writes_is_indexed(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "world.jsonl").read_text().splitlines()]
     carried, tags = {e for r in rows for e in r["entities"]}, set(tagged_entities(tmp_path))
     assert carried <= tags and tags - carried == {e.name for e in cast(DEV_SEED)[0] if e.role == "control"}
+
+
+def test_the_presence_clip_is_trained_with_the_image_tower_asked_for(tmp_path):
+    """`--presence-tower resnet`: another instrument in its own cache directory, saved with its own
+    open_clip config so that the scan's `local-dir:` loader builds a ResNet, and embedding like the ViT."""
+    import numpy as np
+
+    from raymem.config import ClipConfig
+    from raymem.encoders import ClipEncoder
+    from raymem.planted.benchmark import prepare_presence
+    from raymem.planted.options import add_planted_options
+    from raymem.planted.training import PRESENCE_TOWERS
+
+    tiny = {
+        "work": str(tmp_path),
+        "presence": PresenceConfig(per_entity=2, per_class=2, posters=2),
+        "train": TrainConfig(clip_steps=4, clip_batch_size=8),
+    }
+    vit = prepare_presence(PlantedConfig(**tiny), tmp_path / "unused")
+    tiny["presence"] = dataclasses.replace(tiny["presence"], image_tower="resnet")
+    resnet = prepare_presence(PlantedConfig(**tiny), tmp_path / "unused")
+    assert vit != resnet and vit.parent == resnet.parent == tmp_path
+    saved = {
+        name: json.loads((d / "clip" / "open_clip_config.json").read_text())["model_cfg"]
+        for name, d in (("vit", vit), ("resnet", resnet))
+    }
+    assert saved == PRESENCE_TOWERS
+    assert json.loads((resnet / "training.json").read_text())["image_tower"] == "resnet"
+    encoder = ClipEncoder(ClipConfig(model=f"local-dir:{resnet / 'clip'}", pretrained=None))
+    assert type(encoder.model.visual).__name__ == "ModifiedResNet"
+    emb = encoder.encode_images([np.zeros((32, 32, 3), np.uint8)] * 2)
+    assert emb.shape == (2, 64) and np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-3)
+    # the command-line choices are the towers training knows
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    add_planted_options(parser)
+    tower = next(a for a in parser._actions if a.dest == "presence_tower")
+    assert set(tower.choices) == set(PRESENCE_TOWERS) and tower.default == "vit"

@@ -26,7 +26,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from raymem.planted.training import TrainConfig
+from raymem.planted.training import PRESENCE_TOWERS, TrainConfig
 from raymem.planted.world import PresenceConfig, WorldConfig
 from raymem.schema import LABELS
 from raymem.stats import clopper_pearson, cluster_bootstrap
@@ -86,6 +86,7 @@ def planted_config(
     hard_cases: bool = False,
     mining: bool = False,
     region_cases: bool = False,
+    presence_tower: str = "vit",
 ) -> PlantedConfig:
     """The benchmark's config from its command-line options (`raymem bench planted`, bench/planted.py),
     checked against the scan config's own bounds before anything is drawn or trained."""
@@ -110,8 +111,14 @@ def planted_config(
         cfg.world = replace(cfg.world, region_cases=True)
     if mining:
         cfg.world = replace(cfg.world, implied_named=MINING_IMPLIED_NAMED, noisy_mentions=MINING_NOISY_MENTIONS)
+    if presence_tower not in PRESENCE_TOWERS:
+        raise ConfigError(f"--presence-tower: {presence_tower!r} is not one of {', '.join(PRESENCE_TOWERS)}")
     if shared_clip:
+        if presence_tower != "vit":
+            raise ConfigError("--presence-tower: the presence CLIP's tower means nothing with --shared-clip")
         cfg.presence = None
+    else:
+        cfg.presence = replace(cfg.presence, image_tower=presence_tower)
     if train_seed is not None:
         cfg.train = replace(cfg.train, seed=train_seed)
     return cfg
@@ -243,20 +250,20 @@ def prepare_presence(cfg: PlantedConfig, models: Path) -> Path:
     if cfg.presence is None:
         return models
     from raymem.planted.training import train_presence_clip
-    from raymem.planted.world import build_presence_corpus, cast_only, world_key
+    from raymem.planted.world import build_presence_corpus, cast_only, presence_key, world_key
 
     train = _presence_training(cfg.train, cfg.presence)
     # the corpus draws the world's cast, never its training images: the world with the hard cases (or
     # with mining's captions) shares the presence CLIP of the world without them
     world = f"world-{_digest(world_key(cast_only(cfg.world)))}"
-    name = f"presence-{_digest([world, asdict(cfg.presence), {**asdict(train), 'threads': 0}])}"
+    name = f"presence-{_digest([world, presence_key(cfg.presence), {**asdict(train), 'threads': 0}])}"
     root = _trained(cfg, name, COMMITTED_PRESENCE)
     if not (root / "training.json").exists():
         if not (root / "corpus" / "presence.json").exists():
             log.info("drawing the presence corpus into %s", root / "corpus")
             build_presence_corpus(root / "corpus", cfg.world, cfg.presence)
         log.info("training the presence CLIP into %s (CPU; minutes)", root)
-        train_presence_clip(root / "corpus", root, train)
+        train_presence_clip(root / "corpus", root, train, cfg.presence.image_tower)
     return root
 
 
@@ -646,7 +653,9 @@ def run_name(cfg: PlantedConfig) -> str:
     name += "-hard" if cfg.world.hard_cases else ""
     name += "-mining" if mining_on(cfg) else ""
     name += "-regioncases" if cfg.world.region_cases else ""
-    return name + ("-sharedclip" if cfg.presence is None else "")
+    if cfg.presence is None:
+        return name + "-sharedclip"
+    return name + (f"-{cfg.presence.image_tower}clip" if cfg.presence.image_tower != "vit" else "")
 
 
 def targets_report(result: dict) -> list[str]:

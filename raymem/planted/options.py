@@ -67,6 +67,13 @@ def add_planted_options(parser) -> None:
         help="scan with the CLIP trained on the generator's own images and captions instead of the "
         "independent presence CLIP (the benchmark's setup before it had one)",
     )
+    parser.add_argument(
+        "--presence-tower",
+        choices=("vit", "resnet"),
+        default="vit",
+        help="the presence CLIP's image tower: vit (default; the committed one for the development world) or "
+        "resnet (open_clip's ModifiedResNet, which sees few-pixel elements; trained for the world, minutes)",
+    )
 
 
 def planted_config_from_args(args) -> PlantedConfig:
@@ -86,4 +93,5 @@ def planted_config_from_args(args) -> PlantedConfig:
         hard_cases=args.hard_cases,
         mining=args.mining,
         region_cases=args.region_cases,
+        presence_tower=args.presence_tower,
     )

@@ -125,6 +125,12 @@ CLIP_CONFIG = {
     "vision_cfg": {"image_size": 32, "layers": 4, "width": 128, "patch_size": 4},
     "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 32, "heads": 4, "layers": 3},
 }
+# The same text tower and embedding size with open_clip's ModifiedResNet (a tuple of layers selects it) as
+# the image tower, one bottleneck block a stage: convolutions keep a few-pixel element that a 4-px patch
+# embedding averages away (docs/planted.md, "Is it the CLIP's training, or its architecture?").
+RESNET_CLIP_CONFIG = {**CLIP_CONFIG, "vision_cfg": {"image_size": 32, "layers": [1, 1, 1, 1], "width": 16}}
+# The presence CLIP's image towers (`PresenceConfig.image_tower`).
+PRESENCE_TOWERS = {"vit": CLIP_CONFIG, "resnet": RESNET_CLIP_CONFIG}
 
 
 # -- training ---------------------------------------------------------------------------------------------
@@ -276,15 +282,23 @@ def train_world_models(world_root: Path, out: Path, cfg: TrainConfig = TrainConf
     return meta
 
 
-def train_presence_clip(corpus_root: Path, out: Path, cfg: TrainConfig = TrainConfig()) -> dict:
+def train_presence_clip(
+    corpus_root: Path, out: Path, cfg: TrainConfig = TrainConfig(), image_tower: str = "vit"
+) -> dict:
     """Train and save `out/clip` on a presence corpus (`presence.jsonl`): the scan's CLIP, independent
-    of the generator's captions and images."""
+    of the generator's captions and images, with the image tower `image_tower` (PRESENCE_TOWERS)."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    model_cfg = PRESENCE_TOWERS[image_tower]
     pixels, captions = load_world(corpus_root, "presence.jsonl")
     t0 = time.perf_counter()
-    clip = train_clip(pixels, captions, cfg)
-    save_clip(clip, out / "clip")
-    meta = {"config": asdict(cfg), "images": len(captions), "clip_seconds": round(time.perf_counter() - t0, 1)}
+    clip = train_clip(pixels, captions, cfg, model_cfg=model_cfg)
+    save_clip(clip, out / "clip", model_cfg)
+    meta = {
+        "config": asdict(cfg),
+        "image_tower": image_tower,
+        "images": len(captions),
+        "clip_seconds": round(time.perf_counter() - t0, 1),
+    }
     (out / "training.json").write_text(json.dumps(meta, indent=2))
     return meta

@@ -833,6 +833,9 @@ class PresenceConfig:
     posters: int = 60  # one-off posters (not the world's), captioned as posters
     element_rate: float = 0.7
     seed: int = 0  # the drawing stream, beside the world's seed
+    # the CLIP's image tower (training.PRESENCE_TOWERS): "vit" (4-px patches, the generator's CLIP's
+    # architecture) or "resnet" (open_clip's ModifiedResNet; sees few-pixel elements the patches average away)
+    image_tower: str = "vit"
 
 
 # Paraphrases of the world's caption grammar: other frames and scene wordings, the same nouns.
@@ -852,6 +855,15 @@ PRESENCE_FRAMES = (
     "a photo of {subject}{element}",
 )
 PRESENCE_ELEMENT = (" with {element}", " and {element}", ", {element} visible")
+
+
+def presence_key(cfg: PresenceConfig) -> dict:
+    """What identifies a presence CLIP's corpus and tower (its cache digest): the ViT, the tower it had
+    before the choice existed, left out, so the presence CLIPs trained before keep their digest."""
+    key = asdict(cfg)
+    if key["image_tower"] == "vit":
+        key.pop("image_tower")
+    return key
 
 
 def presence_caption(rng: np.random.Generator, subject: str, scene: str, element: str | None) -> str:
