@@ -20,8 +20,8 @@ baseline's recipe and text tower, the image tower open_clip's ModifiedResNet ins
 
     python bench/presence_training.py [--world-seed 7] [--longer 3] [--work build/presence-training]
 
-Minutes on 2 cores: baseline 6 (0 for seed 7), longer 6 x N, pairs 6; resnet not timed alone
-(13-21 at the lowest priority beside a test run).
+Minutes on 2 cores: baseline 5-6 (0 for seed 7), longer 6 x N, pairs 6; resnet 1.5 alone (93 s for
+world 24 through the benchmark; 13-21 minutes at the lowest priority beside a test run).
 """
 
 from __future__ import annotations
