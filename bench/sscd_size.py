@@ -6,7 +6,12 @@ embeds the world's training images with SSCD, and prints the train-train backgro
 measure (each sampled image's nearest *other* training image, exact duplicates by pixel hash excluded,
 as raymem.background does).
 
+`--synthetic` prints the same background for images that share no content at all -- independent
+white noise, and smooth noise of several scales drawn at 32, 64 and 128 px -- the floor any
+procedurally drawn world could reach at that size.
+
     python bench/sscd_size.py build/planted/world-<digest> --sizes 32,64,128,224
+    python bench/sscd_size.py --synthetic --sample 400
 """
 
 from __future__ import annotations
@@ -26,27 +31,57 @@ from raymem.config import CopyDetectionConfig  # noqa: E402
 from raymem.encoders import CopyDetector  # noqa: E402
 
 
+def background(images: list[Image.Image], size: int, sample: np.ndarray) -> np.ndarray:
+    """p50, p95, p99 of each sampled image's SSCD cosine to its nearest other image (exact duplicates out)."""
+    hashes = np.array([hashlib.sha1(np.asarray(im).tobytes()).hexdigest() for im in images])
+    detector = CopyDetector(CopyDetectionConfig(model="immaculate:sscd", image_size=size))
+    emb = np.concatenate([detector.encode_images(images[i : i + 64]) for i in range(0, len(images), 64)])
+    sims = emb[sample] @ emb.T
+    sims[hashes[sample][:, None] == hashes[None, :]] = -np.inf  # itself and its exact duplicates
+    return np.percentile(sims.max(axis=1), [50, 95, 99])
+
+
+def smooth_noise(rng: np.random.Generator, native: int) -> Image.Image:
+    """Colour value noise at four scales (3, 8 and 20 cells, and half the image size), drawn at `native` px."""
+    img = np.zeros((native, native, 3))
+    for cells, weight in ((3, 0.4), (8, 0.3), (20, 0.2), (native // 2, 0.1)):
+        grid = Image.fromarray((rng.random((cells, cells, 3)) * 255).astype(np.uint8))
+        img += weight * np.asarray(grid.resize((native, native), Image.BICUBIC)) / 255.0
+    return Image.fromarray((np.clip(img, 0, 1) * 255).astype(np.uint8))
+
+
+def synthetic_sets(n: int, seed: int) -> list[tuple[str, int, list[Image.Image]]]:
+    rng = np.random.default_rng(seed)
+    sets = [("white noise", 32, [Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)) for _ in range(n)])]
+    sets += [(f"smooth noise at {px} px", px, [smooth_noise(rng, px) for _ in range(n)]) for px in (32, 64, 128)]
+    return sets
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("world", help="a drawn world directory (world.jsonl, images/)")
+    parser.add_argument("world", nargs="?", help="a drawn world directory (world.jsonl, images/)")
     parser.add_argument("--sizes", default="32,64,128,224")
     parser.add_argument("--sample", type=int, default=600, help="training images whose nearest neighbour is taken")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--synthetic", action="store_true", help="also images that share no content (above)")
     args = parser.parse_args()
-    rows = [json.loads(line) for line in (Path(args.world) / "world.jsonl").read_text().splitlines()]
-    images = [Image.open(r["image"]).convert("RGB") for r in rows]
-    hashes = np.array([hashlib.sha1(np.asarray(im).tobytes()).hexdigest() for im in images])
-    sample = np.random.default_rng(args.seed).choice(len(rows), min(args.sample, len(rows)), replace=False)
-    print(f"{len(rows)} training images, {len(set(hashes))} distinct; background over {len(sample)} sampled")
-    print("size  background p50   p95    p99")
-    for size in map(int, args.sizes.split(",")):
-        detector = CopyDetector(CopyDetectionConfig(model="immaculate:sscd", image_size=size))
-        emb = np.concatenate([detector.encode_images(images[i : i + 64]) for i in range(0, len(images), 64)])
-        sims = emb[sample] @ emb.T
-        sims[hashes[sample][:, None] == hashes[None, :]] = -np.inf  # itself and its exact duplicates
-        top1 = sims.max(axis=1)
-        p50, p95, p99 = np.percentile(top1, [50, 95, 99])
-        print(f"{size:4d}  {p50:14.3f}  {p95:5.3f}  {p99:5.3f}")
+    if not args.world and not args.synthetic:
+        parser.error("give a world directory, --synthetic, or both")
+    sizes = [int(s) for s in args.sizes.split(",")]
+    print("images                     size  background p50   p95    p99")
+    if args.world:
+        rows = [json.loads(line) for line in (Path(args.world) / "world.jsonl").read_text().splitlines()]
+        images = [Image.open(r["image"]).convert("RGB") for r in rows]
+        sample = np.random.default_rng(args.seed).choice(len(rows), min(args.sample, len(rows)), replace=False)
+        print(f"({len(rows)} training images; background over {len(sample)} sampled)")
+        for size in sizes:
+            p50, p95, p99 = background(images, size, sample)
+            print(f"{'the world':25s}  {size:4d}  {p50:14.3f}  {p95:5.3f}  {p99:5.3f}")
+    if args.synthetic:
+        for name, native, images in synthetic_sets(args.sample, args.seed):
+            for size in (s for s in sizes if s >= native):  # SSCD input never below the drawing's size
+                p50, p95, p99 = background(images, size, np.arange(len(images)))
+                print(f"{name:25s}  {size:4d}  {p50:14.3f}  {p95:5.3f}  {p99:5.3f}")
     return 0
 
 
