@@ -156,7 +156,9 @@ def fit_order(inputs: LabelInputs) -> tuple[tuple[str, tuple[str, ...]], ...]:
 def _score(pr: dict, target: float) -> tuple:
     """Order of preference: precision at the target first, then recall (or precision below it)."""
     p, r = pr["precision"] or 0.0, pr["recall"] or 0.0
-    return (p >= target, r if p >= target else p, p if p >= target else r)
+    if reaches_target(pr, target):
+        return (True, r, p)
+    return (False, p, r)
 
 
 def fit(inputs: LabelInputs, pilot: dict[str, str], start: ThresholdsConfig, target: float):
