@@ -61,7 +61,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("world", nargs="?", help="a drawn world directory (world.jsonl, images/)")
     parser.add_argument("--sizes", default="32,64,128,224")
-    parser.add_argument("--sample", type=int, default=600, help="training images whose nearest neighbour is taken")
+    parser.add_argument(
+        "--sample",
+        type=int,
+        default=600,
+        help="training images whose nearest neighbour is taken; --synthetic: images a set",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--synthetic", action="store_true", help="also images that share no content (above)")
     args = parser.parse_args()
