@@ -294,6 +294,44 @@ def test_reduced_benchmark_end_to_end(local_ray, tmp_path):
     assert re.search(r"ME  prompts, scan images drawn +\d+/\d+ ", entities.split("pooled:")[1]), readout
 
 
+def test_sscd_size_bench_measures_a_world_and_the_synthetic_floor(tmp_path):
+    """bench/sscd_size.py (issue 12, item 4): the train-train SSCD background of a drawn world, exact
+    duplicates left out (the world's posters are byte-identical copies: counted, every top-1 would be
+    1.0), and of images that share no content, at every input size not below their drawing size."""
+    from raymem.planted.world import build_world
+
+    build_world(tmp_path / "world", WorldConfig(per_entity=2, per_class=2, poster_copies=3))
+    out = subprocess.run(
+        [sys.executable, "bench/sscd_size.py", str(tmp_path / "world"), "--synthetic", "--sizes", "32,64"]
+        + ["--sample", "16"],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).resolve().parents[1],
+    ).stdout
+    rows = {}
+    for line in out.splitlines()[1:]:  # "<name, 25 wide>  <size>  <p50>  <p95>  <p99>"
+        if not line.startswith("("):
+            size, *percentiles = line[25:].split()
+            rows[line[:25].strip(), int(size)] = [float(p) for p in percentiles]
+    assert set(rows) == {
+        ("the world", 32),
+        ("the world", 64),
+        ("white noise", 32),
+        ("white noise", 64),
+        ("smooth noise at 32 px", 32),
+        ("smooth noise at 32 px", 64),
+        ("smooth noise at 64 px", 64),
+    }, out
+    assert all(-1 <= p50 <= p95 <= p99 < 0.999 for p50, p95, p99 in rows.values()), out
+    # what docs/planted.md reports: images with nothing in common are still far above 0.6 for SSCD
+    assert all(rows[key][1] > 0.6 for key in rows if key[0] != "the world"), out
+    failed = subprocess.run(
+        [sys.executable, "bench/sscd_size.py"], capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1]
+    )
+    assert failed.returncode != 0 and "give a world directory, --synthetic, or both" in failed.stderr
+
+
 def test_presence_training_bench_reads_every_variant(tmp_path):
     """bench/presence_training.py (what limits MI: the presence CLIP's recipe or the world?) trains its
     variants and prints, per variant, a text-probe and a linear read-out AUC for every element."""
