@@ -27,18 +27,27 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from raymem.background import percentiles  # noqa: E402
 from raymem.config import CopyDetectionConfig  # noqa: E402
 from raymem.encoders import CopyDetector  # noqa: E402
 
 
-def background(images: list[Image.Image], size: int, sample: np.ndarray) -> np.ndarray:
-    """p50, p95, p99 of each sampled image's SSCD cosine to its nearest other image (exact duplicates out)."""
-    hashes = np.array([hashlib.sha1(np.asarray(im).tobytes()).hexdigest() for im in images])
+def pixel_hashes(images: list[Image.Image]) -> np.ndarray:
+    return np.array([hashlib.sha1(np.asarray(im).tobytes()).hexdigest() for im in images])
+
+
+def background(images: list[Image.Image], hashes: np.ndarray, size: int, sample: np.ndarray) -> dict:
+    """The percentiles (raymem.background's) of each sampled image's SSCD cosine to its nearest other
+    image, exact duplicates (same `hashes`) left out."""
     detector = CopyDetector(CopyDetectionConfig(model="immaculate:sscd", image_size=size))
     emb = np.concatenate([detector.encode_images(images[i : i + 64]) for i in range(0, len(images), 64)])
     sims = emb[sample] @ emb.T
     sims[hashes[sample][:, None] == hashes[None, :]] = -np.inf  # itself and its exact duplicates
-    return np.percentile(sims.max(axis=1), [50, 95, 99])
+    return percentiles(sims.max(axis=1))
+
+
+def row(name: str, size: int, measured: dict) -> str:
+    return f"{name:25s}  {size:4d}  {measured['p50']:14.3f}  {measured['p95']:5.3f}  {measured['p99']:5.3f}"
 
 
 def smooth_noise(rng: np.random.Generator, native: int) -> Image.Image:
@@ -77,16 +86,16 @@ def main() -> int:
     if args.world:
         rows = [json.loads(line) for line in (Path(args.world) / "world.jsonl").read_text().splitlines()]
         images = [Image.open(r["image"]).convert("RGB") for r in rows]
+        hashes = pixel_hashes(images)
         sample = np.random.default_rng(args.seed).choice(len(rows), min(args.sample, len(rows)), replace=False)
-        print(f"({len(rows)} training images; background over {len(sample)} sampled)")
+        print(f"({len(rows)} training images, {len(set(hashes))} distinct; background over {len(sample)} sampled)")
         for size in sizes:
-            p50, p95, p99 = background(images, size, sample)
-            print(f"{'the world':25s}  {size:4d}  {p50:14.3f}  {p95:5.3f}  {p99:5.3f}")
+            print(row("the world", size, background(images, hashes, size, sample)))
     if args.synthetic:
         for name, native, images in synthetic_sets(args.sample, args.seed):
+            hashes, everyone = pixel_hashes(images), np.arange(len(images))
             for size in (s for s in sizes if s >= native):  # SSCD input never below the drawing's size
-                p50, p95, p99 = background(images, size, np.arange(len(images)))
-                print(f"{name:25s}  {size:4d}  {p50:14.3f}  {p95:5.3f}  {p99:5.3f}")
+                print(row(name, size, background(images, hashes, size, everyone)))
     return 0
 
 
