@@ -129,11 +129,16 @@ def raymem_stage(model_dir: Path, work: Path, n_prompts: int, args) -> dict:
         build_tiny_clip(clip_dir)
     train = work / "train"
     train.mkdir(exist_ok=True)
-    emb = l2_normalize(np.random.default_rng(0).standard_normal((256, 64)))
-    pq.write_table(
-        pa.table({"train_id": [f"t{i}" for i in range(256)], "clip_embedding": embedding_array(emb, 64)}),
-        train / "part-0.parquet",
-    )
+    rng = np.random.default_rng(0)
+    columns = {"train_id": [f"t{i}" for i in range(256)]}
+    columns["clip_embedding"] = embedding_array(l2_normalize(rng.standard_normal((256, 64))), 64)
+    if args.copy_detection:  # a copy detector needs training embeddings of its own to compare against
+        from raymem.config import CopyDetectionConfig
+        from raymem.encoders import CopyDetector
+
+        dim = CopyDetector(CopyDetectionConfig(model=args.copy_detection)).dim
+        columns["sscd_embedding"] = embedding_array(l2_normalize(rng.standard_normal((256, dim))), dim)
+    pq.write_table(pa.table(columns), train / "part-0.parquet")
     prompts_path = work / "prompts.jsonl"
     prompts_path.write_text(
         "".join(
