@@ -159,17 +159,23 @@ class StagePlan:
             args["num_gpus"] = self.num_gpus
         return args
 
-    def compute(self, items: int, tasks: bool = False):
+    def compute(self, items: int, tasks: bool = False, calls_per_actor: int = 1):
         """Ray Data's pool for `items` work items: fixed when min == max, autoscaling otherwise; with
-        `tasks`, at most `max_actors` tasks at a time instead."""
+        `tasks`, at most `max_actors` tasks at a time instead. `calls_per_actor` > 1: each actor runs that
+        many calls at once in threads (the class then guards its models itself)."""
         import ray
 
         low, high = min(self.min_actors, max(1, items)), min(self.max_actors, max(1, items))
         if tasks:
             return ray.data.TaskPoolStrategy(size=high)
+        threads = (
+            {"max_concurrent_calls_per_actor": calls_per_actor, "enable_true_multi_threading": True}
+            if calls_per_actor > 1
+            else {}
+        )
         if low == high:
-            return ray.data.ActorPoolStrategy(size=high)
-        return ray.data.ActorPoolStrategy(min_size=low, max_size=high)
+            return ray.data.ActorPoolStrategy(size=high, **threads)
+        return ray.data.ActorPoolStrategy(min_size=low, max_size=high, **threads)
 
     def describe(self) -> dict:
         return {
@@ -385,6 +391,7 @@ def map_stage(
     batch_size: int = 1,
     blocks: int | None = None,
     reuse_workers: bool = False,
+    calls_per_actor: int = 1,
 ) -> Iterator:
     """The one way raymem runs a stage on Ray: `items` (small dicts naming the work) through a pool of
     `plan.actors` instances of the callable class `fn`, each built once with `constructor_kwargs` (models
@@ -395,7 +402,10 @@ def map_stage(
     `plan.actors` Ray Data *tasks* at a time instead of an actor pool, each task calling an instance cached
     in its worker process (`cached_instance`). Starting an actor pool costs 1-2 s per stage on a small
     machine (a fresh worker process that imports Ray Data), a task runs in a worker Ray already has
-    (docs/join.md). GPU stages keep their actors: Ray ends a GPU task's worker after each task."""
+    (docs/join.md). GPU stages keep their actors: Ray ends a GPU task's worker after each task.
+
+    `calls_per_actor` (actor pools only): calls each instance runs at once, in threads, for a class
+    that overlaps one call's CPU work with another's model work and guards its models itself."""
     import ray
 
     ds = ray.data.from_items(items, override_num_blocks=blocks or max(1, len(items)))
@@ -412,7 +422,7 @@ def map_stage(
         **call,
         batch_size=batch_size,
         batch_format="pyarrow",
-        compute=plan.compute(len(items), tasks=tasks),
+        compute=plan.compute(len(items), tasks=tasks, calls_per_actor=1 if tasks else calls_per_actor),
         **plan.remote_args(),
     )
     return named(out, name)

@@ -215,6 +215,43 @@ def test_a_reused_worker_stage_builds_one_instance_per_process_and_run(local_ray
     assert not first_instances & {(r["pid"], r["instance"]) for r in second}
 
 
+class _Overlapping:
+    """A stage instance that records how many of its calls were running when each began."""
+
+    def __init__(self):
+        import threading
+
+        self.lock, self.running = threading.Lock(), 0
+
+    def __call__(self, batch):
+        import os
+        import time
+
+        import pyarrow as pa
+
+        with self.lock:
+            self.running += 1
+            seen = self.running
+        time.sleep(1.0)  # long enough for the pool's next call to start beside it when it may
+        with self.lock:
+            self.running -= 1
+        return pa.table({"item": batch.column("i"), "pid": [os.getpid()], "running": [seen]})
+
+
+@pytest.mark.parametrize("calls", [1, 2])
+def test_an_actor_runs_as_many_calls_at_once_as_the_stage_asks(local_ray, calls):
+    """`map_stage(calls_per_actor=2)` (the generate stage) gives one actor two calls at once, in threads
+    of the same instance; the default runs one at a time."""
+    from raymem import runtime
+
+    plan = StagePlan.fixed(1, num_gpus=0.0, num_cpus=1.0)
+    items = [{"i": i} for i in range(6)]
+    rows = pa.concat_tables(list(runtime.map_stage("overlap", items, _Overlapping, plan, calls_per_actor=calls)))
+    rows = rows.to_pylist()
+    assert sorted(r["item"] for r in rows) == list(range(6)) and len({r["pid"] for r in rows}) == 1
+    assert max(r["running"] for r in rows) == calls
+
+
 def test_the_worker_cache_keeps_the_latest_stage_runs_only(monkeypatch):
     """A worker process keeps the instances of its last `KEEP_INSTANCES` stage runs; an older run's
     instance is dropped (and rebuilt if that run's tasks come back)."""
