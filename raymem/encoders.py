@@ -51,12 +51,19 @@ class ClipEncoder:
         with torch.inference_mode():
             self.dim = int(self.encode_texts(["a"]).shape[1])
 
-    @torch.inference_mode()
     def encode_images(self, images: Sequence[np.ndarray | Image.Image]) -> np.ndarray:
-        if not images:
+        return self.encode_prepared(self.prepare_images(images))
+
+    def prepare_images(self, images: Sequence[np.ndarray | Image.Image]) -> torch.Tensor | None:
+        """The CPU half of `encode_images` (resize, crop, normalise): no model involved, so it can run
+        while another thread uses the model."""
+        return torch.stack([self.preprocess(im) for im in _to_pil(images)]) if len(images) else None
+
+    @torch.inference_mode()
+    def encode_prepared(self, batch: torch.Tensor | None) -> np.ndarray:
+        if batch is None:
             return np.zeros((0, self.dim), dtype=np.float32)
-        batch = torch.stack([self.preprocess(im) for im in _to_pil(images)]).to(self.device)
-        return l2_normalize(self.model.encode_image(batch).float().cpu().numpy())
+        return l2_normalize(self.model.encode_image(batch.to(self.device)).float().cpu().numpy())
 
     @torch.inference_mode()
     def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
@@ -126,9 +133,16 @@ class CopyDetector:
             return self._torch(torch.from_numpy(x).to(self.device)).float().cpu().numpy()
 
     def encode_images(self, images: Sequence[np.ndarray | Image.Image]) -> np.ndarray:
-        if not len(images):
+        return self.encode_prepared(self.prepare_images(images))
+
+    def prepare_images(self, images: Sequence[np.ndarray | Image.Image]) -> list[np.ndarray]:
+        """The CPU half of `encode_images` (the resize): no model involved, so it can run while another
+        thread uses the model."""
+        return [np.asarray(_resize_short_side(im.convert("RGB"), self.image_size)) for im in _to_pil(images)]
+
+    def encode_prepared(self, resized: list[np.ndarray]) -> np.ndarray:
+        if not resized:
             return np.zeros((0, getattr(self, "dim", 512)), dtype=np.float32)
-        resized = [np.asarray(_resize_short_side(im.convert("RGB"), self.image_size)) for im in _to_pil(images)]
         # Images of equal size run as one batch; others (training images of mixed aspect) per size group.
         groups: dict[tuple[int, ...], list[int]] = {}
         for i, arr in enumerate(resized):
