@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import socket
+import threading
 import time
 import traceback
 from dataclasses import asdict, dataclass
@@ -131,7 +132,14 @@ def pick_device():
 
 
 class GenerateEmbed:
-    """Ray Data callable class: work chunks in, one summary row per unit out."""
+    """Ray Data callable class: work chunks in, one summary row per unit out.
+
+    An actor runs `CALLS_AT_ONCE` calls at once, in threads, so that one chunk's CPU work — PNG encoding,
+    the CLIP/SSCD preprocessing, the Parquet writes — runs while the next chunk is sampled: on a GPU
+    that work otherwise leaves the card idle (docs/gpu.md). The pipeline and the encoders are used by one
+    thread at a time (`_models`); the steps between are safe to run beside them."""
+
+    CALLS_AT_ONCE = 2
 
     def __init__(self, cfg: ScanConfig, scan_id: str, store_uri: str, text_cache_uri: str):
         import torch
@@ -155,6 +163,9 @@ class GenerateEmbed:
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
         self.visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
         self._prompt_embeddings: dict[str, np.ndarray] = {}
+        # The pipeline (its scheduler and noise-norm hooks hold per-call state) and the encoders: one
+        # thread at a time. Everything else a call does runs outside it.
+        self._models = threading.Lock()
         self._io = concurrent.futures.ThreadPoolExecutor(max_workers=max(2, int(cfg.resources.cpus_per_actor)))
         log.info("GenerateEmbed on %s (CUDA_VISIBLE_DEVICES=%r)", self.device, self.visible)
 
@@ -185,21 +196,22 @@ class GenerateEmbed:
         return out
 
     def _run_chunk(self, units: list[Unit]) -> list[dict]:
-        start = time.perf_counter()
-        try:
-            samples = [self._sample(units)]
-            groups = [units]
-        except Exception:  # one bad unit must not sink its batch-mates: retry each alone
-            log.warning("chunk failed, retrying %d units one by one:\n%s", len(units), traceback.format_exc())
-            samples, groups = [], []
-            for u in units:
-                try:
-                    samples.append(self._sample([u]))
-                    groups.append([u])
-                except Exception as err:  # noqa: BLE001 - recorded as data
-                    samples.append(err)
-                    groups.append([u])
-        gen_seconds = (time.perf_counter() - start) / max(1, len(units))
+        with self._models:
+            start = time.perf_counter()
+            try:
+                samples = [self._sample(units)]
+                groups = [units]
+            except Exception:  # one bad unit must not sink its batch-mates: retry each alone
+                log.warning("chunk failed, retrying %d units one by one:\n%s", len(units), traceback.format_exc())
+                samples, groups = [], []
+                for u in units:
+                    try:
+                        samples.append(self._sample([u]))
+                        groups.append([u])
+                    except Exception as err:  # noqa: BLE001 - recorded as data
+                        samples.append(err)
+                        groups.append([u])
+            gen_seconds = (time.perf_counter() - start) / max(1, len(units))
         rows = []
         for group, result in zip(groups, samples):
             if isinstance(result, BaseException):
@@ -209,6 +221,7 @@ class GenerateEmbed:
         return rows
 
     def _prompt_embedding(self, text: str) -> np.ndarray:
+        """(Called holding `_models`.)"""
         if text not in self._prompt_embeddings:
             self._prompt_embeddings[text] = self.clip.encode_texts([text])[0]
         return self._prompt_embeddings[text]
@@ -225,15 +238,22 @@ class GenerateEmbed:
         rows = []
         try:
             start = time.perf_counter()
-            clip_emb = self.clip.encode_images(list(samples.images))
-            sscd_emb = self.sscd.encode_images(list(samples.images)) if self.sscd else None
-            embed_seconds = (time.perf_counter() - start) / len(units)
+            images = list(samples.images)
+            clip_in = self.clip.prepare_images(images)  # CPU work, beside the next chunk's sampling
+            sscd_in = self.sscd.prepare_images(images) if self.sscd else None
+            prepare_seconds = time.perf_counter() - start
+            with self._models:
+                start = time.perf_counter()
+                clip_emb = self.clip.encode_prepared(clip_in)
+                sscd_emb = self.sscd.encode_prepared(sscd_in) if self.sscd else None
+                prompt_emb = {u.prompt: self._prompt_embedding(u.prompt) for u in units}
+                embed_seconds = (prepare_seconds + time.perf_counter() - start) / len(units)
         except Exception as err:  # noqa: BLE001
             concurrent.futures.wait(saves)
             return [self._failed_row(u, err, gen_seconds) for u in units]
         for i, u in enumerate(units):
             try:
-                prompt_score = float(self._prompt_embedding(u.prompt) @ clip_emb[i])
+                prompt_score = float(prompt_emb[u.prompt] @ clip_emb[i])
                 uri = saves[i].result()
                 rows.append(
                     self._row(
@@ -320,7 +340,9 @@ class GenerateEmbed:
     def _write_texts(self, suffix: str, texts: list[str]) -> None:
         if not texts:
             return
-        table = text_cache_table(texts, self.clip.encode_texts(texts), self.clip.dim)
+        with self._models:
+            embeddings = self.clip.encode_texts(texts)
+        table = text_cache_table(texts, embeddings, self.clip.dim)
         uris.write_bytes_atomic(uris.join(self.text_cache_uri, f"part-{suffix}.parquet"), parquet_bytes(table))
 
 

@@ -487,6 +487,7 @@ def _generate(
             "text_cache_uri": outputs.text_cache,
         },
         blocks=min(len(chunks), max(1, plan.actors * 4)),
+        calls_per_actor=GenerateEmbed.CALLS_AT_ONCE,
     )
     failed = 0
     progress = runtime.Progress("generate", len(todo), "units")
