@@ -670,3 +670,23 @@ def test_the_presence_clip_is_trained_with_the_image_tower_asked_for(tmp_path):
     add_planted_options(parser)
     tower = next(a for a in parser._actions if a.dest == "presence_tower")
     assert set(tower.choices) == set(PRESENCE_TOWERS) and tower.default == "vit"
+
+
+def test_generate_throughput_bench_runs_both_sides_with_a_copy_detector(tmp_path):
+    """bench/generate_throughput.py (issue 14, item 4; the GPU run's script) on the CPU: the bare loop and
+    raymem's stage over the same units, with SSCD on, every unit generated and both rates measured. A
+    ratio, never a time, is what it reports; nothing here asserts one."""
+    out = tmp_path / "result.json"
+    subprocess.run(
+        [sys.executable, "bench/generate_throughput.py", "--size", "tiny", "--images", "8", "--seeds", "2"]
+        + ["--batch-size", "2", "--steps", "2", "--copy-detection", "immaculate:sscd_distilled"]
+        + ["--work", str(tmp_path / "work"), "--json", str(out)],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    result = json.loads(out.read_text())
+    assert result["raymem"]["units"] == 8 and result["raymem"]["failed"] == 0
+    assert result["raymem"]["devices"] == ["cpu"] and result["bare"]["device"] == "cpu"
+    assert result["ratio_steady"] > 0 and result["ratio_stage"] > 0
