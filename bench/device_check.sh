@@ -38,12 +38,14 @@ print("OK: every unit was generated on cuda")
 PY
 
 step "bench: SD-1.5-shaped pipeline, 512x512"
-timeout 270 python3 bench/generate_throughput.py --size sd15 --resolution 512 --steps 20 --images 64 --batch-size 8 --cpus-per-actor 4 \
+# raymem's stage twice against one bare loop: resources.chunks_at_once 1 (one chunk after another) and 2
+# (one chunk's PNGs, preprocessing and writes beside the next one's sampling; the default since 2026-12-02).
+timeout 300 python3 bench/generate_throughput.py --size sd15 --resolution 512 --steps 20 --images 64 --batch-size 8 --cpus-per-actor 4 --chunks-at-once 1,2 \
   --work build/bench-sd15 --json "$OUT/bench-sd15.json" > "$OUT/bench-sd15.txt" 2>&1; echo "exit $?" >> "$OUT/bench-sd15.txt"
-tail -4 "$OUT/bench-sd15.txt"
+tail -5 "$OUT/bench-sd15.txt"
 
 step "bench: tiny demo pipeline, 64x64"
-timeout 90 python3 bench/generate_throughput.py --size tiny --images 64 --batch-size 8 \
+timeout 60 python3 bench/generate_throughput.py --size tiny --images 64 --batch-size 8 \
   --work build/bench-tiny --json "$OUT/bench-tiny.json" > "$OUT/bench-tiny.txt" 2>&1; echo "exit $?" >> "$OUT/bench-tiny.txt"
 tail -4 "$OUT/bench-tiny.txt"
 step done

@@ -12,7 +12,9 @@ Ray Data. Printed: images/s of each and their ratio, in one run on one machine.
 VAE and text encoder shapes) and random weights, so the arithmetic matches SD 1.5 without any
 download. raymem's throughput is reported two ways: over the whole stage (actor start and model load
 included) and in steady state (from the first finished chunk to the last, the number that matters for
-a long nightly scan).
+a long nightly scan). `--chunks-at-once 1,2` runs raymem's stage once per value of
+`resources.chunks_at_once` against the same bare loop: the overlap of one chunk's CPU work with the
+next chunk's sampling, measured in one run.
 """
 
 from __future__ import annotations
@@ -113,7 +115,7 @@ def bare_loop(model_dir: Path, prompts: list[str], seeds: list[int], args) -> di
     return {"device": str(device), "load_seconds": load, "seconds": seconds, "images_per_s": len(prompts) / seconds}
 
 
-def raymem_stage(model_dir: Path, work: Path, n_prompts: int, args) -> dict:
+def raymem_stage(model_dir: Path, work: Path, n_prompts: int, chunks_at_once: int, args) -> dict:
     import pyarrow as pa
     import pyarrow.parquet as pq
     import ray
@@ -147,7 +149,7 @@ def raymem_stage(model_dir: Path, work: Path, n_prompts: int, args) -> dict:
             for i in range(n_prompts)
         )
     )
-    out = work / f"out-{int(time.time())}"
+    out = work / f"out-{int(time.time())}-{chunks_at_once}"
     cfg = parse_config(
         {
             "name": "bench",
@@ -167,7 +169,11 @@ def raymem_stage(model_dir: Path, work: Path, n_prompts: int, args) -> dict:
             },
             "training": {"embeddings": str(train)},
             "output": {"uri": str(out)},
-            "resources": {"generation_actors": 1, "cpus_per_actor": args.cpus_per_actor},
+            "resources": {
+                "generation_actors": 1,
+                "cpus_per_actor": args.cpus_per_actor,
+                "chunks_at_once": chunks_at_once,
+            },
         }
     )
     result = run_scan(cfg)
@@ -186,6 +192,7 @@ def raymem_stage(model_dir: Path, work: Path, n_prompts: int, args) -> dict:
         "images_per_s_steady": steady,
         "units": n,
         "failed": result.counts["units_failed"],
+        "chunks_at_once": chunks_at_once,
     }
 
 
@@ -199,6 +206,12 @@ def main() -> int:
     parser.add_argument("--resolution", type=int, default=64)
     parser.add_argument("--copy-detection", default=None, help="e.g. immaculate:sscd_distilled (default: off)")
     parser.add_argument("--cpus-per-actor", type=float, default=1.0, help="CPUs reserved per generation actor")
+    parser.add_argument(
+        "--chunks-at-once",
+        default="2",
+        help="resources.chunks_at_once values to run raymem's stage with, comma-separated (e.g. 1,2: without and "
+        "with one chunk's CPU work beside the next one's sampling, both against the same bare loop)",
+    )
     parser.add_argument("--work", default="build/bench-generate")
     parser.add_argument("--json", help="write the results here too")
     args = parser.parse_args()
@@ -218,7 +231,11 @@ def main() -> int:
 
     if torch.cuda.is_available():
         torch.cuda.empty_cache()  # the bare loop's pipeline is gone; give its memory back before raymem runs
-    ours = raymem_stage(model_dir, work, n_prompts, args)
+    runs = [raymem_stage(model_dir, work, n_prompts, int(c), args) for c in args.chunks_at_once.split(",")]
+    for run in runs:
+        run["ratio_steady"] = run["images_per_s_steady"] / bare["images_per_s"]
+        run["ratio_stage"] = run["images_per_s_stage"] / bare["images_per_s"]
+    ours = runs[-1]
     result = {
         "size": args.size,
         "images": len(prompts),
@@ -229,16 +246,19 @@ def main() -> int:
         "cpus_per_actor": args.cpus_per_actor,
         "bare": bare,
         "raymem": ours,
-        "ratio_steady": ours["images_per_s_steady"] / bare["images_per_s"],
-        "ratio_stage": ours["images_per_s_stage"] / bare["images_per_s"],
+        "raymem_runs": runs,  # one per --chunks-at-once value, in order; `raymem` is the last
+        "ratio_steady": ours["ratio_steady"],
+        "ratio_stage": ours["ratio_stage"],
     }
     print(json.dumps(result, indent=2))
     print(f"bare diffusers loop: {bare['images_per_s']:.2f} images/s on {bare['device']}")
-    print(
-        f"raymem generate+embed: {ours['images_per_s_steady']:.2f} images/s steady, "
-        f"{ours['images_per_s_stage']:.2f} images/s over the whole stage (load included) on {ours['devices']}"
-    )
-    print(f"ratio raymem/bare: steady {result['ratio_steady']:.2f}x, whole stage {result['ratio_stage']:.2f}x")
+    for run in runs:
+        print(
+            f"raymem generate+embed, chunks_at_once {run['chunks_at_once']}: {run['images_per_s_steady']:.2f} "
+            f"images/s steady, {run['images_per_s_stage']:.2f} over the whole stage (load included) on "
+            f"{run['devices']}; ratio raymem/bare: steady {run['ratio_steady']:.2f}x, whole stage "
+            f"{run['ratio_stage']:.2f}x"
+        )
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
     return 0

@@ -392,6 +392,13 @@ class ResourcesConfig(_Strict):
     )
     gpus_per_actor: float = Field(1.0, gt=0, le=8)
     cpus_per_actor: float = Field(1.0, gt=0)
+    chunks_at_once: int = Field(
+        2,
+        ge=1,
+        le=4,
+        description="work chunks a generation actor handles at once, in threads: one is sampled while the others' "
+        "PNGs, CLIP/SSCD preprocessing and writes run (the models are used by one at a time); 1: one after another",
+    )
     join_actors: ActorCount = Field(
         ActorRange(1, 1), description="a count or min..max: CPU join tasks at a time, or GPU actors (one GPU each)"
     )

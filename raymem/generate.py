@@ -134,12 +134,10 @@ def pick_device():
 class GenerateEmbed:
     """Ray Data callable class: work chunks in, one summary row per unit out.
 
-    An actor runs `CALLS_AT_ONCE` calls at once, in threads, so that one chunk's CPU work — PNG encoding,
-    the CLIP/SSCD preprocessing, the Parquet writes — runs while the next chunk is sampled: on a GPU
-    that work otherwise leaves the card idle (docs/gpu.md). The pipeline and the encoders are used by one
-    thread at a time (`_models`); the steps between are safe to run beside them."""
-
-    CALLS_AT_ONCE = 2
+    An actor runs `resources.chunks_at_once` calls at once, in threads, so that one chunk's CPU work — PNG
+    encoding, the CLIP/SSCD preprocessing, the Parquet writes — runs while the next chunk is sampled: on
+    a GPU that work otherwise leaves the card idle (docs/gpu.md). The pipeline and the encoders are used
+    by one thread at a time (`_models`); the steps between are safe to run beside them."""
 
     def __init__(self, cfg: ScanConfig, scan_id: str, store_uri: str, text_cache_uri: str):
         import torch

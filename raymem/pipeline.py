@@ -487,7 +487,7 @@ def _generate(
             "text_cache_uri": outputs.text_cache,
         },
         blocks=min(len(chunks), max(1, plan.actors * 4)),
-        calls_per_actor=GenerateEmbed.CALLS_AT_ONCE,
+        calls_per_actor=cfg.resources.chunks_at_once,
     )
     failed = 0
     progress = runtime.Progress("generate", len(todo), "units")

@@ -674,12 +674,13 @@ def test_the_presence_clip_is_trained_with_the_image_tower_asked_for(tmp_path):
 
 def test_generate_throughput_bench_runs_both_sides_with_a_copy_detector(tmp_path):
     """bench/generate_throughput.py (issue 14, item 4; the GPU run's script) on the CPU: the bare loop and
-    raymem's stage over the same units, with SSCD on, every unit generated and both rates measured. A
-    ratio, never a time, is what it reports; nothing here asserts one."""
+    raymem's stage over the same units, with SSCD on, once per `chunks_at_once` asked for, every unit
+    generated and both rates measured. A ratio, never a time, is what it reports; nothing here asserts one."""
     out = tmp_path / "result.json"
     subprocess.run(
         [sys.executable, "bench/generate_throughput.py", "--size", "tiny", "--images", "8", "--seeds", "2"]
         + ["--batch-size", "2", "--steps", "2", "--copy-detection", "immaculate:sscd_distilled"]
+        + ["--chunks-at-once", "1,2"]
         + ["--work", str(tmp_path / "work"), "--json", str(out)],
         capture_output=True,
         text=True,
@@ -687,6 +688,8 @@ def test_generate_throughput_bench_runs_both_sides_with_a_copy_detector(tmp_path
         cwd=Path(__file__).resolve().parents[1],
     )
     result = json.loads(out.read_text())
-    assert result["raymem"]["units"] == 8 and result["raymem"]["failed"] == 0
-    assert result["raymem"]["devices"] == ["cpu"] and result["bare"]["device"] == "cpu"
-    assert result["ratio_steady"] > 0 and result["ratio_stage"] > 0
+    assert [run["chunks_at_once"] for run in result["raymem_runs"]] == [1, 2]  # both against one bare loop
+    for run in result["raymem_runs"]:
+        assert run["units"] == 8 and run["failed"] == 0 and run["devices"] == ["cpu"]
+        assert run["ratio_steady"] > 0 and run["ratio_stage"] > 0
+    assert result["bare"]["device"] == "cpu" and result["raymem"] == result["raymem_runs"][-1]

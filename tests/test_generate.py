@@ -7,6 +7,7 @@ import time
 import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as ds
+import pytest
 
 from raymem.config import parse_config
 from raymem.generate import GenerateEmbed, expand_units, work_chunks
@@ -38,7 +39,7 @@ def test_two_calls_at_once_overlap_one_chunks_cpu_work_with_the_others_sampling(
     raw["generation"]["num_inference_steps"] = 2
     cfg = parse_config(raw)
     chunks = _chunks(cfg)
-    assert len(chunks) == 2 and GenerateEmbed.CALLS_AT_ONCE == 2
+    assert len(chunks) == 2 and cfg.resources.chunks_at_once == 2  # the default: two at once
 
     serial = GenerateEmbed(cfg, "scan", str(tmp_path / "serial"), str(tmp_path / "serial-texts"))
     for chunk in chunks:
@@ -119,13 +120,24 @@ def test_two_calls_at_once_overlap_one_chunks_cpu_work_with_the_others_sampling(
     assert sorted(cached) == ["a photo of a lighthouse with rocks", "a photo of a windmill with a river"]
 
 
-def test_the_actor_pool_runs_two_calls_per_actor_in_threads():
-    """What the scan asks Ray Data for: the threads GenerateEmbed guards its models against."""
-    from raymem.runtime import StagePlan
+@pytest.mark.parametrize("chunks_at_once", [1, 3])
+def test_a_scan_asks_its_generation_pool_for_the_chunks_at_once_it_is_configured_with(
+    demo_raw, local_ray, monkeypatch, chunks_at_once
+):
+    """`resources.chunks_at_once` reaches the generation stage's pool, and every unit is scored with it."""
+    from raymem import runtime
+    from raymem.pipeline import run_scan
 
-    fixed = StagePlan.fixed(1, num_gpus=1.0, num_cpus=4.0).compute(items=8, calls_per_actor=GenerateEmbed.CALLS_AT_ONCE)
-    pool = StagePlan(1, 4, num_gpus=1.0, num_cpus=4.0).compute(items=8, calls_per_actor=GenerateEmbed.CALLS_AT_ONCE)
-    for strategy in (fixed, pool):
-        assert strategy.max_concurrent_calls_per_actor == 2 and strategy.enable_true_multi_threading
-    single = StagePlan.fixed(1, num_gpus=0.0, num_cpus=1.0).compute(items=8)
-    assert single.max_concurrent_calls_per_actor is None and not single.enable_true_multi_threading
+    asked = {}
+    real = runtime.map_stage
+
+    def recording(name, *args, **kwargs):
+        asked[name] = kwargs.get("calls_per_actor", 1)
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(runtime, "map_stage", recording)
+    demo_raw["generation"]["num_inference_steps"] = 2
+    demo_raw["resources"]["chunks_at_once"] = chunks_at_once
+    result = run_scan(parse_config(demo_raw))
+    assert asked["generate"] == chunks_at_once
+    assert result.counts["units_failed"] == 0 and result.counts["units_generated"] > 0
