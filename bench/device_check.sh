@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# One prepared run on a lent GPU machine (the `device` tool): install the carried wheels, run the demo
+# One prepared run on a lent GPU machine (the `device` tool): unpack the carried packages, run the demo
 # scan with generation on the GPU and check the actor ran on cuda, then the generation-throughput
 # bench (raymem vs a bare diffusers loop) on an SD-1.5-shaped pipeline and on the tiny demo pipeline.
-# Everything it measures lands in $OUT. Usage (device tool): bash bench/device_check.sh
+# Everything it measures lands in $OUT. Prepare here: `bash bench/device_site.sh` (writes
+# .whl/site.tar.xz); then the device tool's run with carry [".whl"] and `bash bench/device_check.sh`.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 RAY_USAGE_STATS_ENABLED=0
 OUT=${OUT:-build/device-out}
@@ -10,7 +11,12 @@ mkdir -p "$OUT" build
 step() { echo "== $(date +%T) $*" | tee -a "$OUT/steps.txt"; }
 
 step install
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+mkdir -p /tmp/site
+if [ -f .whl/site.tar.xz ]; then
+  tar -xJf .whl/site.tar.xz -C /tmp/site || exit 1
+else
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+fi
 export PYTHONPATH=/tmp/site:$PWD
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c "import torch, ray, diffusers, open_clip, transformers; print('torch', torch.__version__, 'ray', ray.__version__, 'diffusers', diffusers.__version__, 'open_clip', open_clip.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name(0))" | tee -a "$OUT/gpu.txt" || exit 1
