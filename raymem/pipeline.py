@@ -504,7 +504,11 @@ def _generate(
         "units_generated": len(todo),
         "units_reused": len(units) - len(todo),
         "units_failed_now": failed,
-        "resources": {"device": choice.device, "device_reason": choice.reason, "generate": plan.describe()},
+        "resources": {
+            "device": choice.device,
+            "device_reason": choice.reason,
+            "generate": {**plan.describe(), "chunks_at_once": cfg.resources.chunks_at_once},
+        },
     }
 
 

@@ -51,7 +51,7 @@ def test_a_cold_cluster_gets_gpu_actors_from_its_autoscaler(demo_root, tmp_path)
     assert m["status"] == "complete"
     used = m["counts"]["resources"]
     assert used["device"] == "cuda" and "joined after asking the autoscaler" in used["device_reason"]
-    assert used["generate"] == {"actors": "1..2", "num_gpus": 1.0, "num_cpus": 1.0}
+    assert used["generate"] == {"actors": "1..2", "num_gpus": 1.0, "num_cpus": 1.0, "chunks_at_once": 2}
     gens = pads.dataset(str(tmp_path / "out" / "generations"), format="parquet", partitioning="hive").to_table()
     # Every unit ran in an actor Ray gave a GPU (the fake node's GPU 0); torch finds no CUDA behind it here.
     assert set(gens.column("cuda_visible_devices").to_pylist()) == {"0"}

@@ -140,4 +140,5 @@ def test_a_scan_asks_its_generation_pool_for_the_chunks_at_once_it_is_configured
     demo_raw["resources"]["chunks_at_once"] = chunks_at_once
     result = run_scan(parse_config(demo_raw))
     assert asked["generate"] == chunks_at_once
+    assert result.counts["resources"]["generate"]["chunks_at_once"] == chunks_at_once  # in the manifest
     assert result.counts["units_failed"] == 0 and result.counts["units_generated"] > 0
