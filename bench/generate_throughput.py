@@ -115,14 +115,13 @@ def bare_loop(model_dir: Path, prompts: list[str], seeds: list[int], args) -> di
     return {"device": str(device), "load_seconds": load, "seconds": seconds, "images_per_s": len(prompts) / seconds}
 
 
-def raymem_stage(model_dir: Path, work: Path, n_prompts: int, chunks_at_once: int, args) -> dict:
+def scan_inputs(model_dir: Path, work: Path, n_prompts: int, args) -> dict:
+    """The scan config every raymem run of this bench shares, its inputs written once: a tiny CLIP, a
+    random training table (with SSCD embeddings when a copy detector is on) and the prompt set."""
     import pyarrow as pa
     import pyarrow.parquet as pq
-    import ray
 
-    from raymem.config import parse_config
     from raymem.encoders import l2_normalize
-    from raymem.pipeline import run_scan
     from raymem.schema import embedding_array
     from raymem.tiny import build_tiny_clip
 
@@ -149,33 +148,37 @@ def raymem_stage(model_dir: Path, work: Path, n_prompts: int, chunks_at_once: in
             for i in range(n_prompts)
         )
     )
+    return {
+        "name": "bench",
+        "model": {"id": str(model_dir), "name": "bench"},
+        "prompts": str(prompts_path),
+        "generation": {
+            "seeds_per_prompt": args.seeds,
+            "num_inference_steps": args.steps,
+            "guidance_scale": 7.5,
+            "height": args.resolution,
+            "width": args.resolution,
+            "batch_size": args.batch_size,
+        },
+        "embedding": {
+            "clip": {"model": f"local-dir:{clip_dir}", "pretrained": None},
+            "copy_detection": {"model": args.copy_detection},
+        },
+        "training": {"embeddings": str(train)},
+        "resources": {"generation_actors": 1, "cpus_per_actor": args.cpus_per_actor},
+    }
+
+
+def raymem_stage(inputs: dict, work: Path, chunks_at_once: int, args) -> dict:
+    import pyarrow.parquet as pq
+    import ray
+
+    from raymem.config import parse_config
+    from raymem.pipeline import run_scan
+
     out = work / f"out-{int(time.time())}-{chunks_at_once}"
-    cfg = parse_config(
-        {
-            "name": "bench",
-            "model": {"id": str(model_dir), "name": "bench"},
-            "prompts": str(prompts_path),
-            "generation": {
-                "seeds_per_prompt": args.seeds,
-                "num_inference_steps": args.steps,
-                "guidance_scale": 7.5,
-                "height": args.resolution,
-                "width": args.resolution,
-                "batch_size": args.batch_size,
-            },
-            "embedding": {
-                "clip": {"model": f"local-dir:{clip_dir}", "pretrained": None},
-                "copy_detection": {"model": args.copy_detection},
-            },
-            "training": {"embeddings": str(train)},
-            "output": {"uri": str(out)},
-            "resources": {
-                "generation_actors": 1,
-                "cpus_per_actor": args.cpus_per_actor,
-                "chunks_at_once": chunks_at_once,
-            },
-        }
-    )
+    resources = {**inputs["resources"], "chunks_at_once": chunks_at_once}
+    cfg = parse_config({**inputs, "output": {"uri": str(out)}, "resources": resources})
     result = run_scan(cfg)
     gens = pq.read_table(result.tables["generations"]).to_pylist()
     devices = sorted({g["device"] for g in gens})
@@ -231,7 +234,8 @@ def main() -> int:
 
     if torch.cuda.is_available():
         torch.cuda.empty_cache()  # the bare loop's pipeline is gone; give its memory back before raymem runs
-    runs = [raymem_stage(model_dir, work, n_prompts, int(c), args) for c in args.chunks_at_once.split(",")]
+    inputs = scan_inputs(model_dir, work, n_prompts, args)
+    runs = [raymem_stage(inputs, work, int(c), args) for c in args.chunks_at_once.split(",")]
     for run in runs:
         run["ratio_steady"] = run["images_per_s_steady"] / bare["images_per_s"]
         run["ratio_stage"] = run["images_per_s_stage"] / bare["images_per_s"]
