@@ -79,8 +79,9 @@ TABLES: dict[str, tuple[str, dict[str, str]]] = {
     "texts": (
         "one row per probe text of a prompt, with its CLIP text embedding",
         {
-            "kind": "prompt, entity, entity_null, explicit, implicit, mined, instance, placebo (made-up words "
-            "an instance element must beat) or control (another entity's implied element, never labelled)",
+            "kind": "prompt, entity, entity_null, placebo_name (made-up names an entity judged by its text probe "
+            "must beat), explicit, implicit, mined, instance, placebo (made-up words an instance element must "
+            "beat) or control (another entity's implied element, never labelled)",
             "element": "the entity or element probed",
             "text": "the probe text",
         },

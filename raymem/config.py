@@ -289,6 +289,12 @@ class SignalsConfig(_Strict):
         "as MI would test them and never labelled: the MI rule's false-positive rate measured on this model "
         "and CLIP (manifest counts.implied_controls); 0 disables",
     )
+    placebo_names: bool = Field(
+        True,
+        description="probe nineteen made-up names beside every entity with a class noun: an entity judged by "
+        "its text probe (no tagged training images) must move its images more than each of them "
+        "(docs/labeler.md, 'Placebo names'); off: the text probe alone decides",
+    )
     pixel_size: int = Field(256, ge=16, le=2048, description="side images are resized to for tiled l2")
     pixel_tiles: int = Field(4, ge=1, le=32, description="tiles per side for tiled l2")
     pixel_background: int = Field(

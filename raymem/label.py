@@ -129,6 +129,13 @@ class _Logits:
         base = self.score.get(("entity", self.entity))
         return two_way_logit(base, null[0]) if null and base is not None else None
 
+    def placebo_name_logits(self) -> dict[str, float]:
+        """Each made-up name's logit against the class text, as the entity's own ("n" against "c")."""
+        null = [s for (kind, _), s in self.score.items() if kind == "entity_null"]
+        if not null:
+            return {}
+        return {name: two_way_logit(s, null[0]) for (kind, name), s in self.score.items() if kind == "placebo_name"}
+
     def element_logits(self) -> dict[tuple[str, str], float]:
         null = [s for (kind, _), s in self.score.items() if kind == "entity_null"]
         base = null[0] if null else self.score.get(("entity", self.entity))
@@ -195,6 +202,23 @@ def label_units(inputs: LabelInputs, thresholds: ThresholdsConfig) -> list[dict]
     for prompt_id, rows in by_prompt.items():
         out += _label_prompt(inputs.contexts[prompt_id], rows, inputs, thresholds, region_bg, pixel_bg, region_pairs)
     return out
+
+
+def _beats_names(ev: dict) -> bool:
+    rival = ev.get("entity_placebo")
+    return rival is None or rival["beaten"]
+
+
+def _names_text(ev: dict) -> str:
+    rival = ev.get("entity_placebo")
+    if rival is None:
+        return ""
+    if rival["beaten"]:
+        return f", beyond all {rival['count']} placebo names"
+    return (
+        f", but not beyond the placebo name '{rival['name']}' ({rival['why']}): "
+        "a name the embedder never learned does as much"
+    )
 
 
 def _pixel_bg_text(pixel_bg: float | None) -> str:
@@ -327,6 +351,13 @@ def _label_prompt(
     # and every unprompted element with Benjamini-Hochberg across the prompt's elements of one kind
     # group (implied; instance).
     entity_test = paired_p({seed_of[i]: entity[i] for i in ok if entity[i] is not None}, null.entity)
+    # An entity judged by its text probe must also beat every made-up name (probes.PLACEBO_NAMES): the
+    # prompt's paired shift over the null, and this image's logit (scans before the placebo names have none)
+    names = {i: logits[i].placebo_name_logits() for i in (*ok, *nulls)} if not _has_reference(ctx) else {}
+    name_effects = {
+        name: paired_p({seed_of[i]: names[i][name] for i in ok}, {seed_of[i]: names[i][name] for i in nulls})
+        for name in {n for i in ok for n in names.get(i, {})}
+    }
     prompt_tests: dict[tuple[str, str], TestResult | None] = {}
     for key, values in null.elements.items():
         if key[0] != "explicit":
@@ -334,7 +365,9 @@ def _label_prompt(
     prompt_p = _bh_per_group(prompt_tests)
 
     evidence = {
-        i: _image_evidence(ctx, entity[i], elements[i], null, entity_test, prompt_tests, prompt_p, t) for i in ok
+        i: _image_evidence(ctx, entity[i], elements[i], null, entity_test, prompt_tests, prompt_p, t)
+        | {"entity_placebo": _rival_name(entity[i], entity_test, names.get(i, {}), name_effects)}
+        for i in ok
     }
     shown_share: dict[tuple[str, str], float] = defaultdict(float)
     for ev in evidence.values():
@@ -439,6 +472,27 @@ def _bh_per_group(tests: dict[tuple[str, str], TestResult | None]) -> dict[tuple
     for group in (IMPLIED_KINDS, ("instance",)):
         adjusted |= bh_adjusted({k: (r.p if r else None) for k, r in tests.items() if k[0] in group})
     return adjusted
+
+
+def _rival_name(
+    ent_logit: float | None,
+    entity_test: TestResult | None,
+    name_logits: dict[str, float],
+    name_tests: dict[str, TestResult | None],
+) -> dict | None:
+    """How the entity's text probe compares with the placebo names: None when none was probed (an entity
+    with tagged training images is judged by their centroid instead); else `beaten` and, when not, the
+    first name that moves the prompt's images (paired shift over the null) or this image as much."""
+    if not name_logits or ent_logit is None:
+        return None
+    for name in sorted(name_logits):
+        test, logit = name_tests.get(name), name_logits[name]
+        if entity_test is not None and test is not None and test.effect >= entity_test.effect:
+            why = f"shifts the prompt's images {test.effect:.2f} >= {entity_test.effect:.2f}"
+            return {"beaten": False, "name": name, "why": why}
+        if logit >= ent_logit:
+            return {"beaten": False, "name": name, "why": f"logit {logit:.2f} >= {ent_logit:.2f} on this image"}
+    return {"beaten": True, "count": len(name_logits)}
 
 
 @dataclass(frozen=True)
@@ -683,12 +737,16 @@ def _decide(
             f"training images (floor {t.clip_floor}, no null images)"
         )
     elif ent_p is not None:
-        rendered = ent_p <= t.null_alpha
-        reasons.append(f"entity '{ctx.entity}' vs '{ctx.entity_class}': beyond the null images at {beyond}{unseen}")
+        rendered = ent_p <= t.null_alpha and _beats_names(ev)
+        reasons.append(
+            f"entity '{ctx.entity}' vs '{ctx.entity_class}': beyond the null images at {beyond}{unseen}"
+            + _names_text(ev)
+        )
     elif ent_logit is not None:
-        rendered = sigmoid(ent_logit) >= t.element_presence
+        rendered = sigmoid(ent_logit) >= t.element_presence and _beats_names(ev)
         reasons.append(
             f"entity '{ctx.entity}' vs '{ctx.entity_class}': P={_fmt(sigmoid(ent_logit))} (uncalibrated){unseen}"
+            + _names_text(ev)
         )
     else:
         score = r.get("clip_prompt_score")

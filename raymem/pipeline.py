@@ -188,7 +188,7 @@ def _run(cfg: ScanConfig, outputs: ScanOutputs, prompts, training, timer, rerun_
     scan_id = outputs.scan_id
     runtime.data_context()
     associations = _mine(cfg, prompts, training, timer)
-    probes = _scan_probes(prompts, associations, cfg.signals.implied_controls)
+    probes = _scan_probes(prompts, associations, cfg.signals.implied_controls, cfg.signals.placebo_names)
 
     text_cache = TextCache(outputs.text_cache)
     wanted_texts = {probe.text for ps in probes.values() for probe in ps}
@@ -405,10 +405,12 @@ def _mine(cfg: ScanConfig, prompts: list[Prompt], training: TrainingTable, timer
         )
 
 
-def _scan_probes(prompts: list[Prompt], associations: dict, controls: int) -> dict[str, list[Probe]]:
+def _scan_probes(
+    prompts: list[Prompt], associations: dict, controls: int, placebo_names: bool = True
+) -> dict[str, list[Probe]]:
     """Every prompt's probe texts: its own (`_probes`), then up to `controls` implied elements of the
     scan's other entities as controls (`probes.control_elements`)."""
-    own = {p.prompt_id: _probes(p, associations.get(p.entity)) for p in prompts}
+    own = {p.prompt_id: _probes(p, associations.get(p.entity), placebo_names=placebo_names) for p in prompts}
     implied_by_entity: dict[str, set[str]] = {}
     for p in prompts:
         implied = {q.element for q in own[p.prompt_id] if q.kind in ("implicit", "mined")}
@@ -420,11 +422,13 @@ def _scan_probes(prompts: list[Prompt], associations: dict, controls: int) -> di
     for p in prompts:
         asked = implied_by_entity[p.entity] | {q.element for q in own[p.prompt_id] if q.element}
         picked = control_elements(p.prompt_id, asked, vocabulary, controls)
-        out[p.prompt_id] = _probes(p, associations.get(p.entity), picked)
+        out[p.prompt_id] = _probes(p, associations.get(p.entity), picked, placebo_names)
     return out
 
 
-def _probes(p: Prompt, assoc: EntityAssociations | None, controls: tuple[str, ...] = ()) -> list[Probe]:
+def _probes(
+    p: Prompt, assoc: EntityAssociations | None, controls: tuple[str, ...] = (), placebo_names: bool = True
+) -> list[Probe]:
     """A prompt's probe texts, with its entity's mined elements that the prompt does not already name."""
     excluded = excluded_terms(p.prompt, p.entity, p.explicit_elements)
 
@@ -435,7 +439,15 @@ def _probes(p: Prompt, assoc: EntityAssociations | None, controls: tuple[str, ..
     mined = allowed(assoc.implied) if assoc and not p.implicit_elements else ()
     instance = allowed(assoc.instance) if assoc else ()
     return probes_for(
-        p.prompt, p.entity, p.entity_class, p.explicit_elements, p.implicit_elements, mined, instance, controls
+        p.prompt,
+        p.entity,
+        p.entity_class,
+        p.explicit_elements,
+        p.implicit_elements,
+        mined,
+        instance,
+        controls,
+        placebo_names=placebo_names,
     )
 
 

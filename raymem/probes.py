@@ -10,6 +10,9 @@ For a prompt naming entity e (class noun c) with elements a:
   instance       same, for rare elements seen with only a few training images of e (MU candidates)
   placebo        same, for made-up words (PLACEBO_ELEMENTS) beside instance elements: what appending
                  a word that names nothing does to an image, which an instance element must beat
+  placebo_name   "a photo of n" for made-up names n (PLACEBO_NAMES), beside "e" whenever there is a class
+                 noun: what a name the embedder never learned does to the images, which an entity judged
+                 by its text probe (no tagged training images) must beat
   control        same, for implied elements of *other* entities of the scan (`control_elements`):
                  never labelled; how often they pass the MI rule's test is that rule's false-positive
                  rate measured on this model and CLIP (manifest `counts.implied_controls`)
@@ -55,6 +58,34 @@ PLACEBO_ELEMENTS = (
     "wixtolrane",
 )
 
+# Placebo names: made-up two-word names, written as entity names are. An entity with no tagged training
+# images is judged by its text probe ("a photo of e" against "a photo of c"), and a prompt naming anything
+# draws images that differ from its null images, so a name the embedder never learned can pass that test
+# by the direction its text happens to point in (the planted benchmark's never-shown names passed it for
+# about one prompt in five). Such a name is one draw of where an unknown name points, as each placebo is:
+# it beats all nineteen with chance 1/20; a name the embedder knows beats them whenever it is rendered.
+PLACEBO_NAMES = (
+    "Quendrath Vorzlimb",
+    "Plixo Draskuvel",
+    "Zintharo Bemulv",
+    "Kofrandel Yeshto",
+    "Brindavox Taquim",
+    "Fendo Squilgra",
+    "Glorvatine Hupz",
+    "Jostrivel Kren",
+    "Lumzephar Ostin",
+    "Norbitquel Wix",
+    "Ospindrax Tolm",
+    "Wixtolrane Ebb",
+    "Marquendo Falst",
+    "Trevisca Omblund",
+    "Havrosk Lintemi",
+    "Dulcepar Yvoth",
+    "Serqomil Adrunt",
+    "Pellavost Icorn",
+    "Udrimesk Calvo",
+)
+
 
 @dataclass(frozen=True)
 class Probe:
@@ -76,10 +107,13 @@ def probes_for(
     mined: tuple[str, ...] = (),
     instance: tuple[str, ...] = (),
     controls: tuple[str, ...] = (),
+    placebo_names: bool = True,
 ) -> list[Probe]:
     probes = [Probe("prompt", "", prompt), Probe("entity", entity, f"a photo of {entity}")]
     if entity_class:
         probes.append(Probe("entity_null", entity_class, f"a photo of {entity_class}"))
+        if placebo_names:
+            probes += [Probe("placebo_name", n, f"a photo of {n}") for n in PLACEBO_NAMES if n != entity]
     # Elements are probed on the class noun when there is one ("a photo of a city with minarets" against
     # "a photo of a city"): captions name elements with generic subjects far more often than with a
     # given entity, so the comparison does not hinge on the embedder knowing the name.

@@ -397,6 +397,10 @@ def test_region_detection_is_off_in_the_benchmark_unless_asked_for(tmp_path):
         for n in (0, 3)
     }
     assert made[0].signals.region_neighbours == 0 and made[3].signals.region_neighbours == 3
+    # the placebo names are the scan config's default; --no-placebo-names scans without them
+    assert made[0].signals.placebo_names
+    off = scan_config(PlantedConfig(placebo_names=False), tmp_path, tmp_path, tmp_path / "index", "eval", {})
+    assert not off.signals.placebo_names
 
 
 def test_negative_probes_ask_every_prompt_without_an_implied_element_about_one_it_never_shows(tmp_path):
@@ -475,6 +479,11 @@ def test_both_entry_points_build_the_config_one_way():
     resnet = planted_config(work="w", region_cases=True, presence_tower="resnet")
     assert resnet.presence == PresenceConfig(image_tower="resnet") and resnet.world == region.world
     assert run_name(resnet) == "world7-default-regions3-regioncases-resnetclip"
+    # a training table with CLIP embeddings only, and the labeler without its placebo names: named apart
+    untagged = planted_config(work="w", region_cases=True, untagged=True, placebo_names=False)
+    assert untagged.untagged and not untagged.placebo_names and untagged.world == region.world
+    assert run_name(untagged) == "world7-default-regions3-regioncases-untagged-noplacebonames"
+    assert not region.untagged and region.placebo_names
     with pytest.raises(ConfigError, match="--presence-tower"):
         planted_config(work="w", presence_tower="resnet", shared_clip=True)
     with pytest.raises(ConfigError, match="'swin' is not one of vit, resnet"):
@@ -498,6 +507,7 @@ def test_the_script_and_the_cli_parse_the_same_options_into_the_same_config():
         ["--region-cases"],
         ["--region-cases", "--region-neighbours", "0"],
         ["--region-cases", "--presence-tower", "resnet"],
+        ["--region-cases", "--untagged", "--no-placebo-names"],
         ["--quick", "--region-neighbours", "3", "--work", "w2", "--models", "m", "--retrain", "--train-seed", "2"],
     ):
         from_script = planted_config_from_args(script.build_parser().parse_args(argv))

@@ -17,7 +17,7 @@ from raymem.probes import probes_for
 
 T = ThresholdsConfig()
 BG = {"sscd": Background("sscd", p95=0.30, n=500)}
-DIM = 32
+DIM = 64
 
 
 def context(
@@ -373,10 +373,11 @@ def test_an_instance_element_must_beat_the_placebo_element():
     assert not any("instance_element" in r["flags"] for r in out.values())
     # a scan published before the placebo probe (no placebo text): the detail against the class text
     old = PromptContext(
-        "p", ctx.prompt, "X", ctx.entity_class, tuple(p for p in ctx.probes if p.kind != "placebo"), assoc
+        "p", ctx.prompt, "X", ctx.entity_class, tuple(p for p in ctx.probes if not p.kind.startswith("placebo")), assoc
     )
-    rows = [gen(u, i, image(ctx, elements=confound)) for i, u in enumerate("uvw")]
-    out = run(old, rows + nulls_flat, {u: nbrs(0.1) for u in "uvw"})
+    rows = [gen(u, i, image(old, elements=confound)) for i, u in enumerate("uvw")]
+    nulls_old = nulls(old, elements={"tefala": -0.05})
+    out = run(old, rows + nulls_old, {u: nbrs(0.1) for u in "uvw"})
     assert out["u"]["subtype"] == "instance_element" and "placebo" not in out["u"]["reasons"]
 
 
@@ -450,6 +451,100 @@ def test_entity_rendered_is_measured_against_its_training_images_when_tagged():
     assert out["label"] == "none" and "no training image carries its tag: judged by the text probe" in out["reasons"]
     shown = [gen("u", 0, image(ctx, entity=0.5))] + nulls(ctx)
     assert run(unseen, shown, {"u": nbrs(0.1)})["u"]["label"] == "ME"  # drawn although never tagged
+
+
+def _unknown_names_world(prompts: int, learned: float, with_placebos: bool = True, seed: int = 3):
+    """Prompts naming an entity no training image carries, judged by its text probe. Every scan image
+    differs from its null image (the generator drew an unusual image for a name it does not know): the
+    entity's text and each placebo name's move by a shift the prompt's images share (+3 logits) plus a
+    shift of their own per prompt (s.d. 2 logits: where that name's text happens to point); the entity
+    moves `learned` logits more (0: a name the embedder never learned, exchangeable with the placebos)."""
+    from raymem.label_inputs import EntityStats
+    from raymem.probes import PLACEBO_NAMES
+
+    rng = np.random.default_rng(seed)
+    base = context(explicit=())
+    if not with_placebos:  # a scan published before the placebo names
+        base = PromptContext(**{**base.__dict__, "probes": tuple(p for p in base.probes if p.kind != "placebo_name")})
+    contexts, rows = {}, []
+    for k in range(prompts):
+        pid = f"p{k}"
+        contexts[pid] = PromptContext(**{**base.__dict__, "prompt_id": pid, "reference": EntityStats(0, None)})
+        own = {name: rng.normal(0, 0.02) for name in ("X", *PLACEBO_NAMES)}
+        for s in range(4):
+            seed_effect = rng.normal(0, 0.01)
+            for role in ("scan", "null"):
+
+                def over_class(name, role=role, seed_effect=seed_effect, own=own):
+                    """A name's cosine over the class text's on this seed's image (its logit / 100)."""
+                    return seed_effect + (0.03 + own[name] if role == "scan" else 0.0) + rng.normal(0, 0.005)
+
+                entity = 0.2 + over_class("X") + (learned if role == "scan" else 0.0)
+                names = {n: over_class(n) for n in PLACEBO_NAMES}
+                clip = image(base, entity=entity, null=0.2, elements=names)
+                uid = f"{pid}-{role}-{s}"
+                rows.append(
+                    gen(
+                        uid,
+                        s,
+                        clip,
+                        role=role,
+                        prompt_id=pid if role == "scan" else f"{pid}::null",
+                        parent_prompt_id=pid,
+                    )
+                )
+    scan_rows = [r["unit_id"] for r in rows if r["role"] == "scan"]
+    inputs = LabelInputs.from_rows(rows, contexts, text_vectors(base), {u: nbrs(0.1) for u in scan_rows}, BG)
+    return label_units(inputs, T)
+
+
+def test_a_name_judged_by_its_text_probe_must_beat_every_placebo_name():
+    """Without tagged training images (a training set with CLIP embeddings only, or a name it never
+    shows) the entity is judged by "a photo of e" against "a photo of c" -- and images of a prompt naming
+    anything differ from its null images, so a name the embedder never learned passes that test by the
+    direction its text points in. Beside it, nineteen made-up names: a name no better than them beats
+    all nineteen with chance 1/20; a learned name beats them."""
+    from raymem.probes import PLACEBO_NAMES
+
+    assert [p.element for p in context().probes if p.kind == "placebo_name"] == list(PLACEBO_NAMES)
+    assert not any(p.kind == "placebo_name" for p in context(entity_class="").probes)  # they need a null
+
+    def rendered(labels):
+        return sum("entity_rendered" in r["flags"] for r in labels) / len(labels)
+
+    unknown_before = _unknown_names_world(200, learned=0.0, with_placebos=False)
+    unknown = _unknown_names_world(200, learned=0.0)
+    learned = _unknown_names_world(200, learned=0.1)
+    assert rendered(unknown_before) >= 0.4  # what the text probe alone made of never-learned names
+    assert rendered(unknown) <= 0.08  # 1/20 by design, and the image must beat them too
+    assert rendered(learned) >= 0.9
+    passed = next(r for r in learned if "entity_rendered" in r["flags"])
+    assert f"beyond all {len(PLACEBO_NAMES)} placebo names" in passed["reasons"] and passed["label"] == "ME"
+    doubted = next(r for r in unknown if "entity_rendered" not in r["flags"] and "p=0.0" in r["reasons"])
+    assert "but not beyond the placebo name" in doubted["reasons"] and doubted["label"] == "none"
+
+
+def test_placebo_names_leave_an_entity_with_tagged_training_images_alone():
+    """With tagged training images the centroid decides; the made-up names are not consulted."""
+    from raymem.label_inputs import EntityStats
+    from raymem.probes import PLACEBO_NAMES
+
+    centroid = np.zeros(DIM, np.float32)
+    centroid[DIM - 2] = 1.0
+    ctx = context(explicit=())
+    ctx = PromptContext(**{**ctx.__dict__, "reference": EntityStats(120, centroid)})
+    rivals = dict.fromkeys(PLACEBO_NAMES, 0.3)  # every made-up name far above the entity's text
+
+    def looking(alpha, **kw):
+        v = image(ctx, **kw) * np.sqrt(1 - alpha**2)
+        v[DIM - 2] = alpha
+        return v
+
+    rows = [gen("u", 0, looking(0.8, elements=rivals))] + [
+        gen(f"n{i}", i, looking(0.2 + 0.02 * i), role="null") for i in range(4)
+    ]
+    out = run(ctx, rows, {"u": nbrs(0.1)})["u"]
+    assert out["label"] == "ME" and "placebo name" not in out["reasons"]
 
 
 def test_pixel_confirmed_copy_is_MU_even_below_a_high_background():

@@ -456,3 +456,11 @@ def test_each_prompt_is_asked_about_other_entities_implied_elements_as_controls(
     assert controls("f") == {"minarets", "domes", "a river"}
     assert controls("n") == set()  # no class noun, no null images
     assert not any(p.kind == "control" for ps in _scan_probes(prompts, {}, 0).values() for p in ps)
+    # the placebo names: beside every entity with a class noun (signals.placebo_names), none when off
+    names = {pid: sum(p.kind == "placebo_name" for p in ps) for pid, ps in probes.items()}
+    assert names == {"q1": 19, "q2": 19, "m": 19, "f": 19, "n": 0}
+    off = _scan_probes(prompts, {}, 4, placebo_names=False)
+    assert not any(p.kind == "placebo_name" for ps in off.values() for p in ps)
+    assert {pid: controls(pid) for pid in probes} == {
+        pid: {p.element for p in ps if p.kind == "control"} for pid, ps in off.items()
+    }

@@ -57,6 +57,10 @@ class PlantedConfig:
     # the scan's CLIP: trained on its own corpus (PresenceConfig), or None for the generator's CLIP,
     # trained on the generator's own images and captions (the benchmark before issue 12's item 4)
     presence: PresenceConfig | None = field(default_factory=PresenceConfig)
+    # index the training table without its entity tags, as a training set with CLIP embeddings only comes:
+    # every entity is then judged by its text probe, never by the centroid of its training images
+    untagged: bool = False
+    placebo_names: bool = True  # the scan's signals.placebo_names (off: the text probe alone decides)
 
     @classmethod
     def quick(cls, **kwargs) -> PlantedConfig:
@@ -87,6 +91,8 @@ def planted_config(
     mining: bool = False,
     region_cases: bool = False,
     presence_tower: str = "vit",
+    untagged: bool = False,
+    placebo_names: bool = True,
 ) -> PlantedConfig:
     """The benchmark's config from its command-line options (`raymem bench planted`, bench/planted.py),
     checked against the scan config's own bounds before anything is drawn or trained."""
@@ -102,7 +108,15 @@ def planted_config(
     except ValidationError as err:
         raise ConfigError(format_validation_error("--region-neighbours", err)) from None
     preset = PlantedConfig.quick if quick else PlantedConfig
-    cfg = preset(work=work, calibrate=calibrate, models=models, retrain=retrain, region_neighbours=region_neighbours)
+    cfg = preset(
+        work=work,
+        calibrate=calibrate,
+        models=models,
+        retrain=retrain,
+        region_neighbours=region_neighbours,
+        untagged=untagged,
+        placebo_names=placebo_names,
+    )
     if world_seed is not None:
         cfg.world = replace(cfg.world, seed=world_seed)
     if hard_cases:
@@ -270,8 +284,9 @@ def prepare_presence(cfg: PlantedConfig, models: Path) -> Path:
 def prepare_index(cfg: PlantedConfig, world_root: Path, models: Path) -> Path:
     """`models`: the directory whose clip/ embeds (prepare_presence's answer). Keyed by the entities it
     tags too: a world whose tag list changes gets a new index, not yesterday's."""
-    out = Path(cfg.work) / f"index-{_digest([world_root.name, str(models.resolve()), tagged_entities(world_root)])}"
-    index_world(world_root, models, out)
+    entities = [] if cfg.untagged else tagged_entities(world_root)
+    out = Path(cfg.work) / f"index-{_digest([world_root.name, str(models.resolve()), entities])}"
+    index_world(world_root, models, out, entities)
     return out
 
 
@@ -292,14 +307,15 @@ def tagged_entities(world_root: Path) -> list[str]:
     return entities + [f"{title} poster" for title in (*(t for t, _, _ in (*posters, *hard)), *region_posters)]
 
 
-def index_world(world_root: Path, models: Path, out: Path) -> None:
-    """`raymem index` over the world's training table with `models`/clip (skipped when done)."""
+def index_world(world_root: Path, models: Path, out: Path, entities: list[str] | None = None) -> None:
+    """`raymem index` over the world's training table with `models`/clip (skipped when done), tagged with
+    `entities` (default: `tagged_entities`; [] leaves the table untagged)."""
     from raymem.config import IndexConfig
     from raymem.index import run_index
 
     if (out / "_index.json").exists():
         return
-    entities = tagged_entities(world_root)
+    entities = tagged_entities(world_root) if entities is None else entities
     run_index(
         IndexConfig.model_validate(
             {
@@ -364,6 +380,7 @@ def scan_config(
                 "pixel_size": 32,
                 "pixel_tiles": 4,
                 "region_neighbours": cfg.region_neighbours,
+                "placebo_names": cfg.placebo_names,
             },
             # One output tree per trained model, so a retrained model never shares tables with an old one.
             "output": {"uri": str(Path(cfg.work) / "scans" / models.resolve().name), "scan_date": "2026-01-01"},
@@ -653,6 +670,8 @@ def run_name(cfg: PlantedConfig) -> str:
     name += "-hard" if cfg.world.hard_cases else ""
     name += "-mining" if mining_on(cfg) else ""
     name += "-regioncases" if cfg.world.region_cases else ""
+    name += "-untagged" if cfg.untagged else ""
+    name += "" if cfg.placebo_names else "-noplacebonames"
     if cfg.presence is None:
         return name + "-sharedclip"
     return name + (f"-{cfg.presence.image_tower}clip" if cfg.presence.image_tower != "vit" else "")

@@ -74,6 +74,19 @@ def add_planted_options(parser) -> None:
         help="the presence CLIP's image tower: vit (default; the committed one for the development world) or "
         "resnet (open_clip's ModifiedResNet, which sees few-pixel elements; trained for the world, minutes)",
     )
+    parser.add_argument(
+        "--untagged",
+        action="store_true",
+        help="index the training table without its entity tags, as a training set with CLIP embeddings only "
+        "comes: every entity is judged by its text probe (same world and models; its own index)",
+    )
+    parser.add_argument(
+        "--no-placebo-names",
+        dest="placebo_names",
+        action="store_false",
+        help="scan with signals.placebo_names off: an entity judged by its text probe need not beat the "
+        "made-up names (the labeler before them)",
+    )
 
 
 def planted_config_from_args(args) -> PlantedConfig:
@@ -94,4 +107,6 @@ def planted_config_from_args(args) -> PlantedConfig:
         mining=args.mining,
         region_cases=args.region_cases,
         presence_tower=args.presence_tower,
+        untagged=args.untagged,
+        placebo_names=args.placebo_names,
     )
