@@ -616,6 +616,44 @@ class _CopyEvidence:
         return self.space.upper()
 
 
+def _entity_rendered(ctx: PromptContext, ev: dict, r: dict, t: ThresholdsConfig) -> tuple[bool, str]:
+    """Whether the image renders the prompt's entity, and why: against its tagged training images'
+    centroid, else its text probe (beating the placebo names), beyond the null images; without a class
+    noun, the CLIP prompt score."""
+    ent_logit, ent_p = ev["entity_logit"], ev["entity_p"]
+    beyond = f"p={_fmt(ent_p)} (paired over {ev['entity_pairs']} seeds and this image; null_alpha {t.null_alpha})"
+    unseen = " (no training image carries its tag: judged by the text probe)" if _unseen(ctx) else ""
+    if _has_reference(ctx) and ent_p is not None:
+        rendered = ent_p <= t.null_alpha
+        why = (
+            f"entity '{ctx.entity}': cosine {ent_logit / LOGIT_SCALE:.3f} to the mean of its "
+            f"{ctx.reference.count} training images, beyond the null images ('{ctx.entity_class}') at {beyond}"
+        )
+    elif _has_reference(ctx):
+        rendered = ent_logit / LOGIT_SCALE >= t.clip_floor
+        why = (
+            f"entity '{ctx.entity}': cosine {ent_logit / LOGIT_SCALE:.3f} to the mean of its "
+            f"training images (floor {t.clip_floor}, no null images)"
+        )
+    elif ent_p is not None:
+        rendered = ent_p <= t.null_alpha and _beats_names(ev)
+        why = (
+            f"entity '{ctx.entity}' vs '{ctx.entity_class}': beyond the null images at {beyond}{unseen}"
+            + _names_text(ev)
+        )
+    elif ent_logit is not None:
+        rendered = sigmoid(ent_logit) >= t.element_presence and _beats_names(ev)
+        why = (
+            f"entity '{ctx.entity}' vs '{ctx.entity_class}': P={_fmt(sigmoid(ent_logit))} (uncalibrated){unseen}"
+            + _names_text(ev)
+        )
+    else:
+        score = r.get("clip_prompt_score")
+        rendered = score is not None and score >= t.clip_floor
+        why = f"CLIP prompt score {_fmt(score)} (floor {t.clip_floor}, no class noun)"
+    return rendered, why
+
+
 def _decide(
     ctx,
     r,
@@ -722,36 +760,8 @@ def _decide(
 
     # -- the entity ---------------------------------------------------------------------------------
     ent_logit, ent_z, ent_p = ev["entity_logit"], ev["entity_z"], ev["entity_p"]
-    beyond = f"p={_fmt(ent_p)} (paired over {ev['entity_pairs']} seeds and this image; null_alpha {t.null_alpha})"
-    unseen = " (no training image carries its tag: judged by the text probe)" if _unseen(ctx) else ""
-    if _has_reference(ctx) and ent_p is not None:
-        rendered = ent_p <= t.null_alpha
-        reasons.append(
-            f"entity '{ctx.entity}': cosine {ent_logit / LOGIT_SCALE:.3f} to the mean of its "
-            f"{ctx.reference.count} training images, beyond the null images ('{ctx.entity_class}') at {beyond}"
-        )
-    elif _has_reference(ctx):
-        rendered = ent_logit / LOGIT_SCALE >= t.clip_floor
-        reasons.append(
-            f"entity '{ctx.entity}': cosine {ent_logit / LOGIT_SCALE:.3f} to the mean of its "
-            f"training images (floor {t.clip_floor}, no null images)"
-        )
-    elif ent_p is not None:
-        rendered = ent_p <= t.null_alpha and _beats_names(ev)
-        reasons.append(
-            f"entity '{ctx.entity}' vs '{ctx.entity_class}': beyond the null images at {beyond}{unseen}"
-            + _names_text(ev)
-        )
-    elif ent_logit is not None:
-        rendered = sigmoid(ent_logit) >= t.element_presence and _beats_names(ev)
-        reasons.append(
-            f"entity '{ctx.entity}' vs '{ctx.entity_class}': P={_fmt(sigmoid(ent_logit))} (uncalibrated){unseen}"
-            + _names_text(ev)
-        )
-    else:
-        score = r.get("clip_prompt_score")
-        rendered = score is not None and score >= t.clip_floor
-        reasons.append(f"CLIP prompt score {_fmt(score)} (floor {t.clip_floor}, no class noun)")
+    rendered, why_rendered = _entity_rendered(ctx, ev, r, t)
+    reasons.append(why_rendered)
     if rendered:
         flags.append("entity_rendered")
 
