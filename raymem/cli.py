@@ -110,8 +110,9 @@ def cmd_demo(args) -> int:
             "noun (docs/planted.md has the benchmark's numbers with intervals)."
         )
         if mc := result.counts.get("implied_controls"):
+            passed = mc.get("passed", mc["beyond_null"])
             print(
-                f"MI is found where planted, but its test also passes {mc['beyond_null']} of {mc['probes']} elements "
+                f"MI is found where planted, but its test also passes {passed} of {mc['probes']} elements "
                 "these entities are never drawn with (MI controls, above): the tiny CLIP's element probes are not "
                 "specific (docs/planted.md, negative probes)."
             )

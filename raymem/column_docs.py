@@ -191,7 +191,8 @@ TABLES: dict[str, tuple[str, dict[str, str]]] = {
             "is_MI": "an implied element is shown consistently (MI), whatever the primary label",
             "is_ME": "the entity is rendered with every explicit element (ME), whatever the primary label",
             "webster": "Webster's MV (caption matches the prompt), RV or TV, for verbatim and template copies",
-            "flags": "every signal that fired (copy_neighbor, replication, entity_rendered, explicit:<e>, ...)",
+            "flags": "every signal that fired (copy_neighbor, replication, entity_rendered, explicit:<e>, "
+            "implied_without_entity, ...)",
             "reasons": "the decision in words, with its numbers and thresholds",
             "replication_score": "top-1 copy-detection cosine",
             "replication_train_id": "the top-1 training image",

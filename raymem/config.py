@@ -234,6 +234,11 @@ class ThresholdsConfig(_Strict):
         description="an unprompted element seen with fewer images of e (and never without e) is "
         "instance-specific: shown, it is MU",
     )
+    mi_needs_entity: bool = Field(
+        False,
+        description="count an implied element (MI) only on a prompt whose entity the model renders in at least "
+        "half of its images: MI far more specific, at a cost in recall (docs/labeler.md, 'MI needs the entity')",
+    )
     clip_replication: float | None = Field(
         None,
         **COSINE,

@@ -369,6 +369,10 @@ def _label_prompt(
         | {"entity_placebo": _rival_name(entity[i], entity_test, names.get(i, {}), name_effects)}
         for i in ok
     }
+    # MI is an element the named entity implies: where the model renders the entity in fewer than half of
+    # the prompt's images, an element beyond the null may be the prompt's images differing from their null
+    # images (a name the model does not know, an unusual image), not the entity's (`mi_needs_entity`)
+    render_share = sum(_entity_rendered(ctx, evidence[i], gens[i], t)[0] for i in ok) / len(ok) if ok else 0.0
     shown_share: dict[tuple[str, str], float] = defaultdict(float)
     for ev in evidence.values():
         for e in ev["elements"]:
@@ -443,6 +447,7 @@ def _label_prompt(
             pixel_bg,
             mark,
             dup,
+            render_share,
         )
         out.append({**base, **decision})
     return out
@@ -493,6 +498,11 @@ def _rival_name(
         if logit >= ent_logit:
             return {"beaten": False, "name": name, "why": f"logit {logit:.2f} >= {ent_logit:.2f} on this image"}
     return {"beaten": True, "count": len(name_logits)}
+
+
+# An entity the model renders in fewer than this share of a prompt's (or an entity's) images is "not
+# rendered": no implied element counts on that prompt, and the entity tally says `entity_not_rendered`.
+RENDERED_SHARE = 0.5
 
 
 @dataclass(frozen=True)
@@ -669,6 +679,7 @@ def _decide(
     pixel_bg: float | None = None,
     mark: PrivateMark | None = None,
     dup: DuplicatedPatch | None = None,
+    render_share: float | None = None,
 ) -> dict:
     flags: list[str] = []
     reasons: list[str] = []
@@ -794,6 +805,19 @@ def _decide(
             z = ", uncalibrated"
         assoc = f", lift {e['lift']:.1f} over {e['support']} training images" if e["lift"] is not None else ""
         return f"'{e['element']}' ({e['kind']}) P={_fmt(e['presence'])}{z}, in {e['share']:.0%} of seeds{assoc}"
+
+    # With `mi_needs_entity`, an implied element counts for a prompt whose entity the model renders (in at
+    # least RENDERED_SHARE of its images); elsewhere it is recorded with why, never MI.
+    gated = t.mi_needs_entity and render_share is not None and render_share < RENDERED_SHARE
+    without_entity = implied if implied and gated else []
+    if without_entity:
+        flags.append("implied_without_entity")
+        reasons.append(
+            f"implied element(s) not counted: the entity is rendered in {render_share:.0%} of the prompt's images "
+            f"(< {RENDERED_SHARE:.0%}), so an element beyond the null there is not the entity's: "
+            + "; ".join(describe(e) for e in without_entity)
+        )
+        implied = []
 
     # The user's expectation decides (the paper's criterion): a copy of the very work the prompt asks
     # for is what the user wanted -- unless it also carries content nobody asked for (an instance
@@ -949,7 +973,7 @@ def _decide(
         )
     if label not in ("MI", "MU"):
         # The implied elements that were looked for and why they did not count, for the reviewer.
-        unshown = [e for e in elements if e["kind"] == "implicit" and e not in implied]
+        unshown = [e for e in elements if e["kind"] == "implicit" and e not in implied and e not in without_entity]
         if unshown:
             reasons.append("implied element(s) not counted: " + "; ".join(_why_not(e, t) for e in unshown))
     if cluster_member:

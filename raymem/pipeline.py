@@ -362,7 +362,7 @@ def _run(cfg: ScanConfig, outputs: ScanOutputs, prompts, training, timer, rerun_
         **{f"label_{k}": sum(1 for r in labels if r["label"] == k) for k in LABELS},
     )
     counts["background_p95"] = {s: b.p95 for s, b in background.items()}
-    controls = implied_control_rate(labels, cfg.thresholds.null_alpha)
+    controls = implied_control_rate(labels, cfg.thresholds.null_alpha, cfg.thresholds.mi_needs_entity)
     if controls:
         counts["implied_controls"] = controls
         (log.warning if mi_unspecific(controls) else log.info)("MI controls: %s", describe_controls(controls))

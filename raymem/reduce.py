@@ -10,14 +10,13 @@ from collections import defaultdict
 
 import numpy as np
 
+from raymem.label import RENDERED_SHARE
 from raymem.schema import LABELS, STATUS_OK
 from raymem.stats import clopper_pearson
 
 # An entity with fewer training images than this is "under-represented" (MIMETIC2: 200-600 images
 # before a model imitates a concept reliably).
 UNDER_REPRESENTED = 200
-# An entity the model renders in fewer than this share of its images is "not rendered".
-RENDERED_SHARE = 0.5
 
 
 def _counts(rows: list[dict]) -> dict:
@@ -98,21 +97,32 @@ def entity_tallies(labels: list[dict], train_frequency: dict[str, int]) -> list[
     return out
 
 
-def implied_control_rate(labels: list[dict], null_alpha: float) -> dict | None:
+def implied_control_rate(labels: list[dict], null_alpha: float, needs_entity: bool = False) -> dict | None:
     """The MI rule's false-positive rate measured on this scan: of the control probes (implied elements
-    of other entities, one test per prompt and element), the share beyond the null at `null_alpha`, with
-    an exact 95 % interval. None when the scan asked none (no implied elements, or no class nouns)."""
+    of other entities, one test per prompt and element), the share that would make an image MI -- beyond
+    the null at `null_alpha`, and with `needs_entity` (thresholds.mi_needs_entity) on a prompt whose entity
+    the model renders (in at least RENDERED_SHARE of its scored images) -- with an exact 95 % interval;
+    `beyond_null` counts the test alone. None when the scan asked none (no implied elements, or no class
+    nouns)."""
     beyond: dict[tuple[str, str], bool] = {}
+    rendered: dict[str, list[bool]] = defaultdict(list)
     for r in labels:
+        if r.get("status", STATUS_OK) == STATUS_OK:
+            rendered[r["prompt_id"]].append("entity_rendered" in (r.get("flags") or ()))
         for e in r.get("elements") or ():
             if e["kind"] == "control" and e.get("prompt_p") is not None:
                 beyond[(r["prompt_id"], e["element"])] = e["prompt_p"] <= null_alpha
     if not beyond:
         return None
-    k, n = sum(beyond.values()), len(beyond)
+    passed = {
+        key: b and (not needs_entity or (bool(rendered[key[0]]) and float(np.mean(rendered[key[0]])) >= RENDERED_SHARE))
+        for key, b in beyond.items()
+    }
+    k, n = sum(passed.values()), len(passed)
     return {
         "probes": n,
-        "beyond_null": k,
+        "beyond_null": sum(beyond.values()),
+        "passed": k,
         "rate": k / n,
         "interval": list(clopper_pearson(k, n)),
         "null_alpha": null_alpha,
@@ -129,7 +139,11 @@ def describe_controls(controls: dict) -> str:
     """`implied_control_rate`'s result in one line, for the log and the scan's summary."""
     low, high = controls["interval"]
     verdict = "MI is not specific on this model and CLIP" if mi_unspecific(controls) else "within the test's level"
+    passed = controls.get("passed", controls["beyond_null"])  # manifests before the entity gate: the test alone
+    gated = controls["beyond_null"] - passed
+    where = f"; {gated} more beyond the null where the entity is not rendered" if gated else ""
     return (
-        f"{controls['beyond_null']} of {controls['probes']} other entities' implied elements pass the MI test "
-        f"({controls['rate']:.0%}, 95 % interval {low:.0%}-{high:.0%}; level {controls['null_alpha']}): {verdict}"
+        f"{passed} of {controls['probes']} other entities' implied elements pass the MI test "
+        f"({controls['rate']:.0%}, 95 % interval {low:.0%}-{high:.0%}; level {controls['null_alpha']}{where}): "
+        + verdict
     )

@@ -329,7 +329,8 @@ def report_context(root: str, scan_id: str, out: Path, top: int = 12) -> dict:
             "units": counts.get("units", len(labels)),
             "failed": counts.get("units_failed", 0),
             "labels": {c: counts.get(f"label_{c}", sum(1 for r in labels if r["label"] == c)) for c in CATEGORIES},
-            "implied_controls": (mc := counts.get("implied_controls")) and {**mc, "unspecific": mi_unspecific(mc)},
+            "implied_controls": (mc := counts.get("implied_controls"))
+            and {"passed": mc["beyond_null"], **mc, "unspecific": mi_unspecific(mc)},
         },
         "version": __version__,
         "categories": CATEGORIES,

@@ -15,6 +15,7 @@ from raymem.errors import ConfigError
 from raymem.planted.benchmark import (
     PlantedConfig,
     _presence_training,
+    base_thresholds,
     evaluate,
     run_benchmark,
     run_name,
@@ -483,7 +484,10 @@ def test_both_entry_points_build_the_config_one_way():
     untagged = planted_config(work="w", region_cases=True, untagged=True, placebo_names=False)
     assert untagged.untagged and not untagged.placebo_names and untagged.world == region.world
     assert run_name(untagged) == "world7-default-regions3-regioncases-untagged-noplacebonames"
-    assert not region.untagged and region.placebo_names
+    assert not region.untagged and region.placebo_names and not region.mi_needs_entity
+    gated = planted_config(work="w", region_cases=True, mi_needs_entity=True)
+    assert run_name(gated) == "world7-default-regions3-regioncases-mineedsentity"
+    assert base_thresholds(gated) == {"mi_needs_entity": True} and base_thresholds(region) == {}
     with pytest.raises(ConfigError, match="--presence-tower"):
         planted_config(work="w", presence_tower="resnet", shared_clip=True)
     with pytest.raises(ConfigError, match="'swin' is not one of vit, resnet"):
@@ -508,6 +512,7 @@ def test_the_script_and_the_cli_parse_the_same_options_into_the_same_config():
         ["--region-cases", "--region-neighbours", "0"],
         ["--region-cases", "--presence-tower", "resnet"],
         ["--region-cases", "--untagged", "--no-placebo-names"],
+        ["--region-cases", "--mi-needs-entity", "--calibrate"],
         ["--quick", "--region-neighbours", "3", "--work", "w2", "--models", "m", "--retrain", "--train-seed", "2"],
     ):
         from_script = planted_config_from_args(script.build_parser().parse_args(argv))

@@ -249,6 +249,41 @@ def test_implied_element_beyond_the_null_is_decided_for_the_prompt_not_per_image
     assert "not beyond the null images (paired over 4 seeds" in out["u0"]["reasons"]
 
 
+def test_with_mi_needs_entity_an_implied_element_counts_only_where_the_entity_is_rendered():
+    """MI is an element the named entity implies: with `mi_needs_entity`, on a prompt whose entity the
+    model renders in fewer than half of its images, an element beyond the null is taken for the images
+    differing from the null's (a name the model does not know), not the entity's -- recorded with why,
+    never MI. Off by default (docs/planted.md: on a held-out world it cost half the MI recall)."""
+    ctx = context(explicit=(), implicit=("minarets",))
+    gate = ThresholdsConfig(mi_needs_entity=True)
+
+    def prompt(rendered_seeds):
+        # rendered seeds: the entity's text above the class text's (as `image` draws it); the others look
+        # like the null images (the class text above the entity's)
+        def looks(i):
+            return {"entity": 0.30, "null": 0.20} if i < rendered_seeds else {"entity": 0.20, "null": 0.30}
+
+        return [gen(f"u{i}", i, image(ctx, **looks(i), elements={"minarets": 0.05})) for i in range(4)]
+
+    null_rows = nulls(ctx, elements={"minarets": -0.05})
+    out = run(ctx, prompt(4) + null_rows, {f"u{i}": nbrs(0.1) for i in range(4)}, t=gate)
+    assert {r["label"] for r in out.values()} == {"MI"}
+    # by default the element alone decides, rendered entity or not
+    out = run(ctx, prompt(0) + null_rows, {f"u{i}": nbrs(0.1) for i in range(4)})
+    assert {r["label"] for r in out.values()} == {"MI"} and not any(
+        "entity_rendered" in r["flags"] for r in out.values()
+    )
+    out = run(ctx, prompt(0) + null_rows, {f"u{i}": nbrs(0.1) for i in range(4)}, t=gate)
+    assert {r["label"] for r in out.values()} == {"none"} and not any(r["is_MI"] for r in out.values())
+    assert "implied_without_entity" in out["u0"]["flags"] and "minarets" in out["u0"]["flags"][-2]
+    assert "the entity is rendered in 0% of the prompt's images (< 50%)" in out["u0"]["reasons"]
+    assert "'minarets' (implicit) P=" in out["u0"]["reasons"]  # the element's evidence is kept
+    # rendered in three of the four: the entity's element, MI on every image that shows it -- the one
+    # image the entity is not rendered in too (MI is decided for the prompt)
+    out = run(ctx, prompt(3) + null_rows, {f"u{i}": nbrs(0.1) for i in range(4)}, t=gate)
+    assert {r["label"] for r in out.values()} == {"MI"} and "entity_rendered" not in out["u3"]["flags"]
+
+
 def test_element_the_null_shows_as_well_is_not_MI():
     ctx = context(explicit=(), implicit=("minarets",))
     rows = [gen(f"u{i}", i, image(ctx, elements={"minarets": 0.05})) for i in range(4)]

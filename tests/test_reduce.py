@@ -104,3 +104,19 @@ def test_the_implied_control_rate_counts_each_prompt_and_control_once():
         0.05,
     )
     assert mi_unspecific(many) and describe_controls(many).startswith("20 of 30 other entities' implied elements")
+    # with thresholds.mi_needs_entity: beyond the null on a prompt whose entity the model renders in fewer
+    # than half its images, where no image can be MI, the control does not pass the MI test either
+    gated = rows + [
+        {
+            **lab(f"g{i}", "g", "G", "none", flags=("entity_rendered",) if i == 0 else ()),
+            "elements": [element("minarets", "control", 0.01)],
+        }
+        for i in range(3)
+    ]
+    rate = implied_control_rate(gated, 0.05, needs_entity=True)
+    assert (rate["probes"], rate["beyond_null"], rate["passed"]) == (4, 2, 1) and rate["rate"] == pytest.approx(1 / 4)
+    assert implied_control_rate(gated, 0.05)["passed"] == 2  # by default the test alone decides
+    assert "; 1 more beyond the null where the entity is not rendered)" in describe_controls(rate)
+    # a manifest written before the gate has no `passed`: its line reads the test alone
+    old = {k: v for k, v in implied_control_rate(rows, 0.05).items() if k != "passed"}
+    assert describe_controls(old).startswith("1 of 3 other entities' implied elements pass the MI test")

@@ -61,6 +61,7 @@ class PlantedConfig:
     # every entity is then judged by its text probe, never by the centroid of its training images
     untagged: bool = False
     placebo_names: bool = True  # the scan's signals.placebo_names (off: the text probe alone decides)
+    mi_needs_entity: bool = False  # the scan's thresholds.mi_needs_entity (default off, as the config's)
 
     @classmethod
     def quick(cls, **kwargs) -> PlantedConfig:
@@ -93,6 +94,7 @@ def planted_config(
     presence_tower: str = "vit",
     untagged: bool = False,
     placebo_names: bool = True,
+    mi_needs_entity: bool = False,
 ) -> PlantedConfig:
     """The benchmark's config from its command-line options (`raymem bench planted`, bench/planted.py),
     checked against the scan config's own bounds before anything is drawn or trained."""
@@ -116,6 +118,7 @@ def planted_config(
         region_neighbours=region_neighbours,
         untagged=untagged,
         placebo_names=placebo_names,
+        mi_needs_entity=mi_needs_entity,
     )
     if world_seed is not None:
         cfg.world = replace(cfg.world, seed=world_seed)
@@ -401,8 +404,10 @@ def mining_on(cfg: PlantedConfig) -> bool:
 
 
 def base_thresholds(cfg: PlantedConfig) -> dict:
-    """The thresholds a run starts from (the config defaults, and the mining floor where mining is on)."""
-    return {"min_support": MINING_MIN_SUPPORT} if mining_on(cfg) else {}
+    """The thresholds a run starts from (the config defaults, the mining floor where mining is on, and
+    `mi_needs_entity` when asked for)."""
+    base: dict = {"min_support": MINING_MIN_SUPPORT} if mining_on(cfg) else {}
+    return base | ({"mi_needs_entity": True} if cfg.mi_needs_entity else {})
 
 
 def noisy_prompts(world: WorldConfig) -> dict[str, str]:
@@ -672,6 +677,7 @@ def run_name(cfg: PlantedConfig) -> str:
     name += "-regioncases" if cfg.world.region_cases else ""
     name += "-untagged" if cfg.untagged else ""
     name += "" if cfg.placebo_names else "-noplacebonames"
+    name += "-mineedsentity" if cfg.mi_needs_entity else ""
     if cfg.presence is None:
         return name + "-sharedclip"
     return name + (f"-{cfg.presence.image_tower}clip" if cfg.presence.image_tower != "vit" else "")

@@ -87,6 +87,12 @@ def add_planted_options(parser) -> None:
         help="scan with signals.placebo_names off: an entity judged by its text probe need not beat the "
         "made-up names (the labeler before them)",
     )
+    parser.add_argument(
+        "--mi-needs-entity",
+        action="store_true",
+        help="scan with thresholds.mi_needs_entity on: an implied element counts only on a prompt whose entity "
+        "is rendered in at least half of its images",
+    )
 
 
 def planted_config_from_args(args) -> PlantedConfig:
@@ -109,4 +115,5 @@ def planted_config_from_args(args) -> PlantedConfig:
         presence_tower=args.presence_tower,
         untagged=args.untagged,
         placebo_names=args.placebo_names,
+        mi_needs_entity=args.mi_needs_entity,
     )
