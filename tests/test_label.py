@@ -88,6 +88,19 @@ def gen(uid, seed, clip, role="scan", **kw):
     return row
 
 
+def seed_row(prompt_id, role, seed, clip):
+    """One generation row of a many-prompt world: a scan image, or its prompt's null image of that seed."""
+    null_id = f"{prompt_id}::null"
+    return gen(
+        f"{prompt_id}-{role}-{seed}",
+        seed,
+        clip,
+        role=role,
+        prompt_id=prompt_id if role == "scan" else null_id,
+        parent_prompt_id=prompt_id,
+    )
+
+
 def nulls(ctx, n=4, entity=0.20, null=0.30, elements=None, spread=0.005):
     """Null images: the prompt with X replaced by 'a man' -- X itself is not rendered there."""
     return [
@@ -517,17 +530,7 @@ def _unknown_names_world(prompts: int, learned: float, with_placebos: bool = Tru
                 entity = 0.2 + over_class("X") + (learned if role == "scan" else 0.0)
                 names = {n: over_class(n) for n in PLACEBO_NAMES}
                 clip = image(base, entity=entity, null=0.2, elements=names)
-                uid = f"{pid}-{role}-{s}"
-                rows.append(
-                    gen(
-                        uid,
-                        s,
-                        clip,
-                        role=role,
-                        prompt_id=pid if role == "scan" else f"{pid}::null",
-                        parent_prompt_id=pid,
-                    )
-                )
+                rows.append(seed_row(pid, role, s, clip))
     scan_rows = [r["unit_id"] for r in rows if r["role"] == "scan"]
     inputs = LabelInputs.from_rows(rows, contexts, text_vectors(base), {u: nbrs(0.1) for u in scan_rows}, BG)
     return label_units(inputs, T)
@@ -690,19 +693,9 @@ def null_world(prompts=500, seeds=4, null_seeds=4, sd=0.01, seed=7):
                     null=0.25,
                     elements={e: shared[e] + rng.normal(0, sd) for e in element_names},
                 )
-                uid = f"{pid}-{role}-{s}"
-                rows.append(
-                    gen(
-                        uid,
-                        s,
-                        clip,
-                        role=role,
-                        prompt_id=pid if role == "scan" else f"{pid}::null",
-                        parent_prompt_id=pid,
-                    )
-                )
+                rows.append(seed_row(pid, role, s, clip))
                 if role == "scan":
-                    neighbors[uid] = nbrs(0.1)
+                    neighbors[rows[-1]["unit_id"]] = nbrs(0.1)
     return LabelInputs.from_rows(rows, contexts, text_vectors(base), neighbors, BG), prompts * seeds
 
 
