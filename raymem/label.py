@@ -501,7 +501,8 @@ def _rival_name(
 
 
 # An entity the model renders in fewer than this share of a prompt's (or an entity's) images is "not
-# rendered": no implied element counts on that prompt, and the entity tally says `entity_not_rendered`.
+# rendered": the entity tally says `entity_not_rendered`, and with `thresholds.mi_needs_entity` no implied
+# element counts on that prompt.
 RENDERED_SHARE = 0.5
 
 
