@@ -124,21 +124,24 @@ class _Logits:
         self.score = {(p.kind, p.element): float(texts[p.text] @ image) for p in ctx.probes if p.text in texts}
         self.entity = ctx.entity
 
+    def _class_score(self) -> float | None:
+        """The cosine with "a photo of c" (the prompt's class noun), None without one."""
+        return next((s for (kind, _), s in self.score.items() if kind == "entity_null"), None)
+
     def entity_logit(self) -> float | None:
-        null = [s for (kind, _), s in self.score.items() if kind == "entity_null"]
-        base = self.score.get(("entity", self.entity))
-        return two_way_logit(base, null[0]) if null and base is not None else None
+        null, base = self._class_score(), self.score.get(("entity", self.entity))
+        return two_way_logit(base, null) if null is not None and base is not None else None
 
     def placebo_name_logits(self) -> dict[str, float]:
         """Each made-up name's logit against the class text, as the entity's own ("n" against "c")."""
-        null = [s for (kind, _), s in self.score.items() if kind == "entity_null"]
-        if not null:
+        null = self._class_score()
+        if null is None:
             return {}
-        return {name: two_way_logit(s, null[0]) for (kind, name), s in self.score.items() if kind == "placebo_name"}
+        return {name: two_way_logit(s, null) for (kind, name), s in self.score.items() if kind == "placebo_name"}
 
     def element_logits(self) -> dict[tuple[str, str], float]:
-        null = [s for (kind, _), s in self.score.items() if kind == "entity_null"]
-        base = null[0] if null else self.score.get(("entity", self.entity))
+        null = self._class_score()
+        base = null if null is not None else self.score.get(("entity", self.entity))
         if base is None:
             return {}
         return {
@@ -372,7 +375,8 @@ def _label_prompt(
     # MI is an element the named entity implies: where the model renders the entity in fewer than half of
     # the prompt's images, an element beyond the null may be the prompt's images differing from their null
     # images (a name the model does not know, an unusual image), not the entity's (`mi_needs_entity`)
-    render_share = sum(_entity_rendered(ctx, evidence[i], gens[i], t)[0] for i in ok) / len(ok) if ok else 0.0
+    entity_decision = {i: _entity_rendered(ctx, evidence[i], gens[i], t) for i in ok}
+    render_share = sum(rendered for rendered, _ in entity_decision.values()) / len(ok) if ok else 0.0
     shown_share: dict[tuple[str, str], float] = defaultdict(float)
     for ev in evidence.values():
         for e in ev["elements"]:
@@ -447,7 +451,8 @@ def _label_prompt(
             pixel_bg,
             mark,
             dup,
-            render_share,
+            render_share=render_share,
+            entity_decision=entity_decision[i],
         )
         out.append({**base, **decision})
     return out
@@ -680,7 +685,9 @@ def _decide(
     pixel_bg: float | None = None,
     mark: PrivateMark | None = None,
     dup: DuplicatedPatch | None = None,
-    render_share: float | None = None,
+    *,
+    render_share: float,
+    entity_decision: tuple[bool, str],
 ) -> dict:
     flags: list[str] = []
     reasons: list[str] = []
@@ -772,7 +779,7 @@ def _decide(
 
     # -- the entity ---------------------------------------------------------------------------------
     ent_logit, ent_z, ent_p = ev["entity_logit"], ev["entity_z"], ev["entity_p"]
-    rendered, why_rendered = _entity_rendered(ctx, ev, r, t)
+    rendered, why_rendered = entity_decision  # decided for every image of the prompt (its render share)
     reasons.append(why_rendered)
     if rendered:
         flags.append("entity_rendered")
@@ -809,7 +816,7 @@ def _decide(
 
     # With `mi_needs_entity`, an implied element counts for a prompt whose entity the model renders (in at
     # least RENDERED_SHARE of its images); elsewhere it is recorded with why, never MI.
-    gated = t.mi_needs_entity and render_share is not None and render_share < RENDERED_SHARE
+    gated = t.mi_needs_entity and render_share < RENDERED_SHARE
     without_entity = implied if implied and gated else []
     if without_entity:
         flags.append("implied_without_entity")
