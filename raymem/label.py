@@ -84,6 +84,8 @@ __all__ = [
     "pixel_check_pairs",
     "region_check_pairs",
     "copy_thresholds",
+    "CopyEvidence",
+    "replication_evidence",
 ]
 
 
@@ -407,7 +409,7 @@ def _label_prompt(
             out.append({**base, "label": None, "flags": [], "reasons": f"not scored: {r.get('error')}", "elements": []})
             continue
         nbrs = neighbors.get(r["unit_id"], {}).get(space, [])
-        copy = _CopyEvidence(space, inputs.copy_evidence, inputs.missing.get(r["unit_id"]), bg)
+        copy = CopyEvidence(space, inputs.copy_evidence, inputs.missing.get(r["unit_id"]), bg)
         compared = inputs.regions.get(r["unit_id"], [])
         rows_by_id = (
             {n["train_id"]: n for sp in neighbors.get(r["unit_id"], {}).values() for n in sp} if compared else None
@@ -616,7 +618,7 @@ def _image_evidence(ctx, ent_logit, element_logits, null: _Null, entity_test, pr
 
 
 @dataclass(frozen=True)
-class _CopyEvidence:
+class CopyEvidence:
     """Where an image's copy scores come from: the space, how its neighbours were found, and (two-stage)
     how many of its CLIP candidates could not be fetched."""
 
@@ -630,6 +632,138 @@ class _CopyEvidence:
             missing, total = self.missing
             return f"SSCD over {total - missing} fetched of {total} CLIP candidates"
         return self.space.upper()
+
+
+@dataclass(frozen=True)
+class Replication:
+    """The copy rule's verdict for one image (MU (a)) and the numbers behind it."""
+
+    threshold: float | None  # `replication` in the copy space (None: not tested)
+    score: float | None  # R: the top-1 copy-space cosine
+    top: dict | None  # the top-1 neighbour row
+    breadth: int | None  # distinct training images (near-duplicate groups) above the threshold
+    duplication: int | None  # the copied image's near-duplicate group among the neighbours
+    background_p95: float | None
+    pixel_l2: float | None  # the tiled pixel l2 to the top-1 image, when it was compared
+    tile_share: float | None
+    replicated: bool
+    subtype: str | None  # verbatim | template | partial
+    webster: str | None  # MV | RV | TV
+    flags: list[str]
+    reasons: list[str]
+
+
+def replication_evidence(
+    copy: CopyEvidence,
+    nbrs: list[dict],
+    pixel: PixelEvidence | None,
+    pixel_bg: float | None,
+    t: ThresholdsConfig,
+    prompt: str | None,
+) -> Replication:
+    """MU (a) for one image from its copy-space neighbours (best first): R at or above `replication`,
+    above the train-train background (or confirmed pixel by pixel), and at most `eidetic_k` distinct
+    training images above the threshold."""
+    flags: list[str] = []
+    reasons: list[str] = []
+    replication, verbatim, _ = copy_thresholds(copy.space, t)
+    top = nbrs[0] if nbrs else None
+    R = float(top["score"]) if top else None
+    # Breadth: distinct training images above the threshold, near-duplicates of one image counted once;
+    # duplication: how often the copied image is in the training set (raymem.duplicates).
+    # Two training images are near-duplicates only above what distinct training images already reach
+    # (the train-train background): in a world where everything looks alike to the descriptor, grouping
+    # below it would merge distinct images and make a common look pass for one copied image.
+    bg = copy.background
+    bg_p95 = bg.p95 if bg else None
+    link = near_duplicate_link(copy.space, t, bg_p95)
+    k_above, duplication, grouped = groups(nbrs, replication, link) if replication is not None else (None, None, True)
+    pixel_max = pixel.max_l2 if pixel and top and pixel.train_id == top["train_id"] else None
+    tile_share = pixel.share_within(t.pixel_l2) if pixel_max is not None else None
+    pixel_close = pixel_max is not None and pixel_max <= t.pixel_l2
+    # ... and closer than distinct training images come to each other (smooth scenes pass pixel_l2 alone)
+    pixel_copy = pixel_close and (pixel_bg is None or pixel_max < pixel_bg)
+    # Above the background -- or confirmed pixel by pixel (Carlini's test), closer than distinct images come.
+    distinct = bg_p95 is None or R is None or R > bg_p95 or pixel_copy
+    passes = R is not None and replication is not None and R >= replication
+    replicated = passes and distinct and k_above <= t.eidetic_k
+    subtype = webster = None
+    space = copy.describe()
+    if copy.missing is not None and copy.missing[0]:
+        flags.append("candidates_missing")
+        reasons.append(f"copy evidence incomplete: {copy.missing[0]} of {copy.missing[1]} CLIP candidates not fetched")
+    if replication is None:
+        reasons.append(
+            "replication not tested: no copy detector (embedding.copy_detection.model is null) and no "
+            "calibrated thresholds.clip_replication"
+        )
+    if passes:
+        flags.append("copy_neighbor")
+    if replicated:
+        if pixel_copy or (verbatim is not None and R >= verbatim):
+            subtype = "verbatim"
+        elif tile_share is not None and tile_share >= t.template_tiles:
+            subtype = "template"
+        else:
+            subtype = "partial"
+        matching = _normalize_text(top.get("caption")) == _normalize_text(prompt)
+        webster = "TV" if subtype == "template" else ("MV" if matching else "RV") if subtype == "verbatim" else None
+        flags += ["replication", subtype]
+        k_text = f"{k_above}" if k_above < len(nbrs) else f">={k_above}"
+        dup = f">={duplication}" if duplication >= len(nbrs) else f"{duplication}"
+        group_text = (
+            f"; the copied image is {dup} time(s) among the {len(nbrs)} neighbours (near-duplicates at {link:.3f})"
+            if grouped
+            else "; near-duplicate groups unknown (no pair scores): exact duplicates only"
+        )
+        bg_text = ""
+        if bg_p95 is not None:
+            above = "above" if R > bg_p95 else "not above"
+            bg_text = f", {above} the train-train background p95 {_fmt(bg_p95)}"
+        pix = ""
+        if pixel_max is not None:
+            within = f"{tile_share:.0%} of tiles <= {t.pixel_l2}{_pixel_bg_text(pixel_bg)}"
+            pix = f"; tiled pixel l2 {_fmt(pixel_max)} ({within})"
+        elif pixel is not None and pixel.error:
+            pix = "; pixel check unavailable (training image unreadable)"
+        name = "replication" if copy.space == "sscd" else "clip_replication"
+        reasons.append(
+            f"replication: {space} top-1 {_fmt(R)} to training image '{top['train_id']}'"
+            f" (>= {name} {_fmt(replication)}{bg_text}); {k_text} distinct training image(s) above it"
+            f" (<= {t.eidetic_k}){group_text}{pix}; {subtype}" + (f" ({webster})" if webster else "")
+        )
+    elif passes:
+        why = (
+            f"{k_above} distinct training images above the threshold (> {t.eidetic_k}: a common look, not one image)"
+            if k_above > t.eidetic_k
+            else f"not above the background p95 {_fmt(bg_p95)}"
+            + (
+                f", and its tiled pixel l2 {_fmt(pixel_max)} is not below the pixel background p5 {_fmt(pixel_bg)}"
+                " (distinct training images come as close)"
+                if pixel_close
+                else ""
+            )
+        )
+        reasons.append(f"no replication: {space} top-1 {_fmt(R)} but {why}")
+    elif R is not None and replication is not None:
+        reasons.append(f"no replication: {space} top-1 {_fmt(R)} < {_fmt(replication)}")
+    elif replication is not None and copy.source == "sscd_candidates":
+        reasons.append("no replication: no CLIP candidate could be fetched and compared (no copy evidence)")
+    return Replication(
+        replication,
+        R,
+        top,
+        k_above,
+        duplication,
+        bg_p95,
+        pixel_max,
+        tile_share,
+        replicated,
+        subtype,
+        webster,
+        flags,
+        reasons,
+    )
 
 
 def _entity_rendered(ctx: PromptContext, ev: dict, r: dict, t: ThresholdsConfig) -> tuple[bool, str]:
@@ -674,7 +808,7 @@ def _decide(
     ctx,
     r,
     nbrs,
-    copy: _CopyEvidence,
+    copy: CopyEvidence,
     ev,
     cluster_member,
     pixel: PixelEvidence | None,
@@ -689,93 +823,12 @@ def _decide(
     render_share: float,
     entity_decision: tuple[bool, str],
 ) -> dict:
-    flags: list[str] = []
-    reasons: list[str] = []
-
     # -- replication ------------------------------------------------------------------------------
-    replication, verbatim, _ = copy_thresholds(copy.space, t)
-    top = nbrs[0] if nbrs else None
-    R = float(top["score"]) if top else None
-    # Breadth: distinct training images above the threshold, near-duplicates of one image counted once;
-    # duplication: how often the copied image is in the training set (raymem.duplicates).
-    # Two training images are near-duplicates only above what distinct training images already reach
-    # (the train-train background): in a world where everything looks alike to the descriptor, grouping
-    # below it would merge distinct images and make a common look pass for one copied image.
-    bg = copy.background
-    bg_p95 = bg.p95 if bg else None
-    link = near_duplicate_link(copy.space, t, bg_p95)
-    k_above, duplication, grouped = groups(nbrs, replication, link) if replication is not None else (None, None, True)
-    pixel_max = pixel.max_l2 if pixel and top and pixel.train_id == top["train_id"] else None
-    tile_share = pixel.share_within(t.pixel_l2) if pixel_max is not None else None
-    pixel_close = pixel_max is not None and pixel_max <= t.pixel_l2
-    # ... and closer than distinct training images come to each other (smooth scenes pass pixel_l2 alone)
-    pixel_copy = pixel_close and (pixel_bg is None or pixel_max < pixel_bg)
-    # Above the background -- or confirmed pixel by pixel (Carlini's test), closer than distinct images come.
-    distinct = bg_p95 is None or R is None or R > bg_p95 or pixel_copy
-    passes = R is not None and replication is not None and R >= replication
-    replicated = passes and distinct and k_above <= t.eidetic_k
-    subtype = webster = None
-    space = copy.describe()
-    if copy.missing is not None and copy.missing[0]:
-        flags.append("candidates_missing")
-        reasons.append(f"copy evidence incomplete: {copy.missing[0]} of {copy.missing[1]} CLIP candidates not fetched")
-    if replication is None:
-        reasons.append(
-            "replication not tested: no copy detector (embedding.copy_detection.model is null) and no "
-            "calibrated thresholds.clip_replication"
-        )
-    if passes:
-        flags.append("copy_neighbor")
-    if replicated:
-        if pixel_copy or (verbatim is not None and R >= verbatim):
-            subtype = "verbatim"
-        elif tile_share is not None and tile_share >= t.template_tiles:
-            subtype = "template"
-        else:
-            subtype = "partial"
-        matching = _normalize_text(top.get("caption")) == _normalize_text(ctx.prompt)
-        webster = "TV" if subtype == "template" else ("MV" if matching else "RV") if subtype == "verbatim" else None
-        flags += ["replication", subtype]
-        k_text = f"{k_above}" if k_above < len(nbrs) else f">={k_above}"
-        dup = f">={duplication}" if duplication >= len(nbrs) else f"{duplication}"
-        group_text = (
-            f"; the copied image is {dup} time(s) among the {len(nbrs)} neighbours (near-duplicates at {link:.3f})"
-            if grouped
-            else "; near-duplicate groups unknown (no pair scores): exact duplicates only"
-        )
-        bg_text = ""
-        if bg_p95 is not None:
-            above = "above" if R > bg_p95 else "not above"
-            bg_text = f", {above} the train-train background p95 {_fmt(bg_p95)}"
-        pix = ""
-        if pixel_max is not None:
-            within = f"{tile_share:.0%} of tiles <= {t.pixel_l2}{_pixel_bg_text(pixel_bg)}"
-            pix = f"; tiled pixel l2 {_fmt(pixel_max)} ({within})"
-        elif pixel is not None and pixel.error:
-            pix = "; pixel check unavailable (training image unreadable)"
-        name = "replication" if copy.space == "sscd" else "clip_replication"
-        reasons.append(
-            f"replication: {space} top-1 {_fmt(R)} to training image '{top['train_id']}'"
-            f" (>= {name} {_fmt(replication)}{bg_text}); {k_text} distinct training image(s) above it"
-            f" (<= {t.eidetic_k}){group_text}{pix}; {subtype}" + (f" ({webster})" if webster else "")
-        )
-    elif passes:
-        why = (
-            f"{k_above} distinct training images above the threshold (> {t.eidetic_k}: a common look, not one image)"
-            if k_above > t.eidetic_k
-            else f"not above the background p95 {_fmt(bg_p95)}"
-            + (
-                f", and its tiled pixel l2 {_fmt(pixel_max)} is not below the pixel background p5 {_fmt(pixel_bg)}"
-                " (distinct training images come as close)"
-                if pixel_close
-                else ""
-            )
-        )
-        reasons.append(f"no replication: {space} top-1 {_fmt(R)} but {why}")
-    elif R is not None and replication is not None:
-        reasons.append(f"no replication: {space} top-1 {_fmt(R)} < {_fmt(replication)}")
-    elif replication is not None and copy.source == "sscd_candidates":
-        reasons.append("no replication: no CLIP candidate could be fetched and compared (no copy evidence)")
+    rep = replication_evidence(copy, nbrs, pixel, pixel_bg, t, ctx.prompt)
+    flags, reasons = list(rep.flags), list(rep.reasons)
+    R, top, replicated, subtype, webster = rep.score, rep.top, rep.replicated, rep.subtype, rep.webster
+    k_above, duplication, bg_p95 = rep.breadth, rep.duplication, rep.background_p95
+    pixel_max, tile_share, replication = rep.pixel_l2, rep.tile_share, rep.threshold
 
     # -- the entity ---------------------------------------------------------------------------------
     ent_logit, ent_z, ent_p = ev["entity_logit"], ev["entity_z"], ev["entity_p"]
