@@ -137,17 +137,20 @@ TABLES: dict[str, tuple[str, dict[str, str]]] = {
         },
     ),
     "background": (
-        "one row per embedding space: the train-train nearest-neighbour similarity (DCR's background)",
+        "one row per embedding space: the train-train nearest-neighbour similarity (DCR's background), to "
+        "each sampled image's nearest distinct training image (raymem.background)",
         {
             "space": "clip or sscd",
             "source": "index (precomputed by raymem index), scan (sampled by the scan) or candidates (sampled "
             "training images against their own fetched CLIP candidates, in SSCD)",
             "n": "training rows sampled",
-            "p50": "median similarity to the nearest other training image",
+            "p50": "median similarity to the nearest distinct training image",
             "p75": "75th percentile",
             "p90": "90th percentile",
             "p95": "95th percentile: a copy must score above it",
             "p99": "99th percentile",
+            "near_duplicated": "share of the sampled images whose near-duplicates (SSCD >= near_duplicate, at "
+            "most eidetic_k of them) were passed over for their nearest distinct image (null in scans before it)",
         },
     ),
     "pixel_checks": (

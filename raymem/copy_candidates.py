@@ -39,7 +39,7 @@ import pyarrow as pa
 
 from raymem import runtime
 from raymem import uri as uris
-from raymem.background import percentiles
+from raymem.background import distinct_link, distinct_percentiles
 from raymem.config import CandidatesConfig, CopyDetectionConfig, ScanConfig
 from raymem.duplicates import attach_pair_scores
 from raymem.errors import InputError
@@ -274,10 +274,12 @@ def rescore(
     )
     measured = None
     if background is not None:
-        top1, background_rows = _background_scores(scan_id, background, outcomes)
+        per_image, background_rows = _background_scores(scan_id, background, outcomes)
         table_rows += background_rows
-        measured = percentiles(np.asarray(top1)) if top1 else None
-        stats["background_sample"] = len(top1)
+        # each sampled image's nearest distinct candidate, near-duplicates passed over (raymem.background)
+        t = cfg.thresholds
+        measured = distinct_percentiles(padded(per_image), distinct_link("sscd", t), t.eidetic_k) if per_image else None
+        stats["background_sample"] = measured["n"] if measured else 0
     table = pa.Table.from_pylist(table_rows, schema=CANDIDATES) if table_rows else CANDIDATES.empty_table()
     return CandidateResult(neighbors, table, measured, stats)
 
@@ -306,16 +308,24 @@ def _table_row(scan_id, query_set, query_id, rank, r, outcome: Outcome, score) -
     }
 
 
+def padded(per_image: list[list[float]]) -> np.ndarray:
+    """Score lists as one matrix, each row best first, -inf where a list is shorter."""
+    out = np.full((len(per_image), max(len(s) for s in per_image)), -np.inf)
+    for i, scores in enumerate(per_image):
+        out[i, : len(scores)] = sorted(scores, reverse=True)
+    return out
+
+
 def _background_scores(scan_id: str, bg: CandidateQueries, outcomes: dict[str, Outcome]):
-    """Each sampled training image's best SSCD match among its CLIP candidates, itself and its exact
-    duplicates (same train_id, image_hash or content) excluded."""
-    top1, rows = [], []
+    """Each sampled training image's SSCD scores to its CLIP candidates (images with at least one), itself
+    and its exact duplicates (same train_id, image_hash or content) excluded."""
+    per_image, rows = [], []
     own_uris = bg.own_uris or [None] * len(bg.ids)
     own_hashes = bg.own_hashes or [None] * len(bg.ids)
     for qi, train_id in enumerate(bg.ids):
         own = _outcome(outcomes, own_uris[qi])
         own_hash = own_hashes[qi]
-        best = None
+        scores = []
         for rank, r in enumerate(bg.rows[qi], start=1):
             outcome = _outcome(outcomes, r.get("image_uri"))
             same = (
@@ -326,11 +336,11 @@ def _background_scores(scan_id: str, bg: CandidateQueries, outcomes: dict[str, O
             score = None
             if own.embedding is not None and outcome.embedding is not None and not same:
                 score = float(outcome.embedding @ own.embedding)
-                best = score if best is None else max(best, score)
+                scores.append(score)
             rows.append(_table_row(scan_id, "background", train_id, rank, r, outcome, score))
-        if best is not None:
-            top1.append(best)
-    return top1, rows
+        if scores:
+            per_image.append(scores)
+    return per_image, rows
 
 
 __all__ = [

@@ -33,7 +33,7 @@ import pyarrow as pa
 from raymem import runtime
 from raymem import uri as uris
 from raymem.captions import tag_entities
-from raymem.config import ActorRange, FaissConfig, IndexConfig
+from raymem.config import ActorRange, FaissConfig, IndexConfig, ThresholdsConfig
 from raymem.errors import InputError
 from raymem.outputs import redacted
 from raymem.schema import stored_embedding_array
@@ -315,7 +315,7 @@ def run_index(cfg: IndexConfig) -> dict:
 
 
 def _index(cfg: IndexConfig, shards: list[dict], entities: list[str]) -> dict:
-    from raymem.background import background_from, background_sample
+    from raymem.background import NEIGHBOURS, background_from, background_sample
     from raymem.join import nearest_neighbours
     from raymem.sources import inspect_training
 
@@ -351,8 +351,9 @@ def _index(cfg: IndexConfig, shards: list[dict], entities: list[str]) -> dict:
     if cfg.background_sample:
         bg = background_sample(training, cfg.background_sample, list(training.dims))
         if bg is not None:
-            result = nearest_neighbours(training, {"background": bg}, 1, batch_rows=None)
-            manifest["background"] = background_from(result["background"])
+            # with the default thresholds; a scan with other near-duplicate settings measures its own
+            result = nearest_neighbours(training, {"background": bg}, NEIGHBOURS, batch_rows=None)
+            manifest["background"] = background_from(result["background"], ThresholdsConfig())
     if cfg.faiss.enabled:
         from raymem.faiss_index import build_indexes
 

@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from raymem import runtime
-from raymem.background import background_from, background_sample, background_table
+from raymem.background import background_from, background_sample, background_table, stored_background
 from raymem.candidates import Queries
 from raymem.captions import caption_terms
 from raymem.config import ActorRange, ScanConfig
@@ -536,7 +536,7 @@ class _Joined:
 
 def _background_sample_size(cfg: ScanConfig, training: TrainingTable, copy_mode: str) -> int:
     """How many training rows the join samples as background queries (0: the index's background serves)."""
-    stored = (training.index or {}).get("background") or {}
+    stored = stored_background(training.index, cfg.thresholds)
     sample = 0 if stored else BACKGROUND_SAMPLE
     if cfg.signals.region_neighbours:  # region copies are measured against sampled training images too
         sample = max(sample, cfg.signals.region_background)
@@ -568,7 +568,7 @@ def _join(
         )
     }
     two_stage = copy_mode == MODE_CANDIDATES
-    stored = (training.index or {}).get("background") or {}
+    stored = stored_background(training.index, cfg.thresholds)
     sample = _background_sample_size(cfg, training, copy_mode)
     bg = background_sample(training, sample, list(training.dims)) if sample else None
     if bg is not None:
@@ -598,7 +598,7 @@ def _join(
         units,
         bg,
         background_topk,
-        stored or background_from(background_topk),
+        stored or background_from(background_topk, cfg.thresholds),
         "index" if stored else "scan",
     )
 

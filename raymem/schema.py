@@ -284,6 +284,8 @@ BACKGROUND = pa.schema(
         ("p90", pa.float64()),
         ("p95", pa.float64()),
         ("p99", pa.float64()),
+        # share of sampled images whose near-duplicates were passed over for their nearest distinct image
+        ("near_duplicated", pa.float64()),
     ]
 )
 
