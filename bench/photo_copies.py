@@ -15,8 +15,8 @@ with noise, 64-px detail, a mirror), twice:
 Training sets:
   distinct   one image per photo;
   reposts    the same, and a share of the photos stored again as near-duplicates (resized, re-encoded,
-             slightly cropped: one image each), as web-scraped sets hold them (a third of LAION-2B's
-             images have near-duplicates, Webster et al. 2023).
+             slightly cropped: one image each), as web-scraped sets hold them (about 30 % of
+             LAION-2B by Webster et al.'s 2023 de-duplication count, as recalled).
 
 Intervals resample whole photos (a photo's edits are not independent).
 
