@@ -3,13 +3,14 @@
 A sample of training rows spread over the files is joined against the whole table; each row's nearest
 *distinct* training image gives the similarity a generic look reaches, and a copy must score above its
 p95 to count. Distinct: not itself, not an exact duplicate (same `image_hash`), and in the SSCD space not
-a near-duplicate either -- a web-scraped set stores many photos again resized, re-encoded or trimmed (about
-30 % of LAION-2B by Webster et al.'s 2023 de-duplication count, as recalled), and counting those would put the p95 at what a repost
-scores (0.95-0.99), above every real copy (bench/photo_copies.py: with 6 of 21 photographs reposted, 7 of 147
-edited copies found before this rule, 146 of 147 with it). So a sampled image's neighbours at or above
-`thresholds.near_duplicate` (SSCD's 90 %-precision copy score) are passed over when there are at most
-`eidetic_k` of them (one image stored a few times); when more are, everything around it looks alike
-to the descriptor (32-px drawings do) and its nearest one stays its background, as a common look must.
+a near-duplicate either -- a web-scraped set stores many photos again resized, re-encoded or trimmed
+(about 30 % of LAION-2B by Webster et al.'s 2023 de-duplication count, as recalled), and counting those
+would put the p95 at what a repost scores (0.95-0.99), above every real copy (bench/photo_copies.py:
+with 6 of 21 photographs reposted, 7 of 147 edited copies found before this rule, 146 of 147 with it).
+So a sampled image's neighbours at or above `thresholds.near_duplicate` (SSCD's 90 %-precision copy
+score) are passed over when there are at most `eidetic_k` of them (one image stored a few times); when
+more are, everything around it looks alike to the descriptor (32-px drawings do) and its nearest one
+stays its background, as a common look must.
 `raymem index` computes it once per index with the default thresholds (stored in `_index.json` with
 the link and limit it used); a scan whose thresholds differ, or over a table without one, samples it
 itself.
