@@ -181,7 +181,8 @@ def cmd_index(args) -> int:
         f"(see {cfg.output}/_errors/)"
     )
     for space, bg in (manifest.get("background") or {}).items():
-        print(f"  background {space}: train-train nearest-neighbour p95 {bg['p95']:.3f} (n={bg['n']})")
+        dup = f", near-duplicates passed over for {bg['near_duplicated']:.0%}" if bg.get("near_duplicate_link") else ""
+        print(f"  background {space}: train-train nearest-distinct p95 {bg['p95']:.3f} (n={bg['n']}{dup})")
     recall = (manifest.get("faiss") or {}).get("recall") or {}
     for key, value in recall.items():
         if key.startswith("recall_"):

@@ -12,6 +12,7 @@ import tarfile
 import zlib
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -222,3 +223,17 @@ def test_validate_says_so_in_one_line(demo_root, world, tmp_path, capsys):
     assert main(["validate", str(path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "neither sscd_embedding nor image_uri" in err[0]
+
+
+def test_the_sampled_images_candidate_scores_give_the_nearest_distinct_background():
+    """Each sampled image's SSCD scores to its fetched candidates, best first; its reposts (>= the link,
+    at most eidetic_k of them) are passed over as in the joined background (raymem.background)."""
+    from raymem.background import distinct_percentiles
+    from raymem.copy_candidates import padded
+
+    per_image = [[0.2, 0.97, 0.31], [0.4], [0.3, 0.25]]
+    matrix = padded(per_image)
+    np.testing.assert_allclose(matrix[0], [0.97, 0.31, 0.2])
+    assert np.isneginf(matrix[1, 1:]).all()
+    measured = distinct_percentiles(matrix, 0.75, 10)
+    assert measured["n"] == 3 and measured["p99"] < 0.41 and measured["near_duplicated"] == pytest.approx(1 / 3)
