@@ -62,11 +62,11 @@ CLIP = ROOT / "assets" / "planted-models" / "clip"  # any CLIP serves: the index
 K = 20  # neighbours per query, as the scan's join.k
 
 
-def photos() -> dict[str, Image.Image]:
+def photos(count: int = len(PHOTOS)) -> dict[str, Image.Image]:
     from skimage import data
 
     out = {}
-    for name in PHOTOS:
+    for name in PHOTOS[:count]:
         a = getattr(data, name)()
         a = np.asarray(a[0] if isinstance(a, tuple) else a)  # the stereo pair: its left view only
         if a.dtype == bool:
@@ -222,10 +222,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repost-share", type=float, default=0.3, help="share of photos stored again as reposts")
     parser.add_argument("--seed", type=int, default=0, help="which photos are reposted")
+    parser.add_argument("--photos", type=int, default=len(PHOTOS), help="use the first N images only (a quick run)")
     parser.add_argument("--json", help="write every decision here too")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    images = photos()
+    if not 2 <= args.photos <= len(PHOTOS):
+        parser.error(f"--photos must be between 2 and {len(PHOTOS)}")
+    images = photos(args.photos)
     rng = np.random.default_rng(args.seed)
     reposted = set(rng.choice(sorted(images), round(args.repost_share * len(images)), replace=False).tolist())
     detector = CopyDetector(CopyDetectionConfig(model="immaculate:sscd", image_size=SIZE))

@@ -333,6 +333,31 @@ def test_sscd_size_bench_measures_a_world_and_the_synthetic_floor(tmp_path):
     assert failed.returncode != 0 and "give a world directory, --synthetic, or both" in failed.stderr
 
 
+def test_photo_copies_bench_decides_copies_of_photographs_with_and_without_reposts(tmp_path):
+    """bench/photo_copies.py (issue 12, item 4): real SSCD at 288 px on scikit-image's photographs, through
+    raymem index, the join and the labeler's copy rule; the reposts do not raise the background."""
+    record = tmp_path / "photos.json"
+    out = subprocess.run(
+        [sys.executable, "bench/photo_copies.py", "--photos", "6", "--repost-share", "0.5", "--json", str(record)],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).resolve().parents[1],
+    ).stdout
+    results = json.loads(record.read_text())
+    assert set(results) == {"distinct", "reposts"}, out
+    for name, run in results.items():
+        decided = run["results"]
+        assert len(decided) == 6 * 7 * 2, out
+        copies = [r["replicated"] for r in decided if r["expected"] == "copy"]
+        assert sum(copies) >= 0.9 * len(copies) and not any(r["replicated"] for r in decided if r["expected"] != "copy")
+        assert run["background"]["p95"] < 0.5, (name, run["background"])
+    assert (
+        results["reposts"]["background"]["n"] == 6 + 3 * 3 and results["reposts"]["background"]["near_duplicated"] > 0
+    )
+    assert "== training set: reposts" in out
+
+
 def test_presence_training_bench_reads_every_variant(tmp_path):
     """bench/presence_training.py (what limits MI: the presence CLIP's recipe or the world?) trains its
     variants and prints, per variant, a text-probe and a linear read-out AUC for every element."""
