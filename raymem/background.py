@@ -59,17 +59,18 @@ def distinct_link(space: str, t: ThresholdsConfig) -> float | None:
 
 def distinct_nearest(scores: np.ndarray, link: float | None, group_limit: int) -> tuple[np.ndarray, np.ndarray]:
     """(nearest distinct score, whether near-duplicates were passed over) per row of `scores` (each
-    sampled image's neighbours, best first; -inf or NaN where none). Rows whose every kept neighbour is
-    a near-duplicate give NaN: nothing distinct was in view."""
+    sampled image's neighbours, best first; -inf or NaN where none). A row's near-duplicates are passed
+    over only when there are at most `group_limit` of them and a neighbour below the link is in view;
+    otherwise (a look many images share, or too few neighbours kept to tell) its nearest counts."""
     scores = np.where(np.isnan(scores), -np.inf, np.asarray(scores, np.float64))
     top1 = scores[:, 0].copy()
     if link is None or scores.shape[1] == 0:
         return top1, np.zeros(len(scores), bool)
     above = (scores >= link).sum(axis=1)
     kept = np.isfinite(scores).sum(axis=1)
-    duplicated = (above > 0) & (above <= group_limit)
+    duplicated = (above > 0) & (above <= group_limit) & (above < kept)
     nxt = scores[np.arange(len(scores)), np.minimum(above, scores.shape[1] - 1)]
-    top1[duplicated] = np.where(above[duplicated] < kept[duplicated], nxt[duplicated], np.nan)
+    top1[duplicated] = nxt[duplicated]
     return top1, duplicated
 
 

@@ -27,19 +27,19 @@ def test_a_few_near_duplicates_are_passed_over_but_a_common_look_is_not():
             [0.97, 0.93, 0.31, 0.20],  # stored twice more (reposts): its nearest distinct image is 0.31
             [0.40, 0.35, 0.30, 0.20],  # no near-duplicate: its nearest
             [0.90, 0.88, 0.86, 0.84],  # more than group_limit above the link: a look many images share
-            [0.99, NEG, NEG, NEG],  # only a near-duplicate in view: nothing distinct to measure
+            [0.99, NEG, NEG, NEG],  # only a near-duplicate in view: a group or a look, it cannot tell
         ]
     )
     top1, duplicated = distinct_nearest(scores, link=0.75, group_limit=3)
-    np.testing.assert_allclose(top1[:3], [0.31, 0.40, 0.90])
-    assert np.isnan(top1[3]) and duplicated.tolist() == [True, False, False, True]
+    np.testing.assert_allclose(top1, [0.31, 0.40, 0.90, 0.99])  # the last two as before: their nearest
+    assert duplicated.tolist() == [True, False, False, False]
     # CLIP has no published near-duplicate score: the nearest other image counts, whatever it is
     top1, duplicated = distinct_nearest(scores, link=None, group_limit=3)
     np.testing.assert_allclose(top1, [0.97, 0.40, 0.90, 0.99])
     assert not duplicated.any()
     measured = distinct_percentiles(scores, 0.75, 3)
-    assert measured["n"] == 3 and measured["near_duplicated"] == 0.5 and measured["p50"] == pytest.approx(0.40)
-    assert distinct_percentiles(scores[3:], 0.75, 3) is None
+    assert measured["n"] == 4 and measured["near_duplicated"] == 0.25 and measured["p50"] == pytest.approx(0.65)
+    assert distinct_percentiles(np.full((2, 3), NEG), 0.75, 3) is None
 
 
 def test_an_index_background_serves_only_a_scan_with_the_same_link_and_limit():
