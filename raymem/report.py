@@ -145,6 +145,7 @@ def histogram_geometry(
             "x99": x(background["p99"]),
             "y": top - 22,
             "n": background.get("n"),
+            "near_duplicated": background.get("near_duplicated"),
         }
     return {
         **_frame(width, height, left, right, top, base),
