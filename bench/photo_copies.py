@@ -20,6 +20,10 @@ Training sets:
 
 Intervals resample whole photos (a photo's edits are not independent).
 
+Region copies (MU (r), (d); the tile rule of raymem.regions at the default pixel_size and grid): every
+photo, JPEG-compressed, against every other photo (must share no copied region), and a photo whose left
+half is pasted over the next photo (a reused background behind other content: should be found).
+
     python bench/photo_copies.py                      # both training sets, repost share 0.3
     python bench/photo_copies.py --repost-share 0.5 --json results.json
 """
@@ -40,12 +44,13 @@ from PIL import Image, ImageEnhance, ImageFilter
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from raymem.candidates import Queries  # noqa: E402
-from raymem.config import CopyDetectionConfig, IndexConfig, ThresholdsConfig  # noqa: E402
+from raymem.config import CopyDetectionConfig, IndexConfig, SignalsConfig, ThresholdsConfig  # noqa: E402
 from raymem.duplicates import attach_pair_scores  # noqa: E402
 from raymem.encoders import CopyDetector  # noqa: E402
 from raymem.index import run_index  # noqa: E402
 from raymem.join import nearest_neighbours  # noqa: E402
 from raymem.label import Background, CopyEvidence, replication_evidence  # noqa: E402
+from raymem.regions import scaled_copied, tile_stats  # noqa: E402
 from raymem.runtime import ray_session  # noqa: E402
 from raymem.sources import inspect_training  # noqa: E402
 from raymem.stats import cluster_bootstrap  # noqa: E402
@@ -218,6 +223,44 @@ def report(name: str, background: dict, results: list[dict]) -> list[str]:
     return lines
 
 
+def region_lines(images: dict[str, Image.Image]) -> list[str]:
+    """The tile rule on photographs: copied tiles (within region_l2, both textured) between distinct
+    photos, and of a pasted half -- at the fixed bound (region copies) and the texture-scaled one
+    (duplicated patches)."""
+    s, t = SignalsConfig(), ThresholdsConfig()
+
+    def pixels(im):
+        return np.asarray(im.convert("RGB").resize((s.pixel_size, s.pixel_size), Image.BICUBIC), np.float64) / 255
+
+    def copied(a, b) -> tuple[int, int]:
+        l2, texture = tile_stats(a, b, s.region_grid)
+        fixed = int(((l2 <= t.region_l2) & (texture >= t.region_texture)).sum())
+        return fixed, int(scaled_copied(l2, texture, t.region_l2, t.region_texture).sum())
+
+    names = list(images)
+    plain = {n: pixels(im) for n, im in images.items()}
+    distinct = [copied(pixels(jpeg(images[a], 50)), plain[b]) for a in names for b in names if a != b]
+    half = s.pixel_size // 2
+    pasted = []
+    for i, a in enumerate(names):
+        mixed = plain[names[(i + 1) % len(names)]].copy()
+        mixed[:, :half] = plain[a][:, :half]
+        mixed = jpeg(Image.fromarray((mixed * 255).round().astype(np.uint8)), 50)
+        pasted.append((a, *copied(pixels(mixed), plain[a])))
+    found = [(a, f, sc) for a, f, sc in pasted if f >= t.region_tiles]
+    grid = s.region_grid**2
+    return [
+        f"\n== region copies: {s.region_grid}x{s.region_grid} tiles at {s.pixel_size} px, region_l2 {t.region_l2}, "
+        f"texture {t.region_texture}, region_tiles {t.region_tiles}",
+        f"distinct photo pairs with a region copy: fixed bound {sum(f >= t.region_tiles for f, _ in distinct)}"
+        f"/{len(distinct)} (most tiles {max(f for f, _ in distinct)}), texture-scaled "
+        f"{sum(sc >= t.region_tiles for _, sc in distinct)}/{len(distinct)} (most {max(sc for _, sc in distinct)})",
+        f"pasted halves found: {len(found)}/{len(pasted)} (copied tiles of the {grid // 2} pasted: median "
+        f"{int(np.median([f for _, f, _ in pasted]))}); missed: "
+        + (", ".join(f"{a} ({f} tiles)" for a, f, _ in pasted if f < t.region_tiles) or "none"),
+    ]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repost-share", type=float, default=0.3, help="share of photos stored again as reposts")
@@ -247,6 +290,7 @@ def main() -> int:
             results = decide(out, background, queries)
             everything[name] = {"background": background, "results": results}
             lines += report(name, background, results)
+    lines += region_lines(images)
     print("\n".join(lines))
     if args.json:
         Path(args.json).write_text(json.dumps(everything, indent=1, default=str))

@@ -356,6 +356,8 @@ def test_photo_copies_bench_decides_copies_of_photographs_with_and_without_repos
         results["reposts"]["background"]["n"] == 6 + 3 * 3 and results["reposts"]["background"]["near_duplicated"] > 0
     )
     assert "== training set: reposts" in out
+    # the region tile rule on the same photographs: no distinct pair shares a region, the pasted halves are found
+    assert "distinct photo pairs with a region copy: fixed bound 0/30" in out and "pasted halves found: 6/6" in out
 
 
 def test_presence_training_bench_reads_every_variant(tmp_path):
