@@ -39,6 +39,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 from PIL import Image, ImageEnhance, ImageFilter
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -148,7 +149,7 @@ def photo_of(train_id: str) -> str:
     return train_id.split("-repost-")[0]
 
 
-def decide(training_dir: Path, background: dict, queries: dict[str, np.ndarray]) -> list[dict]:
+def decide(training_dir: Path, background: dict, queries: dict[tuple[str, str], np.ndarray]) -> list[dict]:
     """Every (photo, edit) query as a copy and as a not-copy, decided by the labeler's copy rule."""
     training = inspect_training(str(training_dir), {})
     ids = list(queries)
@@ -156,10 +157,8 @@ def decide(training_dir: Path, background: dict, queries: dict[str, np.ndarray])
     rows = topk["q"]["sscd"].rows
     embeddings = {}  # the neighbours' own SSCD embeddings, for the near-duplicate pair scores
     for part in sorted(training_dir.glob("part-*.parquet")):
-        import pyarrow.parquet as pq
-
-        t = pq.read_table(part, columns=["train_id", "sscd_embedding"])
-        for tid, e in zip(t.column("train_id").to_pylist(), t.column("sscd_embedding").to_pylist()):
+        table = pq.read_table(part, columns=["train_id", "sscd_embedding"])
+        for tid, e in zip(table.column("train_id").to_pylist(), table.column("sscd_embedding").to_pylist()):
             embeddings[tid] = np.asarray(e, np.float32)
     t = ThresholdsConfig()
     copy = CopyEvidence("sscd", "sscd", None, Background("sscd", background["p95"], background["n"]))
