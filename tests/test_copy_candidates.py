@@ -147,6 +147,8 @@ def test_neighbours_say_how_they_were_found_and_the_background_is_measured_in_ss
     background = {r["space"]: r for r in read(first, "background").to_pylist()}
     assert background["sscd"]["source"] == "candidates" and 0 < background["sscd"]["n"] <= 24
     assert -1 <= background["sscd"]["p95"] <= 1
+    # nearest distinct candidate: the share whose near-duplicates were passed over is published with it
+    assert 0 <= background["sscd"]["near_duplicated"] <= 1
 
 
 def test_unreachable_candidates_are_counted_per_unit_and_do_not_fail_the_scan(first, world):
