@@ -154,3 +154,51 @@ def scan_identity(cfg: ScanConfig, prompts, training) -> dict:
 def scan_id_of(cfg: ScanConfig, identity: dict) -> str:
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode())
     return f"{cfg.name}-{cfg.scan_date.isoformat()}-{digest.hexdigest()[:10]}"
+
+
+# What must be the same on both sides of the join for its scores to mean anything, per embedding space
+# of the training table: (dotted field of the embedding config, what it is).
+_EMBEDDED_WITH = {
+    "clip": (("clip.model", "CLIP model"), ("clip.pretrained", "CLIP weights")),
+    "sscd": (("copy_detection.model", "copy detector"), ("copy_detection.image_size", "copy detector input size")),
+}
+
+
+def _what_it_is(value) -> tuple[str, object]:
+    """('content', digest) for a local file or directory, ('unknown', value) for a remote or missing path
+    (its bytes are not read here), ('name', value) for a hub name, an open_clip tag, a size."""
+    if value is None or not isinstance(value, str):
+        return "name", value
+    ref = _reference(value)
+    if ref != value:
+        return "content", ref
+    local = value.removeprefix("local-dir:")
+    if uris.is_remote(value) or local.startswith(("/", "./", "../", "~")) or os.path.sep in local:
+        return "unknown", value
+    return "name", value
+
+
+def embedding_mismatches(index_manifest: dict | None, embedding: dict, spaces) -> tuple[list, list]:
+    """Compare the embedding settings `raymem index` recorded (`_index.json`) with the scan's, for the
+    spaces the training table has: (fields that provably differ, fields that differ in how they are
+    written and cannot be compared here: a local directory against an s3:// copy), each as
+    (field, index value, scan value). Scores between embeddings of two models or two input sizes are
+    not comparable, and nothing downstream could tell (same dimension, plausible numbers)."""
+    recorded = ((index_manifest or {}).get("config") or {}).get("embedding")
+    if not recorded:
+        return [], []  # not written by `raymem index` (or before it recorded its embedding)
+    differ, unverifiable = [], []
+    for space in spaces:
+        for field, _ in _EMBEDDED_WITH.get(space, ()):
+            section, key = field.split(".")
+            was, now = (recorded.get(section) or {}).get(key), (embedding.get(section) or {}).get(key)
+            if was == now:
+                continue
+            (kind_was, ref_was), (kind_now, ref_now) = _what_it_is(was), _what_it_is(now)
+            if ref_was == ref_now:
+                continue
+            if "unknown" in (kind_was, kind_now):
+                unverifiable.append((field, was, now))
+            else:
+                differ.append((field, was, now))
+    return differ, unverifiable

@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from raymem import runtime
+from raymem import uri as uris
 from raymem.background import background_from, background_sample, background_table, stored_background
 from raymem.candidates import Queries
 from raymem.captions import caption_terms
@@ -29,7 +30,7 @@ from raymem.entity_stats import EntityStatsPass, entities_table, wants_entity_st
 from raymem.errors import InputError, OutputError, RaymemError, ScanFailed
 from raymem.fetch import FetchLimits
 from raymem.generate import GenerateEmbed, encode_missing_texts, expand_units, unit_fingerprint, work_chunks
-from raymem.identity import scan_id_of, scan_identity
+from raymem.identity import embedding_mismatches, scan_id_of, scan_identity
 from raymem.join import DEFAULT_FRAGMENT_ROWS, RunningTopK, nearest_neighbours, neighbors_table, warm_join_workers
 from raymem.label import label_units, pixel_check_pairs, region_check_pairs, with_work_copies
 from raymem.label_inputs import LabelInputs, pixel_evidence
@@ -64,6 +65,7 @@ from raymem.schema import (
     texts_schema,
 )
 from raymem.sources import TrainingTable, inspect_training
+from raymem.sources.base import INDEX_MANIFEST
 from raymem.store import TextCache, UnitStore
 from raymem.train_ids import TrainIdCheck
 
@@ -173,8 +175,34 @@ def check_inputs(cfg: ScanConfig) -> tuple[list[Prompt], TrainingTable]:
             "copy detection is off and thresholds.clip_replication is not set: replication (MU by copying) "
             "will not be tested"
         )
+    _check_embedded_alike(cfg, training)
     check_model_sources(cfg)
     return prompts, training
+
+
+def _check_embedded_alike(cfg: ScanConfig, training: TrainingTable) -> None:
+    """The scan must embed its images as `raymem index` embedded the training table: same models, same
+    copy-detector input size (raymem.identity.embedding_mismatches). Provably different: bad input."""
+    embedding = cfg.embedding.model_dump(mode="json")
+    differ, unverifiable = embedding_mismatches(training.index, embedding, training.dims)
+    source = uris.join(training.uri, INDEX_MANIFEST)
+    if differ:
+        field, was, now = differ[0]
+        raise InputError(
+            source,
+            f"the training table was embedded with {was!r}, the scan embeds with {now!r}: their scores are not "
+            "comparable (set the scan's embedding to the index's, or index again)",
+            field=f"config.embedding.{field}",
+        )
+    for field, was, now in unverifiable:
+        log.warning(
+            "%s: config.embedding.%s is %r, the scan's is %r; raymem cannot read both to compare them: they "
+            "must be the same model, or the join's scores mean nothing",
+            source,
+            field,
+            was,
+            now,
+        )
 
 
 def scan_id_for(cfg: ScanConfig) -> str:

@@ -60,6 +60,29 @@ def test_validate_checks_inputs_without_running(demo_raw, tmp_path):
     assert out.returncode == 2 and "no .parquet files found" in out.stderr
 
 
+def test_validate_refuses_a_scan_that_embeds_unlike_its_index(demo_raw, tmp_path):
+    """`raymem index` recorded how it embedded the training table (_index.json); a scan whose copy detector
+    reads another input size would compare incomparable scores: one line naming the file and field, exit 2."""
+    import yaml
+
+    path = tmp_path / "scan.yaml"
+    other = {
+        **demo_raw,
+        "embedding": {
+            **demo_raw["embedding"],
+            "copy_detection": {"model": "immaculate:sscd_distilled", "image_size": 64},
+        },
+    }
+    path.write_text(yaml.safe_dump(other))
+    out = raymem("validate", str(path))
+    index = f"{demo_raw['training']['embeddings']}/_index.json"
+    assert out.returncode == 2 and out.stderr.strip() == (
+        f"raymem: error: {index}: field 'config.embedding.copy_detection.image_size': the training table was "
+        "embedded with 128, the scan embeds with 64: their scores are not comparable (set the scan's embedding "
+        "to the index's, or index again)"
+    )
+
+
 def test_validate_catches_models_that_cannot_load_before_ray_starts(demo_raw, tmp_path):
     import os
 

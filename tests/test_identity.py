@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from raymem.config import parse_config
-from raymem.identity import scan_id_of, scan_identity
+from raymem.identity import embedding_mismatches, scan_id_of, scan_identity
 from raymem.pipeline import check_inputs
 from raymem.schema import embedding_array
 
@@ -97,3 +97,49 @@ def test_changed_content_settings_or_date_is_another_scan(tmp_path):
     assert scan_id(config(a, generation={"seeds_per_prompt": 8})) != with_more_training
     other_day = config(a, output={"uri": str(a / "out"), "scan_date": "2026-12-01"})
     assert other_day.scan_date == dt.date(2026, 12, 1) and scan_id(other_day) != with_more_training
+
+
+# -- the scan embeds as the index did ------------------------------------------------------------------------
+
+
+def _recorded(**embedding):
+    base = {
+        "clip": {"model": "ViT-B-32", "pretrained": "laion2b_s34b_b79k"},
+        "copy_detection": {"model": "immaculate:sscd", "image_size": 288},
+    }
+    for section, values in embedding.items():
+        base[section] = {**base[section], **values}
+    return base
+
+
+def test_an_index_embedded_with_other_weights_or_another_input_size_is_told_apart():
+    index = {"config": {"embedding": _recorded()}}
+    assert embedding_mismatches(index, _recorded(), ["clip", "sscd"]) == ([], [])
+    differ, _ = embedding_mismatches(
+        index, _recorded(clip={"pretrained": "openai"}, copy_detection={"image_size": 32}), ["clip", "sscd"]
+    )
+    assert differ == [("clip.pretrained", "laion2b_s34b_b79k", "openai"), ("copy_detection.image_size", 288, 32)]
+    # only the spaces the table has: a CLIP-only table (two-stage copy detection) ignores the copy detector
+    assert embedding_mismatches(index, _recorded(copy_detection={"image_size": 32}), ["clip"]) == ([], [])
+    # a table not written by `raymem index` (or before it recorded its embedding) has nothing to compare
+    assert embedding_mismatches({"rows": 3}, _recorded(), ["clip"]) == ([], [])
+    assert embedding_mismatches(None, _recorded(), ["clip"]) == ([], [])
+
+
+def test_the_same_weights_elsewhere_match_and_a_remote_copy_cannot_be_checked(tmp_path):
+    for name in ("a", "b", "c"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "open_clip_config.json").write_text("{}")
+        (tmp_path / name / "weights.safetensors").write_bytes(b"same" if name != "c" else b"other")
+    index = {"config": {"embedding": _recorded(clip={"model": f"local-dir:{tmp_path / 'a'}", "pretrained": None})}}
+    moved = _recorded(clip={"model": f"local-dir:{tmp_path / 'b'}", "pretrained": None})
+    assert embedding_mismatches(index, moved, ["clip"]) == ([], [])  # by content, not by path
+    other = _recorded(clip={"model": f"local-dir:{tmp_path / 'c'}", "pretrained": None})
+    assert embedding_mismatches(index, other, ["clip"])[0] == [
+        ("clip.model", f"local-dir:{tmp_path / 'a'}", f"local-dir:{tmp_path / 'c'}")
+    ]
+    remote = _recorded(clip={"model": "s3://models/clip", "pretrained": None})
+    assert embedding_mismatches(index, remote, ["clip"]) == (
+        [],
+        [("clip.model", f"local-dir:{tmp_path / 'a'}", "s3://models/clip")],
+    )
