@@ -39,20 +39,20 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 from PIL import Image, ImageEnhance, ImageFilter
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from raymem.candidates import Queries  # noqa: E402
 from raymem.config import CopyDetectionConfig, IndexConfig, SignalsConfig, ThresholdsConfig  # noqa: E402
-from raymem.duplicates import attach_pair_scores  # noqa: E402
+from raymem.duplicates import attach_pair_scores, read_embeddings, rows_to_read  # noqa: E402
 from raymem.encoders import CopyDetector  # noqa: E402
 from raymem.index import run_index  # noqa: E402
 from raymem.join import nearest_neighbours  # noqa: E402
 from raymem.label import Background, CopyEvidence, replication_evidence  # noqa: E402
 from raymem.regions import scaled_copied, tile_stats  # noqa: E402
 from raymem.runtime import ray_session  # noqa: E402
+from raymem.schema import SPACE_COLUMNS  # noqa: E402
 from raymem.sources import inspect_training  # noqa: E402
 from raymem.stats import cluster_bootstrap  # noqa: E402
 
@@ -155,18 +155,15 @@ def decide(training_dir: Path, background: dict, queries: dict[tuple[str, str], 
     ids = list(queries)
     topk = nearest_neighbours(training, {"q": Queries(ids=ids, matrices={"sscd": np.stack(list(queries.values()))})}, K)
     rows = topk["q"]["sscd"].rows
-    embeddings = {}  # the neighbours' own SSCD embeddings, for the near-duplicate pair scores
-    for part in sorted(training_dir.glob("part-*.parquet")):
-        table = pq.read_table(part, columns=["train_id", "sscd_embedding"])
-        for tid, e in zip(table.column("train_id").to_pylist(), table.column("sscd_embedding").to_pylist()):
-            embeddings[tid] = np.asarray(e, np.float32)
     t = ThresholdsConfig()
+    # the neighbours' own SSCD embeddings, for the near-duplicate pair scores: read as the scan reads them
+    embeddings = read_embeddings(SPACE_COLUMNS["sscd"], rows_to_read(rows, t.replication))
     copy = CopyEvidence("sscd", "sscd", None, Background("sscd", background["p95"], background["n"]))
     out = []
     for (photo, edit), nbrs in zip(ids, rows):
         for expected in ("copy", "not copy"):
             kept = [dict(n) for n in nbrs if expected == "copy" or photo_of(n["train_id"]) != photo]
-            attach_pair_scores([kept], t.replication, lambda r: embeddings[r["train_id"]])
+            attach_pair_scores([kept], t.replication, lambda r: embeddings.get((r.get("path"), str(r["train_id"]))))
             rep = replication_evidence(copy, kept, None, None, t, None)
             out.append(
                 {

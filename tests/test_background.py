@@ -4,14 +4,12 @@ import io
 import json
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
 from raymem.background import background_sample, distinct_nearest, distinct_percentiles, percentiles, stored_background
 from raymem.config import IndexConfig, ThresholdsConfig
-from raymem.duplicates import attach_pair_scores
+from raymem.duplicates import attach_pair_scores, read_embeddings, rows_to_read
 from raymem.encoders import CopyDetector
 from raymem.index import run_index
 from raymem.join import Queries, nearest_neighbours
@@ -108,10 +106,9 @@ def test_reposted_photographs_do_not_raise_the_background_above_their_copies(loc
     copy = detector.encode_images([_jpeg(photos["coffee"], 30)])
     neighbours = nearest_neighbours(training, {"q": Queries(ids=["copy"], matrices={"sscd": copy})}, 20)
     rows = neighbours["q"]["sscd"].rows[0]
-    table = pa.concat_tables([pq.read_table(p, columns=["train_id", "sscd_embedding"]) for p in out.glob("part-*")])
-    embeddings = dict(zip(table["train_id"].to_pylist(), table["sscd_embedding"].to_pylist()))
-    attach_pair_scores([rows], 0.5, lambda r: np.asarray(embeddings[r["train_id"]], np.float32))
     t = ThresholdsConfig()
+    embeddings = read_embeddings("sscd_embedding", rows_to_read([rows], t.replication))  # as the scan reads them
+    attach_pair_scores([rows], t.replication, lambda r: embeddings.get((r.get("path"), str(r["train_id"]))))
 
     def verdict(p95: float):
         evidence = CopyEvidence("sscd", "sscd", None, Background("sscd", p95, background["n"]))
