@@ -157,10 +157,10 @@ def scan_id_of(cfg: ScanConfig, identity: dict) -> str:
 
 
 # What must be the same on both sides of the join for its scores to mean anything, per embedding space
-# of the training table: (dotted field of the embedding config, what it is).
+# of the training table: dotted fields of the embedding config.
 _EMBEDDED_WITH = {
-    "clip": (("clip.model", "CLIP model"), ("clip.pretrained", "CLIP weights")),
-    "sscd": (("copy_detection.model", "copy detector"), ("copy_detection.image_size", "copy detector input size")),
+    "clip": ("clip.model", "clip.pretrained"),
+    "sscd": ("copy_detection.model", "copy_detection.image_size"),
 }
 
 
@@ -189,7 +189,7 @@ def embedding_mismatches(index_manifest: dict | None, embedding: dict, spaces) -
         return [], []  # not written by `raymem index` (or before it recorded its embedding)
     differ, unverifiable = [], []
     for space in spaces:
-        for field, _ in _EMBEDDED_WITH.get(space, ()):
+        for field in _EMBEDDED_WITH.get(space, ()):
             section, key = field.split(".")
             was, now = (recorded.get(section) or {}).get(key), (embedding.get(section) or {}).get(key)
             if was == now:
