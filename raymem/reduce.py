@@ -64,6 +64,11 @@ def prompt_tallies(labels: list[dict]) -> list[dict]:
     return out
 
 
+def _renders_entity(label: dict) -> bool:
+    """Whether the labeler found the image renders its prompt's entity (its `entity_rendered` flag)."""
+    return "entity_rendered" in (label.get("flags") or ())
+
+
 def entity_tallies(labels: list[dict], train_frequency: dict[str, int]) -> list[dict]:
     """Per entity. Under-memorization is measured: `render_rate` is the share of its scored images that
     render it (the labeler's null-calibrated test), and `entity_not_rendered` says it is below one half;
@@ -79,7 +84,7 @@ def entity_tallies(labels: list[dict], train_frequency: dict[str, int]) -> list[
         freq = train_frequency.get(entity)
         scored = [r for r in rows if r["status"] == STATUS_OK]
         presence = _mean(r.get("entity_presence") for r in scored)
-        render_rate = _mean(1.0 if "entity_rendered" in (r.get("flags") or []) else 0.0 for r in scored)
+        render_rate = _mean(1.0 if _renders_entity(r) else 0.0 for r in scored)
         out.append(
             {
                 "scan_id": rows[0]["scan_id"],
@@ -108,7 +113,7 @@ def implied_control_rate(labels: list[dict], null_alpha: float, needs_entity: bo
     rendered: dict[str, list[bool]] = defaultdict(list)
     for r in labels:
         if r.get("status", STATUS_OK) == STATUS_OK:
-            rendered[r["prompt_id"]].append("entity_rendered" in (r.get("flags") or ()))
+            rendered[r["prompt_id"]].append(_renders_entity(r))
         for e in r.get("elements") or ():
             if e["kind"] == "control" and e.get("prompt_p") is not None:
                 beyond[(r["prompt_id"], e["element"])] = e["prompt_p"] <= null_alpha
