@@ -19,6 +19,7 @@ from raymem.planted.benchmark import (
     evaluate,
     run_benchmark,
     run_name,
+    target_verdict,
     targets_report,
 )
 from raymem.planted.training import TrainConfig
@@ -49,6 +50,17 @@ def test_evaluate_counts_precision_recall_and_confusion():
     assert conf["MU"]["predicted_ME"] == 1 and conf["none"]["predicted_failed"] == 1
     assert sum(v for row in r["confusion"] for k, v in row.items() if k.startswith("predicted_")) == 5
     assert any("MISSED" in line for line in targets_report(r))
+
+
+def test_a_target_is_met_only_with_its_intervals_lower_end_at_the_floor_too():
+    """Issue 12: precision and recall at their targets and each interval's lower end >= 0.85; an estimate
+    at its target over a sample too small to show it is a miss, and says so."""
+    assert target_verdict([(0.96, 0.95, [0.90, 0.99]), (1.0, 0.95, [0.86, 1.0])]) == "target met"
+    assert target_verdict([(0.97, 0.95, [0.80, 1.0])]).startswith(
+        "MISSED: estimate at target, interval's lower end 0.80"
+    )
+    assert target_verdict([(0.94, 0.95, [0.90, 0.97]), (None, 0.9, None)]) == "MISSED: 0.940 < 0.95, no estimate < 0.9"
+    assert target_verdict([(0.95, 0.95, None)]) == "target met"  # no interval to judge (nothing resampled)
 
 
 def test_what_an_image_shows_overrides_its_prompts_truth():

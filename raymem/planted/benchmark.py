@@ -35,6 +35,23 @@ log = logging.getLogger(__name__)
 
 TARGETS = {"MU": (0.95, 0.95), "MI": (0.9, 0.9), "ME": (0.9, 0.9)}
 CONTROL_NONE_TARGET = 0.95
+# Issue 12: a target counts as met only if the lower end of its 95 % interval is at least this too
+# (the prompt-clustered interval where there is one: images of one prompt are not independent).
+INTERVAL_FLOOR = 0.85
+
+
+def target_verdict(points: list[tuple[float | None, float, list | None]]) -> str:
+    """'target met', or why not, for (estimate, target, interval) triples judged together (a category's
+    precision and recall): every estimate at its target and every interval's lower end at INTERVAL_FLOOR."""
+    missed = [
+        f"{'no estimate' if x is None else f'{x:.3f}'} < {target}" for x, target, _ in points if (x or 0) < target
+    ]
+    if missed:
+        return "MISSED: " + ", ".join(missed)
+    low = [ci[0] for _, _, ci in points if ci is not None and ci[0] < INTERVAL_FLOOR]
+    if low:
+        return f"MISSED: estimate at target, interval's lower end {min(low):.2f} < {INTERVAL_FLOOR}"
+    return "target met"
 
 
 @dataclass
@@ -691,11 +708,14 @@ def targets_report(result: dict) -> list[str]:
         met = (
             ""
             if target is None
-            else (
-                " (target met)"
-                if (p or 0) >= target[0] and (r or 0) >= target[1]
-                else f" (target P>={target[0]}, R>={target[1]}: MISSED)"
+            else " ("
+            + target_verdict(
+                [
+                    (p, target[0], m.get("precision_ci_prompts") or m.get("precision_ci")),
+                    (r, target[1], m.get("recall_ci_prompts") or m.get("recall_ci")),
+                ]
             )
+            + ")"
         )
         lines.append(
             f"{m['category']:5s} precision {_f(p)} {_ci(m.get('precision_ci'))} recall {_f(r)} "
@@ -711,7 +731,7 @@ def targets_report(result: dict) -> list[str]:
         neg = result.get(name) or {}
         if not neg.get("images"):
             continue
-        verdict = "target met" if neg["rate"] >= CONTROL_NONE_TARGET else f"target {CONTROL_NONE_TARGET}: MISSED"
+        verdict = target_verdict([(neg["rate"], CONTROL_NONE_TARGET, neg.get("ci_prompts") or neg["ci"])])
         lines.append(
             f"{what}: {_f(neg['rate'])} {_ci(neg['ci'])} ({neg['correct']}/{neg['images']}; {verdict}); "
             f"by prompt {_ci(neg.get('ci_prompts'))}"
