@@ -39,15 +39,16 @@ GRID = {
     "consistency": [0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0],
     "element_presence": [round(x, 2) for x in np.arange(0.30, 0.91, 0.05)],
     # A level, so at most 0.1: beyond it the test passes that share of images the null explains (a
-    # pilot of a few prompts once fitted 0.5, calling half of the never-shown names rendered), and
-    # the scan's MI controls, judged against this level, would no longer warn.
-    "null_alpha": [0.001, 0.005, 0.01, 0.02, 0.05, 0.1],
+    # pilot of a few prompts once fitted 0.5, calling half of the never-shown names rendered).
+    "entity_alpha": [0.001, 0.005, 0.01, 0.02, 0.05, 0.1],
 }
 REGION_OFF = 4096  # more tiles than the largest grid has (64 x 64)
 FIT_ORDER = (
     ("MU", ("replication", "pixel_l2", "region_l2", "region_tiles", "region_breadth")),
     ("MI", ("consistency", "element_presence")),
-    ("ME", ("null_alpha",)),
+    # the entity test's own level: null_alpha also decides MI's implied elements, which ME's pilot
+    # images say nothing about (a shared level fitted for ME switched MI off on a held-out world)
+    ("ME", ("entity_alpha",)),
 )
 
 

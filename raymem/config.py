@@ -193,6 +193,13 @@ class ThresholdsConfig(_Strict):
         "the entity is rendered / an unprompted element goes beyond what the class noun alone gives when "
         "p <= null_alpha (Benjamini-Hochberg across the elements tested together)",
     )
+    entity_alpha: float | None = Field(
+        None,
+        gt=0,
+        le=0.5,
+        description="level of the entity-rendered test alone (ME); null: null_alpha. Its own value so that "
+        "`raymem calibrate`, fitting it on the pilot's ME images, leaves the implied-element tests (MI) at theirs",
+    )
     pixel_l2: float = Field(0.15, gt=0, le=1, description="Carlini's tiled l2 (max over tiles) for a pixel-level copy")
     template_tiles: float = Field(
         0.5, gt=0, le=1, description="share of tiles within pixel_l2 for a template copy (Webster's TV)"
@@ -269,6 +276,11 @@ class ThresholdsConfig(_Strict):
         if self.region_duplicate_l2 >= self.region_l2:
             raise ValueError(f"region_duplicate_l2 ({self.region_duplicate_l2}) must be < region_l2 ({self.region_l2})")
         return self
+
+    @property
+    def entity_level(self) -> float:
+        """The entity-rendered test's level: `entity_alpha`, else `null_alpha`."""
+        return self.null_alpha if self.entity_alpha is None else self.entity_alpha
 
 
 # Readable pixel-background pairs below which their 5th percentile is not read (raymem.pixels.background_p5):

@@ -36,11 +36,11 @@ Primary label by precedence MU > MI > ME > none (docs/labeler.md has the sources
 
 "Shown" is CLIP zero-shot (two-way softmax P >= `element_presence`), and for the entity and for
 unprompted elements also beyond the prompt's null images (entity replaced by its class noun, same
-seeds), by small-sample tests at level `null_alpha` (raymem.stats): the prompt's images against the
-null images seed for seed (paired t; Benjamini-Hochberg across the prompt's implied elements, and
-across its instance elements), and one image against the null images (t prediction interval; BH
-across the image's elements). The entity needs both; implied elements the prompt's; instance
-elements both. Without null images the entity gets the zero-shot test alone ("uncalibrated"), and
+seeds), by small-sample tests at level `null_alpha` (the entity's at `entity_alpha`, when set;
+raymem.stats): the prompt's images against the null images seed for seed (paired t; Benjamini-Hochberg
+across the prompt's implied elements, and across its instance elements), and one image against the null
+images (t prediction interval; BH across the image's elements). The entity needs both; implied elements
+the prompt's; instance elements both. Without null images the entity gets the zero-shot test alone ("uncalibrated"), and
 implied and instance elements are never shown (zero-shot alone fires on elements an entity never
 shows: docs/planted.md, negative probes). On scan and null images drawn from one distribution (tests/test_label.py),
 3-5 % of images get any label and none MU; the z-test this replaced labelled 40 % MU.
@@ -771,10 +771,11 @@ def _entity_rendered(ctx: PromptContext, ev: dict, r: dict, t: ThresholdsConfig)
     centroid, else its text probe (beating the placebo names), beyond the null images; without a class
     noun, the CLIP prompt score."""
     ent_logit, ent_p = ev["entity_logit"], ev["entity_p"]
-    beyond = f"p={_fmt(ent_p)} (paired over {ev['entity_pairs']} seeds and this image; null_alpha {t.null_alpha})"
+    level = "entity_alpha" if t.entity_alpha is not None else "null_alpha"
+    beyond = f"p={_fmt(ent_p)} (paired over {ev['entity_pairs']} seeds and this image; {level} {t.entity_level})"
     unseen = " (no training image carries its tag: judged by the text probe)" if _unseen(ctx) else ""
     if _has_reference(ctx) and ent_p is not None:
-        rendered = ent_p <= t.null_alpha
+        rendered = ent_p <= t.entity_level
         why = (
             f"entity '{ctx.entity}': cosine {ent_logit / LOGIT_SCALE:.3f} to the mean of its "
             f"{ctx.reference.count} training images, beyond the null images ('{ctx.entity_class}') at {beyond}"
@@ -786,7 +787,7 @@ def _entity_rendered(ctx: PromptContext, ev: dict, r: dict, t: ThresholdsConfig)
             f"training images (floor {t.clip_floor}, no null images)"
         )
     elif ent_p is not None:
-        rendered = ent_p <= t.null_alpha and _beats_names(ev)
+        rendered = ent_p <= t.entity_level and _beats_names(ev)
         why = (
             f"entity '{ctx.entity}' vs '{ctx.entity_class}': beyond the null images at {beyond}{unseen}"
             + _names_text(ev)

@@ -100,9 +100,10 @@ def test_the_null_level_is_never_fitted_beyond_a_test_level():
     labels = {r["unit_id"]: r for r in label_units(inputs, ThresholdsConfig())}
     assert all(0.2 < labels[u]["entity_p"] < 0.5 for u in strengths)
     fitted, met = fit(inputs, pilot, ThresholdsConfig(), target=0.9)
-    assert fitted.null_alpha <= 0.1 and not met["ME"]
+    assert fitted.entity_level <= 0.1 and not met["ME"]
+    assert fitted.null_alpha == ThresholdsConfig().null_alpha  # the entity's own level is fitted, not MI's
     # the level the fit refuses would have served this pilot perfectly
-    wide = precision_recall(label_units(inputs, ThresholdsConfig(null_alpha=0.5)), pilot)["ME"]
+    wide = precision_recall(label_units(inputs, ThresholdsConfig(entity_alpha=0.5)), pilot)["ME"]
     assert wide["precision"] == 1.0 and wide["recall"] == 1.0
 
 

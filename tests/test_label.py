@@ -241,6 +241,25 @@ def test_consistent_unrequested_implied_element_is_MI():
     assert "not shown in this image" in out["u3"]["reasons"]
 
 
+def test_the_entity_test_has_its_own_level_so_fitting_it_leaves_implied_elements_alone():
+    """`entity_alpha` decides "the entity is rendered" (ME) alone; `null_alpha` the implied elements (MI)
+    and, while `entity_alpha` is unset, the entity too. `raymem calibrate` fits the entity's level on the
+    pilot's ME images, which say nothing about MI: with one shared level that fit switched MI off."""
+    ctx = context(explicit=(), implicit=("minarets",))
+    rows = [gen(f"u{i}", i, image(ctx, elements={"minarets": 0.05 if i < 3 else -0.05})) for i in range(4)]
+    rows += nulls(ctx, elements={"minarets": -0.05})
+
+    def labels(**thresholds):
+        out = run(ctx, rows, {f"u{i}": nbrs(0.1) for i in range(4)}, t=ThresholdsConfig(**thresholds))
+        return [out[f"u{i}"]["label"] for i in range(4)], out
+
+    assert labels()[0] == ["MI", "MI", "MI", "ME"]
+    strict_entity, out = labels(entity_alpha=1e-6)  # entity p 2.5e-5: not rendered at this level
+    assert strict_entity == ["MI", "MI", "MI", "none"] and "entity_alpha 1e-06" in out["u3"]["reasons"]
+    assert labels(null_alpha=1e-6)[0] == ["none"] * 4  # unset entity_alpha follows null_alpha
+    assert labels(null_alpha=1e-6, entity_alpha=0.05)[0] == ["ME"] * 4
+
+
 def test_implied_element_beyond_the_null_is_decided_for_the_prompt_not_per_image():
     ctx = context(explicit=(), implicit=("minarets",))
     # The class noun alone sometimes gives a little of it (null logits -1 / +1) ...
