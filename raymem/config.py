@@ -190,8 +190,8 @@ class ThresholdsConfig(_Strict):
         gt=0,
         le=0.5,
         description="one-sided level of the small-sample tests against the prompt's null images (raymem.stats): "
-        "the entity is rendered / an unprompted element goes beyond what the class noun alone gives when "
-        "p <= null_alpha (Benjamini-Hochberg across the elements tested together)",
+        "an unprompted element goes beyond what the class noun alone gives (and, unless entity_alpha is set, "
+        "the entity is rendered) when p <= null_alpha (Benjamini-Hochberg across the elements tested together)",
     )
     entity_alpha: float | None = Field(
         None,
