@@ -137,6 +137,7 @@ def test_index_config_example_and_errors(tmp_path, monkeypatch):
         ("thresholds", {"element_presence": 1.2}, "thresholds.element_presence"),
         ("thresholds", {"consistency": -0.1}, "thresholds.consistency"),
         ("thresholds", {"null_alpha": 0}, "thresholds.null_alpha"),
+        ("thresholds", {"entity_alpha": 0.9}, "thresholds.entity_alpha"),  # a level, at most 0.5
         ("generation", {"num_inference_steps": True}, "generation.num_inference_steps"),
         ("generation", {"seeds_per_prompt": "4"}, "generation.seeds_per_prompt"),
         ("join", {"k": 2.0}, "join.k"),
