@@ -8,13 +8,14 @@ Thresholds are fitted one at a time, category by category in precedence order (M
 MI, then ME): each takes the value with the highest recall among those reaching the target precision
 on the pilot, or the most precise value when none does (reported as missed). Wen et al.'s noise norm is
 measured as a detector of memorized prompts (a pilot prompt with an MU image): its AUC, and the
-threshold at 1 % false positives among the other pilot prompts, used when the AUC is above 0.5.
+threshold at 1 % false positives among the other pilot prompts, used when the AUC is above 0.5. A
+category whose pilot images come from fewer than `MIN_FIT_PROMPTS` prompts keeps its thresholds.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -43,6 +44,11 @@ GRID = {
     "entity_alpha": [0.001, 0.005, 0.01, 0.02, 0.05, 0.1],
 }
 REGION_OFF = 4096  # more tiles than the largest grid has (64 x 64)
+# A category's thresholds are fitted only from pilot images of at least this many prompts. A prompt's
+# images share its prompt, so one prompt is one observation of how the category looks: fitted to one MI
+# prompt whose element showed in all 8 seeds, `consistency` went to 1.0 and a held-out planted world had
+# no MI left (docs/planted.md, "World 28").
+MIN_FIT_PROMPTS = 3
 FIT_ORDER = (
     ("MU", ("replication", "pixel_l2", "region_l2", "region_tiles", "region_breadth")),
     ("MI", ("consistency", "element_presence")),
@@ -162,14 +168,34 @@ def _score(pr: dict, target: float) -> tuple:
     return (False, p, r)
 
 
-def fit(inputs: LabelInputs, pilot: dict[str, str], start: ThresholdsConfig, target: float):
-    """Coordinate-wise fit; returns (fitted thresholds, {category: met target?})."""
+def too_few_prompts(inputs: LabelInputs, pilot: dict[str, str], min_prompts: int) -> dict[str, str]:
+    """{category: why}, for the categories the pilot has images of, but from fewer than `min_prompts`
+    prompts: their thresholds are not fitted."""
+    prompt_of = {g["unit_id"]: g["parent_prompt_id"] for g in inputs.generations}
+    out = {}
+    for category, _ in FIT_ORDER:
+        prompts = len({prompt_of.get(u) for u, h in pilot.items() if h == category})
+        if 0 < prompts < min_prompts:
+            out[category] = f"{prompts} pilot prompt(s) of it, fewer than {min_prompts}"
+    return out
+
+
+def fit(
+    inputs: LabelInputs,
+    pilot: dict[str, str],
+    start: ThresholdsConfig,
+    target: float,
+    min_prompts: int = MIN_FIT_PROMPTS,
+):
+    """Coordinate-wise fit; returns (fitted thresholds, {category: met target?}) for the categories the
+    pilot has images of from at least `min_prompts` prompts; the others keep their thresholds."""
     prompts = {g["parent_prompt_id"] for g in inputs.generations if g["unit_id"] in pilot}
     ev = inputs.restricted(prompts)
     t = start
     met = {}
+    unfitted = too_few_prompts(inputs, pilot, min_prompts)
     for category, names in fit_order(inputs):
-        if not any(h == category for h in pilot.values()):
+        if category in unfitted or not any(h == category for h in pilot.values()):
             continue
         for name in names:
             # Whole-image copies are fitted with region copies off: an image that is no longer a copy
@@ -263,17 +289,27 @@ class Calibration:
     fitted: ThresholdsConfig
     met: dict[str, bool]
     noise_norm: NoiseNormFit | None = None
+    not_fitted: dict[str, str] = field(default_factory=dict)  # category: why its thresholds were kept
 
 
-def calibrate(root: str, scan_id: str, pilot_source: str, start: ThresholdsConfig, target: float) -> Calibration:
+def calibrate(
+    root: str,
+    scan_id: str,
+    pilot_source: str,
+    start: ThresholdsConfig,
+    target: float,
+    min_prompts: int | None = None,
+) -> Calibration:
     """`raymem calibrate`: read the scan back, read the pilot, fit, and measure before and after."""
+    min_prompts = MIN_FIT_PROMPTS if min_prompts is None else min_prompts
     inputs = LabelInputs.read(root, scan_id)
     pilot = read_pilot(pilot_source, inputs)
     before = precision_recall(label_units(inputs, start), pilot)
-    fitted, met = fit(inputs, pilot, start, target)
+    fitted, met = fit(inputs, pilot, start, target, min_prompts)
     noise = fit_noise_norm(inputs, pilot)
     if noise.threshold is not None and noise.auc is not None and noise.auc > 0.5:
         # an uninformative norm (AUC <= 0.5) is not used: it would only flag prompts at random
         fitted = fitted.model_copy(update={"noise_norm": noise.threshold})
     after = precision_recall(label_units(inputs, fitted), pilot)
-    return Calibration(scan_id, len(pilot), target, before, after, fitted, met, noise)
+    unfitted = too_few_prompts(inputs, pilot, min_prompts)
+    return Calibration(scan_id, len(pilot), target, before, after, fitted, met, noise, unfitted)

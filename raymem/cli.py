@@ -137,7 +137,7 @@ def cmd_calibrate(args) -> int:
     from raymem.pipeline import scan_id_for
 
     scan_id = args.scan_id or scan_id_for(cfg)
-    result = calibrate(cfg.output.uri, scan_id, args.pilot, cfg.thresholds, args.target_precision)
+    result = calibrate(cfg.output.uri, scan_id, args.pilot, cfg.thresholds, args.target_precision, args.min_prompts)
     print(f"scan {result.scan_id}: {result.pilot_size} pilot images, target precision {result.target_precision}")
     print(report(result.before, result.after))
     nn = result.noise_norm
@@ -149,6 +149,8 @@ def cmd_calibrate(args) -> int:
             f"prompts; threshold at {nn.false_positive_rate:.0%} false positives: {at}"
             + ("" if nn.auc is not None and nn.auc > 0.5 else " (not used: not better than chance)")
         )
+    for category, why in result.not_fitted.items():
+        print(f"warning: {category} not fitted ({why}, --min-prompts): its thresholds stay; label more prompts")
     for category, ok in result.met.items():
         if not ok:
             print(f"warning: target precision not reached for {category}; kept the most precise value")
@@ -404,6 +406,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="the config of the scan the pilot images come from")
     p.add_argument("--pilot", required=True, help="Parquet/CSV/JSONL with unit_id (or image_uri) and label")
     p.add_argument("--target-precision", type=float, default=0.9)
+    p.add_argument(
+        "--min-prompts",
+        type=int,
+        help="fit a category only from pilot images of at least this many prompts (default: 3, "
+        "raymem.calibrate.MIN_FIT_PROMPTS)",
+    )
     p.add_argument("--scan-id", help="default: the config's scan id (today's date unless output.scan_date)")
     p.add_argument("--write", help="write the fitted `thresholds:` block to this YAML file")
     p.set_defaults(fn=cmd_calibrate)

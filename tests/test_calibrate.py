@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from raymem.calibrate import fit, fit_order, precision_recall
+from raymem.calibrate import MIN_FIT_PROMPTS, fit, fit_order, precision_recall, too_few_prompts
 from raymem.config import ThresholdsConfig
 from raymem.label import LabelInputs, label_units
 from raymem.label_inputs import PromptContext
@@ -24,11 +24,46 @@ def test_without_a_copy_detector_calibrate_fits_clips_own_replication_threshold(
     pilot = {"u0": "MU", "u1": "MU", "u2": "none", "u3": "none"}
     start = ThresholdsConfig()
     assert precision_recall(label_units(inputs, start), pilot)["MU"]["recall"] == 0.0  # not tested by default
-    fitted, met = fit(inputs, pilot, start, target=0.9)
+    fitted, met = fit(inputs, pilot, start, target=0.9, min_prompts=1)
     assert 0.93 < fitted.clip_replication <= 0.986 and met["MU"]
     assert fitted.replication == start.replication  # SSCD's threshold is left alone
     after = precision_recall(label_units(inputs, fitted), pilot)["MU"]
     assert after["precision"] == 1.0 and after["recall"] == 1.0
+
+
+def test_a_category_is_fitted_only_from_pilot_images_of_enough_prompts():
+    """One prompt's images are one observation of how a category looks: fitted to it, a threshold follows
+    that prompt (a planted world lost all MI so). Below MIN_FIT_PROMPTS prompts the category keeps its
+    thresholds and says why; from as many prompts, the same images are fitted."""
+    ctx = context(explicit=())
+    scores = {"u0": 0.991, "u1": 0.986, "u2": 0.93, "u3": 0.90, "u4": 0.989, "u5": 0.92}
+
+    def scan(prompts: dict[str, str]) -> LabelInputs:
+        contexts = {pid: PromptContext(**{**ctx.__dict__, "prompt_id": pid}) for pid in set(prompts.values())}
+        rows = [
+            {**gen(u, i, image(ctx), prompt_id=prompts[u], parent_prompt_id=prompts[u]), "sscd_embedding": None}
+            for i, u in enumerate(scores)
+        ]
+        for pid in contexts:
+            rows += [
+                {**n, "unit_id": f"{pid}-{n['unit_id']}", "prompt_id": f"{pid}::null", "parent_prompt_id": pid}
+                | {"sscd_embedding": None}
+                for n in nulls(ctx)
+            ]
+        neighbors = {u: {"clip": [{"train_id": f"t{u}", "score": s, "caption": "x"}]} for u, s in scores.items()}
+        return LabelInputs.from_rows(rows, contexts, text_vectors(ctx), neighbors, {}, {})
+
+    pilot = {"u0": "MU", "u1": "MU", "u4": "MU", "u2": "none", "u3": "none", "u5": "none"}
+    start = ThresholdsConfig()
+    one_prompt = scan(dict.fromkeys(scores, "p"))
+    assert too_few_prompts(one_prompt, pilot, MIN_FIT_PROMPTS) == {"MU": "1 pilot prompt(s) of it, fewer than 3"}
+    fitted, met = fit(one_prompt, pilot, start, target=0.9)
+    assert fitted == start and "MU" not in met
+    # the same six images from three prompts (each with one copy and one non-copy): fitted
+    three_prompts = scan({"u0": "a", "u2": "a", "u1": "b", "u3": "b", "u4": "c", "u5": "c"})
+    assert too_few_prompts(three_prompts, pilot, MIN_FIT_PROMPTS) == {}
+    fitted, met = fit(three_prompts, pilot, start, target=0.9)
+    assert 0.93 < fitted.clip_replication <= 0.986 and met["MU"]
 
 
 def test_calibrate_measures_the_noise_norm_as_a_detector_of_memorized_prompts():
@@ -79,11 +114,13 @@ def test_region_thresholds_are_fitted_after_whole_image_copies_and_switched_off_
         "look1",
         "look2",
     }
-    fitted, met = fit(inputs, {"copy": "MU", "region": "MU", "look1": "none", "look2": "none"}, start, target=1.0)
+    pilot = {"copy": "MU", "region": "MU", "look1": "none", "look2": "none"}
+    fitted, met = fit(inputs, pilot, start, target=1.0, min_prompts=1)
     assert met["MU"] and fitted.replication == start.replication  # nothing to change for the whole copy
     assert {r["unit_id"] for r in label_units(inputs, fitted) if r["label"] == "MU"} == {"copy", "region"}
     # when the pilot says no region copy is memorization, region detection is switched off
-    fitted, met = fit(inputs, {"copy": "MU", "region": "none", "look1": "none", "look2": "none"}, start, target=1.0)
+    pilot = {"copy": "MU", "region": "none", "look1": "none", "look2": "none"}
+    fitted, met = fit(inputs, pilot, start, target=1.0, min_prompts=1)
     assert met["MU"] and {r["unit_id"] for r in label_units(inputs, fitted) if r["label"] == "MU"} == {"copy"}
     assert fitted.region_tiles > 24 or fitted.region_l2 < 0.02  # stricter than the real copy: no region copies
 
@@ -99,7 +136,7 @@ def test_the_null_level_is_never_fitted_beyond_a_test_level():
     pilot = dict.fromkeys(strengths, "ME")
     labels = {r["unit_id"]: r for r in label_units(inputs, ThresholdsConfig())}
     assert all(0.2 < labels[u]["entity_p"] < 0.5 for u in strengths)
-    fitted, met = fit(inputs, pilot, ThresholdsConfig(), target=0.9)
+    fitted, met = fit(inputs, pilot, ThresholdsConfig(), target=0.9, min_prompts=1)
     assert fitted.entity_level <= 0.1 and not met["ME"]
     assert fitted.null_alpha == ThresholdsConfig().null_alpha  # the entity's own level is fitted, not MI's
     # the level the fit refuses would have served this pilot perfectly

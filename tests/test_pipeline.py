@@ -285,20 +285,16 @@ def test_calibrate_fits_thresholds_to_a_pilot_set(first_scan, tmp_path, capsys):
     config = tmp_path / "scan.yaml"
     config.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     fitted = tmp_path / "fitted.yaml"
-    code = main(
-        [
-            "calibrate",
-            str(config),
-            "--pilot",
-            str(tmp_path / "pilot.parquet"),
-            "--target-precision",
-            "1.0",
-            "--write",
-            str(fitted),
-        ]
-    )
+    command = ["calibrate", str(config), "--pilot", str(tmp_path / "pilot.parquet"), "--target-precision", "1.0"]
+    # two copies are two prompts: fewer than calibrate fits a category from unless told
+    assert main([*command, "--write", str(fitted)]) == 0
+    out = capsys.readouterr().out
+    assert "warning: MU not fitted (2 pilot prompt(s) of it, fewer than 3, --min-prompts)" in out
+    assert yaml.safe_load(fitted.read_text())["thresholds"]["replication"] == cfg.thresholds.replication
+    code = main([*command, "--min-prompts", "2", "--write", str(fitted)])
     out = capsys.readouterr().out
     assert code == 0, out
+    assert "not fitted" not in out
     mu = next(line for line in out.splitlines() if line.startswith("MU ")).split()
     assert mu[1:3] == ["2", "2"]  # two pilot copies, from two prompts
     assert mu[6:8] == ["1.00", "1.00"]  # after fitting: every planted copy, nothing else

@@ -754,7 +754,7 @@ def targets_report(result: dict) -> list[str]:
             f"by prompt {_ci(share.get('ci_prompts'))}"
         )
     for fit in result.get("calibration") or []:
-        verdict = (
+        verdict = (f"not fitted ({fit['not_fitted']}), thresholds kept; " if fit.get("not_fitted") else "") + (
             "target not reached"
             if not fit["target_met"]
             else "target reached, not shown by the pilot"
@@ -775,12 +775,21 @@ def targets_report(result: dict) -> list[str]:
 
 def pilot_fit(inputs, pilot: dict[str, str], fitted, target: float) -> list[dict]:
     """Per category, the fitted thresholds on the calibration pilot they were fitted to: precision with
-    its exact interval, recall, the prompts behind it, and whether the pilot shows the target at all."""
-    from raymem.calibrate import precision_interval, precision_recall, reaches_target, unproven
+    its exact interval, recall, the prompts behind it, whether the pilot shows the target at all, and why
+    a category was not fitted (`not_fitted`: too few pilot prompts of it)."""
+    from raymem.calibrate import (
+        MIN_FIT_PROMPTS,
+        precision_interval,
+        precision_recall,
+        reaches_target,
+        too_few_prompts,
+        unproven,
+    )
     from raymem.label import label_units
 
     after = precision_recall(label_units(inputs, fitted), pilot)
     doubtful = unproven(after, target)
+    unfitted = too_few_prompts(inputs, pilot, MIN_FIT_PROMPTS)
     return [
         {
             "category": category,
@@ -793,6 +802,7 @@ def pilot_fit(inputs, pilot: dict[str, str], fitted, target: float) -> list[dict
             "recall": pr["recall"],
             "target_met": reaches_target(pr, target),
             "unproven": category in doubtful,
+            "not_fitted": unfitted.get(category),
         }
         for category, pr in after.items()
         if pr["n"]
