@@ -305,6 +305,25 @@ def test_reduced_benchmark_end_to_end(local_ray, tmp_path):
     assert found and int(found[2]) > 0, readout
     entities = readout.split("\n3. ")[1]
     assert re.search(r"ME  prompts, scan images drawn +\d+/\d+ ", entities.split("pooled:")[1]), readout
+    # bench/entity_drawn.py reads the same run from the pixels: its oracle finds an entity's own training
+    # images more often than the rest of its class (with 10 images an entity, far from the full world's
+    # 0.95 / 0.013: nearest neighbours need the full world's 80), and every image of an evaluation ME
+    # prompt is counted once
+    drawn = subprocess.run(
+        [sys.executable, "bench/entity_drawn.py", str(results)],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).resolve().parents[1],
+    ).stdout
+    own, n_own, other, n_other = map(
+        int, re.search(r"own training images shown (\d+)/(\d+), the class's others (\d+)/(\d+)", drawn).groups()
+    )
+    assert n_own and n_other and own / n_own > 2 * other / n_other, drawn
+    split = re.search(r"  drawn: (.*)\n  not drawn: (.*)\n", drawn)
+    counted = sum(int(n) for side in split.groups() for n in re.findall(r"\d+", side))
+    labelled = pq.read_table(results / "images.parquet").to_pylist()
+    assert counted == sum(1 for i in labelled if i["kind"] == "ME") > 0, drawn
 
 
 def test_sscd_size_bench_measures_a_world_and_the_synthetic_floor(tmp_path):
