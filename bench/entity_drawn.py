@@ -52,11 +52,12 @@ def colour_histogram(path: str | Path) -> np.ndarray:
 
 
 class EntityOracle:
-    """Per class, every training image's histogram and whose image it is ("" for a generic one)."""
+    """A world's seed and, per class, every training image's histogram and whose image it is ("" for a
+    generic one)."""
 
     def __init__(self, world_root: Path):
-        seed = json.loads((world_root / "world.json").read_text())["config"]["seed"]
-        entities = [*cast(seed)[0], *(e for e, _ in region_cases(seed))]
+        self.seed = json.loads((world_root / "world.json").read_text())["config"]["seed"]
+        entities = [*cast(self.seed)[0], *(e for e, _ in region_cases(self.seed))]
         self.class_of = {e.name: e.cls for e in entities}
         self.owners: dict[str, list[str]] = collections.defaultdict(list)
         histograms: dict[str, list[np.ndarray]] = collections.defaultdict(list)
@@ -128,7 +129,7 @@ def world_rows(results_dir: Path) -> tuple[list[dict], list[tuple]]:
             drawn[g["unit_id"]] = shown
         else:
             null_drawn[g["parent_prompt_id"]] += shown
-    seed = json.loads((world_root / "world.json").read_text())["config"]["seed"]
+    seed = oracle.seed
     images = [
         {
             "world": seed,
